@@ -1,0 +1,856 @@
+"""Dataset loading and partitioning for FLQ (SPEC.md, Data).
+
+This module finds, downloads, reads and partitions the two image datasets FLQ
+trains on, Fashion-MNIST and MNIST, and orders each worker's minibatches:
+
+* :func:`read_idx` reads one IDX file (gzipped or plain) into a NumPy array.
+* :func:`find_dataset_dir` looks for the four IDX files in the configured
+  folder, ``$FLQ_DATA_DIR``, the user cache and the system folders
+  (:data:`SYSTEM_DIRS`, where Debian's ``dataset-fashion-mnist`` installs).
+* :func:`download_dataset` fetches the four files from the official mirrors
+  and checks their SHA-256 against :data:`DATASETS`.
+* :func:`load_dataset` ties these together and returns a :class:`Dataset`
+  (cached in-process).
+* :func:`partition` splits the training set over the workers (``iid`` or
+  Dirichlet ``non_iid``), deterministically from its arguments.
+* :class:`BatchStream` yields one worker's minibatch indices, pass after
+  pass, and can be checkpointed and resumed exactly.
+
+Every error about the data is a :class:`DatasetError` (a ``ValueError``) whose
+message is a single line.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import math
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "DatasetError",
+    "DatasetNotFoundError",
+    "DatasetInfo",
+    "Dataset",
+    "DATASETS",
+    "FILES",
+    "TRAIN_IMAGES",
+    "TRAIN_LABELS",
+    "TEST_IMAGES",
+    "TEST_LABELS",
+    "SYSTEM_DIRS",
+    "PARTITION_SCHEMES",
+    "canonical_name",
+    "read_idx",
+    "default_cache_dir",
+    "search_dirs",
+    "find_dataset_dir",
+    "download_dataset",
+    "load_dataset",
+    "clear_dataset_cache",
+    "partition",
+    "BatchStream",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, corrupt, or could not be fetched.
+
+    The message is one line and names the file or dataset concerned.
+    Source: SPEC.md, Data.
+    """
+
+
+class DatasetNotFoundError(DatasetError):
+    """The dataset is in none of the searched folders and was not downloaded.
+
+    The message is one line: the folders searched, how to get the data, and
+    why the download did not happen or failed. Source: SPEC.md, Data.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Dataset table
+# ---------------------------------------------------------------------------
+
+TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
+TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
+TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
+
+#: The four files every dataset folder holds, in the order they are fetched.
+FILES: Tuple[str, ...] = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Where a dataset comes from and how its files are checked.
+
+    ``name`` is the canonical name; ``title`` the human-readable one;
+    ``base_urls`` the mirrors, tried in order (each ends with ``/`` and the
+    file name is appended); ``sha256`` maps each of :data:`FILES` to its
+    SHA-256 hex digest; ``dir_names`` are the sub-folder names looked for
+    under a configured folder; ``system_subdir`` is the folder name under each
+    of :data:`SYSTEM_DIRS`; ``debian_package`` is the Debian package that
+    installs the files there (``None`` when there is none).
+    Source: SPEC.md, Data.
+    """
+
+    name: str
+    title: str
+    base_urls: Tuple[str, ...]
+    sha256: Mapping[str, str]
+    dir_names: Tuple[str, ...]
+    system_subdir: str
+    debian_package: Optional[str] = None
+
+
+#: The supported datasets, by canonical name. Source: SPEC.md, Data.
+#:
+#: Fashion-MNIST digests: the official files as shipped in Debian's
+#: ``dataset-fashion-mnist`` (0.0~git20200523.55506a9-1).
+#: MNIST digests: as listed for the same four files by torchvision-ruby
+#: (``ankane/torchvision-ruby``, lib/torchvision/datasets/mnist.rb, which uses
+#: the ossci-datasets mirror) and TensorFlow Haskell
+#: (``tensorflow/haskell``, tensorflow-mnist-input-data/Setup.hs).
+DATASETS: Dict[str, DatasetInfo] = {
+    "fashion_mnist": DatasetInfo(
+        name="fashion_mnist",
+        title="Fashion-MNIST",
+        base_urls=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        sha256={
+            TRAIN_IMAGES: "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+            TRAIN_LABELS: "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+            TEST_IMAGES: "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+            TEST_LABELS: "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+        },
+        dir_names=("fashion_mnist", "fashion-mnist"),
+        system_subdir="fashion-mnist",
+        debian_package="dataset-fashion-mnist",
+    ),
+    "mnist": DatasetInfo(
+        name="mnist",
+        title="MNIST",
+        base_urls=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
+        sha256={
+            TRAIN_IMAGES: "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            TRAIN_LABELS: "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            TEST_IMAGES: "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            TEST_LABELS: "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        },
+        dir_names=("mnist",),
+        system_subdir="mnist",
+        debian_package=None,
+    ),
+}
+
+_ALIASES: Dict[str, str] = {
+    "fashion_mnist": "fashion_mnist",
+    "fashion-mnist": "fashion_mnist",
+    "fmnist": "fashion_mnist",
+    "mnist": "mnist",
+}
+
+#: System folders searched last; the dataset's ``system_subdir`` is appended
+#: (``/usr/share/datasets/fashion-mnist`` is where Debian's
+#: ``dataset-fashion-mnist`` puts the files). Tests may replace this tuple.
+SYSTEM_DIRS: Tuple[Path, ...] = (Path("/usr/share/datasets"),)
+
+#: Environment variable naming an extra data folder.
+ENV_DATA_DIR = "FLQ_DATA_DIR"
+#: Environment variable that, set to 1/true/yes/on, disables downloading.
+ENV_NO_DOWNLOAD = "FLQ_NO_DOWNLOAD"
+
+#: Refuse a download larger than this (the largest official file is ~26 MiB).
+MAX_DOWNLOAD_BYTES = 128 * 1024 * 1024
+
+IMAGE_SIDE = 28
+NUM_CLASSES = 10
+
+
+def canonical_name(name: str) -> str:
+    """Return the canonical dataset name (``"fashion_mnist"`` or ``"mnist"``).
+
+    Accepts ``"fashion_mnist"``, ``"fashion-mnist"``, ``"fmnist"`` and
+    ``"mnist"`` (case-insensitive). Raises :class:`DatasetError` for any other
+    name. Source: SPEC.md, Data.
+    """
+    key = str(name).strip().lower()
+    if key not in _ALIASES:
+        known = ", ".join(sorted(_ALIASES))
+        raise DatasetError(f"unknown dataset name {name!r}; expected one of: {known}")
+    return _ALIASES[key]
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+# ---------------------------------------------------------------------------
+# IDX reading
+# ---------------------------------------------------------------------------
+
+# IDX type code -> big-endian NumPy dtype.
+_IDX_DTYPES: Dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
+
+
+def _read_idx_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DatasetError(f"{path}: corrupt gzip data ({_one_line(exc)})") from None
+    if path.suffix == ".gz":
+        raise DatasetError(f"{path}: not gzip data although the name ends in .gz")
+    return raw
+
+
+def _parse_idx(data: bytes, path: Path) -> np.ndarray:
+    """Parse IDX bytes into a read-only array (a view of ``data`` for bytes)."""
+    if len(data) < 4:
+        raise DatasetError(f"{path}: not an IDX file (only {len(data)} bytes)")
+    if data[0] != 0 or data[1] != 0:
+        raise DatasetError(
+            f"{path}: not an IDX file (bad magic 0x{data[0]:02x}{data[1]:02x}, expected 0x0000)"
+        )
+    code, ndim = data[2], data[3]
+    if code not in _IDX_DTYPES:
+        raise DatasetError(f"{path}: unknown IDX data type code 0x{code:02x}")
+    if ndim < 1:
+        raise DatasetError(f"{path}: IDX file declares 0 dimensions")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path}: truncated IDX header ({len(data)} bytes, need {header})")
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[code])
+    count = math.prod(dims)
+    expected = header + count * dtype.itemsize
+    if len(data) != expected:
+        raise DatasetError(
+            f"{path}: IDX size mismatch (dims {list(dims)} of {dtype.name} need "
+            f"{expected} bytes, found {len(data)})"
+        )
+    return np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(dims)
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+    """Read an IDX file (gzipped or plain) into a NumPy array.
+
+    The gzip layer is detected from the file's first bytes. The header is
+    checked: magic (two zero bytes), data type code (0x08 uint8, 0x09 int8,
+    0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64), number of dimensions
+    (>= 1) and that the payload holds exactly ``prod(dims)`` items.
+
+    Returns a writable array of shape ``dims`` in native byte order (uint8 for
+    the (Fashion-)MNIST files: images ``[N, 28, 28]``, labels ``[N]``).
+
+    Raises :class:`DatasetError` (one line naming the file) on corrupt data,
+    and ``OSError`` (e.g. ``FileNotFoundError``) when the file cannot be read.
+    Source: SPEC.md, Data.
+    """
+    p = Path(path)
+    arr = _parse_idx(_read_idx_bytes(p), p)
+    return arr.astype(arr.dtype.newbyteorder("="), copy=True)
+
+
+# ---------------------------------------------------------------------------
+# Finding the files
+# ---------------------------------------------------------------------------
+
+
+def default_cache_dir(name: str) -> Path:
+    """Return the user cache folder for a dataset.
+
+    ``$XDG_CACHE_HOME/flq/<name>`` when ``XDG_CACHE_HOME`` is an absolute
+    path, else ``~/.cache/flq/<name>``; ``<name>`` is the canonical name.
+    Raises :class:`DatasetError` for an unknown name. Source: SPEC.md, Data.
+    """
+    cname = canonical_name(name)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "flq" / cname
+
+
+def _with_subdirs(root: Path, info: DatasetInfo) -> List[Path]:
+    return [root] + [root / sub for sub in info.dir_names]
+
+
+def search_dirs(name: str, data_dir: Optional[PathLike] = None) -> List[Path]:
+    """Return the folders :func:`find_dataset_dir` tries, in order.
+
+    1. ``data_dir`` and ``data_dir/<name>`` (when ``data_dir`` is given);
+    2. ``$FLQ_DATA_DIR`` and ``$FLQ_DATA_DIR/<name>`` (when set);
+    3. the user cache, :func:`default_cache_dir`;
+    4. ``<d>/<system_subdir>`` for each ``d`` in :data:`SYSTEM_DIRS`
+       (``/usr/share/datasets/fashion-mnist`` or ``/usr/share/datasets/mnist``).
+
+    ``<name>`` is each of the dataset's folder names (for Fashion-MNIST
+    ``fashion_mnist`` then ``fashion-mnist``). Duplicates are dropped.
+    Raises :class:`DatasetError` for an unknown name. Source: SPEC.md, Data.
+    """
+    info = DATASETS[canonical_name(name)]
+    dirs: List[Path] = []
+    if data_dir is not None and str(data_dir) != "":
+        dirs += _with_subdirs(Path(data_dir).expanduser(), info)
+    env = os.environ.get(ENV_DATA_DIR, "")
+    if env:
+        dirs += _with_subdirs(Path(env).expanduser(), info)
+    dirs.append(default_cache_dir(info.name))
+    dirs += [Path(d) / info.system_subdir for d in SYSTEM_DIRS]
+    unique: List[Path] = []
+    for d in dirs:
+        if d not in unique:
+            unique.append(d)
+    return unique
+
+
+def _has_all_files(d: Path) -> bool:
+    return all((d / f).is_file() for f in FILES)
+
+
+def find_dataset_dir(name: str, data_dir: Optional[PathLike] = None) -> Optional[Path]:
+    """Return the first folder holding all four IDX ``.gz`` files, or ``None``.
+
+    The folders are tried in the order of :func:`search_dirs`: ``data_dir``
+    (and ``data_dir/<name>``), ``$FLQ_DATA_DIR`` (and ``$FLQ_DATA_DIR/<name>``),
+    the user cache, then the system folders. A folder counts only when all of
+    :data:`FILES` exist in it; their contents are not checked here.
+    Raises :class:`DatasetError` for an unknown name. Source: SPEC.md, Data.
+    """
+    for d in search_dirs(name, data_dir):
+        if _has_all_files(d):
+            return d
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Downloading
+# ---------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch(url: str, dest_dir: Path, filename: str, expected: str, timeout: float) -> Path:
+    """Fetch one URL into a temp file in ``dest_dir``; check it; rename it.
+
+    Raises DatasetError (checksum, size) or OSError/URLError (transport).
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=dest_dir)
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.sha256()
+        size = 0
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            while True:
+                chunk = resp.read(1 << 20)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > MAX_DOWNLOAD_BYTES:
+                    raise DatasetError(
+                        f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes, refusing it"
+                    )
+                h.update(chunk)
+                out.write(chunk)
+        digest = h.hexdigest()
+        if digest != expected:
+            raise DatasetError(
+                f"{url}: SHA-256 mismatch for {filename} (expected {expected}, got {digest}); "
+                "the file was deleted"
+            )
+        final = dest_dir / filename
+        os.replace(tmp, final)
+        return final
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def download_dataset(
+    name: str,
+    dest: PathLike,
+    base_urls: Optional[Sequence[str]] = None,
+    timeout: float = 30,
+    checksums: Optional[Mapping[str, str]] = None,
+) -> Path:
+    """Download the four IDX files of a dataset into ``dest`` and return ``dest``.
+
+    Each file is fetched with ``urllib.request`` from the mirrors in
+    ``base_urls`` (default: the dataset's official mirrors in
+    :data:`DATASETS`), tried in order; ``file://`` URLs work too. It is written
+    to a temporary file in ``dest``, its SHA-256 is compared with the table
+    (entries in ``checksums``, a mapping file name -> hex digest, take
+    precedence; meant for tests), and only then atomically renamed into
+    place. A file already in ``dest`` with the right digest is kept. A bad
+    download is deleted and the next mirror tried.
+
+    Raises :class:`DatasetError` (one line) when a file cannot be fetched
+    from any mirror or its checksum does not match, and for an unknown name.
+    Source: SPEC.md, Data.
+    """
+    info = DATASETS[canonical_name(name)]
+    if base_urls is None:
+        bases = list(info.base_urls)
+    elif isinstance(base_urls, str):
+        bases = [base_urls]
+    else:
+        bases = list(base_urls)
+    if not bases:
+        raise DatasetError(f"no download URL given for {info.title}")
+    expected_all = {k: v.lower() for k, v in info.sha256.items()}
+    if checksums:
+        expected_all.update({k: str(v).lower() for k, v in checksums.items()})
+    dest_dir = Path(dest).expanduser()
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot create {dest_dir}: {_one_line(exc)}") from None
+
+    for filename in FILES:
+        expected = expected_all.get(filename)
+        if not expected:
+            raise DatasetError(f"no SHA-256 known for {info.title} file {filename}")
+        final = dest_dir / filename
+        if final.is_file() and _sha256_file(final) == expected:
+            continue
+        errors: List[str] = []
+        for base in bases:
+            url = (base if base.endswith("/") else base + "/") + filename
+            try:
+                _fetch(url, dest_dir, filename, expected, timeout)
+                break
+            except DatasetError as exc:
+                errors.append(str(exc))
+            except urllib.error.HTTPError as exc:
+                errors.append(f"{url}: HTTP {exc.code} {_one_line(exc.reason)}")
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                reason = getattr(exc, "reason", None) or exc
+                errors.append(f"{url}: {_one_line(reason)}")
+        else:
+            raise DatasetError(
+                f"could not download {info.title} file {filename}: " + "; ".join(errors)
+            )
+    return dest_dir
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A loaded dataset (SPEC.md, Data).
+
+    ``train_x``/``test_x``: ``np.float32`` of shape ``[N, 1, 28, 28]``, pixel
+    values scaled to ``[0, 1]`` (byte / 255). ``train_y``/``test_y``:
+    ``np.int64`` of shape ``[N]`` with labels in ``0..9``. ``name`` is the
+    canonical dataset name and ``source`` the folder the files were read from.
+    The arrays are shared by every caller (in-process cache) and therefore
+    read-only: copy them (``np.array(x)``, ``torch.tensor(x)``) before
+    modifying them in place.
+    """
+
+    name: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    source: Path
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (10)."""
+        return NUM_CLASSES
+
+
+_PIXEL_LUT = np.divide(np.arange(256), 255, dtype=np.float32)
+
+
+def _load_images(path: Path) -> np.ndarray:
+    raw = _parse_idx(_read_idx_bytes(path), path)
+    if raw.dtype != np.uint8 or raw.ndim != 3 or raw.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise DatasetError(
+            f"{path}: expected uint8 images of shape [N, {IMAGE_SIDE}, {IMAGE_SIDE}], "
+            f"found {raw.dtype.name} {list(raw.shape)}"
+        )
+    # A 256-entry lookup table (k / 255 rounded to float32) is exact and
+    # several times faster than converting and dividing 47M pixels.
+    x = _PIXEL_LUT[raw.reshape(raw.shape[0], 1, IMAGE_SIDE, IMAGE_SIDE)]
+    x.flags.writeable = False
+    return x
+
+
+def _load_labels(path: Path, n_images: int) -> np.ndarray:
+    raw = _parse_idx(_read_idx_bytes(path), path)
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise DatasetError(
+            f"{path}: expected uint8 labels of shape [N], found {raw.dtype.name} {list(raw.shape)}"
+        )
+    if raw.shape[0] != n_images:
+        raise DatasetError(f"{path}: {raw.shape[0]} labels for {n_images} images")
+    if raw.size and int(raw.max()) >= NUM_CLASSES:
+        raise DatasetError(f"{path}: label {int(raw.max())} outside 0..{NUM_CLASSES - 1}")
+    y = raw.astype(np.int64)
+    y.flags.writeable = False
+    return y
+
+
+def _files_stamp(d: Path) -> Tuple[Tuple[int, int], ...]:
+    stamps = []
+    for f in FILES:
+        st = (d / f).stat()
+        stamps.append((st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(name: str, directory: str, stamp: Tuple[Tuple[int, int], ...]) -> Dataset:
+    d = Path(directory)
+    train_x = _load_images(d / TRAIN_IMAGES)
+    train_y = _load_labels(d / TRAIN_LABELS, train_x.shape[0])
+    test_x = _load_images(d / TEST_IMAGES)
+    test_y = _load_labels(d / TEST_LABELS, test_x.shape[0])
+    return Dataset(name, train_x, train_y, test_x, test_y, d)
+
+
+def clear_dataset_cache() -> None:
+    """Forget every dataset loaded by :func:`load_dataset` in this process."""
+    _load_cached.cache_clear()
+
+
+def _download_disabled() -> bool:
+    return os.environ.get(ENV_NO_DOWNLOAD, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _not_found_message(info: DatasetInfo, searched: Sequence[Path], reason: str) -> str:
+    ways = []
+    if info.debian_package:
+        ways.append(
+            f"install Debian's {info.debian_package} (apt-get install {info.debian_package})"
+        )
+    files = ", ".join(FILES)
+    ways.append(f"set {ENV_DATA_DIR} to a folder holding the four IDX .gz files ({files})")
+    ways.append(f"or allow the download ({reason})")
+    where = ", ".join(str(d) for d in searched)
+    return _one_line(f"{info.title} not found in {where}; " + ", ".join(ways))
+
+
+def load_dataset(
+    name: str, data_dir: Optional[PathLike] = None, download: bool = True
+) -> Dataset:
+    """Load a dataset's train and test splits (SPEC.md, Data).
+
+    The files are looked for with :func:`find_dataset_dir`. When none of the
+    folders holds them and downloading is allowed (``download=True`` and
+    ``FLQ_NO_DOWNLOAD`` not set to 1), they are downloaded into the user cache
+    (:func:`default_cache_dir`) and loaded from there.
+
+    Returns a :class:`Dataset`: ``train_x``/``test_x`` ``np.float32``
+    ``[N, 1, 28, 28]`` in ``[0, 1]``, ``train_y``/``test_y`` ``np.int64``
+    ``[N]``; 60000/10000 samples for the official files. Results are cached
+    in-process by (name, resolved folder, file sizes and mtimes), so repeated
+    loads return the same read-only arrays without reading the files again.
+
+    Raises :class:`DatasetNotFoundError` (one line: where it looked, how to
+    get the data, why the download did not happen) when the files are
+    nowhere and cannot be downloaded; :class:`DatasetError` (one line naming
+    the file) when a found file is corrupt or not 28x28 uint8 images / uint8
+    labels 0..9, and for an unknown name.
+    """
+    info = DATASETS[canonical_name(name)]
+    found = find_dataset_dir(info.name, data_dir)
+    if found is None:
+        searched = search_dirs(info.name, data_dir)
+        if not download:
+            reason = "download=False"
+        elif _download_disabled():
+            reason = f"disabled by {ENV_NO_DOWNLOAD}={os.environ.get(ENV_NO_DOWNLOAD)}"
+        else:
+            try:
+                found = download_dataset(info.name, default_cache_dir(info.name))
+                reason = ""
+            except DatasetError as exc:
+                reason = f"download failed: {exc}"
+        if found is None:
+            raise DatasetNotFoundError(_not_found_message(info, searched, reason))
+    resolved = found.resolve()
+    return _load_cached(info.name, str(resolved), _files_stamp(resolved))
+
+
+# ---------------------------------------------------------------------------
+# Partitioning
+# ---------------------------------------------------------------------------
+
+PARTITION_SCHEMES: Tuple[str, ...] = ("iid", "non_iid")
+_DIRICHLET_TRIES = 100
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _dirichlet_try(
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    classes: np.ndarray,
+    num_workers: int,
+    alpha: float,
+) -> List[np.ndarray]:
+    """One Dirichlet draw: per class split, then shuffle each worker's share."""
+    parts: List[List[np.ndarray]] = [[] for _ in range(num_workers)]
+    for c in classes:
+        idx_c = rng.permutation(np.flatnonzero(labels == c))
+        n_c = idx_c.shape[0]
+        p = rng.dirichlet(alpha * np.ones(num_workers))
+        exact = p * n_c
+        counts = np.floor(exact).astype(np.int64)
+        frac = exact - counts
+        remainder = int(n_c - counts.sum())
+        order = np.argsort(-frac, kind="stable")
+        counts[order[:remainder]] += 1
+        bounds = np.cumsum(counts)[:-1]
+        for w, chunk in enumerate(np.split(idx_c, bounds)):
+            parts[w].append(chunk)
+    return [
+        rng.permutation(np.concatenate(p).astype(np.int64, copy=False)) for p in parts
+    ]
+
+
+def partition(
+    labels: Any,
+    num_workers: int,
+    scheme: str,
+    alpha: Optional[float],
+    seed: int,
+    batch_size: int,
+) -> List[np.ndarray]:
+    """Split the training set's indices over the workers (SPEC.md, Data).
+
+    ``labels`` is a 1-D array of non-negative integer class labels (length N).
+    Returns ``num_workers`` ``np.int64`` index arrays into ``labels``. The
+    result depends only on the arguments; ``rng = np.random.default_rng(seed)``:
+
+    * ``"iid"``: ``perm = rng.permutation(N)`` cut into ``num_workers`` equal
+      contiguous shares of ``N // num_workers`` (the remainder is dropped).
+      ``alpha`` is ignored.
+    * ``"non_iid"`` (Dirichlet with concentration ``alpha``): up to 100 tries;
+      per class ``c`` (present in ``labels``, ascending):
+      ``idx_c = rng.permutation(flatnonzero(labels == c))``,
+      ``p = rng.dirichlet(alpha * ones(num_workers))``,
+      ``counts = floor(p * n_c)``, the remainder given one each to the workers
+      with the largest fractional parts (stable argsort of the negated
+      fractions, so ties go to the lower worker id), and ``idx_c`` split
+      contiguously in worker order. Then each worker's indices are shuffled
+      with ``rng.permutation``. The first try in which every worker has at
+      least ``batch_size`` samples is returned; after 100 failed tries each
+      short worker of the last try gets
+      ``rng.choice(N, batch_size - len, replace=False)`` appended.
+
+    Raises ``ValueError`` (one line naming the argument) for
+    ``num_workers < 1``, more workers than samples, an unknown ``scheme``,
+    ``alpha <= 0`` (or missing) for ``non_iid``, ``batch_size < 1``,
+    ``batch_size > N`` for ``non_iid``, a ``seed`` that is not an integer
+    >= 0, or labels that are not a 1-D array of non-negative integers.
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be a 1-D array, got shape {list(y.shape)}")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+    if y.size and int(y.min()) < 0:
+        raise ValueError(f"labels must be non-negative, found {int(y.min())}")
+    n = int(y.shape[0])
+    num_workers = _check_int(num_workers, "num_workers", 1)
+    if num_workers > n:
+        raise ValueError(f"num_workers ({num_workers}) exceeds the number of samples ({n})")
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    if scheme not in PARTITION_SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(PARTITION_SCHEMES)}, got {scheme!r}")
+
+    seed = _check_int(seed, "seed", 0)
+    rng = np.random.default_rng(seed)
+
+    if scheme == "iid":
+        perm = rng.permutation(n).astype(np.int64, copy=False)
+        share = n // num_workers
+        return [perm[w * share:(w + 1) * share].copy() for w in range(num_workers)]
+
+    if alpha is None or not (float(alpha) > 0) or not math.isfinite(float(alpha)):
+        raise ValueError(f"alpha must be a finite number > 0 for non_iid, got {alpha!r}")
+    alpha = float(alpha)
+    if batch_size > n:
+        raise ValueError(f"batch_size ({batch_size}) exceeds the number of samples ({n})")
+
+    classes = np.unique(y)
+    shares: List[np.ndarray] = []
+    for _ in range(_DIRICHLET_TRIES):
+        shares = _dirichlet_try(rng, y, classes, num_workers, alpha)
+        if min(s.shape[0] for s in shares) >= batch_size:
+            return shares
+    padded = []
+    for s in shares:
+        short = batch_size - s.shape[0]
+        if short > 0:
+            extra = rng.choice(n, short, replace=False).astype(np.int64, copy=False)
+            s = np.concatenate([s, extra])
+        padded.append(s)
+    return padded
+
+
+# ---------------------------------------------------------------------------
+# Minibatch order
+# ---------------------------------------------------------------------------
+
+
+class BatchStream:
+    """One worker's endless sequence of minibatches (SPEC.md, Data).
+
+    ``indices``: the worker's global sample indices (1-D integers, e.g. one
+    array from :func:`partition`). The stream owns the generator
+    ``Generator(PCG64(SeedSequence([seed, worker_id, 1])))``; each pass is
+    ``rng.permutation(indices)`` cut into ``len(indices) // batch_size``
+    consecutive full batches (the remainder of the pass is dropped), and
+    passes repeat forever. :meth:`next_indices` returns the next batch as an
+    ``np.int64`` array of shape ``[batch_size]``.
+
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore the
+    generator state, the position in the current pass and the current
+    permutation, so a resumed worker continues with exactly the same batches.
+
+    Raises ``ValueError`` for ``batch_size < 1`` or larger than
+    ``len(indices)``, negative ``seed``/``worker_id``, or indices that are not
+    a 1-D integer array.
+    """
+
+    def __init__(self, indices: Any, batch_size: int, seed: int, worker_id: int) -> None:
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise ValueError(
+                f"indices must be a 1-D integer array, got {idx.dtype} {list(idx.shape)}"
+            )
+        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        if self.batch_size > idx.shape[0]:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) exceeds the worker's {idx.shape[0]} samples"
+            )
+        self.seed = _check_int(seed, "seed", 0)
+        self.worker_id = _check_int(worker_id, "worker_id", 0)
+        self._indices = idx.astype(np.int64, copy=True)
+        self._indices.flags.writeable = False
+        self._rng = np.random.Generator(
+            np.random.PCG64(np.random.SeedSequence([self.seed, self.worker_id, 1]))
+        )
+        self._perm: Optional[np.ndarray] = None
+        self._pos = 0
+
+    @property
+    def indices(self) -> np.ndarray:
+        """The worker's indices (read-only ``np.int64`` array)."""
+        return self._indices
+
+    @property
+    def batches_per_pass(self) -> int:
+        """Full batches in one pass: ``len(indices) // batch_size``."""
+        return self._indices.shape[0] // self.batch_size
+
+    def next_indices(self) -> np.ndarray:
+        """Return the next batch's global indices (``np.int64``, ``[batch_size]``)."""
+        if self._perm is None or self._pos + self.batch_size > self._perm.shape[0]:
+            self._perm = self._rng.permutation(self._indices)
+            self._pos = 0
+        batch = self._perm[self._pos:self._pos + self.batch_size].copy()
+        self._pos += self.batch_size
+        return batch
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return self.next_indices()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Return the stream's state as plain Python objects.
+
+        Keys: ``bit_generator`` (``rng.bit_generator.state``), ``position``
+        (int, offset in the current pass), ``permutation`` (list of int, or
+        ``None`` before the first batch), plus ``batch_size``, ``seed``,
+        ``worker_id`` and ``num_indices`` for checking. Only dicts, lists,
+        ints and strings: it survives JSON and ``torch.save``/``torch.load``
+        with ``weights_only=True``.
+        """
+        state = self._rng.bit_generator.state
+        return {
+            "bit_generator": {
+                k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()
+            },
+            "position": int(self._pos),
+            "permutation": None if self._perm is None else [int(i) for i in self._perm],
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "worker_id": self.worker_id,
+            "num_indices": int(self._indices.shape[0]),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`.
+
+        Raises ``ValueError`` (one line) when the state belongs to a stream
+        with another batch size or number of indices, or its permutation is
+        not a permutation of this stream's indices.
+        """
+        for key in ("batch_size", "num_indices"):
+            mine = self.batch_size if key == "batch_size" else int(self._indices.shape[0])
+            if key in state and int(state[key]) != mine:
+                raise ValueError(f"state {key} {state[key]} does not match this stream's {mine}")
+        perm_in = state["permutation"]
+        pos = int(state["position"])
+        perm: Optional[np.ndarray] = None
+        if perm_in is not None:
+            perm = np.asarray(perm_in, dtype=np.int64)
+            if perm.shape != self._indices.shape or not np.array_equal(
+                np.sort(perm), np.sort(self._indices)
+            ):
+                raise ValueError("state permutation is not a permutation of this stream's indices")
+            if not 0 <= pos <= perm.shape[0]:
+                raise ValueError(f"state position {pos} outside 0..{perm.shape[0]}")
+        elif pos != 0:
+            raise ValueError(f"state position {pos} without a permutation")
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = dict(state["bit_generator"])
+        self._rng = rng
+        self._perm = perm
+        self._pos = pos

@@ -1,0 +1,310 @@
+"""The master's side of an FLQ round (SPEC.md, "State" and "One round").
+
+:class:`Master` holds the global model ``theta``, its Adam optimizer, the
+history of model changes, and per worker the mirrors ``ref_up[m]`` and
+``ref_down[m]`` with their versions. A round is a sequence of phases, one
+method each, which the simulator calls directly and the HTTP master calls
+from its request handlers:
+
+1. :meth:`Master.begin_round` -> ``me_k`` (step 1);
+2. :meth:`Master.downlink` -> bytes for worker m (step 2);
+3. :meth:`Master.select` with the offers -> the ids that upload (step 6);
+4. :meth:`Master.receive_upload` for each selected worker (step 7);
+5. :meth:`Master.end_round` -> the round's record (steps 8-10).
+
+Nothing here knows about HTTP. Bad input raises :class:`MasterError`
+before any state changes.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .algorithm import packing
+from .algorithm.vector import squared_norm
+from .algorithm.aggregation import Adam, aggregate
+from .algorithm.lazy import history_energy
+from .algorithm.quantize import KIND_RAW, dequantize, quantize_relative, raw, reconstruct
+from .algorithm.selection import Candidate, select
+from .config import Config
+from .messages import Offer
+from .timing import NullStopwatch, Stopwatch
+from .worker import STREAM_DOWNLINK, stream_rng
+
+log = logging.getLogger(__name__)
+
+#: ``evaluate(theta) -> (accuracy, mean cross-entropy)`` on the test set.
+Evaluator = Callable[[np.ndarray], Tuple[float, float]]
+
+
+class MasterError(ValueError):
+    """A message the master refuses (one-line reason); its state is unchanged.
+
+    Attributes:
+        status: the HTTP-like status class the transport should answer with
+            (400 malformed, 404 unknown worker, 409 conflict with the round).
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+
+class Master:
+    """The FLQ master.
+
+    Args:
+        cfg: run configuration.
+        segments: element count of each model tensor (model order).
+        theta0: the initial global model, float32 (n,).
+        evaluate: test-set evaluator, or None to record NaN.
+        stopwatch: where to account seconds ("quantize", "aggregate", "evaluate").
+    """
+
+    def __init__(self, cfg: Config, segments: Sequence[int], theta0: np.ndarray,
+                 evaluate: Optional[Evaluator] = None, stopwatch: Optional[Stopwatch] = None) -> None:
+        self.cfg = cfg
+        self.stopwatch = stopwatch or NullStopwatch()
+        self.segments = tuple(int(s) for s in segments)
+        self.n = int(sum(self.segments))
+        if theta0.shape != (self.n,):
+            raise ValueError(f"theta0 has shape {theta0.shape}, expected ({self.n},)")
+        self.theta = np.array(theta0, np.float32, copy=True)
+        self.adam = Adam(self.n, cfg.lr)
+        self.evaluate = evaluate
+        M = cfg.total_workers
+        self.history: collections.deque = collections.deque(maxlen=max(cfg.D, 1))
+        self.ref_up = [np.zeros(self.n, np.float32) for _ in range(M)]
+        self.ref_down = [np.zeros(self.n, np.float32) for _ in range(M)]
+        self.up_version = [0] * M
+        self.down_version = [0] * M
+        self.down_rng = [stream_rng(cfg.seed, m, STREAM_DOWNLINK) for m in range(M)]
+        self.round = 0  # k of the round in progress (or next to start)
+        self.bits_up_cum = 0
+        self.bits_down_cum = 0
+        self.wire_up_cum = 0
+        self.wire_down_cum = 0
+        self.records: List[Dict[str, Any]] = []
+        self.selected_history: List[List[int]] = []
+        self._reset_round()
+
+    def _reset_round(self) -> None:
+        self.me_k = 0.0
+        self.downlinked: set = set()
+        self.offers: Dict[int, Offer] = {}
+        self.selected: List[int] = []
+        self.received: Dict[int, np.ndarray] = {}
+        self.wire_up = 0
+        self.wire_down = 0
+        self.round_started = time.perf_counter()
+
+    # ----- step 1 -------------------------------------------------------
+    def begin_round(self) -> float:
+        """Start round ``self.round``; return ``me_k`` (step 1)."""
+        self._reset_round()
+        D = self.cfg.D
+        recent = list(self.history)[:min(self.round, D)] if D > 0 else []
+        self.me_k = history_energy(recent, self.cfg.ck)
+        return self.me_k
+
+    # ----- step 2 -------------------------------------------------------
+    def downlink(self, worker_id: int) -> bytes:
+        """The encoded model for worker m this round; updates ``ref_down[m]``.
+
+        Exact float32 ``theta`` when ``b_down`` is 0 or 32, else
+        ``Q_{b_down}(theta - ref_down[m])`` (both ends then set
+        ``ref_down[m] = ref_down[m] + Q(...)``).
+
+        Raises:
+            MasterError: unknown worker or a second downlink this round.
+        """
+        self._check_worker(worker_id)
+        if worker_id in self.downlinked:
+            raise MasterError(f"worker {worker_id} already received round {self.round}'s model", 409)
+        bits = self.cfg.downlink_bits
+        with self.stopwatch.section("quantize"):
+            if bits == 32:
+                payload = packing.encode(raw(self.theta))
+            else:
+                qv, w = quantize_relative(self.theta, self.ref_down[worker_id], bits, self.down_rng[worker_id],
+                                          self.segments)
+                payload = packing.encode(qv)
+                self.ref_down[worker_id] = w
+                self.down_version[worker_id] += 1
+        self.downlinked.add(worker_id)
+        self.bits_down_cum += bits * self.n
+        self.wire_down += len(payload)
+        return payload
+
+    # ----- step 6 -------------------------------------------------------
+    def add_offer(self, offer: Offer) -> None:
+        """Record worker m's offer for this round (steps 4-5).
+
+        Raises:
+            MasterError: unknown worker, wrong round, no downlink received,
+                a second offer, a non-finite gain/loss, or a mirror version that
+                disagrees with the master's (the worker must resync).
+        """
+        m = offer.worker_id
+        self._check_worker(m)
+        if offer.round != self.round:
+            raise MasterError(f"offer for round {offer.round}, but round {self.round} is open", 409)
+        if m not in self.downlinked:
+            raise MasterError(f"worker {m} offered without receiving round {self.round}'s model", 409)
+        if m in self.offers:
+            raise MasterError(f"worker {m} already offered in round {self.round}", 409)
+        if not all(math.isfinite(v) for v in (offer.gain, offer.cost, offer.loss)) or offer.cost <= 0:
+            raise MasterError("offer has a non-finite gain, cost or loss, or a cost <= 0")
+        expected_cost = float(self.cfg.uplink_bits * self.n)
+        if offer.cost != expected_cost:
+            raise MasterError(f"offer cost {offer.cost:g} bits, expected {expected_cost:g} for mode {self.cfg.mode}")
+        if (offer.up_version, offer.down_version) != (self.up_version[m], self.down_version[m]):
+            raise MasterError(f"worker {m} mirror versions (up {offer.up_version}, down {offer.down_version}) "
+                              f"differ from the master's (up {self.up_version[m]}, down {self.down_version[m]})",
+                              409)
+        self.offers[m] = offer
+
+    def select(self) -> List[int]:
+        """Budget selection among this round's candidate offers (step 6)."""
+        cands = [Candidate(o.worker_id, o.gain, o.cost) for o in self.offers.values() if o.candidate]
+        self.selected = select(cands, self.cfg.sel_clients, self.cfg.up_budget_bits)
+        return list(self.selected)
+
+    # ----- step 7 -------------------------------------------------------
+    def receive_upload(self, worker_id: int, payload: bytes) -> None:
+        """Decode a selected worker's upload and update ``ref_up[m]`` (step 7).
+
+        Raises:
+            MasterError: the worker was not selected, already uploaded, or the
+                payload is malformed (wrong length, bits, element count,
+                NaN/Inf); the master's state is then unchanged.
+        """
+        self._check_worker(worker_id)
+        if worker_id not in self.selected:
+            raise MasterError(f"worker {worker_id} was not selected in round {self.round}", 409)
+        if worker_id in self.received:
+            raise MasterError(f"worker {worker_id} already uploaded in round {self.round}", 409)
+        mode, bits = self.cfg.mode, self.cfg.uplink_bits
+        segs = self.segments if mode in ("bbit", "bin") else (self.n,)
+        with self.stopwatch.section("quantize"):
+            try:
+                qv = packing.decode(payload, expected_n=self.n, expected_bits=bits, expected_segments=segs)
+            except packing.PayloadError as exc:
+                raise MasterError(f"upload from worker {worker_id}: {exc}") from None
+            if mode == "fedavg":
+                q = qv.codes
+            elif mode == "laq8":
+                q = dequantize(qv)
+            else:
+                q = reconstruct(self.ref_up[worker_id], qv)
+            if not np.isfinite(q).all():
+                raise MasterError(f"upload from worker {worker_id} decodes to non-finite values")
+        if mode in ("bbit", "bin"):
+            self.ref_up[worker_id] = q
+            self.up_version[worker_id] += 1
+        self.received[worker_id] = q
+        self.wire_up += len(payload)
+
+    def add_wire_bytes(self, up: int = 0, down: int = 0) -> None:
+        """Count transport bytes beyond the payloads (offers, headers) in this round."""
+        self.wire_up += int(up)
+        self.wire_down += int(down)
+
+    # ----- steps 8-10 ---------------------------------------------------
+    def end_round(self, extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """Aggregate what was received, take the Adam step, record the round.
+
+        Selected workers whose upload never arrived count as not selected
+        (their payload is simply absent from the aggregate).
+
+        Returns:
+            The round's record (SPEC.md step 10 plus measured wire bytes and
+            the round's wall time in seconds).
+        """
+        cfg = self.cfg
+        k = self.round
+        uploaded = sorted(self.received)
+        old = self.theta.copy()
+        with self.stopwatch.section("aggregate"):
+            if uploaded:
+                g_hat = aggregate(self.received, cfg.scale_by_selected, cfg.sel_ref, cfg.clip_global)
+                self.adam.step(self.theta, g_hat)
+            self.history.appendleft(squared_norm(self.theta - old))
+        self.bits_up_cum += len(uploaded) * cfg.uplink_bits * self.n
+        self.wire_up_cum += self.wire_up
+        self.wire_down_cum += self.wire_down
+        last = k + 1 == cfg.max_rounds
+        acc = ent = float("nan")
+        if self.evaluate is not None and ((k + 1) % cfg.eval_every == 0 or last):
+            with self.stopwatch.section("evaluate"):
+                acc, ent = self.evaluate(self.theta)
+        losses = [o.loss for o in self.offers.values()]
+        record = {
+            "iter": k + 1,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "acc": acc,
+            "entropy": ent,
+            "selcnt": len(uploaded),
+            "bits_up_cum": self.bits_up_cum,
+            "bits_down_cum": self.bits_down_cum,
+            "cum_bits_total": self.bits_up_cum + self.bits_down_cum,
+            "wire_bytes_up": self.wire_up,
+            "wire_bytes_down": self.wire_down,
+            "wire_bytes_up_cum": self.wire_up_cum,
+            "wire_bytes_down_cum": self.wire_down_cum,
+            "round_time_s": time.perf_counter() - self.round_started,
+            "offers": len(self.offers),
+        }
+        if extra:
+            record.update(extra)
+        self.records.append(record)
+        self.selected_history.append(uploaded)
+        self.round += 1
+        return record
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``max_rounds`` rounds are done."""
+        return self.round >= self.cfg.max_rounds
+
+    def _check_worker(self, worker_id: int) -> None:
+        if not isinstance(worker_id, int) or not 0 <= worker_id < self.cfg.total_workers:
+            raise MasterError(f"unknown worker id {worker_id!r} (0..{self.cfg.total_workers - 1})", 404)
+
+    # ----- checkpointing ------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume between rounds (arrays are copies)."""
+        return {
+            "round": self.round, "theta": self.theta.copy(), "adam": self.adam.state_dict(),
+            "history": list(self.history),
+            "ref_up": [r.copy() for r in self.ref_up], "ref_down": [r.copy() for r in self.ref_down],
+            "up_version": list(self.up_version), "down_version": list(self.down_version),
+            "down_rng": [g.bit_generator.state for g in self.down_rng],
+            "bits_up_cum": self.bits_up_cum, "bits_down_cum": self.bits_down_cum,
+            "wire_up_cum": self.wire_up_cum, "wire_down_cum": self.wire_down_cum,
+            "records": [dict(r) for r in self.records], "selected_history": [list(s) for s in self.selected_history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.round = int(state["round"])
+        self.theta = np.array(state["theta"], np.float32, copy=True)
+        self.adam.load_state_dict(state["adam"])
+        self.history.clear()
+        self.history.extend(state["history"])
+        self.ref_up = [np.array(r, np.float32, copy=True) for r in state["ref_up"]]
+        self.ref_down = [np.array(r, np.float32, copy=True) for r in state["ref_down"]]
+        self.up_version = [int(v) for v in state["up_version"]]
+        self.down_version = [int(v) for v in state["down_version"]]
+        for g, s in zip(self.down_rng, state["down_rng"]):
+            g.bit_generator.state = s
+        self.bits_up_cum, self.bits_down_cum = int(state["bits_up_cum"]), int(state["bits_down_cum"])
+        self.wire_up_cum, self.wire_down_cum = int(state["wire_up_cum"]), int(state["wire_down_cum"])
+        self.records = [dict(r) for r in state["records"]]
+        self.selected_history = [list(s) for s in state["selected_history"]]
+        self._reset_round()

@@ -1,0 +1,179 @@
+"""The model (SPEC.md, "Model") and its flat-vector view.
+
+The global model travels as ONE float32 vector of length n: the trainable
+tensors flattened in model order (the order and layout of ``state_dict()``,
+i.e. conv weights as OIHW). :class:`FlatModel` moves between that vector and
+the PyTorch module, and computes the minibatch gradient (SPEC.md, step 3)
+and the test-set metrics (step 10).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .algorithm.vector import squared_norm
+
+log = logging.getLogger(__name__)
+
+
+class CNN(nn.Module):
+    """conv3x3(32, same) relu, conv3x3(32) relu, maxpool2, conv3x3(64) relu,
+    conv3x3(64) relu, maxpool2, flatten, dense(128) relu, dense(10) logits.
+
+    Input float32 (B, 1, 28, 28) in [0, 1]; output logits (B, 10).
+    467,818 parameters (all convolutions "same"-padded, as the count implies).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv4 = nn.Conv2d(64, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.conv3(x))
+        x = F.max_pool2d(F.relu(self.conv4(x)), 2)
+        # flatten in (C, H, W) order whatever the memory format
+        x = torch.flatten(x.contiguous(), 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def build_model(name: str = "cnn") -> nn.Module:
+    """The model called ``name`` (only ``"cnn"``).
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name != "cnn":
+        raise ValueError(f"unknown model {name!r} (available: cnn)")
+    return CNN()
+
+
+def glorot_init(model: nn.Module, seed: int) -> np.ndarray:
+    """Glorot-uniform weights, zero biases, from ``seed``; returns the flat
+    float32 vector (n,) of the initialized model (the round-0 global model)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p, generator=gen)
+            else:
+                p.zero_()
+    return flatten(model)
+
+
+def segments(model: nn.Module) -> Tuple[int, ...]:
+    """Element count of each trainable tensor, in model order."""
+    return tuple(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def flatten(model: nn.Module) -> np.ndarray:
+    """The trainable tensors as one float32 NumPy vector (n,), model order."""
+    with torch.no_grad():
+        return torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]).numpy().astype(np.float32)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA raises.
+
+    Raises:
+        RuntimeError: ``cuda`` asked for but not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but PyTorch sees no CUDA device (use device auto or cpu)")
+    return torch.device(name)
+
+
+class FlatModel:
+    """A model driven through flat float32 vectors.
+
+    Convolutions run channels-last (the fast layout for oneDNN on CPU); the
+    flat vector stays in the standard OIHW model order.
+
+    Args:
+        model: the module (moved to ``device``).
+        device: where to compute.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device = torch.device("cpu")) -> None:
+        self.device = device
+        self.model = model.to(device=device, memory_format=torch.channels_last)
+        self.params: List[nn.Parameter] = [p for p in self.model.parameters() if p.requires_grad]
+        self.segments = tuple(p.numel() for p in self.params)
+        self.n = int(sum(self.segments))
+        self._offsets = np.cumsum((0,) + self.segments)
+
+    def set_flat(self, theta: np.ndarray) -> None:
+        """Load the flat vector ``theta`` (float32, (n,)) into the module."""
+        if theta.shape != (self.n,):
+            raise ValueError(f"flat vector has shape {theta.shape}, model needs ({self.n},)")
+        src = torch.from_numpy(np.ascontiguousarray(theta, dtype=np.float32))
+        with torch.no_grad():
+            for p, a, b in zip(self.params, self._offsets[:-1], self._offsets[1:]):
+                p.copy_(src[a:b].view(p.shape))
+
+    def get_flat(self) -> np.ndarray:
+        """The module's parameters as a flat float32 vector (n,)."""
+        return flatten(self.model)
+
+    def _batch(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+    def gradient(self, x: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, float]:
+        """Mean cross-entropy and its gradient at the loaded parameters.
+
+        Args:
+            x: float32 (B, 1, 28, 28); y: int64 (B,).
+
+        Returns:
+            (gradient as float32 (n,) in model order, loss as float).
+        """
+        self.model.train()
+        logits = self.model(self._batch(x))
+        loss = F.cross_entropy(logits, torch.from_numpy(y).to(self.device))
+        grads = torch.autograd.grad(loss, self.params)
+        flat = torch.cat([g.reshape(-1) for g in grads]).cpu().numpy()
+        return flat, float(loss.item())
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Tuple[float, float]:
+        """(accuracy in [0, 1], mean cross-entropy in nats) on (x, y).
+
+        Args:
+            x: float32 tensor (N, 1, 28, 28) on this device, channels-last.
+            y: int64 tensor (N,).
+        """
+        self.model.eval()
+        correct = 0
+        ce = 0.0
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], batch_size):
+                logits = self.model(x[i:i + batch_size])
+                yb = y[i:i + batch_size]
+                ce += float(F.cross_entropy(logits, yb, reduction="sum"))
+                correct += int((logits.argmax(1) == yb).sum())
+        return correct / x.shape[0], ce / x.shape[0]
+
+    def prepare_eval_set(self, x: np.ndarray, y: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Move a test set to the device once, in the layout :meth:`evaluate` wants."""
+        return self._batch(x), torch.from_numpy(y).to(self.device)
+
+
+def l2_loss_and_grad(theta: np.ndarray, grad: np.ndarray, l2: float) -> float:
+    """Add the L2 term's gradient ``cl * theta`` to ``grad`` in place and
+    return ``(cl / 2) * ||theta||^2`` (SPEC.md, step 3)."""
+    if l2 == 0:
+        return 0.0
+    grad += np.float32(l2) * theta
+    return 0.5 * l2 * squared_norm(theta)

@@ -1,0 +1,70 @@
+"""What a process needs before its first round: threads, device, data,
+partitions, the model and the test set (shared by the simulator, the
+master and the workers)."""
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from typing import List, Tuple
+
+import numpy as np
+import torch
+
+from .config import Config
+from .data import Dataset, load_dataset, partition
+from .model import FlatModel, build_model, glorot_init, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def set_threads(threads: int) -> None:
+    """Pin PyTorch's intra-op threads (0 leaves the default: all cores)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+class Runtime:
+    """Data, partitions and model for ``cfg``, built once per process.
+
+    Args:
+        cfg: the configuration.
+
+    Raises:
+        flq.data.DatasetNotFoundError: the dataset is missing and cannot be fetched.
+        RuntimeError: ``device: cuda`` without CUDA.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        set_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.model = FlatModel(build_model(cfg.model), self.device)
+        self.segments = self.model.segments
+
+    @cached_property
+    def data(self) -> Dataset:
+        cfg = self.cfg
+        ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+        log.info("dataset %s from %s: %d train, %d test", ds.name, ds.source, len(ds.train_y), len(ds.test_y))
+        return ds
+
+    @cached_property
+    def partitions(self) -> List[np.ndarray]:
+        cfg = self.cfg
+        return partition(self.data.train_y, cfg.total_workers, cfg.partition, cfg.dir_alpha, cfg.seed,
+                         cfg.batch_size)
+
+    @cached_property
+    def _eval_set(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.model.prepare_eval_set(self.data.test_x, self.data.test_y)
+
+    def initial_model(self) -> np.ndarray:
+        """The round-0 global model: Glorot-uniform from ``seed`` on a plain CPU
+        module, so it is the same on every device and memory layout."""
+        return glorot_init(build_model(self.cfg.model), self.cfg.seed)
+
+    def evaluate(self, theta: np.ndarray) -> Tuple[float, float]:
+        """(accuracy, mean cross-entropy) of ``theta`` on the whole test set."""
+        self.model.set_flat(theta)
+        x, y = self._eval_set
+        return self.model.evaluate(x, y, self.cfg.eval_batch_size)

@@ -1,0 +1,33 @@
+"""Wall-clock accounting of where a round's time goes (seconds)."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Dict, Iterator
+
+
+class Stopwatch:
+    """Accumulates seconds per named section: ``with sw.section("compute"): ...``."""
+
+    def __init__(self) -> None:
+        self.totals: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+    def take(self) -> Dict[str, float]:
+        """Return the totals so far and start again from zero."""
+        out, self.totals = self.totals, {}
+        return out
+
+
+#: A stopwatch that records nothing, for callers that do not measure.
+class NullStopwatch(Stopwatch):
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        yield

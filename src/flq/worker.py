@@ -1,0 +1,214 @@
+"""The worker's side of an FLQ round (SPEC.md, "State" and "One round").
+
+A :class:`Worker` keeps its halves of the mirrors (``ref_up``, ``ref_down``),
+its error-feedback residual ``ef``, the last committed quantization error
+``e_hat`` and the lazy clock. One round is three calls:
+
+1. :meth:`Worker.offer` takes the round's downlink bytes (step 2), computes
+   the local update (step 3), quantizes it and applies the lazy rule (step 4)
+   and returns an :class:`~flq.messages.Offer` (step 5);
+2. if the master selects it, :meth:`Worker.upload` returns the payload bytes
+   and commits (step 7); otherwise :meth:`Worker.skip` (step 8).
+
+No I/O here: the simulator calls these methods directly and the HTTP worker
+client carries their inputs and outputs.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+
+from .algorithm import packing
+from .algorithm.vector import squared_norm
+from .algorithm.lazy import is_candidate, next_clock
+from .algorithm.quantize import (KIND_RAW, QuantizedVector, dequantize, quantize_relative,
+                                 quantize_vector, raw, reconstruct)
+from .config import Config
+from .data import BatchStream
+from .messages import Offer
+from .model import FlatModel, l2_loss_and_grad
+from .timing import NullStopwatch, Stopwatch
+
+log = logging.getLogger(__name__)
+
+#: Stream numbers of the per-worker random generators (SeedSequence([seed, m, stream])).
+STREAM_BATCHES, STREAM_DOWNLINK, STREAM_UPLINK = 1, 2, 3
+
+
+def stream_rng(seed: int, worker_id: int, stream: int) -> np.random.Generator:
+    """The generator of one (worker, purpose) pair; independent of process and order."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, worker_id, stream])))
+
+
+
+class ProtocolError(ValueError):
+    """A message that does not fit this worker's state (one-line reason)."""
+
+
+class Worker:
+    """Worker ``m`` of SPEC.md.
+
+    Args:
+        worker_id: m, 0-based.
+        cfg: the run configuration.
+        model: a :class:`FlatModel` (may be shared by simulated workers).
+        train_x: float32 (N, 1, 28, 28) training images; train_y: int64 (N,).
+        indices: this worker's partition (indices into the training set).
+        stopwatch: where to account seconds ("compute", "quantize").
+    """
+
+    def __init__(self, worker_id: int, cfg: Config, model: FlatModel, train_x: np.ndarray,
+                 train_y: np.ndarray, indices: np.ndarray, stopwatch: Optional[Stopwatch] = None) -> None:
+        self.worker_id = worker_id
+        self.stopwatch = stopwatch or NullStopwatch()
+        self.cfg = cfg
+        self.model = model
+        self.train_x, self.train_y = train_x, train_y
+        self.batches = BatchStream(indices, cfg.batch_size, cfg.seed, worker_id)
+        self.steps = cfg.steps_per_round(len(indices))
+        self.local_lr = cfg.local_lr or cfg.lr
+        self.rng = stream_rng(cfg.seed, worker_id, STREAM_UPLINK)
+        n = model.n
+        self.ref_up = np.zeros(n, np.float32)
+        self.ref_down = np.zeros(n, np.float32)
+        self.ef = np.zeros(n, np.float32)
+        self.e_hat = 0.0
+        self.clock = 0
+        self.up_version = 0
+        self.down_version = 0
+        self._pending: Optional[Dict[str, Any]] = None
+
+    # ----- step 2 -----------------------------------------------------
+    def apply_downlink(self, payload: bytes) -> np.ndarray:
+        """Decode the round's model: exact theta (raw) or ``ref_down + Q(theta - ref_down)``.
+
+        Raises:
+            flq.algorithm.packing.PayloadError: malformed bytes.
+        """
+        qv = packing.decode(payload, expected_n=self.model.n)
+        if qv.kind == KIND_RAW:
+            return qv.codes
+        if qv.segments != self.model.segments:
+            raise packing.PayloadError("downlink segments do not match the model's tensors")
+        self.ref_down = reconstruct(self.ref_down, qv)
+        self.down_version += 1
+        return self.ref_down.copy()
+
+    # ----- step 3 -----------------------------------------------------
+    def local_update(self, w: np.ndarray) -> tuple:
+        """The update g at ``w`` and the loss (SPEC.md step 3 and "Local training").
+
+        One step: the minibatch gradient of mean CE + (cl/2)||w||^2.
+        ``s > 1`` steps: plain SGD with ``local_lr``, ``g = (w - w_s) / (local_lr s)``.
+        """
+        cur = w
+        losses = []
+        for _ in range(self.steps):
+            idx = self.batches.next_indices()
+            self.model.set_flat(cur)
+            g, loss = self.model.gradient(self.train_x[idx], self.train_y[idx])
+            loss += l2_loss_and_grad(cur, g, self.cfg.l2)
+            losses.append(loss)
+            if self.steps == 1:
+                return g, loss
+            cur = cur - np.float32(self.local_lr) * g
+        g = (w - cur) / np.float32(self.local_lr * self.steps)
+        return g.astype(np.float32), float(np.mean(losses))
+
+    # ----- steps 2-5 --------------------------------------------------
+    def offer(self, round_index: int, me_k: float, downlink: bytes) -> Offer:
+        """Run steps 2-5 of round ``k`` and return the offer.
+
+        Args:
+            round_index: k.
+            me_k: the master's history energy of this round.
+            downlink: the encoded model for this worker.
+        """
+        sw = self.stopwatch
+        with sw.section("quantize"):
+            w = self.apply_downlink(downlink)
+        with sw.section("compute"):
+            g, loss = self.local_update(w)
+        with sw.section("quantize"):
+            return self._quantize_and_offer(round_index, me_k, g, loss)
+
+    def _quantize_and_offer(self, round_index: int, me_k: float, g: np.ndarray, loss: float) -> Offer:
+        cfg, n = self.cfg, self.model.n
+        mode = cfg.mode
+        if mode == "fedavg":
+            qv, q, g_eff, e, candidate = raw(g), g, None, 0.0, True
+        elif mode == "laq8":
+            qv = quantize_vector(g, 8, self.rng)
+            q, g_eff, e, candidate = dequantize(qv), None, 0.0, True
+        else:
+            g_eff = g + self.ef
+            qv, q = quantize_relative(g_eff, self.ref_up, cfg.uplink_bits, self.rng, self.model.segments)
+            e = squared_norm(q - g_eff)
+            candidate = is_candidate(squared_norm(q - self.ref_up), me_k, cfg.lr, cfg.total_workers, e, self.e_hat,
+                                     cfg.thr_scale, round_index, cfg.warmup, self.clock, cfg.C)
+        self._pending = dict(round=round_index, qv=qv, q=q, g_eff=g_eff, e=e)
+        return Offer(worker_id=self.worker_id, round=round_index, candidate=candidate, gain=squared_norm(q),
+                     cost=float(cfg.uplink_bits * n), loss=float(loss), up_version=self.up_version,
+                     down_version=self.down_version)
+
+    # ----- step 7 -----------------------------------------------------
+    def upload(self, round_index: int) -> bytes:
+        """Selected: commit the pending update (step 7) and return its bytes.
+
+        Raises:
+            ProtocolError: no pending offer for ``round_index``.
+        """
+        p = self._take(round_index)
+        if p["g_eff"] is not None:
+            self.ref_up = p["q"]
+            self.ef = p["g_eff"] - p["q"]
+            self.e_hat = p["e"]
+            self.up_version += 1
+        self.clock = 0
+        with self.stopwatch.section("quantize"):
+            return packing.encode(p["qv"])
+
+    # ----- step 8 -----------------------------------------------------
+    def skip(self, round_index: int) -> None:
+        """Not selected (or too late): keep the update in ``ef`` and tick the clock (step 8)."""
+        p = self._pending if self._pending and self._pending["round"] == round_index else None
+        self._pending = None
+        if p is not None and p["g_eff"] is not None:
+            self.ef = p["g_eff"]
+        self.clock = next_clock(self.clock, False, self.cfg.C)
+
+    def _take(self, round_index: int) -> Dict[str, Any]:
+        p = self._pending
+        if p is None or p["round"] != round_index:
+            raise ProtocolError(f"worker {self.worker_id} has no pending update for round {round_index}")
+        self._pending = None
+        return p
+
+    # ----- checkpointing and resynchronization ---------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Mirrors, residual, clock, versions and generator states (copies)."""
+        return {"ref_up": self.ref_up.copy(), "ref_down": self.ref_down.copy(), "ef": self.ef.copy(),
+                "e_hat": self.e_hat, "clock": self.clock, "up_version": self.up_version,
+                "down_version": self.down_version, "rng": self.rng.bit_generator.state,
+                "batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.ref_up = np.array(state["ref_up"], np.float32, copy=True)
+        self.ref_down = np.array(state["ref_down"], np.float32, copy=True)
+        self.ef = np.array(state["ef"], np.float32, copy=True)
+        self.e_hat = float(state["e_hat"])
+        self.clock = int(state["clock"])
+        self.up_version = int(state["up_version"])
+        self.down_version = int(state["down_version"])
+        self.rng.bit_generator.state = state["rng"]
+        self.batches.load_state_dict(state["batches"])
+        self._pending = None
+
+    def resync(self, ref_up: np.ndarray, ref_down: np.ndarray, up_version: int, down_version: int) -> None:
+        """Adopt the master's copies of both mirrors (after a version mismatch)."""
+        self.ref_up = np.array(ref_up, np.float32, copy=True)
+        self.ref_down = np.array(ref_down, np.float32, copy=True)
+        self.up_version, self.down_version = int(up_version), int(down_version)
+        self._pending = None
