@@ -129,6 +129,8 @@ class FlatModel:
         return flatten(self.model)
 
     def _batch(self, x: np.ndarray) -> torch.Tensor:
+        if not x.flags.writeable:  # the cached dataset is read-only; torch wants to own writable memory
+            x = x.copy()
         return torch.from_numpy(x).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
     def gradient(self, x: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, float]:
@@ -167,7 +169,7 @@ class FlatModel:
 
     def prepare_eval_set(self, x: np.ndarray, y: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Move a test set to the device once, in the layout :meth:`evaluate` wants."""
-        return self._batch(x), torch.from_numpy(y).to(self.device)
+        return self._batch(x), torch.from_numpy(np.array(y, dtype=np.int64)).to(self.device)
 
 
 def l2_loss_and_grad(theta: np.ndarray, grad: np.ndarray, l2: float) -> float:
