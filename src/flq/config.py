@@ -247,7 +247,7 @@ def parse_mapping(data: Mapping[str, Any], source: str = "config") -> Dict[str, 
     for key, value in data.items():
         if key.startswith("_"):  # "_comment" style keys are documentation
             continue
-        if key in SECTIONS:
+        if key in SECTIONS and (isinstance(value, Mapping) or _resolve_flat(key) is None):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: section '{key}' must be a JSON object")
             for sub, v in value.items():
@@ -256,12 +256,12 @@ def parse_mapping(data: Mapping[str, Any], source: str = "config") -> Dict[str, 
                 name = _BY_SECTION.get((key, sub))
                 if name is None:
                     allowed = ", ".join(k for (s, k) in _BY_SECTION if s == key)
-                    raise ConfigError(f"{source}: unknown key '{key}.{sub}' (allowed in '{key}': {allowed})")
+                    raise ConfigError(f"{source}: unknown key {key + '.' + sub!r} (allowed in '{key}': {allowed})")
                 put(name, v, f"{key}.{sub}")
             continue
         name = _resolve_flat(key)
         if name is None:
-            raise ConfigError(f"{source}: unknown key '{key}' (sections: {', '.join(SECTIONS)}; "
+            raise ConfigError(f"{source}: unknown key {key!r} (sections: {', '.join(SECTIONS)}; "
                               f"or a flat key such as total_workers, batch_size, mode)")
         put(name, value, key)
     return values

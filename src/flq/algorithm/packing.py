@@ -11,8 +11,8 @@ bits becomes::
              (element i occupies bits [i b, (i + 1) b) of the stream;
              raw: n float32)
 
-All integers little-endian. For the default model (8 tensors) the overhead
-beyond ``ceil(b n / 8)`` is 80 bytes. :func:`decode` validates everything and
+All integers little-endian. For the default model (12 tensors) the overhead
+beyond ``ceil(b n / 8)`` is 16 + 8 * 12 = 112 bytes. :func:`decode` validates everything and
 raises :class:`PayloadError` (a ``ValueError``) with a one-line reason.
 """
 from __future__ import annotations

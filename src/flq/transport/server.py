@@ -1,0 +1,238 @@
+"""The master's HTTP API (FastAPI on uvicorn).
+
+Monitoring, as the original README calls it:
+
+- ``GET /status``: JSON round, max rounds, mode, workers (state, last seen),
+  last metrics, cumulative bits and wire bytes.
+- ``GET /get_global_model``: the global model as a safetensors file (tensor
+  names of the model's ``state_dict``), the round in its metadata and in the
+  ``X-FLQ-Round`` header.
+- ``POST /stop``: stop after the current round, write the results, tell the
+  workers to exit.
+
+The worker protocol (binary bodies for vectors, JSON for the rest):
+
+- ``POST /workers/register`` ``{worker_id, up_version, down_version}`` ->
+  ``{resync, round, state, config}``.
+- ``GET /workers/{id}/mirrors`` -> safetensors with ``ref_up``, ``ref_down``
+  (versions in the metadata): the master's halves, to resynchronize.
+- ``GET /round/model?worker_id=&wait=`` -> 200 with the encoded downlink
+  (headers ``X-FLQ-Round``, ``X-FLQ-MeK``), 204 when no round opened within
+  ``wait`` seconds, 410 when the run is over.
+- ``POST /round/offer`` ``{worker_id, round, candidate, gain, cost, loss,
+  up_version, down_version}`` -> ``{selected}`` once the round's selection is
+  made.
+- ``POST /round/upload?worker_id=&round=`` with the encoded update (only
+  the selected).
+
+Errors are an HTTP status with a JSON ``detail`` of one line: 400 malformed,
+401 bad token, 404 unknown worker, 409 conflicts with the round (late,
+duplicate, mirror versions differ), 410 run finished, 413 body too large.
+This module knows nothing of quantization: vectors are opaque bytes that
+:class:`~flq.cluster.ClusterMaster` hands to the algorithm.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Dict, Optional
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from ..cluster import ClusterMaster, RunFinished
+from ..master import MasterError
+from ..messages import Offer
+
+log = logging.getLogger(__name__)
+
+OCTET = "application/octet-stream"
+
+
+class RegisterRequest(BaseModel):
+    worker_id: int = Field(ge=0, description="the worker's id m")
+    up_version: int = Field(0, ge=0, description="version of the worker's ref_up mirror")
+    down_version: int = Field(0, ge=0, description="version of the worker's ref_down mirror")
+
+
+class RegisterResponse(BaseModel):
+    resync: bool
+    round: int
+    state: str
+    config: Dict[str, Dict[str, Any]]
+
+
+class OfferRequest(BaseModel):
+    worker_id: int = Field(ge=0)
+    round: int = Field(ge=0)
+    candidate: bool
+    gain: float
+    cost: float
+    loss: float
+    up_version: int = Field(ge=0)
+    down_version: int = Field(ge=0)
+
+
+class OfferResponse(BaseModel):
+    selected: bool
+    round: int
+
+
+class StopResponse(BaseModel):
+    stopping: bool
+    round: int
+    state: str
+
+
+def _error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
+               status_token_free: bool = True, auth_token: str = "") -> FastAPI:
+    """The FastAPI application of one master.
+
+    Args:
+        cluster: the round protocol object.
+        model_state: ``callable(theta) -> {name: torch.Tensor}`` for ``/get_global_model``.
+        max_body_bytes: largest upload body accepted (413 beyond).
+        status_token_free: ``GET /status`` needs no token.
+        auth_token: bearer token required on worker calls and ``/stop`` ('' = none).
+    """
+    app = FastAPI(title="FLQ-Fed master", version="1",
+                  description="Federated learning with low-bit, lazy, budgeted uploads (FLQ).")
+    app.state.cluster = cluster
+
+    @app.exception_handler(MasterError)
+    async def _master_error(request: Request, exc: MasterError):
+        log.warning("%s %s refused (%d): %s", request.method, request.url.path, exc.status, exc)
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(RunFinished)
+    async def _finished(request: Request, exc: RunFinished):
+        return _error(410, "run finished: exit")
+
+    def _authorized(request: Request) -> bool:
+        return not auth_token or request.headers.get("authorization", "") == f"Bearer {auth_token}"
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        path = request.url.path
+        open_paths = ("/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
+        if auth_token and path not in open_paths and not (status_token_free and path == "/status"):
+            if not _authorized(request):
+                log.warning("%s %s refused (401): missing or wrong bearer token", request.method, path)
+                return _error(401, "missing or wrong bearer token")
+        return await call_next(request)
+
+    def _account(up: int = 0, down: int = 0) -> None:
+        cluster.master.add_wire_bytes(up=up, down=down)
+
+    # ----- monitoring -----------------------------------------------------
+    @app.get("/status", summary="Run state, workers, last metrics, cumulative bits")
+    async def status() -> Dict[str, Any]:
+        return cluster.status()
+
+    @app.get("/get_global_model", summary="The global model as safetensors", response_class=Response,
+             responses={200: {"content": {OCTET: {}}}})
+    async def get_global_model() -> Response:
+        from safetensors.torch import save
+
+        theta = cluster.master.theta.copy()
+        k = cluster.master.round
+        tensors = model_state(theta)
+        body = save(tensors, metadata={"round": str(k), "mode": cluster.cfg.mode, "format": "pt"})
+        return Response(body, media_type=OCTET, headers={"X-FLQ-Round": str(k),
+                                                         "Content-Disposition": f'attachment; filename="flq_global_round{k}.safetensors"'})
+
+    @app.post("/stop", response_model=StopResponse, summary="Stop after the current round")
+    async def stop() -> StopResponse:
+        cluster.request_stop()
+        await cluster._notify()
+        return StopResponse(stopping=True, round=cluster.master.round, state=cluster.state)
+
+    # ----- worker protocol ------------------------------------------------
+    @app.post("/workers/register", response_model=RegisterResponse)
+    async def register(req: RegisterRequest, request: Request) -> RegisterResponse:
+        host = request.client.host if request.client else ""
+        out = await cluster.register(req.worker_id, req.up_version, req.down_version, address=host)
+        return RegisterResponse(config=cluster.cfg.to_sections(), **out)
+
+    @app.get("/workers/{worker_id}/mirrors", response_class=Response, responses={200: {"content": {OCTET: {}}}})
+    async def mirrors(worker_id: int) -> Response:
+        from safetensors.numpy import save
+
+        cluster.master._check_worker(worker_id)
+        ref_up, ref_down, up_v, down_v = cluster.mirrors(worker_id)
+        body = save({"ref_up": np.ascontiguousarray(ref_up), "ref_down": np.ascontiguousarray(ref_down)},
+                    metadata={"up_version": str(up_v), "down_version": str(down_v)})
+        return Response(body, media_type=OCTET)
+
+    @app.get("/round/model", response_class=Response, responses={200: {"content": {OCTET: {}}}, 204: {}})
+    async def round_model(worker_id: int = Query(ge=0), wait: float = Query(20.0, ge=0, le=120)) -> Response:
+        cluster.master._check_worker(worker_id)
+        view = await cluster.fetch_round(worker_id, wait)
+        if view is None:
+            return Response(status_code=204)
+        return Response(view.payload, media_type=OCTET,
+                        headers={"X-FLQ-Round": str(view.round), "X-FLQ-MeK": repr(float(view.me_k)),
+                                 "X-FLQ-Down-Version": str(view.down_version)})
+
+    @app.post("/round/offer", response_model=OfferResponse)
+    async def round_offer(req: OfferRequest, request: Request) -> Response:
+        raw = await request.body()
+        selected = await cluster.offer(Offer(**req.model_dump()))
+        body = json.dumps({"selected": selected, "round": req.round}).encode()
+        _account(up=len(raw), down=len(body))
+        return Response(body, media_type="application/json")
+
+    @app.post("/round/upload", openapi_extra={"requestBody": {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}}, "required": True}})
+    async def round_upload(request: Request, worker_id: int = Query(ge=0), round: int = Query(ge=0)) -> Response:
+        cluster.master._check_worker(worker_id)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise MasterError(f"upload body of {declared} bytes exceeds the limit of {max_body_bytes}", 413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise MasterError(f"upload body exceeds the limit of {max_body_bytes} bytes", 413)
+            chunks.append(chunk)
+        await cluster.upload(worker_id, round, b"".join(chunks))
+        body = b'{"ok":true}'
+        _account(down=len(body))
+        return Response(body, media_type="application/json")
+
+    return app
+
+
+async def serve(app: FastAPI, cluster: ClusterMaster, host: str, port: int, grace_s: float = 5.0,
+                ssl_certfile: Optional[str] = None, ssl_keyfile: Optional[str] = None) -> None:
+    """Run uvicorn and the round loop together; exit ``grace_s`` after the run
+    ends (so polling workers hear 410), or on SIGINT/SIGTERM."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+
+    async def rounds() -> None:
+        try:
+            await cluster.run()
+        finally:
+            await asyncio.sleep(grace_s)
+            server.should_exit = True
+
+    task = asyncio.create_task(rounds())
+    try:
+        await server.serve()
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+                pass
