@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -40,6 +41,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             flags += ["--rounds", "--iters"]
         if name == "total_workers":
             flags += ["--workers"]
+        if name == "master_host":
+            flags += ["--host"]
+        if name == "master_port":
+            flags += ["--port"]
         g.add_argument(*flags, dest=f"cfg_{name}", default=None, metavar=kind.upper(),
                        help=help_text)
 
@@ -91,6 +96,39 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_master(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+    from .nodes import run_master
+
+    cfg = config_from(args)
+    logfile = setup_logging(cfg.log_dir, "master", cfg.log_level, args.verbose)
+    log.info("log file %s", logfile)
+    path = run_master(cfg, certfile=args.certfile, keyfile=args.keyfile)
+    return 0 if path is not None else 1
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .config import coerce
+    from .logs import setup_logging
+    from .nodes import run_worker
+
+    local = {"device": args.device, "threads": args.threads, "data_dir": args.data_dir, "log_dir": args.log_dir,
+             "enable_mixed_precision": args.enable_mixed_precision,
+             "gpu_memory_limit_mb": args.gpu_memory_limit_mb}
+    for key, value in local.items():  # validate before any work
+        if value is not None:
+            coerce(key, value, f"--{key}")
+    port = coerce("master_port", args.master_port, "--master_port")
+    logfile = setup_logging(args.log_dir or "logs", f"worker{args.worker_id}", "INFO", args.verbose)
+    log.info("log file %s", logfile)
+    scheme = "https" if args.cafile or args.tls else "http"
+    verify: object = args.cafile or True
+    rounds = run_worker(args.worker_id, f"{scheme}://{args.master_ip}:{port}", local, auth_token=args.auth_token,
+                        verify=verify, give_up_s=args.give_up_s)
+    log.info("worker %d done after %d rounds", args.worker_id, rounds)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flq", description="FLQ-Fed: federated learning with low-bit, "
                                      "lazy, budgeted communication")
@@ -103,6 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="also write the figures of this run")
     p.add_argument("--plot-dir", default=None, help="where --plot writes (default RESULTS_DIR/plots)")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("master", help="serve a run to workers over HTTP (port 5000)")
+    add_config_flags(p)
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.add_argument("--certfile", default=None, help="TLS certificate (PEM) to serve HTTPS")
+    p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
+    p.set_defaults(func=cmd_master)
+
+    p = sub.add_parser("worker", help="join a master as worker N")
+    p.add_argument("--worker_id", type=int, required=True, help="this worker's id, 0..total_workers-1")
+    p.add_argument("--master_ip", default="127.0.0.1", help="master address (default 127.0.0.1)")
+    p.add_argument("--master_port", default="5000", help="master port (default 5000)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (this device's own setting)")
+    p.add_argument("--threads", default=None, help="PyTorch threads on this device (0 = all cores)")
+    p.add_argument("--data_dir", default=None, help="folder with the dataset's IDX files")
+    p.add_argument("--log_dir", default=None, help="where the worker log goes (default logs)")
+    p.add_argument("--enable_mixed_precision", default=None, help="float16 autocast on CUDA (true/false)")
+    p.add_argument("--gpu_memory_limit_mb", default=None, help="cap on this process's CUDA memory")
+    p.add_argument("--auth_token", default=os.environ.get("FLQ_AUTH_TOKEN", ""),
+                   help="bearer token (default $FLQ_AUTH_TOKEN)")
+    p.add_argument("--cafile", default=None, help="CA bundle to verify the master's HTTPS certificate")
+    p.add_argument("--tls", action="store_true", help="talk HTTPS with the system CAs")
+    p.add_argument("--give_up_s", type=float, default=300.0,
+                   help="exit after the master was unreachable this long (seconds, default 300)")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("plot", help="figures comparing runs from their spreadsheets")
     p.add_argument("results", nargs="+", help="flq_results_*.xlsx files")

@@ -244,7 +244,8 @@ class Master:
         if self.evaluate is not None and ((k + 1) % cfg.eval_every == 0 or last):
             with self.stopwatch.section("evaluate"):
                 acc, ent = self.evaluate(self.theta)
-        losses = [o.loss for o in self.offers.values()]
+        losses = [self.offers[m].loss for m in sorted(self.offers)]  # id order: same sum whatever arrived first
+        computes = [o.compute_s for o in self.offers.values()]
         record = {
             "iter": k + 1,
             "loss": float(np.mean(losses)) if losses else float("nan"),
@@ -260,6 +261,7 @@ class Master:
             "wire_bytes_down_cum": self.wire_down_cum,
             "round_time_s": time.perf_counter() - self.round_started,
             "offers": len(self.offers),
+            "worker_compute_max_s": max(computes) if computes else 0.0,
         }
         if extra:
             record.update(extra)
@@ -267,6 +269,12 @@ class Master:
         self.selected_history.append(uploaded)
         self.round += 1
         return record
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """Length in bytes of a valid upload body in this run's mode."""
+        segs = len(self.segments) if self.cfg.mode in ("bbit", "bin") else 1
+        return packing.encoded_size(self.n, self.cfg.uplink_bits, segs)
 
     @property
     def finished(self) -> bool:

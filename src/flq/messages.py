@@ -25,6 +25,8 @@ class Offer:
         up_version: how many uploads this worker has committed (the version
             of its ``ref_up`` mirror); the master checks it against its own.
         down_version: how many downlinks it has applied (version of ``ref_down``).
+        compute_s: seconds the worker spent on this round (decode, local
+            training, quantization); for monitoring only.
     """
 
     worker_id: int
@@ -35,6 +37,7 @@ class Offer:
     loss: float
     up_version: int = 0
     down_version: int = 0
+    compute_s: float = 0.0
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

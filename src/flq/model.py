@@ -179,3 +179,27 @@ def l2_loss_and_grad(theta: np.ndarray, grad: np.ndarray, l2: float) -> float:
         return 0.0
     grad += np.float32(l2) * theta
     return 0.5 * l2 * squared_norm(theta)
+
+
+def state_dict_from_flat(name: str, theta: np.ndarray) -> "dict[str, torch.Tensor]":
+    """``{state_dict key: tensor}`` of model ``name`` holding the flat vector
+    ``theta`` (float32, CPU, contiguous): what ``GET /get_global_model`` sends,
+    loadable with ``model.load_state_dict(safetensors.torch.load_file(path))``."""
+    model = build_model(name)
+    src = torch.from_numpy(np.array(theta, dtype=np.float32, copy=True))
+    out, off = {}, 0
+    for key, p in model.state_dict().items():
+        out[key] = src[off:off + p.numel()].view(p.shape).clone()
+        off += p.numel()
+    if off != src.numel():
+        raise ValueError(f"flat vector has {src.numel()} values, model {name!r} needs {off}")
+    return out
+
+
+def save_global_model(path, theta: np.ndarray, name: str, round_index: int, mode: str = "") -> None:
+    """Write ``theta`` as a safetensors file of model ``name``'s state dict,
+    with ``round`` (rounds completed) and ``mode`` in its metadata."""
+    from safetensors.torch import save_file
+
+    save_file(state_dict_from_flat(name, theta), str(path),
+              metadata={"round": str(int(round_index)), "mode": mode, "format": "pt"})

@@ -18,6 +18,7 @@ import numpy as np
 from .config import Config
 from .runtime import Runtime
 from .master import Master
+from .model import save_global_model
 from .results import default_results_path, write_results
 from .timing import Stopwatch
 from .worker import Worker
@@ -111,7 +112,8 @@ def simulate(cfg: Config, write: bool = True, progress: bool = True,
         path = write_results(default_results_path(cfg.results_dir, cfg.dataset, cfg.mode), cfg.mode,
                              master.records, cfg.to_sections(), selected=master.selected_history,
                              num_workers=cfg.total_workers)
-        log.info("results written to %s", path)
+        save_global_model(path.with_suffix(".safetensors"), master.theta, cfg.model, master.round, cfg.mode)
+        log.info("results written to %s (final model beside it, .safetensors)", path)
     return SimulationResult(master.records, master.selected_history, master.theta.copy(), path, totals, startup)
 
 

@@ -15,7 +15,9 @@ client carries their inputs and outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
@@ -126,13 +128,14 @@ class Worker:
             me_k: the master's history energy of this round.
             downlink: the encoded model for this worker.
         """
-        sw = self.stopwatch
+        sw, t0 = self.stopwatch, time.perf_counter()
         with sw.section("quantize"):
             w = self.apply_downlink(downlink)
         with sw.section("compute"):
             g, loss = self.local_update(w)
         with sw.section("quantize"):
-            return self._quantize_and_offer(round_index, me_k, g, loss)
+            offer = self._quantize_and_offer(round_index, me_k, g, loss)
+        return dataclasses.replace(offer, compute_s=time.perf_counter() - t0)
 
     def _quantize_and_offer(self, round_index: int, me_k: float, g: np.ndarray, loss: float) -> Offer:
         cfg, n = self.cfg, self.model.n

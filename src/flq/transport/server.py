@@ -34,9 +34,10 @@ This module knows nothing of quantization: vectors are opaque bytes that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -74,6 +75,7 @@ class OfferRequest(BaseModel):
     loss: float
     up_version: int = Field(ge=0)
     down_version: int = Field(ge=0)
+    compute_s: float = Field(0.0, ge=0)
 
 
 class OfferResponse(BaseModel):
@@ -92,7 +94,8 @@ def _error(status: int, detail: str) -> JSONResponse:
 
 
 def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
-               status_token_free: bool = True, auth_token: str = "") -> FastAPI:
+               status_token_free: bool = True, auth_token: str = "",
+               on_shutdown: Optional[Callable[[], None]] = None) -> FastAPI:
     """The FastAPI application of one master.
 
     Args:
@@ -101,8 +104,17 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
         max_body_bytes: largest upload body accepted (413 beyond).
         status_token_free: ``GET /status`` needs no token.
         auth_token: bearer token required on worker calls and ``/stop`` ('' = none).
+        on_shutdown: called when the server shuts down (SIGINT/SIGTERM included),
+            before uvicorn re-raises the signal: where results get written.
     """
-    app = FastAPI(title="FLQ-Fed master", version="1",
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if on_shutdown is not None:
+            await asyncio.to_thread(on_shutdown)
+
+    app = FastAPI(title="FLQ-Fed master", version="1", lifespan=lifespan,
                   description="Federated learning with low-bit, lazy, budgeted uploads (FLQ).")
     app.state.cluster = cluster
 

@@ -1,0 +1,130 @@
+"""The real cluster: a master process and worker processes on loopback.
+
+Same numbers as the simulation, monitoring and stop, bytes on the wire."""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
+
+from flq.algorithm.packing import packed_size
+from flq.model import CNN, flatten
+from flq.results import read_results
+from flq.simulate import simulate
+
+from cluster_util import start_cluster
+from conftest import small_config
+
+N = 467_818
+# 4 workers at 4 bits cost 1,871,272 bits each: a 5e6 budget takes 2 of 4.
+SETTINGS = {"rounds": 10, "mode": "bbit", "b_up": 4, "b_down": 8, "up_budget_bits": 5e6, "eval_every": 5,
+            "min_workers": 0, "seed": 3}
+
+
+def _sha(theta: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(theta, np.float32).tobytes()).hexdigest()
+
+
+def _model_file_theta(path) -> np.ndarray:
+    model = CNN()
+    model.load_state_dict(load_file(str(path)))
+    return flatten(model)
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory, fmnist_available):
+    root = tmp_path_factory.mktemp("cluster")
+    cluster = start_cluster(root, 4, SETTINGS)
+    try:
+        assert cluster.wait(timeout=600) == 0, cluster.output()
+    finally:
+        cluster.kill_all()
+    (xlsx,) = cluster.results()
+    return cluster, xlsx
+
+
+def test_distributed_equals_simulation(distributed_run):
+    cluster, xlsx = distributed_run
+    run = read_results(xlsx)
+    cfg = small_config(total_workers=4, max_rounds=10, mode="bbit", b_up=4, b_down=8, up_budget_bits=5e6,
+                       eval_every=5, seed=3)
+    sim = simulate(cfg, write=False, progress=False)
+    assert len(run.curve) == 10 and list(run.curve["iter"]) == list(range(1, 11))
+    for rec, (_, row) in zip(sim.records, run.curve.iterrows()):
+        for key in ("loss", "acc", "entropy"):
+            # the .xlsx keeps 16 significant digits (openpyxl), hence rel 1e-15, not ==
+            a, b = rec[key], float(row[key])
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-15, abs=0), (rec["iter"], key)
+        for key in ("selcnt", "bits_up_cum", "bits_down_cum", "cum_bits_total"):
+            assert rec[key] == int(row[key]), (rec["iter"], key)
+    assert set(run.curve["selcnt"]) == {2}
+    final = _model_file_theta(xlsx.with_suffix(".safetensors"))
+    assert _sha(final) == _sha(sim.theta)
+
+
+def test_wire_bytes_upload_is_packed_and_unselected_send_nothing(distributed_run):
+    _, xlsx = distributed_run
+    curve = read_results(xlsx).curve
+    payload_bound = packed_size(N, 4)  # ceil(4 n / 8) = 233,909 bytes
+    for _, row in curve.iterrows():
+        up = int(row["wire_bytes_up"])
+        # 2 uploads of at most 1% over ceil(4n/8), plus 4 small JSON offers; a third payload would not fit
+        assert 2 * payload_bound <= up <= 2 * payload_bound * 1.01 + 4 * 400, up
+        assert up < 3 * payload_bound
+        # every worker got an 8-bit downlink: 4 x ceil(8n/8) plus headers and small JSON answers
+        down = int(row["wire_bytes_down"])
+        assert 4 * packed_size(N, 8) <= down <= 4 * packed_size(N, 8) * 1.01 + 4 * 200
+
+
+def test_logs_and_results_written(distributed_run):
+    cluster, xlsx = distributed_run
+    logs = cluster.root / "logs"
+    assert len(list(logs.glob("master_*.log"))) == 1
+    assert sorted(p.name.split("_")[0] for p in logs.glob("worker*_*.log")) == ["worker0", "worker1", "worker2",
+                                                                                 "worker3"]
+    text = next(logs.glob("master_*.log")).read_text()
+    assert "round 10:" in text and "results (completed, 10 rounds)" in text
+    assert all(p.returncode == 0 for p in cluster.workers.values())
+
+
+def test_status_model_and_stop(tmp_path, fmnist_available):
+    cluster = start_cluster(tmp_path, 2, {"rounds": 200, "eval_every": 1000, "min_workers": 0})
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            st = cluster.status()
+            if st["rounds_done"] >= 2:
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.3)
+        assert st["state"] == "training" and st["max_rounds"] == 200 and st["mode"] == "bbit"
+        assert [w["worker_id"] for w in st["workers"]] == [0, 1]
+        assert all(w["seconds_since_seen"] < 60 for w in st["workers"])
+        assert st["last_metrics"]["iter"] >= 2 and st["bits"]["total_cum"] > 0
+
+        r = httpx.get(f"{cluster.url}/get_global_model", timeout=30)
+        assert r.status_code == 200
+        tensors = load_safetensors(r.content)
+        model = CNN()
+        model.load_state_dict(tensors)  # strict: every key and shape matches
+        assert int(r.headers["X-FLQ-Round"]) >= 2
+        assert sum(t.numel() for t in tensors.values()) == N
+
+        r = httpx.post(f"{cluster.url}/stop", timeout=30)
+        assert r.status_code == 200 and r.json()["stopping"] is True
+        assert cluster.wait(timeout=120) == 0
+        assert all(p.returncode == 0 for p in cluster.workers.values())
+    finally:
+        cluster.kill_all()
+    (xlsx,) = cluster.results()
+    curve = read_results(xlsx).curve
+    assert 2 <= len(curve) < 200
+    assert list(curve["iter"]) == list(range(1, len(curve) + 1))
+    assert "results (stopped" in next((tmp_path / "logs").glob("master_*.log")).read_text()
