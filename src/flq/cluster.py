@@ -284,6 +284,7 @@ class ClusterMaster:
                 log.warning("round %d: uploads from %s never arrived; counted as not selected", k, missing)
             self.phase = PHASE_CLOSING
             record = await asyncio.to_thread(self.master.end_round)
+            record.update({f"master_{name}_s": sec for name, sec in self.master.stopwatch.take().items()})
             self.phase = PHASE_IDLE
             log.info("round %d: loss %.4f acc %.4f entropy %.4f selected %d/%d bits %d wire up %d down %d B "
                      "(%.2f s)", record["iter"], record["loss"], record["acc"], record["entropy"], record["selcnt"],

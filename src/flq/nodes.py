@@ -27,11 +27,12 @@ def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[st
     from .model import save_global_model, state_dict_from_flat
     from .results import default_results_path, write_results
     from .runtime import Runtime
+    from .timing import Stopwatch
     from .transport.server import create_app, serve
 
     rt = Runtime(cfg)
     rt.data  # load (or fail on) the dataset before serving anybody
-    master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate)
+    master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=Stopwatch())
     written: Dict[str, Any] = {}
     lock = threading.Lock()
 
