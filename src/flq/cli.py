@@ -8,6 +8,7 @@ line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -103,7 +104,14 @@ def cmd_master(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     logfile = setup_logging(cfg.log_dir, "master", cfg.log_level, args.verbose)
     log.info("log file %s", logfile)
-    path = run_master(cfg, certfile=args.certfile, keyfile=args.keyfile)
+    if not cfg.auth_token and os.environ.get("FLQ_AUTH_TOKEN"):
+        cfg = dataclasses.replace(cfg, auth_token=os.environ["FLQ_AUTH_TOKEN"])
+    for label, path in (("--certfile", args.certfile), ("--keyfile", args.keyfile)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{label}: no such file {path}")
+    if bool(args.certfile) != bool(args.keyfile):
+        raise ConfigError("--certfile and --keyfile go together")
+    path = run_master(cfg, certfile=args.certfile, keyfile=args.keyfile, resume=args.resume)
     return 0 if path is not None else 1
 
 
@@ -147,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.add_argument("--certfile", default=None, help="TLS certificate (PEM) to serve HTTPS")
     p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in checkpoint_dir")
     p.set_defaults(func=cmd_master)
 
     p = sub.add_parser("worker", help="join a master as worker N")
@@ -188,9 +197,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("flq: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for expected failures (missing data, bad device)
+        from .checkpoint import CheckpointError
         from .data import DatasetError
 
-        if isinstance(exc, (DatasetError, RuntimeError, OSError)):
+        if isinstance(exc, (DatasetError, CheckpointError, RuntimeError, OSError)):
             print(f"flq: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -60,6 +60,14 @@ class Config:
                           help="master HTTP port")
     round_timeout_s: float = _f("system", "round_timeout_s", 60.0, "float", "a number > 0 (seconds)",
                                 lambda v: v > 0, help="close a round this long after min_workers offered")
+    checkpoint_every: int = _f("system", "checkpoint_every", 10, "int", "an integer >= 0 (0 = never)", _ge(0),
+                               help="master checkpoint every N rounds")
+    checkpoint_dir: str = _f("system", "checkpoint_dir", "checkpoints", "str", "a folder path",
+                             help="where master checkpoints go")
+    auth_token: str = _f("system", "auth_token", "", "str", "a string ('' = no auth; env FLQ_AUTH_TOKEN)",
+                         help="bearer token for worker calls and /stop")
+    status_requires_token: bool = _f("system", "status_requires_token", False, "bool", "true/false or 1/0",
+                                     help="GET /status needs the token too")
     # dataset
     dataset: str = _f("dataset", "name", "fashion_mnist", "str", "one of fashion_mnist, mnist",
                       choices=("fashion_mnist", "mnist"), help="dataset")

@@ -13,15 +13,39 @@ from .config import Config, build, coerce, parse_mapping
 log = logging.getLogger(__name__)
 
 
+#: Settings a resumed run must share with its checkpoint (the rest, such as
+#: threads, ports, timeouts or max_rounds, may change across a restart).
+RESUME_MUST_MATCH = ("dataset", "model", "flq_algorithm", "lazy_selection", "budget_selection")
+
+
+def check_resumable(saved: Dict[str, Any], cfg: Config) -> None:
+    """Raise CheckpointError naming the first setting that differs."""
+    from .checkpoint import CheckpointError
+
+    now = cfg.to_sections()
+    keys = [(sec, k) for sec in RESUME_MUST_MATCH for k in now[sec]] + [("system", "total_workers"),
+                                                                         ("system", "seed")]
+    for sec, k in keys:
+        if saved.get(sec, {}).get(k) != now[sec][k]:
+            raise CheckpointError(f"checkpoint was written with {sec}.{k} = {saved.get(sec, {}).get(k)!r}, "
+                                  f"this run has {now[sec][k]!r}: not the same run")
+
+
 def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[str] = None,
-               grace_s: float = 5.0) -> Optional[Path]:
+               grace_s: float = 5.0, resume: bool = False) -> Optional[Path]:
     """Serve one run on ``cfg.master_host:cfg.master_port`` until it completes,
     is stopped (``POST /stop``) or the process gets SIGINT/SIGTERM; the
-    results spreadsheet is written in every case.
+    results spreadsheet is written in every case. Every
+    ``checkpoint_every`` rounds the master's state is checkpointed;
+    ``resume`` continues from the last checkpoint.
 
     Returns:
         The spreadsheet's path (None if no round finished).
+
+    Raises:
+        flq.checkpoint.CheckpointError: ``resume`` without a usable checkpoint.
     """
+    from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
     from .cluster import ClusterMaster
     from .master import Master
     from .model import save_global_model, state_dict_from_flat
@@ -33,8 +57,19 @@ def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[st
     rt = Runtime(cfg)
     rt.data  # load (or fail on) the dataset before serving anybody
     master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=Stopwatch())
+    ckpt = checkpoint_path(cfg.checkpoint_dir, cfg.dataset, cfg.mode)
+    if resume:
+        state, saved_cfg = load_checkpoint(ckpt)
+        check_resumable(saved_cfg, cfg)
+        master.load_state_dict(state)
+        log.info("resumed from %s at round %d", ckpt, master.round)
     written: Dict[str, Any] = {}
     lock = threading.Lock()
+
+    def checkpoint(record: Dict[str, Any]) -> None:
+        if cfg.checkpoint_every and master.round % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt, master.state_dict(), cfg.to_sections())
+            log.info("checkpoint at round %d: %s", master.round, ckpt)
 
     def write(reason: str) -> None:
         with lock:
@@ -48,9 +83,10 @@ def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[st
             log.info("results (%s, %d rounds) written to %s", reason, len(master.records), path)
             print(f"results: {path}", flush=True)
 
-    cluster = ClusterMaster(master, cfg, on_finish=write)
+    cluster = ClusterMaster(master, cfg, on_round=checkpoint, on_finish=write)
     app = create_app(cluster, model_state=lambda theta: state_dict_from_flat(cfg.model, theta),
-                     max_body_bytes=master.max_upload_bytes, on_shutdown=lambda: write("shutdown"))
+                     max_body_bytes=master.max_upload_bytes, on_shutdown=lambda: write("shutdown"),
+                     auth_token=cfg.auth_token, status_token_free=not cfg.status_requires_token)
     log.info("master listening on %s:%d (%s, %d workers, %d rounds, mode %s)", cfg.master_host, cfg.master_port,
              cfg.dataset, cfg.total_workers, cfg.max_rounds, cfg.mode)
     try:

@@ -35,16 +35,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from ..cluster import ClusterMaster, RunFinished
+from ..cluster import FINISHED, ClusterMaster, RunFinished
 from ..master import MasterError
 from ..messages import Offer
 
@@ -110,7 +112,15 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.rounds = asyncio.create_task(cluster.run())  # the round loop lives with the server
         yield
+        task = app.state.rounds
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down anyway
+                pass
         if on_shutdown is not None:
             await asyncio.to_thread(on_shutdown)
 
@@ -123,12 +133,21 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
         log.warning("%s %s refused (%d): %s", request.method, request.url.path, exc.status, exc)
         return _error(exc.status, str(exc))
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        detail = f"{where}: {first.get('msg', 'invalid')}".replace("\n", " ")
+        log.warning("%s %s refused (422): %s", request.method, request.url.path, detail)
+        return _error(422, detail)
+
     @app.exception_handler(RunFinished)
     async def _finished(request: Request, exc: RunFinished):
         return _error(410, "run finished: exit")
 
     def _authorized(request: Request) -> bool:
-        return not auth_token or request.headers.get("authorization", "") == f"Bearer {auth_token}"
+        given = request.headers.get("authorization", "")
+        return not auth_token or hmac.compare_digest(given.encode(), f"Bearer {auth_token}".encode())
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -223,28 +242,22 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
 
 async def serve(app: FastAPI, cluster: ClusterMaster, host: str, port: int, grace_s: float = 5.0,
                 ssl_certfile: Optional[str] = None, ssl_keyfile: Optional[str] = None) -> None:
-    """Run uvicorn and the round loop together; exit ``grace_s`` after the run
-    ends (so polling workers hear 410), or on SIGINT/SIGTERM."""
+    """Run uvicorn (the app's lifespan runs the round loop); exit ``grace_s``
+    after the run ends (so polling workers hear 410), or on SIGINT/SIGTERM."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_keep_alive=30)
     server = uvicorn.Server(config)
 
-    async def rounds() -> None:
-        try:
-            await cluster.run()
-        finally:
-            await asyncio.sleep(grace_s)
-            server.should_exit = True
+    async def exit_when_finished() -> None:
+        while cluster.state != FINISHED:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(grace_s)
+        server.should_exit = True
 
-    task = asyncio.create_task(rounds())
+    watcher = asyncio.create_task(exit_when_finished())
     try:
         await server.serve()
     finally:
-        if not task.done():
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
-                pass
+        watcher.cancel()
