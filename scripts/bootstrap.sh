@@ -28,10 +28,11 @@ if ! "$py" -c 'import torch' >/dev/null 2>&1; then
   say "installing PyTorch (CPU build)"
   "$py" -m pip install -q torch==2.13.0 >&2 || "$py" -m pip install -q 'torch>=2.0,<3' >&2
 fi
-if ! "$py" -c 'import flq, fastapi, openpyxl, matplotlib, safetensors, pytest' >/dev/null 2>&1 \
-   || [ "$root/pyproject.toml" -nt "$root/.venv/.flq-installed" ]; then
+stale=0   # our own .venv: reinstall when pyproject.toml changed since the last install
+[ -z "${FLQ_PYTHON:-}" ] && [ "$root/pyproject.toml" -nt "$root/.venv/.flq-installed" ] && stale=1
+if [ $stale = 1 ] || ! "$py" -c 'import flq, fastapi, openpyxl, matplotlib, safetensors, pytest' >/dev/null 2>&1; then
   say "installing flq-fed and its dependencies"
   "$py" -m pip install -q -e "$root[test]" >&2
-  [ -d "$root/.venv" ] && touch "$root/.venv/.flq-installed"
+  [ -z "${FLQ_PYTHON:-}" ] && touch "$root/.venv/.flq-installed"
 fi
 echo "$py"

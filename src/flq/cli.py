@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_worker)
 
+    from . import doctor
+
+    p = sub.add_parser("doctor", help="check Python, PyTorch, CUDA, the device, the dataset, the config and the master")
+    doctor.add_arguments(p)
+    p.set_defaults(func=doctor.run)
+
     p = sub.add_parser("plot", help="figures comparing runs from their spreadsheets")
     p.add_argument("results", nargs="+", help="flq_results_*.xlsx files")
     p.add_argument("--out", default="results/plots", help="output folder (default results/plots)")

@@ -1,0 +1,375 @@
+"""``flq doctor``: check that this machine can run FLQ-Fed.
+
+The counterpart, for this PyTorch stack, of the original README's TensorFlow
+GPU check. One line per check, ``[ok]``, ``[warn]`` or ``[FAIL]``, its name
+and what was found; every FAIL is followed by a ``  fix: ...`` line.
+Checks: Python, PyTorch (version, CUDA or CPU build), NumPy, the config file
+(validated with :func:`flq.config.load_config`), the compute device that a
+run would use (:func:`flq.model.resolve_device`), on CUDA the GPU, its memory
+against ``gpu_memory_limit_mb`` and whether float16 autocast works, on CPU
+the cores and PyTorch threads, the dataset (:func:`flq.data.find_dataset_dir`)
+and, with ``--master_ip``, whether the master answers ``GET /status``.
+
+Exit status 0 when nothing FAILed, 1 otherwise. ``--json`` prints a JSON list
+of ``{"check", "status", "detail", "fix"}`` instead (``status`` is ``ok``,
+``warn`` or ``fail``; ``fix`` is ``null`` when there is none).
+
+Run it as ``flq doctor`` or ``python -m flq.doctor``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple
+
+from .config import Config, ConfigError, coerce, load_config
+
+#: The config file used when ``--config`` is not given and it exists.
+DEFAULT_CONFIG = "flq_config.json"
+#: Seconds ``GET /status`` may take before the master counts as unreachable.
+MASTER_TIMEOUT_S = 3.0
+#: Lowest supported versions (pyproject.toml).
+MIN_PYTHON = (3, 9)
+MIN_TORCH = (2, 0)
+MIN_NUMPY = (1, 24)
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+_TAGS = {OK: "[ok]", WARN: "[warn]", FAIL: "[FAIL]"}
+
+
+@dataclass
+class Check:
+    """The result of one check.
+
+    Attributes:
+        check: short name (``python``, ``torch``, ``device``, ``dataset`` ...).
+        status: ``ok``, ``warn`` or ``fail``.
+        detail: what was found, one line.
+        fix: how to repair it, one line (always given for ``fail``), or ``None``.
+    """
+
+    check: str
+    status: str
+    detail: str
+    fix: Optional[str] = None
+
+    def lines(self) -> List[str]:
+        """The human-readable lines of this check (the fix line only when there is a fix)."""
+        out = [f"{_TAGS[self.status]:<7}{self.check:<16} {self.detail}"]
+        if self.fix:
+            out.append(f"  fix: {self.fix}")
+        return out
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _version_tuple(text: str) -> Tuple[int, ...]:
+    """``'2.13.0+cpu'`` -> ``(2, 13, 0)``; leading numeric parts only."""
+    parts: List[int] = []
+    for piece in str(text).split("."):
+        m = re.match(r"\d+", piece)
+        if not m:
+            break
+        parts.append(int(m.group()))
+    return tuple(parts)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the doctor's flags to ``p`` (the ``flq doctor`` sub-parser or a parser of its own)."""
+    p.add_argument("--config", default=None,
+                   help=f"JSON config file (default: ./{DEFAULT_CONFIG} when it exists)")
+    p.add_argument("--master_ip", default=None,
+                   help="also check that the master at this address answers GET /status")
+    p.add_argument("--master_port", default=None,
+                   help="master port (default: the config's system.master_port, 5000)")
+    p.add_argument("--data_dir", default=None,
+                   help="folder with the dataset's IDX files (overrides the config's dataset.data_dir)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                   help="device to check (overrides the config's system.device)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of the checks instead of text")
+
+
+# ---------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------
+
+
+def _check_python() -> Check:
+    v = sys.version_info
+    text = f"{v.major}.{v.minor}.{v.micro} ({platform.python_implementation()}, {sys.executable})"
+    if (v.major, v.minor) < MIN_PYTHON:
+        return Check("python", FAIL, f"{text}: FLQ-Fed needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer",
+                     f"use Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer")
+    return Check("python", OK, text)
+
+
+def _check_torch() -> Tuple[Check, Any]:
+    try:
+        import torch
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return Check("torch", FAIL, f"PyTorch cannot be imported: {_one_line(exc)}",
+                     "pip install 'torch>=2.0,<3' (on Jetson: NVIDIA's PyTorch wheel for your JetPack)"), None
+    if torch.version.cuda:
+        build = f"CUDA {torch.version.cuda}"
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        if cudnn:
+            build += f", cuDNN {cudnn}"
+    elif getattr(torch.version, "hip", None):
+        build = f"ROCm {torch.version.hip}"
+    else:
+        build = "CPU build"
+    text = f"{torch.__version__} ({build})"
+    if _version_tuple(torch.__version__)[:2] < MIN_TORCH:
+        return Check("torch", FAIL, f"{text}: FLQ-Fed needs PyTorch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}",
+                     "pip install 'torch>=2.0,<3'"), torch
+    return Check("torch", OK, text), torch
+
+
+def _check_numpy() -> Check:
+    try:
+        import numpy
+    except Exception as exc:
+        return Check("numpy", FAIL, f"NumPy cannot be imported: {_one_line(exc)}", "pip install 'numpy>=1.24,<3'")
+    if _version_tuple(numpy.__version__)[:2] < MIN_NUMPY:
+        return Check("numpy", FAIL, f"{numpy.__version__}: FLQ-Fed needs NumPy >= 1.24", "pip install 'numpy>=1.24,<3'")
+    return Check("numpy", OK, numpy.__version__)
+
+
+def _load(args: argparse.Namespace) -> Tuple[Check, Config]:
+    path = getattr(args, "config", None)
+    if path is None:
+        if not Path(DEFAULT_CONFIG).is_file():
+            return Check("config", OK, f"no config file (./{DEFAULT_CONFIG} not found): the defaults"), Config()
+        path = DEFAULT_CONFIG
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        return (Check("config", FAIL, _one_line(exc),
+                      f"correct {path} (each key's allowed values: flq simulate --help); "
+                      "the checks below use the defaults"),
+                Config())
+    return (Check("config", OK, f"{path}: valid (mode {cfg.mode}, {cfg.total_workers} workers, "
+                                f"dataset {cfg.dataset}, device {cfg.device})"), cfg)
+
+
+def _check_device(torch: Any, cfg: Config, requested: str) -> List[Check]:
+    from .model import resolve_device
+
+    try:
+        dev = resolve_device(requested)
+    except RuntimeError as exc:
+        fix = "set system.device to auto or cpu"
+        if not torch.version.cuda:
+            fix += " (this PyTorch is a CPU build; a GPU needs a CUDA build of PyTorch)"
+        return [Check("device", FAIL, _one_line(exc), fix)]
+    if dev.type == "cuda":
+        return _check_cuda(torch, cfg, dev, requested)
+    why = ""
+    if requested == "auto":
+        why = "; CUDA not available" if not torch.version.cuda else "; PyTorch sees no CUDA device"
+    checks = [Check("device", OK, f"{dev.type} (requested {requested}{why})")]
+    threads = f"system.threads {cfg.threads}" + (" = all cores" if cfg.threads == 0 else "")
+    checks.append(Check("cpu", OK, f"{os.cpu_count()} cores, PyTorch threads {torch.get_num_threads()} ({threads})"))
+    if cfg.enable_mixed_precision:
+        checks.append(Check("mixed precision", WARN, "n/a on CPU (enable_mixed_precision needs CUDA)",
+                            "set jetson_optimization.enable_mixed_precision to false, or run on a CUDA device"))
+    else:
+        checks.append(Check("mixed precision", OK, "n/a on CPU (enable_mixed_precision is off)"))
+    return checks
+
+
+def _check_cuda(torch: Any, cfg: Config, dev: Any, requested: str) -> List[Check]:
+    try:
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+    except Exception as exc:
+        return [Check("device", FAIL, f"cuda: cannot query the GPU: {_one_line(exc)}",
+                      "check the NVIDIA driver (nvidia-smi), or set system.device to cpu")]
+    checks = [Check("device", OK, f"cuda:{index} (requested {requested}; {torch.cuda.device_count()} CUDA device(s))")]
+    total_mib = int(props.total_memory) // (1024 * 1024)
+    checks.append(Check("gpu", OK, f"{props.name}, compute capability {props.major}.{props.minor}, "
+                                   f"{total_mib} MiB"))
+    limit = cfg.gpu_memory_limit_mb
+    if limit == 0:
+        checks.append(Check("gpu memory", OK, f"{total_mib} MiB total; gpu_memory_limit_mb 0 (no cap)"))
+    elif limit > total_mib:
+        checks.append(Check("gpu memory", WARN, f"gpu_memory_limit_mb {limit} exceeds the GPU's {total_mib} MiB "
+                                                "(the cap has no effect)",
+                            f"set jetson_optimization.gpu_memory_limit_mb to at most {total_mib} (0 = no cap)"))
+    else:
+        checks.append(Check("gpu memory", OK, f"gpu_memory_limit_mb {limit} of {total_mib} MiB total"))
+    checks.append(_check_autocast(torch, cfg, index))
+    return checks
+
+
+def _check_autocast(torch: Any, cfg: Config, index: int) -> Check:
+    state = "on" if cfg.enable_mixed_precision else "off"
+    try:
+        device = torch.device("cuda", index)
+        a = torch.full((16, 16), 0.5, device=device)
+        with torch.autocast(device_type="cuda", dtype=torch.float16):
+            out = a @ a
+        torch.cuda.synchronize(device)
+        value = float(out[0, 0].item())
+        if out.dtype != torch.float16:
+            raise RuntimeError(f"autocast matmul gave {out.dtype}, not float16")
+        if value != 4.0:
+            raise RuntimeError(f"autocast matmul gave {value}, expected 4.0")
+    except Exception as exc:
+        status = FAIL if cfg.enable_mixed_precision else WARN
+        return Check("mixed precision", status,
+                     f"float16 autocast does not work on cuda:{index}: {_one_line(exc)} "
+                     f"(enable_mixed_precision is {state})",
+                     "set jetson_optimization.enable_mixed_precision to false")
+    return Check("mixed precision", OK, f"float16 autocast works on cuda:{index} (enable_mixed_precision is {state})")
+
+
+def _dataset_fix(info: Any) -> str:
+    from .data import ENV_DATA_DIR, ENV_NO_DOWNLOAD, _download_disabled
+
+    ways = []
+    if info.debian_package:
+        ways.append(f"apt-get install {info.debian_package}")
+    ways.append(f"set {ENV_DATA_DIR}" + ("" if info.debian_package else
+                                         " to a folder holding the four IDX .gz files"))
+    download = "or allow the download"
+    if _download_disabled():
+        download += f" (unset {ENV_NO_DOWNLOAD})"
+    return ", ".join(ways) + ", " + download
+
+
+def _check_dataset(cfg: Config, data_dir: Optional[str]) -> Check:
+    try:
+        from .data import DATASETS, DatasetError, canonical_name, find_dataset_dir, search_dirs
+    except Exception as exc:
+        return Check("dataset", FAIL, f"flq.data cannot be imported: {_one_line(exc)}",
+                     "pip install -e . (with its dependencies)")
+    try:
+        info = DATASETS[canonical_name(cfg.dataset)]
+        found = find_dataset_dir(info.name, data_dir)
+        if found is not None:
+            return Check("dataset", OK, f"{info.title} at {found}")
+        where = ", ".join(str(d) for d in search_dirs(info.name, data_dir))
+    except (DatasetError, OSError) as exc:
+        return Check("dataset", FAIL, _one_line(exc), "set dataset.name to fashion_mnist or mnist")
+    return Check("dataset", FAIL, f"{info.title} not found in {where}", _dataset_fix(info))
+
+
+def _check_master(ip: str, port_arg: Any, cfg: Config) -> Check:
+    fix = "start it with ./start_master.sh, check the IP/port and the firewall"
+    try:
+        port = coerce("master_port", port_arg if port_arg is not None else cfg.master_port, "--master_port")
+    except ConfigError as exc:
+        return Check("master", FAIL, _one_line(exc), "give --master_port a port 1..65535")
+    try:
+        import httpx
+    except Exception as exc:
+        return Check("master", FAIL, f"httpx cannot be imported: {_one_line(exc)}", "pip install 'httpx>=0.27,<1'")
+    scheme, host = "http", ip.strip().rstrip("/")
+    if "://" in host:
+        scheme, host = host.split("://", 1)
+    if ":" in host and not host.startswith("["):  # IPv6 literal
+        host = f"[{host}]"
+    where = f"{host}:{port}"
+    url = f"{scheme}://{where}/status"
+    token = os.environ.get("FLQ_AUTH_TOKEN", "")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        r = httpx.get(url, timeout=MASTER_TIMEOUT_S, headers=headers)
+    except httpx.HTTPError as exc:
+        reason = _one_line(exc) or type(exc).__name__
+        return Check("master", FAIL, f"master at {where} not reachable: {reason}", fix)
+    except Exception as exc:  # a malformed address
+        return Check("master", FAIL, f"master at {where} not reachable: {_one_line(exc) or type(exc).__name__}",
+                     fix)
+    if r.status_code in (401, 403):
+        return Check("master", FAIL, f"master at {where} refused GET /status (HTTP {r.status_code})",
+                     "set FLQ_AUTH_TOKEN to the master's token")
+    if r.status_code != 200:
+        return Check("master", FAIL, f"master at {where} answered GET /status with HTTP {r.status_code}",
+                     f"check that {where} is the FLQ master ({fix})")
+    try:
+        doc = r.json()
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except ValueError:
+        return Check("master", FAIL, f"{where} answered GET /status but not with the FLQ master's JSON",
+                     f"check that {where} is the FLQ master ({fix})")
+    detail = (f"master at {where}: state {doc.get('state', '?')}, round {doc.get('round', '?')}, "
+              f"mode {doc.get('mode', '?')}")
+    if isinstance(doc.get("workers"), list):
+        need = doc.get("min_workers", doc.get("total_workers", "?"))
+        detail += f", {len(doc['workers'])} workers known (needs {need})"
+    return Check("master", OK, detail)
+
+
+def run_checks(args: argparse.Namespace) -> List[Check]:
+    """Run every check for the parsed flags ``args`` (see :func:`add_arguments`) and return the results.
+
+    Missing attributes of ``args`` count as not given.
+    """
+    checks = [_check_python()]
+    torch_check, torch = _check_torch()
+    checks.append(torch_check)
+    checks.append(_check_numpy())
+    config_check, cfg = _load(args)
+    checks.append(config_check)
+    requested = getattr(args, "device", None) or cfg.device
+    if torch is not None:
+        checks.extend(_check_device(torch, cfg, requested))
+    else:
+        checks.append(Check("device", FAIL, "not checked: PyTorch is missing", "install PyTorch (see above)"))
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is None:
+        data_dir = cfg.data_dir or None
+    checks.append(_check_dataset(cfg, data_dir))
+    ip = getattr(args, "master_ip", None)
+    if ip:
+        checks.append(_check_master(ip, getattr(args, "master_port", None), cfg))
+    return checks
+
+
+def run(args: argparse.Namespace) -> int:
+    """``flq doctor``: run the checks, print them (text, or JSON with ``--json``).
+
+    Returns:
+        0 when no check FAILed, 1 otherwise.
+    """
+    checks = run_checks(args)
+    if getattr(args, "json", False):
+        print(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        for c in checks:
+            for line in c.lines():
+                print(line)
+        fails = sum(c.status == FAIL for c in checks)
+        warns = sum(c.status == WARN for c in checks)
+        print(f"{fails} failed, {warns} warning(s), {len(checks) - fails - warns} ok")
+    sys.stdout.flush()
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser with the doctor's flags (for ``python -m flq.doctor``)."""
+    p = argparse.ArgumentParser(prog="flq doctor",
+                                description="Check that this machine can run FLQ-Fed: Python, PyTorch, "
+                                            "device, GPU, dataset, config and (optionally) the master.")
+    add_arguments(p)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and :func:`run` the checks; returns the exit status."""
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

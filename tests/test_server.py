@@ -1,0 +1,232 @@
+"""The master's HTTP API on a real loopback socket (uvicorn in a thread):
+bad input is refused with a one-line 4xx and leaves the master's state
+bit-identical; bearer-token access control; TLS."""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from flq.algorithm import packing
+from flq.cluster import ClusterMaster
+from flq.config import load_config
+from flq.master import Master
+from flq.model import CNN, FlatModel, glorot_init, state_dict_from_flat
+from flq.transport.server import create_app
+from flq.worker import Worker
+
+from cluster_util import free_port
+from conftest import PAPER_CONFIG
+
+TOKEN = "s3cret-token"
+N = 467_818
+
+
+def state_hash(master: Master) -> str:
+    """Everything the master would act on: model, Adam, mirrors, versions,
+    generators, round bookkeeping and counters."""
+    h = hashlib.sha256()
+    for a in (master.theta, master.adam.m, master.adam.v, *master.ref_up, *master.ref_down):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(json.dumps({
+        "t": master.adam.t, "round": master.round, "up": master.up_version, "down": master.down_version,
+        "rng": [g.bit_generator.state for g in master.down_rng], "records": len(master.records),
+        "offers": sorted(master.offers), "received": sorted(master.received), "selected": master.selected,
+        "downlinked": sorted(master.downlinked), "bits": [master.bits_up_cum, master.bits_down_cum],
+        "wire": [master.wire_up, master.wire_down, master.wire_up_cum, master.wire_down_cum],
+    }, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class Server:
+    def __init__(self, cfg, ssl=None):
+        theta0 = glorot_init(CNN(), cfg.seed)
+        self.master = Master(cfg, tuple(p.numel() for p in CNN().parameters()), theta0)
+        self.cluster = ClusterMaster(self.master, cfg)
+        app = create_app(self.cluster, lambda t: state_dict_from_flat("cnn", t), self.master.max_upload_bytes,
+                         auth_token=cfg.auth_token)
+        self.port = free_port()
+        kw = dict(ssl_certfile=ssl[0], ssl_keyfile=ssl[1]) if ssl else {}
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **kw))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        scheme = "https" if ssl else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture()
+def server():
+    cfg = load_config(str(PAPER_CONFIG), {"total_workers": 2, "max_rounds": 50, "threads": 1, "auth_token": TOKEN,
+                                          "round_timeout_s": 60})
+    s = Server(cfg)
+    yield s
+    s.stop()
+
+
+def make_workers(cfg):
+    rng = np.random.default_rng(0)
+    x = rng.random((256, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, 256)
+    fm = FlatModel(CNN())
+    return [Worker(m, cfg, fm, x, y, np.arange(m * 128, (m + 1) * 128)) for m in range(2)]
+
+
+def one_line(r: httpx.Response) -> str:
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and detail
+    return detail
+
+
+def test_bad_input_is_refused_and_state_untouched(server):
+    H = {"Authorization": f"Bearer {TOKEN}"}
+    c = httpx.Client(base_url=server.url, headers=H, timeout=60)
+    cfg = server.cluster.cfg
+    workers = make_workers(cfg)
+    for w in workers:
+        assert c.post("/workers/register", json={"worker_id": w.worker_id}).status_code == 200
+    table = []
+
+    def refused(label, expected, method, url, **kw):
+        before = state_hash(server.master)
+        r = c.request(method, url, **kw)
+        assert r.status_code == expected, (label, r.status_code, r.text)
+        detail = one_line(r)
+        assert state_hash(server.master) == before, label
+        table.append((label, r.status_code, detail))
+
+    # ---- round 0, offers phase ------------------------------------------
+    got = {}
+    for w in workers:
+        r = c.get("/round/model", params={"worker_id": w.worker_id, "wait": 30})
+        assert r.status_code == 200
+        got[w.worker_id] = (int(r.headers["X-FLQ-Round"]), float(r.headers["X-FLQ-MeK"]), r.content)
+    offers = {w.worker_id: workers[w.worker_id].offer(*got[w.worker_id]) for w in workers}
+    o0 = offers[0].to_dict()
+    before = state_hash(server.master)  # a second fetch in the same round: nothing new for this worker
+    assert c.get("/round/model", params={"worker_id": 0, "wait": 0}).status_code == 204
+    assert state_hash(server.master) == before
+    refused("model fetch with wait over 120 s", 422, "GET", "/round/model", params={"worker_id": 0, "wait": 1e6})
+    refused("model fetch by unknown worker", 404, "GET", "/round/model", params={"worker_id": 50, "wait": 0})
+    refused("register unknown worker id", 404, "POST", "/workers/register", json={"worker_id": 99})
+    refused("register negative id", 422, "POST", "/workers/register", json={"worker_id": -1})
+    refused("offer from unknown worker", 404, "POST", "/round/offer", json={**o0, "worker_id": 7})
+    refused("offer for wrong round", 409, "POST", "/round/offer", json={**o0, "round": 5})
+    refused("offer with NaN gain", 400, "POST", "/round/offer",
+            content=json.dumps({**o0, "gain": float("nan")}), headers={"Content-Type": "application/json"})
+    refused("offer with Inf loss", 400, "POST", "/round/offer",
+            content=json.dumps({**o0, "loss": float("inf")}), headers={"Content-Type": "application/json"})
+    refused("offer with wrong cost", 400, "POST", "/round/offer", json={**o0, "cost": 123.0})
+    refused("offer with stale mirror version", 409, "POST", "/round/offer", json={**o0, "up_version": 3})
+    refused("offer, malformed JSON", 422, "POST", "/round/offer", content=b"{not json",
+            headers={"Content-Type": "application/json"})
+    refused("offer missing a field", 422, "POST", "/round/offer", json={k: v for k, v in o0.items() if k != "gain"})
+    refused("upload before selection", 409, "POST", "/round/upload", params={"worker_id": 0, "round": 0},
+            content=b"x" * 100)
+
+    with ThreadPoolExecutor(2) as pool:  # the offers block until the selection is made
+        first = pool.submit(c.post, "/round/offer", json=o0)
+        time.sleep(0.5)
+        refused("duplicate offer", 409, "POST", "/round/offer", json=o0)
+        second = pool.submit(c.post, "/round/offer", json=offers[1].to_dict())
+        assert first.result().json()["selected"] and second.result().json()["selected"]
+
+    # ---- round 0, uploads phase -----------------------------------------
+    good = workers[0].upload(0)
+    assert len(good) <= 1.01 * packing.packed_size(N, 4)
+    up = {"worker_id": 0, "round": 0}
+    refused("truncated body (header only)", 400, "POST", "/round/upload", params=up, content=good[:16])
+    refused("truncated body (data cut)", 400, "POST", "/round/upload", params=up, content=good[:-1])
+    refused("empty body", 400, "POST", "/round/upload", params=up, content=b"")
+    refused("body over the size limit", 413, "POST", "/round/upload", params=up, content=good + b"\0" * 10_000)
+    refused("bad magic", 400, "POST", "/round/upload", params=up, content=b"XXXX" + good[4:])
+    wrong_n = bytearray(good)
+    struct.pack_into("<I", wrong_n, 8, N - 1)
+    refused("wrong element count", 400, "POST", "/round/upload", params=up, content=bytes(wrong_n))
+    for bits in (0, 17, 8):
+        b = bytearray(good)
+        b[6] = bits
+        refused(f"bit width {bits} (link uses 4)", 400, "POST", "/round/upload", params=up, content=bytes(b))
+    scales_at = 16 + 4 * 12
+    for label, val in (("NaN scale", float("nan")), ("Inf scale", float("inf")), ("negative scale", -1.0)):
+        b = bytearray(good)
+        struct.pack_into("<f", b, scales_at, val)
+        refused(label, 400, "POST", "/round/upload", params=up, content=bytes(b))
+    b = bytearray(good)
+    b[-1] = 0xFF  # codes 15 > 2L = 14 at 4 bits
+    refused("code out of range", 400, "POST", "/round/upload", params=up, content=bytes(b))
+    refused("upload for wrong round", 409, "POST", "/round/upload", params={"worker_id": 0, "round": 1}, content=good)
+    refused("upload from unknown worker id", 404, "POST", "/round/upload", params={"worker_id": 9, "round": 0},
+            content=good)
+    refused("upload with negative id", 422, "POST", "/round/upload", params={"worker_id": -2, "round": 0}, content=good)
+    r = c.post("/round/upload", params=up, content=good)
+    assert r.status_code == 200
+    refused("second upload for the same round", 409, "POST", "/round/upload", params=up, content=good)
+    assert c.post("/round/upload", params={"worker_id": 1, "round": 0}, content=workers[1].upload(0)).status_code == 200
+
+    deadline = time.monotonic() + 30
+    while server.master.round < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert len(server.master.records) == 1 and server.master.records[0]["selcnt"] == 2
+    assert np.array_equal(server.master.ref_up[0], workers[0].ref_up)
+    refused("late upload for a closed round", 409, "POST", "/round/upload", params=up, content=good)
+    print("\n| bad input | status | reason | state unchanged |\n|---|---|---|---|")
+    for label, status, detail in table:
+        print(f"| {label} | {status} | {detail} | yes |")
+    assert len(table) >= 30
+
+
+def test_token_required_except_status(server):
+    no = httpx.Client(base_url=server.url, timeout=10)
+    wrong = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer nope"}, timeout=10)
+    before = state_hash(server.master)
+    for client in (no, wrong):
+        for method, url, kw in (("POST", "/workers/register", {"json": {"worker_id": 0}}),
+                                ("GET", "/round/model", {"params": {"worker_id": 0, "wait": 0}}),
+                                ("POST", "/round/offer", {"json": {}}),
+                                ("POST", "/round/upload", {"params": {"worker_id": 0, "round": 0}, "content": b"x"}),
+                                ("GET", "/workers/0/mirrors", {}),
+                                ("GET", "/get_global_model", {}),
+                                ("POST", "/stop", {})):
+            r = client.request(method, url, **kw)
+            assert r.status_code == 401, (method, url, r.status_code)
+            one_line(r)
+    assert no.get("/status").status_code == 200
+    assert state_hash(server.master) == before and not server.cluster.stop_requested
+    ok = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert ok.post("/workers/register", json={"worker_id": 0}).status_code == 200
+
+
+def test_tls_with_ca_file(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    cfg = load_config(str(PAPER_CONFIG), {"total_workers": 2, "threads": 1})
+    s = Server(cfg, ssl=(str(key), str(cert)))
+    try:
+        r = httpx.get(f"{s.url}/status", verify=str(cert), timeout=10)
+        assert r.status_code == 200 and r.json()["state"] == "waiting"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{s.url}/status", timeout=10)  # system CAs do not know this certificate
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{s.port}/status", timeout=10)  # plain HTTP to a TLS port
+    finally:
+        s.stop()
