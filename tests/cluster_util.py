@@ -28,6 +28,7 @@ class Cluster:
     master: subprocess.Popen
     workers: Dict[int, subprocess.Popen] = field(default_factory=dict)
     env: Dict[str, str] = field(default_factory=dict)
+    master_cmd: List[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -43,6 +44,25 @@ class Cluster:
         p = subprocess.Popen(cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, env=self.env)
         self.workers[m] = p
         return p
+
+    def restart_master(self, *extra: str) -> subprocess.Popen:
+        out = open(self.root / "master.out", "ab")
+        self.master = subprocess.Popen([*self.master_cmd, *extra], cwd=self.root, stdout=out,
+                                       stderr=subprocess.STDOUT, env=self.env)
+        return self.master
+
+    def wait_status(self, predicate, timeout: float = 180.0, what: str = "") -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                st = self.status()
+                if predicate(st):
+                    return st
+            except httpx.HTTPError:
+                st = None
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: last status {st}")
+            time.sleep(0.2)
 
     def wait(self, timeout: float) -> int:
         rc = self.master.wait(timeout=timeout)
@@ -76,7 +96,7 @@ def start_cluster(root: Path, workers: int, overrides: Dict[str, object], start_
     full_env = dict(os.environ, **(env or {}))
     out = open(root / "master.out", "ab")
     master = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    cluster = Cluster(root, port, master, env=full_env)
+    cluster = Cluster(root, port, master, env=full_env, master_cmd=cmd)
     deadline = time.monotonic() + 60
     while True:
         try:

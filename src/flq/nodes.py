@@ -121,8 +121,8 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
 
     client = MasterClient(master_url, worker_id, auth_token=auth_token, verify=verify, give_up_s=give_up_s)
 
-    def make_worker(info: Dict[str, Any]) -> Worker:
-        cfg = worker_config(info["config"], local)
+    def make_worker(sections: Dict[str, Any]) -> Worker:
+        cfg = worker_config(sections, local)
         if worker_id >= cfg.total_workers:
             raise ValueError(f"worker_id {worker_id} out of range: the run has {cfg.total_workers} workers")
         rt = Runtime(cfg)

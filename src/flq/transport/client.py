@@ -89,6 +89,10 @@ class MasterClient:
         return r
 
     # ----- protocol -------------------------------------------------------
+    def config(self) -> Dict[str, Any]:
+        """``GET /config`` -> ``{config, state, round}`` (retried until the master answers)."""
+        return self._call("GET", "/config").json()
+
     def register(self, up_version: int, down_version: int) -> Dict[str, Any]:
         """``POST /workers/register`` -> ``{resync, round, state, config}``."""
         body = {"worker_id": self.worker_id, "up_version": up_version, "down_version": down_version}
@@ -136,18 +140,21 @@ def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any
                before_upload: Optional[Callable[[int], bool]] = None) -> int:
     """The worker loop: register, then per round fetch -> offer -> upload or skip.
 
+    The worker is built (data loaded, partition made) from ``GET /config``
+    before it registers, so the master never waits on a worker's start-up.
+
     Args:
         client: the HTTP client.
-        make_worker: builds the :class:`~flq.worker.Worker` from the master's
-            registration answer (which carries the run's config).
+        make_worker: builds the :class:`~flq.worker.Worker` from the run's
+            config sections.
         before_upload: test hook; returning False drops the upload after the
             worker committed it (a lost upload).
 
     Returns:
         Rounds in which this worker offered.
     """
-    info = client.register(0, 0)
-    worker = make_worker(info)
+    worker = make_worker(client.config()["config"])
+    info = client.register(worker.up_version, worker.down_version)
     if info["resync"]:
         _resync(client, worker)
     offered, last_round = 0, None

@@ -12,6 +12,8 @@ Monitoring, as the original README calls it:
 
 The worker protocol (binary bodies for vectors, JSON for the rest):
 
+- ``GET /config`` -> the run's configuration, read before registering (so a
+  worker loads its data first and the rounds need not wait for that).
 - ``POST /workers/register`` ``{worker_id, up_version, down_version}`` ->
   ``{resync, round, state, config}``.
 - ``GET /workers/{id}/mirrors`` -> safetensors with ``ref_up``, ``ref_down``
@@ -186,6 +188,10 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
         return StopResponse(stopping=True, round=cluster.master.round, state=cluster.state)
 
     # ----- worker protocol ------------------------------------------------
+    @app.get("/config", summary="The run's configuration (a worker reads it before it registers)")
+    async def run_config() -> Dict[str, Any]:
+        return {"config": cluster.cfg.to_sections(), "state": cluster.state, "round": cluster.master.round}
+
     @app.post("/workers/register", response_model=RegisterResponse)
     async def register(req: RegisterRequest, request: Request) -> RegisterResponse:
         host = request.client.host if request.client else ""
