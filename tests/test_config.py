@@ -71,7 +71,7 @@ def test_paper_config_exact_values():
 
 def test_repo_config_exact_values():
     cfg = load_config(str(REPO_CONFIG))
-    assert cfg.total_workers == 4 and cfg.min_workers == 4 and cfg.max_rounds == 100
+    assert cfg.total_workers == 4 and cfg.min_workers == 0 and cfg.needed_workers == 4 and cfg.max_rounds == 100
     assert cfg.seed == 42 and cfg.batch_size == 64 and cfg.partition == "non_iid"
     assert cfg.mode == "bbit" and cfg.b_up == 4 and cfg.b_down == 8
     assert cfg.up_budget_bits == 17e6 and cfg.C == 1e9 and cfg.thr_scale == 0.0

@@ -61,7 +61,9 @@ class Server:
                                                     **kw))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
+        deadline = time.monotonic() + 30
         while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.05)
         scheme = "https" if ssl else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
@@ -220,7 +222,7 @@ def test_tls_with_ca_file(tmp_path):
                     str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     cfg = load_config(str(PAPER_CONFIG), {"total_workers": 2, "threads": 1})
-    s = Server(cfg, ssl=(str(key), str(cert)))
+    s = Server(cfg, ssl=(str(cert), str(key)))
     try:
         r = httpx.get(f"{s.url}/status", verify=str(cert), timeout=10)
         assert r.status_code == 200 and r.json()["state"] == "waiting"

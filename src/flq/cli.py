@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import zipfile
 import logging
 import os
 import sys
@@ -75,6 +76,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               f"cross-entropy {last['entropy']:.4f} cumulative bits {last['cum_bits_total']:.4g}")
     if result.results_path is not None:
         print(f"results: {result.results_path}")
+        print(f"model: {result.results_path.with_suffix('.safetensors')}")
     print(f"log: {logfile}")
     if args.plot and result.results_path is not None:
         from .results import plot_results
@@ -92,7 +94,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(f"no such results file: {', '.join(missing)}")
-    for p in plot_results(paths, Path(args.out)):
+    try:
+        written = plot_results(paths, Path(args.out))
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"cannot plot: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    for p in written:
         print(p)
     return 0
 
@@ -112,7 +118,9 @@ def cmd_master(args: argparse.Namespace) -> int:
     if bool(args.certfile) != bool(args.keyfile):
         raise ConfigError("--certfile and --keyfile go together")
     path = run_master(cfg, certfile=args.certfile, keyfile=args.keyfile, resume=args.resume)
-    return 0 if path is not None else 1
+    if path is None:
+        print("flq master: no round finished, so no results were written", file=sys.stderr)
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -131,8 +139,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     log.info("log file %s", logfile)
     scheme = "https" if args.cafile or args.tls else "http"
     verify: object = args.cafile or True
-    rounds = run_worker(args.worker_id, f"{scheme}://{args.master_ip}:{port}", local, auth_token=args.auth_token,
-                        verify=verify, give_up_s=args.give_up_s)
+    from .transport.client import MasterGone, Refused
+
+    try:
+        rounds = run_worker(args.worker_id, f"{scheme}://{args.master_ip}:{port}", local,
+                            auth_token=args.auth_token, verify=verify, give_up_s=args.give_up_s)
+    except Refused as exc:
+        print(f"flq worker: the master refused worker {args.worker_id}: {exc.detail}", file=sys.stderr)
+        return 1
+    except MasterGone as exc:
+        print(f"flq worker: {exc}", file=sys.stderr)
+        return 1
     log.info("worker %d done after %d rounds", args.worker_id, rounds)
     return 0
 
@@ -140,6 +157,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flq", description="FLQ-Fed: federated learning with low-bit, "
                                      "lazy, budgeted communication")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"flq-fed {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="run all workers in one process")

@@ -242,8 +242,11 @@ class ClusterMaster:
         """Rounds until ``max_rounds`` or a stop; then the finish callback."""
         cfg = self.cfg
         need = cfg.needed_workers
-        log.info("waiting for %d of %d workers", need, cfg.total_workers)
-        await self._wait_until(lambda: len(self.connected) >= need or self.stop_requested)
+        log.info("waiting for %d of %d workers (system.min_workers)", need, cfg.total_workers)
+        while not await self._wait_until(lambda: len(self.connected) >= need or self.stop_requested,
+                                         time.monotonic() + 15):
+            log.info("still waiting: %d of the %d workers needed have registered (%s); start the others or "
+                     "lower system.min_workers", len(self.connected), need, self.connected or "none")
         if not self.stop_requested:
             self.state = TRAINING
         timeout = cfg.round_timeout_s
@@ -257,7 +260,7 @@ class ClusterMaster:
                 self.round_opened_at = time.monotonic()
                 self.cond.notify_all()
             k = self.master.round
-            log.debug("round %d open (me_k %.6g)", k, self.master.me_k)
+            log.debug("round %d open (me_k %.6g)", k + 1, self.master.me_k)
 
             def offers_closed() -> bool:
                 offered = set(self.master.offers)
@@ -271,7 +274,7 @@ class ClusterMaster:
             for m in self.connected:
                 if m not in self.master.offers:
                     self.workers[m].state = "absent"
-                    log.warning("worker %d absent in round %d", m, k)
+                    log.warning("worker %d absent in round %d", m, k + 1)
             async with self.cond:
                 self.selected = self.master.select()
                 self.decided = {m: (m in self.selected) for m in self.master.offers}
@@ -281,7 +284,7 @@ class ClusterMaster:
             done = await self._wait_until(lambda: set(self.master.received) >= set(self.selected), upload_deadline)
             if not done:
                 missing = sorted(set(self.selected) - set(self.master.received))
-                log.warning("round %d: uploads from %s never arrived; counted as not selected", k, missing)
+                log.warning("round %d: uploads from %s never arrived; counted as not selected", k + 1, missing)
             self.phase = PHASE_CLOSING
             record = await asyncio.to_thread(self.master.end_round)
             record.update({f"master_{name}_s": sec for name, sec in self.master.stopwatch.take().items()})
@@ -312,8 +315,9 @@ class ClusterMaster:
         return {
             "state": self.state,
             "phase": self.phase,
-            "round": m.round,
+            "round": m.round + 1,  # 1-based, like iter: the round in progress (or next)
             "rounds_done": len(m.records),
+            "waiting_for": (max(0, self.cfg.needed_workers - len(self.connected)) if self.state == WAITING else 0),
             "max_rounds": self.cfg.max_rounds,
             "mode": self.cfg.mode,
             "b_up": self.cfg.uplink_bits,

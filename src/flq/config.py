@@ -157,6 +157,14 @@ class Config:
             out[f.metadata["section"]][f.metadata["key"]] = getattr(self, f.name)
         return out
 
+    def public_sections(self) -> Dict[str, Dict[str, Any]]:
+        """:meth:`to_sections` with secrets (``auth_token``) masked: what goes into
+        spreadsheets, checkpoints and answers to workers."""
+        out = self.to_sections()
+        if out["system"]["auth_token"]:
+            out["system"]["auth_token"] = "<set>"
+        return out
+
     def to_flat(self) -> Dict[str, Any]:
         """``{flat key: value}`` of every field."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -9,6 +9,7 @@ and the test-set metrics (step 10).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -83,6 +84,26 @@ def flatten(model: nn.Module) -> np.ndarray:
         return torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]).numpy().astype(np.float32)
 
 
+def cuda_oom_error(exc: BaseException) -> RuntimeError:
+    """A one-line error for running out of (capped) CUDA memory."""
+    first = str(exc).splitlines()[0] if str(exc) else "out of memory"
+    return RuntimeError(f"CUDA out of memory ({first}); lower dataset.batch_size or system.eval_batch_size, "
+                        f"or raise jetson_optimization.gpu_memory_limit_mb")
+
+
+def apply_memory_cap(device: torch.device, limit_mb: int) -> Optional[float]:
+    """Cap this process's CUDA memory at ``limit_mb`` MiB (0 = no cap) as a
+    fraction of the device's total; allocations beyond it raise
+    ``torch.cuda.OutOfMemoryError`` instead of taking more. Returns the
+    fraction set, or None (CPU or no cap)."""
+    if device.type != "cuda" or limit_mb <= 0:
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, limit_mb * 1024 * 1024 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA raises.
 
@@ -102,13 +123,24 @@ class FlatModel:
     Convolutions run channels-last (the fast layout for oneDNN on CPU); the
     flat vector stays in the standard OIHW model order.
 
+    Mixed precision (CUDA only): forward and backward run under float16
+    autocast with dynamic loss scaling (scale 2^16, halved and the step
+    recomputed on overflow, doubled after 2000 clean steps); the gradient is
+    unscaled into float32, so quantization, packing and the optimizer never
+    see float16.
+
     Args:
         model: the module (moved to ``device``).
         device: where to compute.
+        mixed_precision: float16 autocast + loss scaling; ignored on CPU.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, model: nn.Module, device: torch.device = torch.device("cpu"),
+                 mixed_precision: bool = False) -> None:
         self.device = device
+        self.mixed_precision = bool(mixed_precision) and device.type == "cuda"
+        self.loss_scale = 2.0 ** 16
+        self._clean_steps = 0
         self.model = model.to(device=device, memory_format=torch.channels_last)
         self.params: List[nn.Parameter] = [p for p in self.model.parameters() if p.requires_grad]
         self.segments = tuple(p.numel() for p in self.params)
@@ -133,21 +165,48 @@ class FlatModel:
             x = x.copy()
         return torch.from_numpy(x).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
-    def gradient(self, x: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, float]:
+    def gradient(self, x, y) -> Tuple[np.ndarray, float]:
         """Mean cross-entropy and its gradient at the loaded parameters.
 
         Args:
-            x: float32 (B, 1, 28, 28); y: int64 (B,).
+            x: float32 (B, 1, 28, 28) array or tensor; y: int64 (B,) array or tensor.
 
         Returns:
             (gradient as float32 (n,) in model order, loss as float).
+
+        Raises:
+            RuntimeError: out of CUDA memory (names the memory cap setting).
         """
+        if isinstance(x, np.ndarray):
+            x = self._batch(x)
+        if isinstance(y, np.ndarray):
+            y = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self.device)
         self.model.train()
-        logits = self.model(self._batch(x))
-        loss = F.cross_entropy(logits, torch.from_numpy(y).to(self.device))
-        grads = torch.autograd.grad(loss, self.params)
-        flat = torch.cat([g.reshape(-1) for g in grads]).cpu().numpy()
+        try:
+            if not self.mixed_precision:
+                loss = F.cross_entropy(self.model(x), y)
+                grads = torch.autograd.grad(loss, self.params)
+            else:
+                loss, grads = self._scaled_gradient(x, y)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise cuda_oom_error(exc) from None
+        flat = torch.cat([g.reshape(-1).float() for g in grads]).cpu().numpy()
         return flat, float(loss.item())
+
+    def _scaled_gradient(self, x: torch.Tensor, y: torch.Tensor):
+        for _ in range(40):
+            with torch.autocast(device_type="cuda", dtype=torch.float16):
+                loss = F.cross_entropy(self.model(x), y)
+            scaled = torch.autograd.grad(loss.float() * self.loss_scale, self.params)
+            grads = [g.float() / self.loss_scale for g in scaled]
+            if all(bool(torch.isfinite(g).all()) for g in grads):
+                self._clean_steps += 1
+                if self._clean_steps >= 2000:
+                    self.loss_scale, self._clean_steps = self.loss_scale * 2.0, 0
+                return loss.float(), grads
+            self.loss_scale, self._clean_steps = max(self.loss_scale / 2.0, 1.0), 0
+        raise RuntimeError("mixed precision: gradient not finite even at loss scale 1 (disable "
+                           "jetson_optimization.enable_mixed_precision)")
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Tuple[float, float]:
         """(accuracy in [0, 1], mean cross-entropy in nats) on (x, y).
@@ -159,12 +218,16 @@ class FlatModel:
         self.model.eval()
         correct = 0
         ce = 0.0
-        with torch.inference_mode():
-            for i in range(0, x.shape[0], batch_size):
-                logits = self.model(x[i:i + batch_size])
-                yb = y[i:i + batch_size]
-                ce += float(F.cross_entropy(logits, yb, reduction="sum"))
-                correct += int((logits.argmax(1) == yb).sum())
+        amp = torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.mixed_precision)
+        try:
+            with torch.inference_mode(), amp:
+                for i in range(0, x.shape[0], batch_size):
+                    logits = self.model(x[i:i + batch_size]).float()
+                    yb = y[i:i + batch_size]
+                    ce += float(F.cross_entropy(logits, yb, reduction="sum"))
+                    correct += int((logits.argmax(1) == yb).sum())
+        except torch.cuda.OutOfMemoryError as exc:
+            raise cuda_oom_error(exc) from None
         return correct / x.shape[0], ce / x.shape[0]
 
     def prepare_eval_set(self, x: np.ndarray, y: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -203,3 +266,4 @@ def save_global_model(path, theta: np.ndarray, name: str, round_index: int, mode
 
     save_file(state_dict_from_flat(name, theta), str(path),
               metadata={"round": str(int(round_index)), "mode": mode, "format": "pt"})
+    os.chmod(path, 0o644)

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from .config import Config, build, coerce, parse_mapping
+from .config import Config, ConfigError, build, coerce, parse_mapping
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[st
 
     def checkpoint(record: Dict[str, Any]) -> None:
         if cfg.checkpoint_every and master.round % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt, master.state_dict(), cfg.to_sections())
+            save_checkpoint(ckpt, master.state_dict(), cfg.public_sections())
             log.info("checkpoint at round %d: %s", master.round, ckpt)
 
     def write(reason: str) -> None:
@@ -76,7 +76,7 @@ def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[st
             if "path" in written or not master.records:
                 return
             path = write_results(default_results_path(cfg.results_dir, cfg.dataset, cfg.mode), cfg.mode,
-                                 master.records, cfg.to_sections(), selected=master.selected_history,
+                                 master.records, cfg.public_sections(), selected=master.selected_history,
                                  num_workers=cfg.total_workers)
             written["path"] = path
             save_global_model(path.with_suffix(".safetensors"), master.theta, cfg.model, master.round, cfg.mode)
@@ -100,6 +100,8 @@ def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[st
 def worker_config(sections: Dict[str, Any], local: Dict[str, Any]) -> Config:
     """The run's config as the master sent it, with this device's own settings
     (``device``, ``threads``, ``data_dir``, log folders ...) from ``local``."""
+    sections = {sec: dict(v) for sec, v in sections.items()}
+    sections.get("system", {}).pop("auth_token", None)  # masked by the master; the worker has its own
     values = parse_mapping(sections, "master config")
     for key, value in local.items():
         if value is not None:
@@ -124,7 +126,7 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
     def make_worker(sections: Dict[str, Any]) -> Worker:
         cfg = worker_config(sections, local)
         if worker_id >= cfg.total_workers:
-            raise ValueError(f"worker_id {worker_id} out of range: the run has {cfg.total_workers} workers")
+            raise ConfigError(f"worker_id {worker_id} out of range: the run has {cfg.total_workers} workers")
         rt = Runtime(cfg)
         log.info("worker %d: %s partition of %d samples, mode %s, device %s", worker_id, cfg.partition,
                  len(rt.partitions[worker_id]), cfg.mode, rt.device)

@@ -519,6 +519,7 @@ def plot_results(paths: Iterable[PathLike | RunResults], out_dir: PathLike) -> l
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     runs = [p if isinstance(p, RunResults) else read_results(p) for p in paths]
     if not runs:
@@ -558,6 +559,10 @@ def plot_results(paths: Iterable[PathLike | RunResults], out_dir: PathLike) -> l
             any_line = True
         if logx and any_positive_x:
             ax.set_xscale("log")
+        if xcol == "iter":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ycol == "selcnt":
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -605,6 +610,8 @@ def plot_results(paths: Iterable[PathLike | RunResults], out_dir: PathLike) -> l
         )
         cbar = fig.colorbar(image, ax=ax, ticks=[0, 1])
         cbar.ax.set_yticklabels(["skipped", "uploaded"])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(X_ROUND_LABEL)
         ax.set_ylabel("worker id")
         ax.set_title(f"Uploads per round: {label}")

@@ -12,7 +12,7 @@ import torch
 
 from .config import Config
 from .data import Dataset, load_dataset, partition
-from .model import FlatModel, build_model, glorot_init, resolve_device
+from .model import FlatModel, apply_memory_cap, build_model, glorot_init, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,10 @@ class Runtime:
         self.cfg = cfg
         set_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
-        self.model = FlatModel(build_model(cfg.model), self.device)
+        self.memory_fraction = apply_memory_cap(self.device, cfg.gpu_memory_limit_mb)
+        if cfg.enable_mixed_precision and self.device.type != "cuda":
+            log.warning("enable_mixed_precision needs CUDA; running float32 on %s", self.device)
+        self.model = FlatModel(build_model(cfg.model), self.device, mixed_precision=cfg.enable_mixed_precision)
         self.segments = self.model.segments
 
     @cached_property

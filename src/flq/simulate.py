@@ -110,7 +110,7 @@ def simulate(cfg: Config, write: bool = True, progress: bool = True,
     path = None
     if write and master.records:
         path = write_results(default_results_path(cfg.results_dir, cfg.dataset, cfg.mode), cfg.mode,
-                             master.records, cfg.to_sections(), selected=master.selected_history,
+                             master.records, cfg.public_sections(), selected=master.selected_history,
                              num_workers=cfg.total_workers)
         save_global_model(path.with_suffix(".safetensors"), master.theta, cfg.model, master.round, cfg.mode)
         log.info("results written to %s (final model beside it, .safetensors)", path)

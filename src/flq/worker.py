@@ -29,6 +29,7 @@ from .algorithm.quantize import (KIND_RAW, QuantizedVector, dequantize, quantize
                                  quantize_vector, raw, reconstruct)
 from .config import Config
 from .data import BatchStream
+from .loader import BatchLoader
 from .messages import Offer
 from .model import FlatModel, l2_loss_and_grad
 from .timing import NullStopwatch, Stopwatch
@@ -69,6 +70,8 @@ class Worker:
         self.model = model
         self.train_x, self.train_y = train_x, train_y
         self.batches = BatchStream(indices, cfg.batch_size, cfg.seed, worker_id)
+        self.loader = BatchLoader(train_x, train_y, self.batches, model.device, cfg.prefetch_size,
+                                  cfg.num_parallel_calls)
         self.steps = cfg.steps_per_round(len(indices))
         self.local_lr = cfg.local_lr or cfg.lr
         self.rng = stream_rng(cfg.seed, worker_id, STREAM_UPLINK)
@@ -108,9 +111,9 @@ class Worker:
         cur = w
         losses = []
         for _ in range(self.steps):
-            idx = self.batches.next_indices()
+            xb, yb = self.loader.next()
             self.model.set_flat(cur)
-            g, loss = self.model.gradient(self.train_x[idx], self.train_y[idx])
+            g, loss = self.model.gradient(xb, yb)
             loss += l2_loss_and_grad(cur, g, self.cfg.l2)
             losses.append(loss)
             if self.steps == 1:
@@ -191,7 +194,9 @@ class Worker:
 
     # ----- checkpointing and resynchronization ---------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Mirrors, residual, clock, versions and generator states (copies)."""
+        """Mirrors, residual, clock, versions and generator states (copies).
+        The batch order's state includes batches already prefetched, so a
+        worker restored from it skips those (at most ``prefetch_size``)."""
         return {"ref_up": self.ref_up.copy(), "ref_down": self.ref_down.copy(), "ef": self.ef.copy(),
                 "e_hat": self.e_hat, "clock": self.clock, "up_version": self.up_version,
                 "down_version": self.down_version, "rng": self.rng.bit_generator.state,
@@ -207,6 +212,7 @@ class Worker:
         self.down_version = int(state["down_version"])
         self.rng.bit_generator.state = state["rng"]
         self.batches.load_state_dict(state["batches"])
+        self.loader.reset()
         self._pending = None
 
     def resync(self, ref_up: np.ndarray, ref_down: np.ndarray, up_version: int, down_version: int) -> None:

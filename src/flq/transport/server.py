@@ -185,18 +185,18 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
     async def stop() -> StopResponse:
         cluster.request_stop()
         await cluster._notify()
-        return StopResponse(stopping=True, round=cluster.master.round, state=cluster.state)
+        return StopResponse(stopping=True, round=cluster.master.round + 1, state=cluster.state)
 
     # ----- worker protocol ------------------------------------------------
     @app.get("/config", summary="The run's configuration (a worker reads it before it registers)")
     async def run_config() -> Dict[str, Any]:
-        return {"config": cluster.cfg.to_sections(), "state": cluster.state, "round": cluster.master.round}
+        return {"config": cluster.cfg.public_sections(), "state": cluster.state, "round": cluster.master.round}
 
     @app.post("/workers/register", response_model=RegisterResponse)
     async def register(req: RegisterRequest, request: Request) -> RegisterResponse:
         host = request.client.host if request.client else ""
         out = await cluster.register(req.worker_id, req.up_version, req.down_version, address=host)
-        return RegisterResponse(config=cluster.cfg.to_sections(), **out)
+        return RegisterResponse(config=cluster.cfg.public_sections(), **out)
 
     @app.get("/workers/{worker_id}/mirrors", response_class=Response, responses={200: {"content": {OCTET: {}}}})
     async def mirrors(worker_id: int) -> Response:
