@@ -79,7 +79,8 @@ class Config:
                           help="Dirichlet concentration of non_iid")
     batch_size: int = _f("dataset", "batch_size", 64, "int", "an integer >= 1", _ge(1), help="minibatch size")
     # model
-    model: str = _f("model", "name", "cnn", "str", "cnn", choices=("cnn",), help="model")
+    model: str = _f("model", "name", "cnn", "str", "one of cnn, mlp (a small test model)", choices=("cnn", "mlp"),
+                    help="model")
     lr: float = _f("model", "lr", 1e-3, "float", "a number > 0", lambda v: v > 0, help="master Adam step size")
     l2: float = _f("model", "l2", 5e-4, "float", "a number >= 0", _ge(0), help="L2 coefficient cl")
     local_steps: int = _f("model", "local_steps", 0, "int", "an integer >= 0 (0 = one gradient)", _ge(0),

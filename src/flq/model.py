@@ -49,15 +49,32 @@ class CNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class MLP(nn.Module):
+    """A small test model: flatten, dense(64) relu, dense(10) logits;
+    50,890 parameters. For load tests and quick experiments, not SPEC.md's model."""
+
+    def __init__(self, in_features: int = 28 * 28, hidden: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+MODELS = {"cnn": CNN, "mlp": MLP}
+
+
 def build_model(name: str = "cnn") -> nn.Module:
-    """The model called ``name`` (only ``"cnn"``).
+    """The model called ``name``: ``"cnn"`` (SPEC.md, 467,818 parameters) or
+    ``"mlp"`` (a 50,890-parameter test model).
 
     Raises:
         ValueError: unknown name.
     """
-    if name != "cnn":
-        raise ValueError(f"unknown model {name!r} (available: cnn)")
-    return CNN()
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} (available: {', '.join(MODELS)})")
+    return MODELS[name]()
 
 
 def glorot_init(model: nn.Module, seed: int) -> np.ndarray:
