@@ -3,6 +3,10 @@ master killed and resumed from its checkpoint."""
 from __future__ import annotations
 
 import math
+import signal
+import time
+
+import httpx
 
 from flq.results import read_results
 from flq.simulate import simulate
@@ -63,3 +67,49 @@ def test_master_killed_then_resumes_from_checkpoint(tmp_path, fmnist_available):
     acc = float(run.curve["acc"].iloc[-1])
     ref = simulate(small_config(total_workers=3, max_rounds=12, seed=5), write=False, progress=False).records[-1]
     assert not math.isnan(acc) and abs(acc - ref["acc"]) < 0.1, (acc, ref["acc"])
+
+
+def test_restart_mid_round_with_all_workers_required(tmp_path, fmnist_available):
+    """min_workers = all: a worker killed after it got a round's model and
+    restarted must be able to fetch that round again, or the round would
+    wait for it forever."""
+    cluster = start_cluster(tmp_path, 2, {"rounds": 40, "round_timeout_s": 2, "min_workers": 0,
+                                          "eval_every": 1000})
+    try:
+        cluster.wait_status(lambda s: s["rounds_done"] >= 3, what="round 3")
+        cluster.workers[0].kill()
+        cluster.workers[0].wait()
+        cluster.start_worker(0)
+        assert cluster.wait(timeout=600) == 0, cluster.output()
+    finally:
+        cluster.kill_all()
+    (xlsx,) = cluster.results()
+    assert list(read_results(xlsx).curve["iter"]) == list(range(1, 41))
+
+
+def test_stop_and_sigterm_end_a_round_that_cannot_close(tmp_path, fmnist_available):
+    """Both workers required, one dies: the open round cannot close. POST /stop
+    abandons it; the results of the finished rounds are written; the other
+    worker exits. Then the same with SIGTERM instead of /stop."""
+    for how in ("stop", "sigterm"):
+        root = tmp_path / how
+        root.mkdir()
+        cluster = start_cluster(root, 2, {"rounds": 500, "round_timeout_s": 2, "min_workers": 0,
+                                          "eval_every": 1000})
+        try:
+            cluster.wait_status(lambda s: s["rounds_done"] >= 2, what="round 2")
+            cluster.workers[1].kill()
+            cluster.workers[1].wait()
+            time.sleep(3)
+            if how == "stop":
+                assert httpx.post(f"{cluster.url}/stop", timeout=10).status_code == 200
+            else:
+                cluster.master.send_signal(signal.SIGTERM)
+            rc = cluster.master.wait(timeout=60)
+            assert rc == 0, cluster.output()
+            assert cluster.workers[0].wait(timeout=120) == 0
+        finally:
+            cluster.kill_all()
+        (xlsx,) = cluster.results()
+        done = len(read_results(xlsx).curve)
+        assert 2 <= done < 500

@@ -86,8 +86,7 @@ def make_workers(cfg):
     rng = np.random.default_rng(0)
     x = rng.random((256, 1, 28, 28), dtype=np.float32)
     y = rng.integers(0, 10, 256)
-    fm = FlatModel(CNN())
-    return [Worker(m, cfg, fm, x, y, np.arange(m * 128, (m + 1) * 128)) for m in range(2)]
+    return [Worker(m, cfg, FlatModel(CNN()), x, y, np.arange(m * 128, (m + 1) * 128)) for m in range(2)]
 
 
 def one_line(r: httpx.Response) -> str:
@@ -232,3 +231,78 @@ def test_tls_with_ca_file(tmp_path):
             httpx.get(f"http://127.0.0.1:{s.port}/status", timeout=10)  # plain HTTP to a TLS port
     finally:
         s.stop()
+
+
+def test_json_bodies_are_size_limited(server):
+    c = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    before = state_hash(server.master)
+    big = b'{"worker_id": 0, "pad": "' + b"x" * 70_000 + b'"}'
+    r = c.post("/workers/register", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds the limit" in one_line(r)
+
+    def chunks():  # no Content-Length: the limit applies while streaming
+        for _ in range(20):
+            yield b" " * 8192
+    r = c.post("/round/offer", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert state_hash(server.master) == before
+    assert not server.cluster.workers
+
+
+def test_newest_registration_of_an_id_wins(server):
+    c = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    old = c.post("/workers/register", json={"worker_id": 0}).json()["session"]
+    new = c.post("/workers/register", json={"worker_id": 0}).json()["session"]
+    assert old != new
+    r = c.get("/round/model", params={"worker_id": 0, "wait": 0}, headers={"X-FLQ-Session": old})
+    assert r.status_code == 409 and "session replaced" in one_line(r)
+    r = c.get("/round/model", params={"worker_id": 0, "wait": 0}, headers={"X-FLQ-Session": new})
+    assert r.status_code in (200, 204)
+    r = c.post("/workers/register", json={"worker_id": True})  # a bool is not an id
+    assert r.status_code == 422
+
+
+def test_lost_upload_is_detected_and_mirrors_resync(tmp_path):
+    """Worker 0 commits its round-1 upload but it never reaches the master: its
+    next offer carries a newer ref_up version, is refused (409), the worker
+    resynchronizes and offers again in the same round; the aggregate never
+    decodes against the wrong mirror and the run finishes."""
+    from flq.transport.client import MasterClient, run_worker
+
+    cfg = load_config(str(PAPER_CONFIG), {"total_workers": 2, "max_rounds": 4, "threads": 1, "round_timeout_s": 20})
+    s = Server(cfg)
+    workers = make_workers(cfg)
+    dropped = []
+
+    def hook_for(m):
+        def keep(k):
+            if m == 0 and k == 1:
+                dropped.append(k)
+                return False
+            return True
+        return keep
+
+    def run(m):
+        client = MasterClient(s.url, m, give_up_s=30, poll_s=5)
+        try:
+            return run_worker(client, lambda _cfg: workers[m], before_upload=hook_for(m))
+        finally:
+            client.close()
+
+    try:
+        pool = ThreadPoolExecutor(2)
+        done = [pool.submit(run, m) for m in range(2)]
+        offered = [f.result(timeout=300) for f in done]
+        pool.shutdown()
+    finally:
+        s.stop()
+    master = s.master
+    assert dropped == [1]
+    assert [r["iter"] for r in master.records] == [1, 2, 3, 4]
+    assert master.selected_history[1] == [1]  # round 2: worker 0's upload never arrived
+    assert master.records[1]["selcnt"] == 1
+    assert offered == [4, 4]  # worker 0 still took part in every round after the resync
+    for w in workers:  # after the resync the two ends agree again, bit for bit
+        assert np.array_equal(master.ref_up[w.worker_id], w.ref_up)
+        assert np.array_equal(master.ref_down[w.worker_id], w.ref_down)
+        assert master.up_version[w.worker_id] == w.up_version

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple
 
@@ -67,7 +68,9 @@ def load_checkpoint(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path} (nothing to resume)")
+        others = sorted(p.name for p in path.parent.glob("flq_master_*.npz")) if path.parent.is_dir() else []
+        hint = f"; there: {', '.join(others)} (another dataset or mode?)" if others else ""
+        raise CheckpointError(f"no checkpoint at {path} (nothing to resume){hint}")
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
@@ -81,7 +84,7 @@ def load_checkpoint(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
             state["adam"] = {"m": z["adam_m"], "v": z["adam_v"], "t": meta["adam"]["t"], "lr": meta["adam"]["lr"]}
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
     return state, config
 

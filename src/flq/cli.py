@@ -66,7 +66,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .logs import setup_logging
     from .simulate import simulate
 
+    from .runtime import check_paths
+
     cfg = config_from(args)
+    check_paths(cfg)
     logfile = setup_logging(cfg.log_dir, f"simulate_{cfg.mode}", cfg.log_level, args.verbose,
                             console_level="WARNING")
     result = simulate(cfg, write=True, progress=not args.no_progress)
@@ -107,7 +110,16 @@ def cmd_master(args: argparse.Namespace) -> int:
     from .logs import setup_logging
     from .nodes import run_master
 
+    from .checkpoint import checkpoint_path, load_checkpoint
+    from .nodes import check_port_free, check_resumable
+    from .runtime import check_paths
+
     cfg = config_from(args)
+    check_paths(cfg)
+    check_port_free(cfg.master_host, cfg.master_port)
+    if args.resume:  # refuse a wrong checkpoint before any log or work
+        _, saved = load_checkpoint(checkpoint_path(cfg.checkpoint_dir, cfg.dataset, cfg.mode))
+        check_resumable(saved, cfg)
     logfile = setup_logging(cfg.log_dir, "master", cfg.log_level, args.verbose)
     log.info("log file %s", logfile)
     if not cfg.auth_token and os.environ.get("FLQ_AUTH_TOKEN"):
@@ -222,6 +234,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("flq: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("flq: error: out of memory (fewer total_workers, a smaller batch_size or eval_batch_size?)",
+              file=sys.stderr)
+        return 2
     except Exception as exc:  # one line for expected failures (missing data, bad device)
         from .checkpoint import CheckpointError
         from .data import DatasetError

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class WorkerInfo:
     rounds_offered: int = 0
     rounds_uploaded: int = 0
     address: str = ""
+    session: str = ""
 
 
 @dataclass
@@ -96,10 +98,12 @@ class ClusterMaster:
         async with self.cond:
             self.cond.notify_all()
 
-    def _seen(self, worker_id: int, state: Optional[str] = None) -> WorkerInfo:
+    def _seen(self, worker_id: int, state: Optional[str] = None, session: Optional[str] = None) -> WorkerInfo:
         info = self.workers.get(worker_id)
         if info is None:
             raise MasterError(f"worker {worker_id} is not registered", 404)
+        if session is not None and session != info.session:
+            raise MasterError(f"worker {worker_id} session replaced: another process registered with this id", 409)
         info.last_seen = self.clock()
         if state:
             info.state = state
@@ -114,9 +118,15 @@ class ClusterMaster:
     async def register(self, worker_id: int, up_version: int, down_version: int, address: str = "") -> Dict[str, Any]:
         """Register (or re-register) worker m.
 
+        The newest registration of an id wins: calls that carry an older
+        session are refused (409 "session replaced"), so two processes with
+        one id never both train. A worker that re-registers may fetch the open
+        round's model again.
+
         Returns:
-            ``{"resync": bool, "round": k, "state": ...}``; resync is True when
-            the worker's mirror versions differ from the master's.
+            ``{"resync": bool, "round": k, "state": ..., "session": ...}``;
+            resync is True when the worker's mirror versions differ from the
+            master's.
 
         Raises:
             MasterError: unknown id (404); RunFinished when the run is over.
@@ -133,20 +143,26 @@ class ClusterMaster:
         else:
             info.last_seen, info.state, info.address = now, "registered", address or info.address
             log.info("worker %d registered again from %s", worker_id, address or "?")
+            if self.phase == PHASE_OFFERS:
+                self.master.forget_downlink(worker_id)
+        info.session = secrets.token_hex(8)
         resync = (up_version, down_version) != (self.master.up_version[worker_id],
                                                  self.master.down_version[worker_id])
         await self._notify()
-        return {"resync": resync, "round": self.master.round, "state": self.state}
+        return {"resync": resync, "round": self.master.round, "state": self.state, "session": info.session}
 
-    def mirrors(self, worker_id: int) -> Tuple[Any, Any, int, int]:
-        """The master's ``ref_up[m]``, ``ref_down[m]`` and their versions (for a resync)."""
-        self._seen(worker_id)
+    def mirrors(self, worker_id: int, session: Optional[str] = None) -> Tuple[Any, Any, int, int]:
+        """The master's ``ref_up[m]``, ``ref_down[m]`` and their versions (for a
+        resync); the worker may then fetch the open round's model again."""
+        self._seen(worker_id, session=session)
         m = self.master
+        if self.phase == PHASE_OFFERS:
+            m.forget_downlink(worker_id)
         log.info("worker %d resynchronizes its mirrors (up v%d, down v%d)", worker_id, m.up_version[worker_id],
                  m.down_version[worker_id])
         return m.ref_up[worker_id], m.ref_down[worker_id], m.up_version[worker_id], m.down_version[worker_id]
 
-    async def fetch_round(self, worker_id: int, wait_s: float) -> Optional[RoundView]:
+    async def fetch_round(self, worker_id: int, wait_s: float, session: Optional[str] = None) -> Optional[RoundView]:
         """Wait up to ``wait_s`` for a round open to offers and return this
         worker's downlink for it (computed now; the mirror moves with it).
 
@@ -157,7 +173,7 @@ class ClusterMaster:
             RunFinished: the run is over.
             MasterError: unknown worker (404).
         """
-        self._seen(worker_id)
+        self._seen(worker_id, session=session)
         deadline = time.monotonic() + max(wait_s, 0.0)
         async with self.cond:
             while True:
@@ -172,12 +188,12 @@ class ClusterMaster:
                     await asyncio.wait_for(self.cond.wait(), timeout=left)
                 except asyncio.TimeoutError:
                     return None
-            info = self._seen(worker_id, "training")
+            info = self._seen(worker_id, "training", session=session)
             payload = self.master.downlink(worker_id)
             info.state = "training"
             return RoundView(self.master.round, self.master.me_k, payload, self.master.down_version[worker_id])
 
-    async def offer(self, offer: Offer) -> bool:
+    async def offer(self, offer: Offer, session: Optional[str] = None) -> bool:
         """Record an offer and wait for the selection; True when selected.
 
         Raises:
@@ -185,7 +201,7 @@ class ClusterMaster:
             RunFinished: the run is over.
         """
         m = offer.worker_id
-        info = self._seen(m)
+        info = self._seen(m, session=session)
         if self.state == FINISHED:
             raise RunFinished()
         if self.phase != PHASE_OFFERS or offer.round != self.master.round:
@@ -201,14 +217,14 @@ class ClusterMaster:
         info.state = "uploading" if selected else "idle"
         return selected
 
-    async def upload(self, worker_id: int, round_index: int, payload: bytes) -> None:
+    async def upload(self, worker_id: int, round_index: int, payload: bytes, session: Optional[str] = None) -> None:
         """Accept a selected worker's payload for round k.
 
         Raises:
             MasterError: wrong round or phase (409), not selected (409),
                 duplicate (409), malformed payload (400); state unchanged.
         """
-        info = self._seen(worker_id)
+        info = self._seen(worker_id, session=session)
         if self.phase != PHASE_UPLOADS or round_index != self.master.round:
             raise MasterError(f"upload for round {round_index} is late (round {self.master.round}, phase "
                               f"{self.phase})", 409)
@@ -269,7 +285,14 @@ class ClusterMaster:
                 late = time.monotonic() - self.round_opened_at >= timeout
                 return late and len(offered) >= need
 
-            await self._wait_until(offers_closed)
+            while not await self._wait_until(lambda: offers_closed() or self.stop_requested,
+                                             time.monotonic() + timeout + 15):
+                log.warning("round %d: %d offer(s) after %.0f s, %d needed (system.min_workers); still waiting "
+                            "(POST /stop ends the run)", k + 1, len(self.master.offers),
+                            time.monotonic() - self.round_opened_at, need)
+            if not offers_closed():  # stopped while the round could not close: abandon it
+                log.warning("round %d abandoned by the stop request before it closed", k + 1)
+                break
             # absent: connected workers that did not offer in time
             for m in self.connected:
                 if m not in self.master.offers:

@@ -40,21 +40,23 @@ class Config:
     experiments' (SPEC.md, "Defaults of the original experiments")."""
 
     # system
-    total_workers: int = _f("system", "total_workers", 20, "int", "an integer >= 1", _ge(1),
+    total_workers: int = _f("system", "total_workers", 20, "int", "an integer 1..1000", lambda v: 1 <= v <= 1000,
                             help="number of workers M")
     min_workers: int = _f("system", "min_workers", 0, "int", "an integer 0..total_workers (0 = all)", _ge(0),
                           help="workers needed to start a round (0 = all)")
     max_rounds: int = _f("system", "max_rounds", 800, "int", "an integer >= 1", _ge(1), help="rounds to train")
-    seed: int = _f("system", "seed", 42, "int", "an integer >= 0", _ge(0), help="seed of partition, init and all draws")
+    seed: int = _f("system", "seed", 42, "int", "an integer 0..4294967295", lambda v: 0 <= v < 2**32,
+                   help="seed of partition, init and all draws")
     device: str = _f("system", "device", "auto", "str", "one of auto, cpu, cuda", choices=("auto", "cpu", "cuda"),
                      help="compute device")
-    threads: int = _f("system", "threads", 0, "int", "an integer >= 0 (0 = all cores)", _ge(0),
+    threads: int = _f("system", "threads", 0, "int", "an integer 0..1024 (0 = all cores)", lambda v: 0 <= v <= 1024,
                       help="intra-op threads for PyTorch")
     eval_every: int = _f("system", "eval_every", 1, "int", "an integer >= 1", _ge(1),
                          help="evaluate the global model every N rounds (and the last)")
     eval_batch_size: int = _f("system", "eval_batch_size", 64, "int", "an integer >= 1", _ge(1),
                               help="batch size of test-set evaluation")
     master_host: str = _f("system", "master_host", "0.0.0.0", "str", "a host name or address",
+                          lambda v: bool(v.strip()),
                           help="address the master listens on")
     master_port: int = _f("system", "master_port", 5000, "int", "a port 1..65535", lambda v: 1 <= v <= 65535,
                           help="master HTTP port")
@@ -289,7 +291,8 @@ def build(values: Mapping[str, Any], base: Optional[Config] = None) -> Config:
 
     Raises:
         ConfigError: inconsistent settings (min_workers > total_workers,
-            both local_steps and local_epochs, bin with b_up other than 1 ...).
+            both local_steps and local_epochs, bbit with 1 bit). Mode bin
+            forces b_up to 1 (SPEC.md: "b forced to 1"), whatever was given.
     """
     cfg = dataclasses.replace(base or Config(), **dict(values))
     if cfg.min_workers > cfg.total_workers:
@@ -316,13 +319,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any
     if path:
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: JSON nested too deeply") from None
         values = parse_mapping(data, str(p))
     for key, value in (overrides or {}).items():
         if value is None:

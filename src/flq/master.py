@@ -38,6 +38,10 @@ from .worker import STREAM_DOWNLINK, stream_rng
 
 log = logging.getLogger(__name__)
 
+#: Largest |value| accepted in an update: beyond it, Adam's float32 second
+#: moment overflows to inf and every later step becomes 0 (a frozen model).
+MAX_UPDATE_MAGNITUDE = 1e18
+
 #: ``evaluate(theta) -> (accuracy, mean cross-entropy)`` on the test set.
 Evaluator = Callable[[np.ndarray], Tuple[float, float]]
 
@@ -142,6 +146,12 @@ class Master:
         self.wire_down += len(payload)
         return payload
 
+    def forget_downlink(self, worker_id: int) -> None:
+        """Worker m lost this round's model before offering (it restarted or
+        resynchronized its mirrors): let it fetch the round's model again."""
+        if worker_id not in self.offers:
+            self.downlinked.discard(worker_id)
+
     # ----- step 6 -------------------------------------------------------
     def add_offer(self, offer: Offer) -> None:
         """Record worker m's offer for this round (steps 4-5).
@@ -205,6 +215,9 @@ class Master:
                 q = reconstruct(self.ref_up[worker_id], qv)
             if not np.isfinite(q).all():
                 raise MasterError(f"upload from worker {worker_id} decodes to non-finite values")
+            if q.size and float(np.abs(q).max()) >= MAX_UPDATE_MAGNITUDE:
+                raise MasterError(f"upload from worker {worker_id} has values of magnitude >= "
+                                  f"{MAX_UPDATE_MAGNITUDE:g}: their squares would overflow float32 in Adam")
         if mode in ("bbit", "bin"):
             self.ref_up[worker_id] = q
             self.up_version[worker_id] += 1

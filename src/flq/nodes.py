@@ -31,6 +31,24 @@ def check_resumable(saved: Dict[str, Any], cfg: Config) -> None:
                                   f"this run has {now[sec][k]!r}: not the same run")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError when ``host:port`` cannot be listened on (in use, bad address)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"config key 'system.master_host': cannot resolve {host!r} ({exc})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); another master running? "
+                              f"choose another --port") from None
+
+
 def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[str] = None,
                grace_s: float = 5.0, resume: bool = False) -> Optional[Path]:
     """Serve one run on ``cfg.master_host:cfg.master_port`` until it completes,
@@ -45,7 +63,7 @@ def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[st
     Raises:
         flq.checkpoint.CheckpointError: ``resume`` without a usable checkpoint.
     """
-    from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+    from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
     from .cluster import ClusterMaster
     from .master import Master
     from .model import save_global_model, state_dict_from_flat
@@ -54,6 +72,7 @@ def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[st
     from .timing import Stopwatch
     from .transport.server import create_app, serve
 
+    check_port_free(cfg.master_host, cfg.master_port)
     rt = Runtime(cfg)
     rt.data  # load (or fail on) the dataset before serving anybody
     master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=Stopwatch())
@@ -61,6 +80,9 @@ def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[st
     if resume:
         state, saved_cfg = load_checkpoint(ckpt)
         check_resumable(saved_cfg, cfg)
+        if int(state["round"]) >= cfg.max_rounds:
+            raise CheckpointError(f"{ckpt} is already at round {state['round']} of max_rounds {cfg.max_rounds}: "
+                                  f"raise --rounds to train further")
         master.load_state_dict(state)
         log.info("resumed from %s at round %d", ckpt, master.round)
     written: Dict[str, Any] = {}

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 from functools import cached_property
+from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .data import Dataset, load_dataset, partition
 from .model import FlatModel, apply_memory_cap, build_model, glorot_init, resolve_device
 
@@ -21,6 +22,13 @@ def set_threads(threads: int) -> None:
     """Pin PyTorch's intra-op threads (0 leaves the default: all cores)."""
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def check_paths(cfg: Config) -> None:
+    """Raise ConfigError for a ``data_dir`` that does not exist (checked where
+    the data is read, so a worker can use its own)."""
+    if cfg.data_dir and not Path(cfg.data_dir).is_dir():
+        raise ConfigError(f"config key 'dataset.data_dir': no such folder {cfg.data_dir!r}")
 
 
 class Runtime:
@@ -36,6 +44,7 @@ class Runtime:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        check_paths(cfg)
         set_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.memory_fraction = apply_memory_cap(self.device, cfg.gpu_memory_limit_mb)

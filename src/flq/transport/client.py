@@ -50,6 +50,7 @@ class MasterClient:
         self.poll_s = poll_s
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.session = ""
 
     def close(self) -> None:
         self.http.close()
@@ -60,6 +61,8 @@ class MasterClient:
         on connection errors and 5xx until ``give_up_s``; 410 -> MasterGone;
         other 4xx -> Refused."""
         delay, first_failure = 0.5, None
+        if self.session:
+            kw["headers"] = {**kw.get("headers", {}), "X-FLQ-Session": self.session}
         while True:
             try:
                 r = self.http.request(method, url, **kw)
@@ -85,6 +88,8 @@ class MasterClient:
                 detail = r.json().get("detail", r.text)
             except ValueError:
                 detail = r.text
+            if r.status_code == 409 and "session replaced" in str(detail):
+                raise MasterGone(f"{detail} (this process stops; the newer one trains)")
             raise Refused(r.status_code, str(detail))
         return r
 
@@ -96,7 +101,10 @@ class MasterClient:
     def register(self, up_version: int, down_version: int) -> Dict[str, Any]:
         """``POST /workers/register`` -> ``{resync, round, state, config}``."""
         body = {"worker_id": self.worker_id, "up_version": up_version, "down_version": down_version}
-        return self._call("POST", "/workers/register", json=body).json()
+        self.session = ""
+        info = self._call("POST", "/workers/register", json=body).json()
+        self.session = info.get("session", "")
+        return info
 
     def mirrors(self):
         """``GET /workers/{m}/mirrors`` -> (ref_up, ref_down, up_version, down_version)."""

@@ -40,10 +40,13 @@ import contextlib
 import hmac
 import json
 import logging
+import signal
+import threading
+import time
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -55,30 +58,88 @@ from ..messages import Offer
 log = logging.getLogger(__name__)
 
 OCTET = "application/octet-stream"
+#: The worker's registration session (optional for hand-made calls; workers always send it).
+SESSION = Header(None, alias="X-FLQ-Session", max_length=64)
+#: Largest JSON request body (register, offer): far above any real one.
+MAX_JSON_BODY = 64 * 1024
+#: Seconds a client may take to send its whole request body.
+BODY_TIMEOUT_S = 30.0
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over a per-path size (413) or
+    that take longer than ``BODY_TIMEOUT_S`` to arrive (408), before any
+    handler reads them; the body is buffered here and replayed to the app."""
+
+    def __init__(self, app, limits: Dict[str, int], default: int) -> None:
+        self.app, self.limits, self.default = app, limits, default
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        limit = self.limits.get(scope["path"], self.default)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_error(send, 413, f"request body of {int(declared)} bytes exceeds the limit of {limit}")
+        chunks, size, more = [], 0, True
+        deadline = time.monotonic() + BODY_TIMEOUT_S
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return await _send_error(send, 408, f"request body not received within {BODY_TIMEOUT_S:.0f} s")
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await _send_error(send, 413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _send_error(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    log.warning("request refused (%d): %s", status, detail)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class RegisterRequest(BaseModel):
-    worker_id: int = Field(ge=0, description="the worker's id m")
-    up_version: int = Field(0, ge=0, description="version of the worker's ref_up mirror")
-    down_version: int = Field(0, ge=0, description="version of the worker's ref_down mirror")
+    worker_id: int = Field(ge=0, strict=True, description="the worker's id m")
+    up_version: int = Field(0, ge=0, strict=True, description="version of the worker's ref_up mirror")
+    down_version: int = Field(0, ge=0, strict=True, description="version of the worker's ref_down mirror")
 
 
 class RegisterResponse(BaseModel):
     resync: bool
     round: int
     state: str
+    session: str = Field(description="send back as the X-FLQ-Session header on every later call")
     config: Dict[str, Dict[str, Any]]
 
 
 class OfferRequest(BaseModel):
-    worker_id: int = Field(ge=0)
-    round: int = Field(ge=0)
+    worker_id: int = Field(ge=0, strict=True)
+    round: int = Field(ge=0, strict=True)
     candidate: bool
     gain: float
     cost: float
     loss: float
-    up_version: int = Field(ge=0)
-    down_version: int = Field(ge=0)
+    up_version: int = Field(ge=0, strict=True)
+    down_version: int = Field(ge=0, strict=True)
     compute_s: float = Field(0.0, ge=0)
 
 
@@ -129,6 +190,7 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
     app = FastAPI(title="FLQ-Fed master", version="1", lifespan=lifespan,
                   description="Federated learning with low-bit, lazy, budgeted uploads (FLQ).")
     app.state.cluster = cluster
+    app.add_middleware(BodyLimit, limits={"/round/upload": max_body_bytes}, default=MAX_JSON_BODY)
 
     @app.exception_handler(MasterError)
     async def _master_error(request: Request, exc: MasterError):
@@ -199,19 +261,20 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
         return RegisterResponse(config=cluster.cfg.public_sections(), **out)
 
     @app.get("/workers/{worker_id}/mirrors", response_class=Response, responses={200: {"content": {OCTET: {}}}})
-    async def mirrors(worker_id: int) -> Response:
+    async def mirrors(worker_id: int, session: Optional[str] = SESSION) -> Response:
         from safetensors.numpy import save
 
         cluster.master._check_worker(worker_id)
-        ref_up, ref_down, up_v, down_v = cluster.mirrors(worker_id)
+        ref_up, ref_down, up_v, down_v = cluster.mirrors(worker_id, session)
         body = save({"ref_up": np.ascontiguousarray(ref_up), "ref_down": np.ascontiguousarray(ref_down)},
                     metadata={"up_version": str(up_v), "down_version": str(down_v)})
         return Response(body, media_type=OCTET)
 
     @app.get("/round/model", response_class=Response, responses={200: {"content": {OCTET: {}}}, 204: {}})
-    async def round_model(worker_id: int = Query(ge=0), wait: float = Query(20.0, ge=0, le=120)) -> Response:
+    async def round_model(worker_id: int = Query(ge=0), wait: float = Query(20.0, ge=0, le=120),
+                          session: Optional[str] = SESSION) -> Response:
         cluster.master._check_worker(worker_id)
-        view = await cluster.fetch_round(worker_id, wait)
+        view = await cluster.fetch_round(worker_id, wait, session)
         if view is None:
             return Response(status_code=204)
         return Response(view.payload, media_type=OCTET,
@@ -219,15 +282,16 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
                                  "X-FLQ-Down-Version": str(view.down_version)})
 
     @app.post("/round/offer", response_model=OfferResponse)
-    async def round_offer(req: OfferRequest, request: Request) -> Response:
+    async def round_offer(req: OfferRequest, request: Request, session: Optional[str] = SESSION) -> Response:
         raw = await request.body()
-        selected = await cluster.offer(Offer(**req.model_dump()))
+        selected = await cluster.offer(Offer(**req.model_dump()), session)
         body = json.dumps({"selected": selected, "round": req.round}).encode()
         _account(up=len(raw), down=len(body))
         return Response(body, media_type="application/json")
 
     @app.post("/round/upload", openapi_extra={"requestBody": {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}}, "required": True}})
-    async def round_upload(request: Request, worker_id: int = Query(ge=0), round: int = Query(ge=0)) -> Response:
+    async def round_upload(request: Request, worker_id: int = Query(ge=0), round: int = Query(ge=0),
+                           session: Optional[str] = SESSION) -> Response:
         cluster.master._check_worker(worker_id)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
@@ -238,12 +302,47 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
             if size > max_body_bytes:
                 raise MasterError(f"upload body exceeds the limit of {max_body_bytes} bytes", 413)
             chunks.append(chunk)
-        await cluster.upload(worker_id, round, b"".join(chunks))
+        await cluster.upload(worker_id, round, b"".join(chunks), session)
         body = b'{"ok":true}'
         _account(down=len(body))
         return Response(body, media_type="application/json")
 
     return app
+
+
+def _server_class(cluster: ClusterMaster):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server with the master's signal handling: the first
+        SIGINT/SIGTERM acts as ``POST /stop`` (finish or abandon the current
+        round, write the results, tell the workers to exit, then exit); a second
+        one exits at once. Signals are not re-raised afterwards, so the master's
+        own clean-up (the results spreadsheet) always runs."""
+
+        stop_sent = False
+
+        def handle_exit(self, sig, frame):
+            if not self.stop_sent and cluster.state != FINISHED:
+                self.stop_sent = True
+                log.warning("signal %d: stopping after the current round (send it again to exit now)", sig)
+                cluster.request_stop()
+                return
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 async def serve(app: FastAPI, cluster: ClusterMaster, host: str, port: int, grace_s: float = 5.0,
@@ -253,8 +352,9 @@ async def serve(app: FastAPI, cluster: ClusterMaster, host: str, port: int, grac
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_keep_alive=30)
-    server = uvicorn.Server(config)
+                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_keep_alive=30,
+                            timeout_graceful_shutdown=5)
+    server = _server_class(cluster)(config)
 
     async def exit_when_finished() -> None:
         while cluster.state != FINISHED:
