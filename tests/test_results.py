@@ -384,7 +384,7 @@ def test_run_label():
     assert R.run_label(RunResults(Path("x"), "bbit", curve, None,
                                   {"quant.b_up": 4, "quant.b_down": 8})) == \
         "bbit (b_up 4, b_down 8)"
-    assert R.run_label(RunResults(Path("x"), "bin", curve, None, {"b_up": 2})) == "bin (b_up 2)"
+    assert R.run_label(RunResults(Path("x"), "bin", curve, None, {"b_up": 2})) == "bin (b_up 1)"  # bin always sends 1 bit
     assert R.run_label(RunResults(Path("x"), "full", curve, None, {})) == "full"
 
 
@@ -404,7 +404,7 @@ def test_plot_results_two_runs(tmp_path):
         "entropy_vs_bits.png",
         "acc_vs_bits.png",
         "selected_per_round.png",
-        "binary_uploads_bin_b_up_4_b_down_8.png",
+        "binary_uploads_bin_b_up_1_b_down_8.png",
     ]
     assert [p.name for p in written] == expected
     assert all(p.parent == out_dir for p in written)
@@ -457,15 +457,15 @@ def test_plot_results_axis_labels(tmp_path, monkeypatch):
     line = ax("acc_vs_round.png").get_lines()[0]
     assert list(line.get_xdata()) == [1.0, 3.0]
     assert list(line.get_ydata()) == [0.25, 0.75]
-    assert line.get_label() == "bin (b_up 4)"
+    assert line.get_label() == "bin (b_up 1)"
     sel = ax("selected_per_round.png").get_lines()[0]
     assert list(sel.get_ydata()) == [1.0, 2.0, 0.0]
     # raster: workers on y (4 rows), rounds on x (3 columns)
-    image = ax("binary_uploads_bin_b_up_4.png").get_images()[0]
+    image = ax("binary_uploads_bin_b_up_1.png").get_images()[0]
     assert np.asarray(image.get_array()).tolist() == [
         [1, 0, 0], [0, 1, 0], [0, 0, 0], [0, 1, 0],
     ]
-    assert ax("binary_uploads_bin_b_up_4.png").get_ylabel().startswith("worker")
+    assert ax("binary_uploads_bin_b_up_1.png").get_ylabel().startswith("worker")
 
 
 def test_plot_results_empty_raises(tmp_path):
