@@ -32,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 def run(workers: int = 50, rounds: int = 20, model: str = "mlp", mode: str = "bbit") -> dict:
     import torch
 
-    from flq.config import coerce
     from flq.nodes import worker_config
     from flq.results import read_results
     from flq.runtime import Runtime

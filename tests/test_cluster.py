@@ -10,7 +10,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 

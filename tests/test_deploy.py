@@ -199,7 +199,7 @@ def test_dry_run_prints_commands_and_runs_none(shim_path):
         for ex in (".git", ".venv", "/results", "/logs", "__pycache__", "/flq_config.json"):
             assert f"--exclude={ex}" in rsync[0]
         assert "-o BatchMode=yes -o StrictHostKeyChecking=accept-new" in rsync[0]
-        assert f"+ ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new" in out
+        assert "+ ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new" in out
         assert f"nvidia@{ip} 'cd \"$HOME\"/flq-fed && PY=$(bash scripts/bootstrap.sh)" in out
     assert ("nohup ./start_master.sh --config flq_config.json --port 5000 > logs/deploy_master.out 2>&1"
             in out)

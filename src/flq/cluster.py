@@ -16,8 +16,7 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .config import Config
@@ -131,7 +130,7 @@ class ClusterMaster:
         Raises:
             MasterError: unknown id (404); RunFinished when the run is over.
         """
-        self.master._check_worker(worker_id)
+        self.master.check_worker(worker_id)
         if self.state == FINISHED:
             raise RunFinished()
         now = self.clock()

@@ -21,7 +21,7 @@ import collections
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from .algorithm import packing
 from .algorithm.vector import squared_norm
 from .algorithm.aggregation import Adam, aggregate
 from .algorithm.lazy import history_energy
-from .algorithm.quantize import KIND_RAW, dequantize, quantize_relative, raw, reconstruct
+from .algorithm.quantize import dequantize, quantize_relative, raw, reconstruct
 from .algorithm.selection import Candidate, select
 from .config import Config
 from .messages import Offer
@@ -128,7 +128,7 @@ class Master:
         Raises:
             MasterError: unknown worker or a second downlink this round.
         """
-        self._check_worker(worker_id)
+        self.check_worker(worker_id)
         if worker_id in self.downlinked:
             raise MasterError(f"worker {worker_id} already received round {self.round}'s model", 409)
         bits = self.cfg.downlink_bits
@@ -162,7 +162,7 @@ class Master:
                 disagrees with the master's (the worker must resync).
         """
         m = offer.worker_id
-        self._check_worker(m)
+        self.check_worker(m)
         if offer.round != self.round:
             raise MasterError(f"offer for round {offer.round}, but round {self.round} is open", 409)
         if m not in self.downlinked:
@@ -195,7 +195,7 @@ class Master:
                 payload is malformed (wrong length, bits, element count,
                 NaN/Inf); the master's state is then unchanged.
         """
-        self._check_worker(worker_id)
+        self.check_worker(worker_id)
         if worker_id not in self.selected:
             raise MasterError(f"worker {worker_id} was not selected in round {self.round}", 409)
         if worker_id in self.received:
@@ -294,7 +294,8 @@ class Master:
         """Whether ``max_rounds`` rounds are done."""
         return self.round >= self.cfg.max_rounds
 
-    def _check_worker(self, worker_id: int) -> None:
+    def check_worker(self, worker_id: int) -> None:
+        """Raise MasterError (404) unless ``worker_id`` is one of this run's ids."""
         if not isinstance(worker_id, int) or not 0 <= worker_id < self.cfg.total_workers:
             raise MasterError(f"unknown worker id {worker_id!r} (0..{self.cfg.total_workers - 1})", 404)
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from .algorithm import packing
 from .algorithm.vector import squared_norm
 from .algorithm.lazy import is_candidate, next_clock
-from .algorithm.quantize import (KIND_RAW, QuantizedVector, dequantize, quantize_relative,
+from .algorithm.quantize import (KIND_RAW, dequantize, quantize_relative,
                                  quantize_vector, raw, reconstruct)
 from .config import Config
 from .data import BatchStream

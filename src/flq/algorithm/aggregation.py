@@ -2,7 +2,7 @@
 (SPEC.md, "State" and "One round", step 9)."""
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping
 
 import numpy as np
 

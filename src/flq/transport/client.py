@@ -108,7 +108,6 @@ class MasterClient:
 
     def mirrors(self):
         """``GET /workers/{m}/mirrors`` -> (ref_up, ref_down, up_version, down_version)."""
-        from safetensors import safe_open  # noqa: F401  (format check below)
         from safetensors.numpy import load
 
         r = self._call("GET", f"/workers/{self.worker_id}/mirrors")

@@ -264,7 +264,7 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
     async def mirrors(worker_id: int, session: Optional[str] = SESSION) -> Response:
         from safetensors.numpy import save
 
-        cluster.master._check_worker(worker_id)
+        cluster.master.check_worker(worker_id)
         ref_up, ref_down, up_v, down_v = cluster.mirrors(worker_id, session)
         body = save({"ref_up": np.ascontiguousarray(ref_up), "ref_down": np.ascontiguousarray(ref_down)},
                     metadata={"up_version": str(up_v), "down_version": str(down_v)})
@@ -273,7 +273,7 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
     @app.get("/round/model", response_class=Response, responses={200: {"content": {OCTET: {}}}, 204: {}})
     async def round_model(worker_id: int = Query(ge=0), wait: float = Query(20.0, ge=0, le=120),
                           session: Optional[str] = SESSION) -> Response:
-        cluster.master._check_worker(worker_id)
+        cluster.master.check_worker(worker_id)
         view = await cluster.fetch_round(worker_id, wait, session)
         if view is None:
             return Response(status_code=204)
@@ -292,7 +292,7 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
     @app.post("/round/upload", openapi_extra={"requestBody": {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}}, "required": True}})
     async def round_upload(request: Request, worker_id: int = Query(ge=0), round: int = Query(ge=0),
                            session: Optional[str] = SESSION) -> Response:
-        cluster.master._check_worker(worker_id)
+        cluster.master.check_worker(worker_id)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise MasterError(f"upload body of {declared} bytes exceeds the limit of {max_body_bytes}", 413)
