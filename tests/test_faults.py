@@ -113,3 +113,30 @@ def test_stop_and_sigterm_end_a_round_that_cannot_close(tmp_path, fmnist_availab
         (xlsx,) = cluster.results()
         done = len(read_results(xlsx).curve)
         assert 2 <= done < 500
+
+
+def test_straggler_never_blocks_a_round_and_joins_again(tmp_path, fmnist_available):
+    """A worker frozen (SIGSTOP) for longer than round_timeout_s: the rounds go
+    on without it (late offer or upload refused), and after SIGCONT it takes
+    part again."""
+    cluster = start_cluster(tmp_path, 3, {"rounds": 60, "mode": "bin", "b_down": 8, "round_timeout_s": 2,
+                                          "min_workers": 2, "eval_every": 1000})
+    try:
+        cluster.wait_status(lambda s: s["rounds_done"] >= 3, what="round 3")
+        cluster.workers[1].send_signal(signal.SIGSTOP)
+        frozen_at = cluster.status()["rounds_done"]
+        cluster.wait_status(lambda s: s["rounds_done"] >= frozen_at + 3, what="3 rounds without worker 1")
+        cluster.workers[1].send_signal(signal.SIGCONT)
+        assert cluster.wait(timeout=600) == 0, cluster.output()
+        assert all(p.returncode == 0 for p in cluster.workers.values())
+    finally:
+        for p in cluster.workers.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+        cluster.kill_all()
+    (xlsx,) = cluster.results()
+    run = read_results(xlsx)
+    assert list(run.curve["iter"]) == list(range(1, 61))
+    w1 = list(run.binary["w1"])
+    assert 0 in w1[frozen_at:frozen_at + 4]  # rounds closed without the frozen worker
+    assert w1[-1] == 1  # ... and it uploads again at the end

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import struct
 import subprocess
 import threading
@@ -222,7 +223,7 @@ def test_tls_with_ca_file(tmp_path):
     cfg = load_config(str(PAPER_CONFIG), {"total_workers": 2, "threads": 1})
     s = Server(cfg, ssl=(str(cert), str(key)))
     try:
-        r = httpx.get(f"{s.url}/status", verify=str(cert), timeout=10)
+        r = httpx.get(f"{s.url}/status", verify=ssl.create_default_context(cafile=str(cert)), timeout=10)
         assert r.status_code == 200 and r.json()["state"] == "waiting"
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{s.url}/status", timeout=10)  # system CAs do not know this certificate

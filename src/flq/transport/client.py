@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -43,6 +44,8 @@ class MasterClient:
     def __init__(self, base_url: str, worker_id: int, auth_token: str = "", verify: Any = True,
                  give_up_s: float = 300.0, poll_s: float = 20.0) -> None:
         headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
+        if isinstance(verify, str):  # a CA file for the master's certificate
+            verify = ssl.create_default_context(cafile=verify)
         self.http = httpx.Client(base_url=base_url, headers=headers, verify=verify,
                                  timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=5.0))
         self.worker_id = worker_id
