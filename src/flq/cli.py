@@ -108,28 +108,24 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_master(args: argparse.Namespace) -> int:
     from .logs import setup_logging
-    from .nodes import run_master
-
-    from .checkpoint import checkpoint_path, load_checkpoint
-    from .nodes import check_port_free, check_resumable
+    from .nodes import check_port_free, load_resume_state, run_master
     from .runtime import check_paths
 
+    # everything that can refuse the run does so before any log or work
     cfg = config_from(args)
     check_paths(cfg)
-    check_port_free(cfg.master_host, cfg.master_port)
-    if args.resume:  # refuse a wrong checkpoint before any log or work
-        _, saved = load_checkpoint(checkpoint_path(cfg.checkpoint_dir, cfg.dataset, cfg.mode))
-        check_resumable(saved, cfg)
-    logfile = setup_logging(cfg.log_dir, "master", cfg.log_level, args.verbose)
-    log.info("log file %s", logfile)
-    if not cfg.auth_token and os.environ.get("FLQ_AUTH_TOKEN"):
-        cfg = dataclasses.replace(cfg, auth_token=os.environ["FLQ_AUTH_TOKEN"])
     for label, path in (("--certfile", args.certfile), ("--keyfile", args.keyfile)):
         if path and not Path(path).is_file():
             raise ConfigError(f"{label}: no such file {path}")
     if bool(args.certfile) != bool(args.keyfile):
         raise ConfigError("--certfile and --keyfile go together")
-    path = run_master(cfg, certfile=args.certfile, keyfile=args.keyfile, resume=args.resume)
+    check_port_free(cfg.master_host, cfg.master_port)
+    resume_state = load_resume_state(cfg) if args.resume else None
+    logfile = setup_logging(cfg.log_dir, "master", cfg.log_level, args.verbose)
+    log.info("log file %s", logfile)
+    if not cfg.auth_token and os.environ.get("FLQ_AUTH_TOKEN"):
+        cfg = dataclasses.replace(cfg, auth_token=os.environ["FLQ_AUTH_TOKEN"])
+    path = run_master(cfg, certfile=args.certfile, keyfile=args.keyfile, resume_state=resume_state)
     if path is None:
         print("flq master: no round finished, so no results were written", file=sys.stderr)
     return 0

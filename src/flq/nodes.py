@@ -49,21 +49,37 @@ def check_port_free(host: str, port: int) -> None:
                               f"choose another --port") from None
 
 
+def load_resume_state(cfg: Config) -> Dict[str, Any]:
+    """The master state a resumed run continues from, read once and checked.
+
+    Raises:
+        flq.checkpoint.CheckpointError: no usable checkpoint, one of another
+            run, or one already at ``max_rounds``.
+    """
+    from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+
+    ckpt = checkpoint_path(cfg.checkpoint_dir, cfg.dataset, cfg.mode)
+    state, saved_cfg = load_checkpoint(ckpt)
+    check_resumable(saved_cfg, cfg)
+    if int(state["round"]) >= cfg.max_rounds:
+        raise CheckpointError(f"{ckpt} is already at round {state['round']} of max_rounds {cfg.max_rounds}: "
+                              f"raise --rounds to train further")
+    return state
+
+
 def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[str] = None,
-               grace_s: float = 5.0, resume: bool = False) -> Optional[Path]:
+               grace_s: float = 5.0, resume_state: Optional[Dict[str, Any]] = None) -> Optional[Path]:
     """Serve one run on ``cfg.master_host:cfg.master_port`` until it completes,
     is stopped (``POST /stop``) or the process gets SIGINT/SIGTERM; the
     results spreadsheet is written in every case. Every
     ``checkpoint_every`` rounds the master's state is checkpointed;
-    ``resume`` continues from the last checkpoint.
+    ``resume_state`` (from :func:`load_resume_state`) continues a run.
+    The caller checks the port first (:func:`check_port_free`).
 
     Returns:
         The spreadsheet's path (None if no round finished).
-
-    Raises:
-        flq.checkpoint.CheckpointError: ``resume`` without a usable checkpoint.
     """
-    from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+    from .checkpoint import checkpoint_path, save_checkpoint
     from .cluster import ClusterMaster
     from .master import Master
     from .model import save_global_model, state_dict_from_flat
@@ -72,18 +88,12 @@ def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[st
     from .timing import Stopwatch
     from .transport.server import create_app, serve
 
-    check_port_free(cfg.master_host, cfg.master_port)
     rt = Runtime(cfg)
     rt.data  # load (or fail on) the dataset before serving anybody
     master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=Stopwatch())
     ckpt = checkpoint_path(cfg.checkpoint_dir, cfg.dataset, cfg.mode)
-    if resume:
-        state, saved_cfg = load_checkpoint(ckpt)
-        check_resumable(saved_cfg, cfg)
-        if int(state["round"]) >= cfg.max_rounds:
-            raise CheckpointError(f"{ckpt} is already at round {state['round']} of max_rounds {cfg.max_rounds}: "
-                                  f"raise --rounds to train further")
-        master.load_state_dict(state)
+    if resume_state is not None:
+        master.load_state_dict(resume_state)
         log.info("resumed from %s at round %d", ckpt, master.round)
     written: Dict[str, Any] = {}
     lock = threading.Lock()

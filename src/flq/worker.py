@@ -68,7 +68,6 @@ class Worker:
         self.stopwatch = stopwatch or NullStopwatch()
         self.cfg = cfg
         self.model = model
-        self.train_x, self.train_y = train_x, train_y
         self.batches = BatchStream(indices, cfg.batch_size, cfg.seed, worker_id)
         self.loader = BatchLoader(train_x, train_y, self.batches, model.device, cfg.prefetch_size,
                                   cfg.num_parallel_calls)

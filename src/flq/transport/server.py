@@ -293,16 +293,8 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
     async def round_upload(request: Request, worker_id: int = Query(ge=0), round: int = Query(ge=0),
                            session: Optional[str] = SESSION) -> Response:
         cluster.master.check_worker(worker_id)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise MasterError(f"upload body of {declared} bytes exceeds the limit of {max_body_bytes}", 413)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise MasterError(f"upload body exceeds the limit of {max_body_bytes} bytes", 413)
-            chunks.append(chunk)
-        await cluster.upload(worker_id, round, b"".join(chunks), session)
+        # BodyLimit has already refused bodies over max_body_bytes (413)
+        await cluster.upload(worker_id, round, await request.body(), session)
         body = b'{"ok":true}'
         _account(down=len(body))
         return Response(body, media_type="application/json")
