@@ -5,17 +5,23 @@ states, records) in one ``.npz`` file, written atomically.
 Arrays go in as arrays (the mirrors as one (M, n) array each); everything
 else as one JSON document in the entry ``meta``, with the run's config so a
 resume can refuse a checkpoint of a different run.
+
+Each run has its own file, ``flq_master_<dataset>_<mode>_<run>.npz`` (``run``
+is the master's start time, made unique), and holds a lock on
+``<file>.lock`` while it runs, so two masters sharing a ``checkpoint_dir``
+never share a checkpoint and ``--resume`` never picks one that a running
+master still writes.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
+
+from .outputs import FileLock, atomic_write
 
 ARRAYS = ("theta", "ref_up", "ref_down")
 FORMAT = 1
@@ -25,15 +31,66 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or of another run (one line)."""
 
 
-def checkpoint_path(checkpoint_dir: str, dataset: str, mode: str) -> Path:
-    """``<checkpoint_dir>/flq_master_<dataset>_<mode>.npz``: the latest checkpoint."""
-    return Path(checkpoint_dir) / f"flq_master_{dataset}_{mode}.npz"
+def checkpoint_path(checkpoint_dir: str, dataset: str, mode: str, run: str) -> Path:
+    """``<checkpoint_dir>/flq_master_<dataset>_<mode>_<run>.npz``: run ``run``'s checkpoint."""
+    return Path(checkpoint_dir) / f"flq_master_{dataset}_{mode}_{run}.npz"
+
+
+def lock_path(checkpoint: Path) -> Path:
+    """The lock file a running master holds for ``checkpoint``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".lock")
+
+
+def lock_checkpoint(checkpoint: Path) -> FileLock:
+    """Hold ``checkpoint``'s lock for this process's lifetime.
+
+    Raises:
+        CheckpointError: another running master holds it.
+    """
+    try:
+        return FileLock(lock_path(checkpoint))
+    except BlockingIOError:
+        raise CheckpointError(f"{checkpoint} is in use by another running master") from None
+
+
+def find_resumable(checkpoint_dir: str, dataset: str, mode: str, explicit: Optional[str] = None) -> Path:
+    """The checkpoint ``--resume`` continues: ``explicit`` when given, else the
+    newest ``flq_master_<dataset>_<mode>*.npz`` in ``checkpoint_dir`` that no
+    running master holds.
+
+    Raises:
+        CheckpointError: none there (naming what is there instead), or the
+            explicit file is missing or in use.
+    """
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint at {path} (nothing to resume)")
+        if FileLock.held(lock_path(path)):
+            raise CheckpointError(f"{path} is in use by another running master")
+        return path
+    folder = Path(checkpoint_dir)
+    found = sorted(folder.glob(f"flq_master_{dataset}_{mode}*.npz"), key=lambda p: p.stat().st_mtime,
+                   reverse=True) if folder.is_dir() else []
+    free = [p for p in found if not FileLock.held(lock_path(p))]
+    if free:
+        return free[0]
+    if found:
+        raise CheckpointError(f"every checkpoint of {dataset}/{mode} in {folder} is in use by a running master")
+    others = sorted(p.name for p in folder.glob("flq_master_*.npz")) if folder.is_dir() else []
+    hint = f"; there: {', '.join(others)} (another dataset or mode?)" if others else ""
+    raise CheckpointError(f"no checkpoint of {dataset}/{mode} in {folder} (nothing to resume){hint}")
 
 
 def save_checkpoint(path: Path, state: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
-    """Write ``state`` (a Master state_dict) and ``config`` atomically to ``path``."""
+    """Write ``state`` (a Master state_dict) and ``config`` atomically to ``path``.
+
+    Raises:
+        OSError: the file cannot be written (a full disk); the previous
+            checkpoint at ``path`` is then intact and no temporary is left.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"theta": np.asarray(state["theta"], np.float32),
               "ref_up": np.stack(state["ref_up"]).astype(np.float32, copy=False),
               "ref_down": np.stack(state["ref_down"]).astype(np.float32, copy=False),
@@ -44,20 +101,12 @@ def save_checkpoint(path: Path, state: Mapping[str, Any], config: Mapping[str, A
     meta["format"] = FORMAT
     meta["config"] = dict(config)
     arrays["meta"] = np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -68,9 +117,7 @@ def load_checkpoint(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """
     path = Path(path)
     if not path.is_file():
-        others = sorted(p.name for p in path.parent.glob("flq_master_*.npz")) if path.parent.is_dir() else []
-        hint = f"; there: {', '.join(others)} (another dataset or mode?)" if others else ""
-        raise CheckpointError(f"no checkpoint at {path} (nothing to resume){hint}")
+        raise CheckpointError(f"no checkpoint at {path} (nothing to resume)")
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())

@@ -8,8 +8,11 @@ and the test-set metrics (step 10).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -278,9 +281,24 @@ def state_dict_from_flat(name: str, theta: np.ndarray) -> "dict[str, torch.Tenso
 
 def save_global_model(path, theta: np.ndarray, name: str, round_index: int, mode: str = "") -> None:
     """Write ``theta`` as a safetensors file of model ``name``'s state dict,
-    with ``round`` (rounds completed) and ``mode`` in its metadata."""
+    with ``round`` (rounds completed) and ``mode`` in its metadata, atomically.
+
+    Raises:
+        OSError: the file cannot be written (nothing partial is left).
+    """
+    import safetensors
     from safetensors.torch import save_file
 
-    save_file(state_dict_from_flat(name, theta), str(path),
-              metadata={"round": str(int(round_index)), "mode": mode, "format": "pt"})
-    os.chmod(path, 0o644)
+    from .outputs import atomic_write
+
+    tensors = state_dict_from_flat(name, theta)
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata={"round": str(int(round_index)), "mode": mode, "format": "pt"})
+        except safetensors.SafetensorError as exc:  # how safetensors reports a failed write
+            found = re.search(r"os error (\d+)", str(exc))
+            code = int(found.group(1)) if found else errno.EIO
+            raise OSError(code, os.strerror(code), str(path)) from None
+
+    atomic_write(Path(path), write)

@@ -55,11 +55,11 @@ paths.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -67,6 +67,8 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import pandas as pd
+
+from .outputs import atomic_write
 
 __all__ = [
     "CURVE_COLUMNS",
@@ -217,10 +219,14 @@ def _config_cell(value: Any) -> Any:
 
 
 def _write_workbook(target: Path, sheets: Mapping[str, pd.DataFrame]) -> None:
-    """Write ``sheets`` (name -> frame, in order) to ``target`` with openpyxl."""
-    with pd.ExcelWriter(target, engine="openpyxl") as writer:
+    """Write ``sheets`` (name -> frame, in order) to ``target`` with openpyxl.
+    The workbook is built in memory first, so a failing disk fails one plain
+    write (an OSError) and leaves no half-closed zip behind."""
+    buffer = io.BytesIO()
+    with pd.ExcelWriter(buffer, engine="openpyxl") as writer:
         for name, frame in sheets.items():
             frame.to_excel(writer, sheet_name=name, index=False)
+    target.write_bytes(buffer.getvalue())
 
 
 def write_results(
@@ -283,22 +289,7 @@ def write_results(
         )
     sheets[CONFIG_SHEET] = pd.DataFrame(_flatten_config(config), columns=["key", "value"])
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent)
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        _write_workbook(tmp, sheets)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(target, lambda tmp: _write_workbook(tmp, sheets))
     return target
 
 

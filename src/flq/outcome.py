@@ -1,0 +1,140 @@
+"""How a run ends: its reason, the exit status that says which, and the
+exceptions and signal handling that carry a reason out of a round loop.
+
+Every process of FLQ-Fed (``flq simulate``, ``flq master``, ``flq worker``)
+ends with one of the reasons below and exits with its status; 0 only for a
+run that finished all its rounds. The results of the rounds done are written
+in every case; when they cannot be (a full disk), the status is
+:data:`EXIT_NOT_SAVED` whatever the reason, because that is what the operator
+must know first.
+
+=============  ======  ====================================================
+reason         status  meaning
+=============  ======  ====================================================
+completed      0       all ``max_rounds`` rounds done
+error          1       an unexpected error ended the run (traceback in the log)
+(config)       2       bad configuration or arguments, refused before any work
+diverged       3       the global model or the workers' loss became non-finite
+stopped        4       ``POST /stop`` (the master and its workers)
+quorum_lost    5       fewer than ``min_workers`` for ``quorum_timeout_s``
+(not saved)    6       the results could not be written (disk full, permissions)
+unreachable    7       worker: the master did not answer for ``--give_up_s``
+refused        8       worker: a fatal refusal (token, TLS, scheme, unknown
+                       id, run already over, replaced by a newer process)
+sigint         130     SIGINT (Ctrl-C), as a shell reports it (128 + 2)
+sigterm        143     SIGTERM (a batch scheduler, ``timeout``, ``kill``)
+=============  ======  ====================================================
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Dict, Iterator
+
+COMPLETED, ERROR, DIVERGED, STOPPED, QUORUM_LOST = "completed", "error", "diverged", "stopped", "quorum_lost"
+UNREACHABLE, REFUSED, SIGINT, SIGTERM = "unreachable", "refused", "sigint", "sigterm"
+
+EXIT_CONFIG = 2
+EXIT_NOT_SAVED = 6
+
+#: Exit status of each reason (see the module docstring).
+EXIT_STATUS: Dict[str, int] = {COMPLETED: 0, ERROR: 1, DIVERGED: 3, STOPPED: 4, QUORUM_LOST: 5,
+                               UNREACHABLE: 7, REFUSED: 8, SIGINT: 130, SIGTERM: 143}
+
+_SIGNAL_REASON = {signal.SIGINT: SIGINT, signal.SIGTERM: SIGTERM}
+
+
+def exit_status(reason: str) -> int:
+    """The exit status of ``reason`` (1 for a reason this table does not know)."""
+    return EXIT_STATUS.get(reason, 1)
+
+
+def signal_reason(signum: int) -> str:
+    """``"sigint"`` or ``"sigterm"`` for those signals (``"error"`` otherwise)."""
+    return _SIGNAL_REASON.get(signum, ERROR)
+
+
+class Diverged(ArithmeticError):
+    """The global model, the optimizer state or the workers' training loss
+    became non-finite: the run cannot go on (one-line reason)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; ``reason`` is ``"sigint"`` or ``"sigterm"``.
+
+    A BaseException like KeyboardInterrupt, so ``except Exception`` in library
+    code does not swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+        self.reason = signal_reason(signum)
+
+
+_critical = {"depth": 0, "pending": 0}
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM raise :class:`Interrupted` in the main
+    thread (between two Python operations, so a running PyTorch kernel
+    finishes first), or at the end of the enclosing :func:`critical` section.
+    Outside the main thread this does nothing. The previous handlers are
+    restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if _critical["depth"] > 0:
+            _critical["pending"] = _critical["pending"] or signum
+            return
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in _SIGNAL_REASON}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def critical() -> Iterator[None]:
+    """A section a signal must not cut in half (a round's aggregation and its
+    record): under :func:`signals_interrupt`, a signal that arrives inside
+    raises :class:`Interrupted` when the section ends, unless the section
+    itself raised."""
+    _critical["depth"] += 1
+    try:
+        yield
+    except BaseException:
+        _critical["depth"] -= 1
+        raise
+    _critical["depth"] -= 1
+    if _critical["depth"] == 0 and _critical["pending"]:
+        signum, _critical["pending"] = _critical["pending"], 0
+        raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[Dict[str, int]]:
+    """While inside (writing results), SIGINT and SIGTERM are remembered, not
+    acted on, so a second Ctrl-C cannot leave half a file; the dict yielded
+    holds ``{"signum": n}`` of the first one that arrived."""
+    got: Dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, frame):
+        got.setdefault("signum", signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in _SIGNAL_REASON}
+    try:
+        yield got
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
