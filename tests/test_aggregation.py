@@ -226,3 +226,32 @@ def test_adam_state_dict_survives_plain_types():
     # m_hat = 0.5/0.19, v_hat = 0.25/0.001999 -> step = 0.1 * m_hat / (sqrt(v_hat) + 1e-7)
     step = 0.1 * (0.5 / 0.19) / (math.sqrt(0.25 / (1 - 0.999 ** 2)) + 1e-7)
     np.testing.assert_allclose(theta, [-step, step], rtol=1e-6)
+
+
+def test_adam_step_that_would_overflow_is_not_taken():
+    """g = 2e19: g^2 = 4e38 overflows float32 (max 3.4e38) in the second
+    moment, which would freeze the model forever (denominator inf). The step
+    raises and leaves theta, m, v and t exactly as they were."""
+    adam = Adam(3, 1e-3)
+    theta = f32(0.5, -0.5, 1.0)
+    adam.step(theta, f32(1.0, 2.0, 3.0))
+    before = (theta.copy(), adam.m.copy(), adam.v.copy(), adam.t)
+    with pytest.raises(FloatingPointError, match="second moment"):
+        adam.step(theta, f32(2e19, 0.0, 0.0))
+    with pytest.raises(FloatingPointError, match="gradient"):
+        adam.step(theta, f32(float("nan"), 0.0, 0.0))
+    assert np.array_equal(theta, before[0]) and np.array_equal(adam.m, before[1])
+    assert np.array_equal(adam.v, before[2]) and adam.t == before[3] == 1
+    adam.step(theta, f32(1e18, 0.0, 0.0))  # 1e36 still fits: the step is taken, everything finite
+    assert adam.t == 2 and np.isfinite(adam.v).all() and np.isfinite(theta).all()
+
+
+def test_usable_update_bounds():
+    from flq.algorithm.aggregation import MAX_UPDATE_MAGNITUDE, usable_update
+
+    assert usable_update(f32(1.0, -2.0), 0.5)
+    assert not usable_update(f32(1.0, float("inf")), 0.5)
+    assert not usable_update(f32(1.0, float("nan")), 0.5)
+    assert not usable_update(f32(1.0, 2.0), float("nan"))
+    assert not usable_update(f32(2 * MAX_UPDATE_MAGNITUDE, 0.0), 0.5)
+    assert usable_update(f32(9.9e17), 0.5)

@@ -12,12 +12,19 @@ from its request handlers:
 4. :meth:`Master.receive_upload` for each selected worker (step 7);
 5. :meth:`Master.end_round` -> the round's record (steps 8-10).
 
-Nothing here knows about HTTP. Bad input raises :class:`MasterError`
-before any state changes.
+Every phase is idempotent for a message sent twice (a network retry): the
+same worker asking for the round's model again gets the same bytes, the same
+offer or upload again is accepted once and counted once. Nothing here knows
+about HTTP. Bad input raises :class:`MasterError` before any state changes;
+a round whose step would make the model or Adam's state non-finite, or whose
+workers report a non-finite loss, is recorded and then raises
+:class:`~flq.outcome.Diverged`.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import logging
 import math
 import time
@@ -27,20 +34,17 @@ import numpy as np
 
 from .algorithm import packing
 from .algorithm.vector import squared_norm
-from .algorithm.aggregation import Adam, aggregate
+from .algorithm.aggregation import MAX_UPDATE_MAGNITUDE, Adam, aggregate
 from .algorithm.lazy import history_energy
 from .algorithm.quantize import dequantize, quantize_relative, raw, reconstruct
 from .algorithm.selection import Candidate, select
 from .config import Config
 from .messages import Offer
+from .outcome import Diverged
 from .timing import NullStopwatch, Stopwatch
 from .worker import STREAM_DOWNLINK, stream_rng
 
 log = logging.getLogger(__name__)
-
-#: Largest |value| accepted in an update: beyond it, Adam's float32 second
-#: moment overflows to inf and every later step becomes 0 (a frozen model).
-MAX_UPDATE_MAGNITUDE = 1e18
 
 #: ``evaluate(theta) -> (accuracy, mean cross-entropy)`` on the test set.
 Evaluator = Callable[[np.ndarray], Tuple[float, float]]
@@ -52,12 +56,15 @@ class MasterError(ValueError):
     Attributes:
         status: the HTTP-like status class the transport should answer with
             (400 malformed, 404 unknown worker, 409 conflict with the round).
+        code: what went wrong, for a program to act on: ``malformed``,
+            ``unknown_worker``, ``not_registered``, ``session_replaced``,
+            ``late``, ``mirror_mismatch`` or ``conflict``.
     """
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, code: str = "") -> None:
         super().__init__(message)
         self.status = status
-
+        self.code = code or {400: "malformed", 404: "unknown_worker", 409: "conflict"}.get(status, "malformed")
 
 
 class Master:
@@ -97,13 +104,19 @@ class Master:
         self.records: List[Dict[str, Any]] = []
         self.selected_history: List[List[int]] = []
         self._reset_round()
+        if cfg.sel_clients == 0 and 0 < cfg.up_budget_bits < self.upload_cost:
+            log.warning("budget_selection.up_budget_bits %.4g is smaller than one upload (%d bits in mode %s): no "
+                        "worker can ever be selected and the model will not train; raise it, or set 0 (no budget) "
+                        "or sel_clients", cfg.up_budget_bits, self.upload_cost, cfg.mode)
 
     def _reset_round(self) -> None:
         self.me_k = 0.0
-        self.downlinked: set = set()
+        self.downlinks: Dict[int, bytes] = {}
         self.offers: Dict[int, Offer] = {}
         self.selected: List[int] = []
+        self.selection_made = False
         self.received: Dict[int, np.ndarray] = {}
+        self.received_digest: Dict[int, str] = {}
         self.wire_up = 0
         self.wire_down = 0
         self.round_started = time.perf_counter()
@@ -118,19 +131,26 @@ class Master:
         return self.me_k
 
     # ----- step 2 -------------------------------------------------------
+    @property
+    def downlinked(self) -> set:
+        """Workers that have been given this round's model."""
+        return set(self.downlinks)
+
     def downlink(self, worker_id: int) -> bytes:
         """The encoded model for worker m this round; updates ``ref_down[m]``.
 
         Exact float32 ``theta`` when ``b_down`` is 0 or 32, else
         ``Q_{b_down}(theta - ref_down[m])`` (both ends then set
-        ``ref_down[m] = ref_down[m] + Q(...)``).
+        ``ref_down[m] = ref_down[m] + Q(...)``). Asked again in the same round
+        (a retried download), it returns the same bytes: the mirror moves and
+        the bits are counted once.
 
         Raises:
-            MasterError: unknown worker or a second downlink this round.
+            MasterError: unknown worker.
         """
         self.check_worker(worker_id)
-        if worker_id in self.downlinked:
-            raise MasterError(f"worker {worker_id} already received round {self.round}'s model", 409)
+        if worker_id in self.downlinks:
+            return self.downlinks[worker_id]
         bits = self.cfg.downlink_bits
         with self.stopwatch.section("quantize"):
             if bits == 32:
@@ -141,65 +161,90 @@ class Master:
                 payload = packing.encode(qv)
                 self.ref_down[worker_id] = w
                 self.down_version[worker_id] += 1
-        self.downlinked.add(worker_id)
+        self.downlinks[worker_id] = payload
         self.bits_down_cum += bits * self.n
         self.wire_down += len(payload)
         return payload
 
     def forget_downlink(self, worker_id: int) -> None:
         """Worker m lost this round's model before offering (it restarted or
-        resynchronized its mirrors): let it fetch the round's model again."""
+        resynchronized its mirrors): its next downlink is computed afresh
+        against ``ref_down[m]`` as it is now."""
         if worker_id not in self.offers:
-            self.downlinked.discard(worker_id)
+            self.downlinks.pop(worker_id, None)
 
     # ----- step 6 -------------------------------------------------------
-    def add_offer(self, offer: Offer) -> None:
+    def add_offer(self, offer: Offer) -> bool:
         """Record worker m's offer for this round (steps 4-5).
+
+        A non-finite ``loss`` is accepted from a worker that is not a
+        candidate: its model diverged, which :meth:`end_round` reports.
+
+        Returns:
+            True when recorded, False when this very offer was already
+            recorded (a retry; nothing changes).
 
         Raises:
             MasterError: unknown worker, wrong round, no downlink received,
-                a second offer, a non-finite gain/loss, or a mirror version that
+                a different second offer, a non-finite gain or cost, a
+                candidate with a non-finite loss, or a mirror version that
                 disagrees with the master's (the worker must resync).
         """
         m = offer.worker_id
         self.check_worker(m)
         if offer.round != self.round:
-            raise MasterError(f"offer for round {offer.round}, but round {self.round} is open", 409)
-        if m not in self.downlinked:
-            raise MasterError(f"worker {m} offered without receiving round {self.round}'s model", 409)
+            raise MasterError(f"offer for round {offer.round + 1}, but round {self.round + 1} is open", 409, "late")
+        if m not in self.downlinks:
+            raise MasterError(f"worker {m} offered without receiving round {self.round + 1}'s model", 409)
         if m in self.offers:
-            raise MasterError(f"worker {m} already offered in round {self.round}", 409)
-        if not all(math.isfinite(v) for v in (offer.gain, offer.cost, offer.loss)) or offer.cost <= 0:
-            raise MasterError("offer has a non-finite gain, cost or loss, or a cost <= 0")
-        expected_cost = float(self.cfg.uplink_bits * self.n)
+            if _same(self.offers[m], offer):
+                return False
+            raise MasterError(f"worker {m} already made a different offer in round {self.round + 1}", 409)
+        if self.selection_made:
+            raise MasterError(f"offer for round {self.round + 1} is late: the selection is made", 409, "late")
+        if not (math.isfinite(offer.gain) and math.isfinite(offer.cost)) or offer.cost <= 0:
+            raise MasterError("offer has a non-finite gain or cost, or a cost <= 0")
+        if offer.candidate and not math.isfinite(offer.loss):
+            raise MasterError("offer is a candidate with a non-finite loss")
+        expected_cost = float(self.upload_cost)
         if offer.cost != expected_cost:
             raise MasterError(f"offer cost {offer.cost:g} bits, expected {expected_cost:g} for mode {self.cfg.mode}")
         if (offer.up_version, offer.down_version) != (self.up_version[m], self.down_version[m]):
             raise MasterError(f"worker {m} mirror versions (up {offer.up_version}, down {offer.down_version}) "
                               f"differ from the master's (up {self.up_version[m]}, down {self.down_version[m]})",
-                              409)
+                              409, "mirror_mismatch")
         self.offers[m] = offer
+        return True
 
     def select(self) -> List[int]:
         """Budget selection among this round's candidate offers (step 6)."""
         cands = [Candidate(o.worker_id, o.gain, o.cost) for o in self.offers.values() if o.candidate]
         self.selected = select(cands, self.cfg.sel_clients, self.cfg.up_budget_bits)
+        self.selection_made = True
         return list(self.selected)
 
     # ----- step 7 -------------------------------------------------------
     def receive_upload(self, worker_id: int, payload: bytes) -> None:
         """Decode a selected worker's upload and update ``ref_up[m]`` (step 7).
 
+        The same bytes again (a retried upload) are accepted and change nothing.
+
+        Returns:
+            True when counted now, False for a repeat of the counted upload.
+
         Raises:
-            MasterError: the worker was not selected, already uploaded, or the
-                payload is malformed (wrong length, bits, element count,
-                NaN/Inf); the master's state is then unchanged.
+            MasterError: the worker was not selected, already uploaded other
+                bytes, or the payload is malformed (wrong length, bits,
+                element count, NaN/Inf); the master's state is then unchanged.
         """
         self.check_worker(worker_id)
         if worker_id not in self.selected:
-            raise MasterError(f"worker {worker_id} was not selected in round {self.round}", 409)
+            raise MasterError(f"worker {worker_id} was not selected in round {self.round + 1}", 409)
+        digest = payload_digest(payload)
         if worker_id in self.received:
-            raise MasterError(f"worker {worker_id} already uploaded in round {self.round}", 409)
+            if self.received_digest[worker_id] == digest:
+                return False
+            raise MasterError(f"worker {worker_id} already uploaded other bytes in round {self.round + 1}", 409)
         mode, bits = self.cfg.mode, self.cfg.uplink_bits
         segs = self.segments if mode in ("bbit", "bin") else (self.n,)
         with self.stopwatch.section("quantize"):
@@ -222,7 +267,9 @@ class Master:
             self.ref_up[worker_id] = q
             self.up_version[worker_id] += 1
         self.received[worker_id] = q
+        self.received_digest[worker_id] = digest
         self.wire_up += len(payload)
+        return True
 
     def add_wire_bytes(self, up: int = 0, down: int = 0) -> None:
         """Count transport bytes beyond the payloads (offers, headers) in this round."""
@@ -239,15 +286,24 @@ class Master:
         Returns:
             The round's record (SPEC.md step 10 plus measured wire bytes and
             the round's wall time in seconds).
+
+        Raises:
+            Diverged: after the round is recorded, when the Adam step would
+                have made the model or its moments non-finite (the step is
+                then not taken) or a worker reported a non-finite loss.
         """
         cfg = self.cfg
         k = self.round
         uploaded = sorted(self.received)
         old = self.theta.copy()
+        problem = ""
         with self.stopwatch.section("aggregate"):
             if uploaded:
                 g_hat = aggregate(self.received, cfg.scale_by_selected, cfg.sel_ref, cfg.clip_global)
-                self.adam.step(self.theta, g_hat)
+                try:
+                    self.adam.step(self.theta, g_hat)
+                except FloatingPointError as exc:
+                    problem = f"the aggregate of workers {uploaded}: {exc}"
             self.history.appendleft(squared_norm(self.theta - old))
         self.bits_up_cum += len(uploaded) * cfg.uplink_bits * self.n
         self.wire_up_cum += self.wire_up
@@ -281,7 +337,17 @@ class Master:
         self.records.append(record)
         self.selected_history.append(uploaded)
         self.round += 1
+        diverging = [m for m in sorted(self.offers) if not math.isfinite(self.offers[m].loss)]
+        if diverging and not problem:
+            problem = f"worker(s) {diverging} report a diverged local model (non-finite loss, or an update beyond 1e18; is lr {cfg.lr:g} too large?)"
+        if problem:
+            raise Diverged(f"round {k + 1} diverged: {problem}")
         return record
+
+    @property
+    def upload_cost(self) -> int:
+        """Bits one upload is charged in this run's mode (SPEC.md, "Modes")."""
+        return int(self.cfg.uplink_bits * self.n)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -330,3 +396,13 @@ class Master:
         self.records = [dict(r) for r in state["records"]]
         self.selected_history = [list(s) for s in state["selected_history"]]
         self._reset_round()
+
+
+def payload_digest(payload: bytes) -> str:
+    """SHA-256 of an encoded vector: how a repeated upload is recognised."""
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _same(a: Offer, b: Offer) -> bool:
+    """Whether two offers are the same message (NaN losses compare equal)."""
+    return json.dumps(a.to_dict(), sort_keys=True) == json.dumps(b.to_dict(), sort_keys=True)

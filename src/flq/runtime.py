@@ -31,6 +31,19 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError(f"config key 'dataset.data_dir': no such folder {cfg.data_dir!r}")
 
 
+def check_shares(cfg: Config, train_size: int) -> None:
+    """Raise ConfigError when a worker's share of ``train_size`` samples cannot
+    hold one batch: an ``iid`` share is ``train_size // total_workers``
+    (``non_iid`` pads short shares up to ``batch_size``, so it only needs
+    ``batch_size <= train_size``)."""
+    share = train_size // cfg.total_workers if cfg.partition == "iid" else train_size
+    if share < cfg.batch_size:
+        what = (f"each worker's iid share ({train_size} / {cfg.total_workers} = {share} samples)"
+                if cfg.partition == "iid" else f"the training set ({train_size} samples)")
+        raise ConfigError(f"config key 'dataset.batch_size': {cfg.batch_size} is larger than {what}; lower "
+                          f"batch_size or total_workers")
+
+
 class Runtime:
     """Data, partitions and model for ``cfg``, built once per process.
 
@@ -58,6 +71,7 @@ class Runtime:
         cfg = self.cfg
         ds = load_dataset(cfg.dataset, cfg.data_dir or None)
         log.info("dataset %s from %s: %d train, %d test", ds.name, ds.source, len(ds.train_y), len(ds.test_y))
+        check_shares(cfg, len(ds.train_y))
         return ds
 
     @cached_property

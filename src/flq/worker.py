@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from .algorithm import packing
+from .algorithm.aggregation import MAX_UPDATE_MAGNITUDE, usable_update
 from .algorithm.vector import squared_norm
 from .algorithm.lazy import is_candidate, next_clock
 from .algorithm.quantize import (KIND_RAW, dequantize, quantize_relative,
@@ -84,6 +85,14 @@ class Worker:
         self.down_version = 0
         self._pending: Optional[Dict[str, Any]] = None
 
+    def describe(self) -> Dict[str, Any]:
+        """What this worker computes with: ``{"threads": PyTorch intra-op
+        threads, "device": "cpu" | "cuda:0" ...}`` (results equal the
+        simulator's only at the same thread count)."""
+        import torch
+
+        return {"threads": torch.get_num_threads(), "device": str(self.model.device)}
+
     # ----- step 2 -----------------------------------------------------
     def apply_downlink(self, payload: bytes) -> np.ndarray:
         """Decode the round's model: exact theta (raw) or ``ref_down + Q(theta - ref_down)``.
@@ -142,6 +151,15 @@ class Worker:
     def _quantize_and_offer(self, round_index: int, me_k: float, g: np.ndarray, loss: float) -> Offer:
         cfg, n = self.cfg, self.model.n
         mode = cfg.mode
+        if not usable_update(g, loss):
+            # the local model diverged: offer nothing (ef and mirrors stay as
+            # they are) and report the loss as NaN, so the master stops the run
+            log.warning("worker %d: non-finite loss or an update beyond %g in round %d", self.worker_id,
+                        MAX_UPDATE_MAGNITUDE, round_index + 1)
+            self._pending = None
+            return Offer(worker_id=self.worker_id, round=round_index, candidate=False, gain=0.0,
+                         cost=float(cfg.uplink_bits * n), loss=float("nan"),
+                         up_version=self.up_version, down_version=self.down_version)
         if mode == "fedavg":
             qv, q, g_eff, e, candidate = raw(g), g, None, 0.0, True
         elif mode == "laq8":

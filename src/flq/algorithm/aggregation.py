@@ -8,6 +8,23 @@ import numpy as np
 
 from .vector import squared_norm
 
+#: Largest |value| an update may hold: its square (1e36) stays far below
+#: float32's 3.4e38 in Adam's second moment. A worker whose update exceeds it
+#: has diverged; the master refuses an upload that does. The aggregate of
+#: several such updates can still overflow: :meth:`Adam.step` guards that.
+MAX_UPDATE_MAGNITUDE = 1e18
+
+
+def usable_update(g: np.ndarray, loss: float) -> bool:
+    """Whether a worker's local result can be sent: a finite loss and an
+    update ``g`` (float32 (n,)) of finite values below
+    :data:`MAX_UPDATE_MAGNITUDE` in magnitude."""
+    if not np.isfinite(loss):
+        return False
+    with np.errstate(invalid="ignore"):
+        peak = float(np.max(np.abs(g))) if g.size else 0.0
+    return bool(np.isfinite(peak)) and peak < MAX_UPDATE_MAGNITUDE
+
 
 def aggregate(updates: Mapping[int, np.ndarray], scale_by_selected: bool, sel_ref: float,
               clip_global: float) -> np.ndarray:
@@ -58,18 +75,39 @@ class Adam:
         self.t = 0
 
     def step(self, theta: np.ndarray, grad: np.ndarray) -> None:
-        """Update ``theta`` (float32, shape (n,)) in place with gradient ``grad``."""
-        self.t += 1
-        # 1 - beta computed in float64 then rounded: float32(1) - float32(0.999)
-        # is 0.0009999871, a 1.3e-5 error that bias correction never cancels.
-        self.m *= np.float32(self.beta1)
-        self.m += np.float32(1.0 - self.beta1) * grad
-        self.v *= np.float32(self.beta2)
-        self.v += np.float32(1.0 - self.beta2) * (grad * grad)
-        step = np.float32(self.lr / (1.0 - self.beta1 ** self.t))
-        denom = np.sqrt(self.v / np.float32(1.0 - self.beta2 ** self.t))
-        denom += np.float32(self.eps)
-        theta -= step * self.m / denom
+        """Update ``theta`` (float32, shape (n,)) in place with gradient ``grad``.
+
+        The step is all or nothing: the new moments and model are computed
+        first and kept only when every value is finite.
+
+        Raises:
+            FloatingPointError: the step would make the gradient's square, a
+                moment or the model non-finite (float32 overflows past
+                3.4e38, so an aggregate of magnitude 1.8e19 already does);
+                ``theta`` and the optimizer state are then unchanged.
+        """
+        t = self.t + 1
+        with np.errstate(over="ignore", invalid="ignore"):
+            # 1 - beta computed in float64 then rounded: float32(1) - float32(0.999)
+            # is 0.0009999871, a 1.3e-5 error that bias correction never cancels.
+            m = self.m * np.float32(self.beta1)
+            m += np.float32(1.0 - self.beta1) * grad
+            v = self.v * np.float32(self.beta2)
+            v += np.float32(1.0 - self.beta2) * (grad * grad)
+            step = np.float32(self.lr / (1.0 - self.beta1 ** t))
+            denom = np.sqrt(v / np.float32(1.0 - self.beta2 ** t))
+            denom += np.float32(self.eps)
+            new_theta = theta - step * m / denom
+        bad = [name for name, a in (("the gradient", grad), ("the first moment", m), ("the second moment", v),
+                                    ("the model", new_theta)) if not np.isfinite(a).all()]
+        if bad:
+            finite = grad[np.isfinite(grad)]
+            peak = float(np.abs(finite).max()) if finite.size else float("nan")
+            raise FloatingPointError(f"Adam step {t} not taken: it would make {', '.join(bad)} non-finite "
+                                     f"(largest finite |gradient| {peak:.3g}; float32 squares overflow "
+                                     f"above 1.8e19)")
+        self.m, self.v, self.t = m, v, t
+        theta[...] = new_theta
 
     def state_dict(self) -> Dict[str, object]:
         """Plain dict of the moments and step count (arrays are copies)."""

@@ -1,0 +1,114 @@
+"""The master's round phases against messages sent twice and against
+updates whose aggregate would overflow (SPEC.md, "One round")."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from flq.algorithm import packing
+from flq.algorithm.quantize import raw
+from flq.master import Master, MasterError
+from flq.messages import Offer
+from flq.model import build_model, glorot_init
+from flq.outcome import Diverged
+
+from conftest import small_config
+
+
+def _master(**overrides):
+    cfg = small_config(model="mlp", **overrides)
+    model = build_model("mlp")
+    return cfg, Master(cfg, tuple(p.numel() for p in model.parameters()), glorot_init(model, cfg.seed))
+
+
+def _offer(master, m, k=0, gain=1.0, loss=0.5, candidate=True):
+    return Offer(worker_id=m, round=k, candidate=candidate, gain=gain, cost=float(master.upload_cost), loss=loss,
+                 up_version=master.up_version[m], down_version=master.down_version[m])
+
+
+def test_twenty_uploads_of_9_9e17_stop_the_run_instead_of_freezing_the_model():
+    """Each upload is under the per-upload limit of 1e18, but their aggregate
+    (scale_by_selected: the sum, 1.98e19) squared overflows float32 in Adam's
+    second moment. Before: v became inf and the model never moved again. Now
+    the step is not taken, the round is recorded, and Diverged says why."""
+    cfg, master = _master(total_workers=20, mode="fedavg", b_down=32, up_budget_bits=0)
+    theta0, m0, v0 = master.theta.copy(), master.adam.m.copy(), master.adam.v.copy()
+    master.begin_round()
+    for m in range(20):
+        master.downlink(m)
+        master.add_offer(_offer(master, m))
+    assert master.select() == list(range(20))
+    huge = packing.encode(raw(np.full(master.n, 9.9e17, np.float32)))
+    for m in range(20):
+        master.receive_upload(m, huge)
+    with pytest.raises(Diverged, match=r"round 1 diverged: the aggregate of workers \[0, 1, .*second moment"):
+        master.end_round()
+    assert np.array_equal(master.theta, theta0)  # no step taken, nothing non-finite kept
+    assert np.array_equal(master.adam.m, m0) and np.array_equal(master.adam.v, v0) and master.adam.t == 0
+    assert [r["iter"] for r in master.records] == [1] and master.records[0]["selcnt"] == 20
+
+
+def test_a_worker_reporting_a_non_finite_loss_ends_the_run_after_its_round():
+    cfg, master = _master(total_workers=2)
+    master.begin_round()
+    for m in range(2):
+        master.downlink(m)
+    master.add_offer(_offer(master, 0))
+    with pytest.raises(MasterError, match="candidate with a non-finite loss"):
+        master.add_offer(_offer(master, 1, loss=float("nan")))
+    master.add_offer(_offer(master, 1, loss=float("nan"), gain=0.0, candidate=False))
+    master.select()
+    with pytest.raises(Diverged, match=r"round 1 diverged: worker\(s\) \[1\] report a diverged local model"):
+        master.end_round()
+    assert math.isnan(master.records[0]["loss"]) and master.round == 1
+
+
+def test_downlink_offer_and_upload_sent_twice_are_counted_once():
+    cfg, master = _master(total_workers=3)
+    master.begin_round()
+    first = master.downlink(0)
+    bits, version, mirror = master.bits_down_cum, master.down_version[0], master.ref_down[0].copy()
+    assert master.downlink(0) == first  # a retried download: the same bytes
+    assert (master.bits_down_cum, master.down_version[0]) == (bits, version)
+    assert np.array_equal(master.ref_down[0], mirror)
+    master.forget_downlink(0)  # a restarted worker: a fresh downlink against the moved mirror
+    assert master.downlink(0) != first and master.down_version[0] == version + 1
+    master.downlink(1)
+    master.downlink(2)
+    o = _offer(master, 0)
+    assert master.add_offer(o) is True and master.add_offer(o) is False  # the same offer: recorded once
+    with pytest.raises(MasterError, match="different offer"):
+        master.add_offer(_offer(master, 0, gain=2.0))
+    master.add_offer(_offer(master, 1))
+    assert master.select() == [0, 1]
+    assert master.add_offer(o) is False  # a retry after the selection: still the same answer
+    with pytest.raises(MasterError, match="selection is made") as late:
+        master.add_offer(_offer(master, 2))
+    assert late.value.status == 409 and late.value.code == "late"
+    rng = np.random.default_rng(0)
+    from flq.algorithm.quantize import quantize_relative
+
+    qv, _ = quantize_relative(rng.standard_normal(master.n).astype(np.float32), master.ref_up[0], cfg.b_up, rng,
+                              master.segments)
+    body = packing.encode(qv)
+    assert master.receive_upload(0, body) is True
+    wire, version = master.wire_up, master.up_version[0]
+    assert master.receive_upload(0, body) is False  # the same upload again: counted once
+    assert (master.wire_up, master.up_version[0]) == (wire, version)
+    other = bytearray(body)
+    other[-1] ^= 1
+    with pytest.raises(MasterError, match="other bytes"):
+        master.receive_upload(0, bytes(other))
+
+
+def test_budget_smaller_than_one_upload_is_warned_at_start(caplog):
+    with caplog.at_level("WARNING", logger="flq.master"):
+        _master(up_budget_bits=1e5)
+    (line,) = [r.getMessage() for r in caplog.records if "smaller than one upload" in r.getMessage()]
+    assert "up_budget_bits 1e+05" in line and "203560 bits in mode bbit"  # 4 bits x n = 50,890 in line
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="flq.master"):
+        _master(up_budget_bits=1e5, sel_clients=2)  # selection by count: the budget is not used
+    assert not caplog.records
