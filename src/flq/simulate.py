@@ -8,18 +8,22 @@ distributed run with the same config and seed.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
+import torch
 
+from . import outcome
 from .config import Config
-from .runtime import Runtime
+from .logs import FILE_ONLY
 from .master import Master
-from .model import save_global_model
-from .results import default_results_path, write_results
+from .outputs import one_line, results_config, save_run
+from .results import default_results_path
+from .runtime import Runtime
 from .timing import Stopwatch
 from .worker import Worker
 
@@ -31,13 +35,18 @@ class SimulationResult:
     """What a simulation returns.
 
     Attributes:
-        records: one dict per round (the spreadsheet's curve rows).
+        records: one dict per round done (the spreadsheet's curve rows).
         selected: per round, the worker ids whose upload was aggregated.
-        theta: the final global model, float32 (n,).
+        theta: the global model after the last round done, float32 (n,).
         results_path: the spreadsheet written, or None.
         timings: seconds per section summed over rounds
             ("compute", "quantize", "aggregate", "evaluate").
         startup_s: seconds from the call to the first round's start.
+        reason: how the run ended (:mod:`flq.outcome`): ``completed``,
+            ``sigint``, ``sigterm``, ``diverged`` or ``error``.
+        detail: one line on why, when it did not complete.
+        not_saved: one line on why the results (or the model) could not be
+            written; '' when they were, or when ``write`` was False.
     """
 
     records: List[Dict[str, Any]]
@@ -46,6 +55,14 @@ class SimulationResult:
     results_path: Optional[Path]
     timings: Dict[str, float] = field(default_factory=dict)
     startup_s: float = 0.0
+    reason: str = outcome.COMPLETED
+    detail: str = ""
+    not_saved: str = ""
+
+    @property
+    def exit_status(self) -> int:
+        """The process exit status this run deserves (:mod:`flq.outcome`)."""
+        return outcome.EXIT_NOT_SAVED if self.not_saved else outcome.exit_status(self.reason)
 
 
 def simulate(cfg: Config, write: bool = True, progress: bool = True,
@@ -53,73 +70,126 @@ def simulate(cfg: Config, write: bool = True, progress: bool = True,
              runtime: Optional[Runtime] = None) -> SimulationResult:
     """Run ``cfg.max_rounds`` rounds of FLQ with all workers in this process.
 
+    However the round loop ends (all rounds done, SIGINT, SIGTERM, a
+    diverging model, an error), the rounds done so far are kept: returned,
+    and with ``write`` stored in a spreadsheet of its own in
+    ``cfg.results_dir`` with the final model beside it. In the main thread,
+    SIGINT and SIGTERM stop the run at once (the round in progress is not
+    recorded).
+
     Args:
         cfg: the configuration.
-        write: write the spreadsheet to ``cfg.results_dir`` at the end (also
-            after Ctrl-C, with the rounds done so far).
-        progress: show a progress bar with the live test accuracy.
+        write: write the spreadsheet and the model at the end.
+        progress: show progress: a bar on a terminal, otherwise a line every
+            ``max_rounds / 20`` rounds (so a log file gets no ``\\r`` updates).
         on_round: called with each round's record.
         runtime: a prepared :class:`Runtime` (data, model, partitions).
 
     Raises:
         flq.data.DatasetNotFoundError: the dataset cannot be found or fetched.
+        flq.config.ConfigError: settings that do not fit the data.
+        flq.outcome.Interrupted: SIGINT/SIGTERM before the first round.
     """
     t0 = time.perf_counter()
-    rt = runtime or Runtime(cfg)
-    sw = Stopwatch()
-    master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=sw)
-    workers = [Worker(m, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[m], stopwatch=sw)
-               for m in range(cfg.total_workers)]
-    startup = time.perf_counter() - t0
-    log.info("start: %s, %d workers, n=%d, mode %s (b_up %d, b_down %d), %d rounds; start-up %.2f s",
-             cfg.dataset, cfg.total_workers, rt.model.n, cfg.mode, cfg.uplink_bits, cfg.downlink_bits,
-             cfg.max_rounds, startup)
-    bar = _progress(cfg.max_rounds, progress)
-    totals: Dict[str, float] = {}
-    try:
-        while not master.finished:
-            k = master.round
-            me_k = master.begin_round()                                   # step 1
-            for w in workers:                                             # steps 2-5
-                master.add_offer(w.offer(k, me_k, master.downlink(w.worker_id)))
-            chosen = set(master.select())                                 # step 6
-            for w in workers:                                             # steps 7-8
-                if w.worker_id in chosen:
-                    master.receive_upload(w.worker_id, w.upload(k))
-                else:
-                    w.skip(k)
-            record = master.end_round()                                   # steps 9-10
-            split = sw.take()
-            record.update({f"{name}_s": sec for name, sec in split.items()})
-            for name, sec in split.items():
-                totals[name] = totals.get(name, 0.0) + sec
-            log.info("round %d: loss %.4f acc %.4f entropy %.4f selected %d bits %d (%.2f s)", record["iter"],
-                     record["loss"], record["acc"], record["entropy"], record["selcnt"], record["cum_bits_total"],
-                     record["round_time_s"])
+    with outcome.signals_interrupt():
+        rt = runtime or Runtime(cfg)
+        sw = Stopwatch()
+        master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=sw)
+        workers = [Worker(m, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[m], stopwatch=sw)
+                   for m in range(cfg.total_workers)]
+        startup = time.perf_counter() - t0
+        log.info("start: %s, %d workers, n=%d, mode %s (b_up %d, b_down %d), %d rounds, %d threads; start-up "
+                 "%.2f s", cfg.dataset, cfg.total_workers, rt.model.n, cfg.mode, cfg.uplink_bits, cfg.downlink_bits,
+                 cfg.max_rounds, torch.get_num_threads(), startup)
+        bar = Progress(cfg.max_rounds) if progress else None
+        totals: Dict[str, float] = {}
+        done, theta_done = 0, master.theta.copy()  # the last complete round and its model
+        reason, detail = outcome.COMPLETED, ""
+        try:
+            while not master.finished:
+                k = master.round
+                me_k = master.begin_round()                                   # step 1
+                for w in workers:                                             # steps 2-5
+                    master.add_offer(w.offer(k, me_k, master.downlink(w.worker_id)))
+                chosen = set(master.select())                                 # step 6
+                for w in workers:                                             # steps 7-8
+                    if w.worker_id in chosen:
+                        master.receive_upload(w.worker_id, w.upload(k))
+                    else:
+                        w.skip(k)
+                with outcome.critical():  # a signal waits until the round is recorded
+                    try:
+                        record = master.end_round()                           # steps 9-10
+                    finally:
+                        done, theta_done = len(master.records), master.theta.copy()
+                split = sw.take()
+                record.update({f"{name}_s": sec for name, sec in split.items()})
+                for name, sec in split.items():
+                    totals[name] = totals.get(name, 0.0) + sec
+                log.info("round %d: loss %.4f acc %.4f entropy %.4f selected %d bits %d (%.2f s)", record["iter"],
+                         record["loss"], record["acc"], record["entropy"], record["selcnt"],
+                         record["cum_bits_total"], record["round_time_s"])
+                if bar is not None:
+                    bar.update(record)
+                if on_round is not None:
+                    on_round(record)
+        except outcome.Interrupted as exc:
+            reason = exc.reason
+            detail = f"{reason.upper()} after {done} rounds"
+            log.warning("%s: stopping; writing the %d rounds done", reason.upper(), done, extra=FILE_ONLY)
+        except outcome.Diverged as exc:
+            reason, detail = outcome.DIVERGED, str(exc)
+            log.error("%s; the run stops", exc, extra=FILE_ONLY)
+        except Exception as exc:  # noqa: BLE001 - any failure in the loop keeps the rounds done
+            reason, detail = outcome.ERROR, f"{type(exc).__name__}: {one_line(exc)}"
+            log.exception("round %d failed; writing the %d rounds done", master.round + 1, done, extra=FILE_ONLY)
+        finally:
             if bar is not None:
-                bar.update(1)
-                if not np.isnan(record["acc"]):
-                    bar.set_postfix(acc=f"{record['acc']:.4f}", sel=record["selcnt"])
-            if on_round is not None:
-                on_round(record)
-    except KeyboardInterrupt:
-        log.warning("interrupted after %d rounds; writing what was done", master.round)
-    finally:
-        if bar is not None:
-            bar.close()
-    path = None
-    if write and master.records:
-        path = write_results(default_results_path(cfg.results_dir, cfg.dataset, cfg.mode), cfg.mode,
-                             master.records, cfg.public_sections(), selected=master.selected_history,
-                             num_workers=cfg.total_workers)
-        save_global_model(path.with_suffix(".safetensors"), master.theta, cfg.model, master.round, cfg.mode)
-        log.info("results written to %s (final model beside it, .safetensors)", path)
-    return SimulationResult(master.records, master.selected_history, master.theta.copy(), path, totals, startup)
+                bar.close()
+    records, selected = master.records[:done], master.selected_history[:done]
+    path, not_saved = None, ""
+    if write and records:
+        with outcome.signals_deferred():
+            path, problem = save_run(default_results_path(cfg.results_dir, cfg.dataset, cfg.mode), cfg.mode,
+                                     records, results_config(cfg, reason, detail, device=str(rt.device)),
+                                     selected, cfg.total_workers, theta_done, cfg.model, done)
+        not_saved = problem or ""
+        if problem:
+            log.error("%s", problem, extra=FILE_ONLY)
+        else:
+            log.info("results written to %s (final model beside it, .safetensors)", path)
+    return SimulationResult(records, selected, theta_done, path, totals, startup, reason, detail, not_saved)
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class Progress:
+    """Progress of a run: a tqdm bar with the live test accuracy on a
+    terminal; without one (output to a file), one line on stderr every
+    ``max(1, total // 20)`` rounds and at the last."""
 
-    return tqdm(total=total, unit="round", dynamic_ncols=True)
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.every = max(1, total // 20)
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="round", dynamic_ncols=True)
+
+    def update(self, record: Dict[str, Any]) -> None:
+        acc = record["acc"]
+        if self.bar is not None:
+            self.bar.update(1)
+            if not np.isnan(acc):
+                self.bar.set_postfix(acc=f"{acc:.4f}", sel=record["selcnt"])
+            return
+        k = record["iter"]
+        if k % self.every == 0 or k == self.total:
+            spent = time.perf_counter() - self.t0
+            acc_text = f" acc {acc:.4f}" if not np.isnan(acc) else ""
+            print(f"round {k}/{self.total}{acc_text} loss {record['loss']:.4f} selected {record['selcnt']} "
+                  f"({spent:.0f} s, {spent / k:.2f} s/round)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
