@@ -3,22 +3,35 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import httpx
 
 from conftest import PAPER_CONFIG
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
@@ -29,18 +42,28 @@ class Cluster:
     workers: Dict[int, subprocess.Popen] = field(default_factory=dict)
     env: Dict[str, str] = field(default_factory=dict)
     master_cmd: List[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    cafile: Optional[str] = None  # the master serves HTTPS with this certificate
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.cafile else 'http'}://{host}:{self.port}"
 
     def status(self) -> dict:
-        return httpx.get(f"{self.url}/status", timeout=10).json()
+        verify = ssl.create_default_context(cafile=self.cafile) if self.cafile else True
+        return httpx.get(f"{self.url}/status", timeout=10, verify=verify).json()
 
-    def start_worker(self, m: int, *extra: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "flq", "worker", "--worker_id", str(m), "--master_ip", "127.0.0.1",
-               "--master_port", str(self.port), "--threads", "1", "--log_dir", str(self.root / "logs"), *extra]
-        out = open(self.root / f"worker{m}.out", "ab")
+    def start_worker(self, m: int, *extra: str, address: Optional[Sequence[str]] = None,
+                     out_name: str = "") -> subprocess.Popen:
+        """Worker m (``--master_ip 127.0.0.1 --master_port PORT`` unless
+        ``address`` gives other address flags); its output in ``worker<m>.out``."""
+        where = list(address) if address is not None else ["--master_ip", self.host, "--master_port", str(self.port)]
+        if self.cafile and address is None:
+            where += ["--cafile", self.cafile]
+        cmd = [sys.executable, "-m", "flq", "worker", "--worker_id", str(m), *where, "--threads", "1",
+               "--log_dir", str(self.root / "logs"), *extra]
+        out = open(self.root / (out_name or f"worker{m}.out"), "ab")
         p = subprocess.Popen(cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, env=self.env)
         self.workers[m] = p
         return p
@@ -84,19 +107,23 @@ class Cluster:
 
 
 def start_cluster(root: Path, workers: int, overrides: Dict[str, object], start_workers: bool = True,
-                  env: Optional[Dict[str, str]] = None) -> Cluster:
-    """A master (``flq master`` with the paper config and ``overrides``) and
-    ``workers`` worker processes, one thread each; waits until /status answers."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "flq", "master", "--config", str(PAPER_CONFIG), "--host", "127.0.0.1",
+                  env: Optional[Dict[str, str]] = None, config: Optional[Path] = None, host: str = "127.0.0.1",
+                  cafile: Optional[str] = None, preexec: Optional[Callable[[], None]] = None,
+                  master_args: Sequence[str] = ()) -> Cluster:
+    """A master (``flq master`` with the paper config, or ``config``, and
+    ``overrides``) and ``workers`` worker processes, one thread each; waits
+    until /status answers. ``cafile``: the master serves HTTPS (pass its
+    ``--certfile``/``--keyfile`` in ``master_args``)."""
+    port = free_port(host)
+    cmd = [sys.executable, "-m", "flq", "master", "--config", str(config or PAPER_CONFIG), "--host", host,
            "--port", str(port), "--workers", str(workers), "--threads", "1",
-           "--results_dir", str(root / "results"), "--log_dir", str(root / "logs")]
+           "--results_dir", str(root / "results"), "--log_dir", str(root / "logs"), *master_args]
     for k, v in overrides.items():
         cmd += [f"--{k}", str(v)]
     full_env = dict(os.environ, **(env or {}))
     out = open(root / "master.out", "ab")
-    master = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    cluster = Cluster(root, port, master, env=full_env, master_cmd=cmd)
+    master = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec)
+    cluster = Cluster(root, port, master, env=full_env, master_cmd=cmd, host=host, cafile=cafile)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -110,3 +137,98 @@ def start_cluster(root: Path, workers: int, overrides: Dict[str, object], start_
         for m in range(workers):
             cluster.start_worker(m)
     return cluster
+
+
+def self_signed(folder: Path, name: str = "master") -> Tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1: (cert.pem, key.pem)."""
+    key, cert = folder / f"{name}-key.pem", folder / f"{name}-cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+class CuttingProxy:
+    """A TCP proxy on loopback in front of the master that breaks one exchange
+    per rule: when a request starting with ``prefix`` passes for the first
+    time, the connection is closed after ``after_bytes`` bytes of its response
+    (0: the master got the request, the client gets no answer)."""
+
+    def __init__(self, target_port: int, rules: Sequence[Tuple[bytes, int]]) -> None:
+        self.target_port = target_port
+        self.rules = list(rules)
+        self.fired: List[bytes] = []
+        self.cut: List[bytes] = []  # the exchanges really cut
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            client.close()
+            return
+        cut = {"at": None, "prefix": None}  # bytes of the marked response still allowed through
+
+        def close_both() -> None:
+            for s in (client, upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+        def c2s() -> None:
+            try:
+                while True:
+                    data = client.recv(65536)
+                    if not data:
+                        break
+                    with self.lock:
+                        if cut["prefix"] is not None and data.split(b" ", 1)[0] in (b"GET", b"POST"):  # a new request: the last
+                            self.fired.remove(cut["prefix"])  # marked response ended before its cut; re-arm
+                            cut["at"] = cut["prefix"] = None
+                        for prefix, after in self.rules:
+                            if data.startswith(prefix) and prefix not in self.fired:
+                                self.fired.append(prefix)
+                                cut["at"], cut["prefix"] = after, prefix
+                    upstream.sendall(data)
+            except OSError:
+                pass
+
+        def s2c() -> None:
+            try:
+                while True:
+                    data = upstream.recv(65536)
+                    if not data:
+                        break
+                    if cut["at"] is not None:
+                        room = cut["at"]
+                        client.sendall(data[:room])
+                        if len(data) >= room:
+                            with self.lock:
+                                self.cut.append(cut["prefix"])
+                            close_both()
+                            return
+                        cut["at"] = room - len(data)
+                        continue
+                    client.sendall(data)
+            except OSError:
+                pass
+            close_both()
+
+        threading.Thread(target=c2s, daemon=True).start()
+        s2c()
+
+    def close(self) -> None:
+        self.listener.close()

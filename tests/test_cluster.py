@@ -18,7 +18,7 @@ from flq.model import CNN, flatten
 from flq.results import read_results
 from flq.simulate import simulate
 
-from cluster_util import start_cluster
+from cluster_util import CuttingProxy, start_cluster
 from conftest import small_config
 
 N = 467_818
@@ -64,6 +64,9 @@ def test_distributed_equals_simulation(distributed_run):
         for key in ("selcnt", "bits_up_cum", "bits_down_cum", "cum_bits_total"):
             assert rec[key] == int(row[key]), (rec["iter"], key)
     assert set(run.curve["selcnt"]) == {2}
+    # equal at the same thread count (README): the spreadsheet records it
+    assert [run.config[f"runtime.worker_threads.{m}"] for m in range(4)] == [1, 1, 1, 1]
+    assert run.config["runtime.threads"] == 1 and run.config["run.end"] == "completed"
     final = _model_file_theta(xlsx.with_suffix(".safetensors"))
     assert _sha(final) == _sha(sim.theta)
 
@@ -118,8 +121,8 @@ def test_status_model_and_stop(tmp_path, fmnist_available):
 
         r = httpx.post(f"{cluster.url}/stop", timeout=30)
         assert r.status_code == 200 and r.json()["stopping"] is True
-        assert cluster.wait(timeout=120) == 0
-        assert all(p.returncode == 0 for p in cluster.workers.values())
+        assert cluster.wait(timeout=120) == 4  # exit status 4: stopped
+        assert all(p.returncode == 4 for p in cluster.workers.values())
     finally:
         cluster.kill_all()
     (xlsx,) = cluster.results()
@@ -127,3 +130,58 @@ def test_status_model_and_stop(tmp_path, fmnist_available):
     assert 2 <= len(curve) < 200
     assert list(curve["iter"]) == list(range(1, len(curve) + 1))
     assert "results (stopped" in next((tmp_path / "logs").glob("master_*.log")).read_text()
+
+
+# ---------------------------------------------------------------------------
+# retries that succeed, and succeed once: the cut exchange is retried and the
+# run still equals the simulation bit for bit
+
+RETRY_SETTINGS = {"rounds": 4, "model": "mlp", "mode": "bbit", "b_up": 4, "b_down": 8, "eval_every": 1000,
+                  "min_workers": 0, "seed": 11, "round_timeout_s": 60}
+
+
+def _through_proxy(tmp_path, rules):
+    cluster = start_cluster(tmp_path, 2, RETRY_SETTINGS, start_workers=False)
+    proxy = CuttingProxy(cluster.port, rules)
+    try:
+        for m in range(2):
+            cluster.start_worker(m, address=["--master_ip", "127.0.0.1", "--master_port", str(proxy.port)])
+        assert cluster.wait(timeout=300) == 0, cluster.output()
+        assert all(p.returncode == 0 for p in cluster.workers.values())
+    finally:
+        proxy.close()
+        cluster.kill_all()
+    sim = simulate(small_config(total_workers=2, max_rounds=4, model="mlp", mode="bbit", b_up=4, b_down=8, seed=11),
+                   write=False, progress=False)
+    (xlsx,) = cluster.results()
+    model = xlsx.with_suffix(".safetensors")
+    from flq.model import build_model
+
+    net = build_model("mlp")
+    net.load_state_dict(load_file(str(model)))
+    return proxy, cluster, read_results(xlsx), sim, _sha(flatten(net))
+
+
+def test_cut_model_download_is_retried_and_served_again(tmp_path, fmnist_available):
+    """The first round model a worker fetches is cut after 1,000 bytes. Before:
+    the master counted it delivered and never served it again; with all
+    workers required the run hung. Now the retry gets the same bytes."""
+    proxy, cluster, run, sim, sha = _through_proxy(tmp_path, [(b"GET /round/model", 1000)])
+    assert proxy.cut == [b"GET /round/model"]
+    assert sha == _sha(sim.theta)  # the same run as the simulation, bit for bit
+    assert list(run.curve["bits_down_cum"]) == [r["bits_down_cum"] for r in sim.records]  # counted once
+    logs = "".join(p.read_text() for p in (cluster.root / "logs").glob("*.log"))
+    assert "failed (RemoteProtocolError" in logs and "fetched round 1's model again (a retry)" in logs
+
+
+def test_lost_offer_answer_is_retried_and_counted_once(tmp_path, fmnist_available):
+    """The master records an offer and selects the worker, but the answer is
+    lost. Before: the retried offer was refused as late and the update lost.
+    Now the same offer gets the same answer and the worker uploads."""
+    proxy, cluster, run, sim, sha = _through_proxy(tmp_path, [(b"POST /round/offer", 0)])
+    assert proxy.cut == [b"POST /round/offer"]
+    assert sha == _sha(sim.theta)
+    assert list(run.curve["selcnt"]) == [r["selcnt"] for r in sim.records] == [2, 2, 2, 2]
+    logs = "".join(p.read_text() for p in (cluster.root / "logs").glob("worker*.log"))
+    assert "POST /round/offer failed (RemoteProtocolError" in logs
+    assert "refused" not in logs

@@ -32,9 +32,10 @@ TOKEN = "s3cret-token"
 N = 467_818
 
 
-def state_hash(master: Master) -> str:
+def state_hash(master: Master, wire: bool = True) -> str:
     """Everything the master would act on: model, Adam, mirrors, versions,
-    generators, round bookkeeping and counters."""
+    generators, round bookkeeping and counters (the wire-byte counters only
+    with ``wire``: a repeated message is real traffic)."""
     h = hashlib.sha256()
     for a in (master.theta, master.adam.m, master.adam.v, *master.ref_up, *master.ref_down):
         h.update(np.ascontiguousarray(a).tobytes())
@@ -43,7 +44,7 @@ def state_hash(master: Master) -> str:
         "rng": [g.bit_generator.state for g in master.down_rng], "records": len(master.records),
         "offers": sorted(master.offers), "received": sorted(master.received), "selected": master.selected,
         "downlinked": sorted(master.downlinked), "bits": [master.bits_up_cum, master.bits_down_cum],
-        "wire": [master.wire_up, master.wire_down, master.wire_up_cum, master.wire_down_cum],
+        "wire": [master.wire_up, master.wire_down, master.wire_up_cum, master.wire_down_cum] if wire else None,
     }, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -120,9 +121,11 @@ def test_bad_input_is_refused_and_state_untouched(server):
         got[w.worker_id] = (int(r.headers["X-FLQ-Round"]), float(r.headers["X-FLQ-MeK"]), r.content)
     offers = {w.worker_id: workers[w.worker_id].offer(*got[w.worker_id]) for w in workers}
     o0 = offers[0].to_dict()
-    before = state_hash(server.master)  # a second fetch in the same round: nothing new for this worker
-    assert c.get("/round/model", params={"worker_id": 0, "wait": 0}).status_code == 204
-    assert state_hash(server.master) == before
+    # a second fetch of the same round (a retry): the same bytes; the mirror moved once, the bits counted once
+    again = c.get("/round/model", params={"worker_id": 0, "wait": 0})
+    assert again.status_code == 200 and again.content == got[0][2]
+    assert server.master.bits_down_cum == 2 * 8 * N and server.master.down_version[0] == 1
+    assert c.get("/round/model", params={"worker_id": 0, "wait": 0, "after": 0}).status_code == 204  # nothing newer
     refused("model fetch with wait over 120 s", 422, "GET", "/round/model", params={"worker_id": 0, "wait": 1e6})
     refused("model fetch by unknown worker", 404, "GET", "/round/model", params={"worker_id": 50, "wait": 0})
     refused("register unknown worker id", 404, "POST", "/workers/register", json={"worker_id": 99})
@@ -141,12 +144,18 @@ def test_bad_input_is_refused_and_state_untouched(server):
     refused("upload before selection", 409, "POST", "/round/upload", params={"worker_id": 0, "round": 0},
             content=b"x" * 100)
 
-    with ThreadPoolExecutor(2) as pool:  # the offers block until the selection is made
+    with ThreadPoolExecutor(3) as pool:  # the offers wait for the selection
         first = pool.submit(c.post, "/round/offer", json=o0)
         time.sleep(0.5)
-        refused("duplicate offer", 409, "POST", "/round/offer", json=o0)
+        refused("a different second offer", 409, "POST", "/round/offer", json={**o0, "gain": o0["gain"] + 1})
+        undecided = c.post("/round/offer", params={"wait": 0}, json=o0)  # the same offer again: recorded once
+        assert undecided.status_code == 200 and undecided.json()["decided"] is False
+        assert list(server.master.offers) == [0] and server.cluster.workers[0].rounds_offered == 1
+        repeat = pool.submit(c.post, "/round/offer", json=o0)
         second = pool.submit(c.post, "/round/offer", json=offers[1].to_dict())
-        assert first.result().json()["selected"] and second.result().json()["selected"]
+        answers = [f.result().json() for f in (first, repeat, second)]
+        assert all(a["decided"] and a["selected"] for a in answers), answers
+    refused("offer after the selection", 409, "POST", "/round/offer", json={**o0, "gain": 1.0})
 
     # ---- round 0, uploads phase -----------------------------------------
     good = workers[0].upload(0)
@@ -178,7 +187,12 @@ def test_bad_input_is_refused_and_state_untouched(server):
     refused("upload with negative id", 422, "POST", "/round/upload", params={"worker_id": -2, "round": 0}, content=good)
     r = c.post("/round/upload", params=up, content=good)
     assert r.status_code == 200
-    refused("second upload for the same round", 409, "POST", "/round/upload", params=up, content=good)
+    before = state_hash(server.master, wire=False)  # the same upload again (its answer was lost): counted once
+    assert c.post("/round/upload", params=up, content=good).status_code == 200
+    assert state_hash(server.master, wire=False) == before
+    other = bytearray(good)
+    other[-1] ^= 0x01
+    refused("second upload with other bytes", 409, "POST", "/round/upload", params=up, content=bytes(other))
     assert c.post("/round/upload", params={"worker_id": 1, "round": 0}, content=workers[1].upload(0)).status_code == 200
 
     deadline = time.monotonic() + 30
@@ -187,7 +201,10 @@ def test_bad_input_is_refused_and_state_untouched(server):
         time.sleep(0.05)
     assert len(server.master.records) == 1 and server.master.records[0]["selcnt"] == 2
     assert np.array_equal(server.master.ref_up[0], workers[0].ref_up)
-    refused("late upload for a closed round", 409, "POST", "/round/upload", params=up, content=good)
+    before = state_hash(server.master, wire=False)  # the counted upload repeated after its round closed: OK
+    assert c.post("/round/upload", params=up, content=good).status_code == 200
+    assert state_hash(server.master, wire=False) == before
+    refused("late upload for a closed round", 409, "POST", "/round/upload", params=up, content=bytes(other))
     print("\n| bad input | status | reason | state unchanged |\n|---|---|---|---|")
     for label, status, detail in table:
         print(f"| {label} | {status} | {detail} | yes |")
@@ -292,7 +309,7 @@ def test_lost_upload_is_detected_and_mirrors_resync(tmp_path):
     try:
         pool = ThreadPoolExecutor(2)
         done = [pool.submit(run, m) for m in range(2)]
-        offered = [f.result(timeout=300) for f in done]
+        ends = [f.result(timeout=300) for f in done]
         pool.shutdown()
     finally:
         s.stop()
@@ -301,8 +318,37 @@ def test_lost_upload_is_detected_and_mirrors_resync(tmp_path):
     assert [r["iter"] for r in master.records] == [1, 2, 3, 4]
     assert master.selected_history[1] == [1]  # round 2: worker 0's upload never arrived
     assert master.records[1]["selcnt"] == 1
-    assert offered == [4, 4]  # worker 0 still took part in every round after the resync
+    assert [(e.reason, e.rounds) for e in ends] == [("completed", 4), ("completed", 4)]  # worker 0 took part
+    # in every round after the resync
     for w in workers:  # after the resync the two ends agree again, bit for bit
         assert np.array_equal(master.ref_up[w.worker_id], w.ref_up)
         assert np.array_equal(master.ref_down[w.worker_id], w.ref_down)
         assert master.up_version[w.worker_id] == w.up_version
+
+
+def test_token_order_is_flag_then_environment_then_file(tmp_path, fmnist_available):
+    """Before: with auth_token in the config file, $FLQ_AUTH_TOKEN was ignored."""
+    import json as _json
+
+    from cluster_util import start_cluster
+
+    config = _json.loads(PAPER_CONFIG.read_text())
+    config["system"]["auth_token"] = "from-file"
+    path = tmp_path / "cfg.json"
+    path.write_text(_json.dumps(config))
+    cases = (({}, {}, "from-file", "the config file (system.auth_token)"),
+             ({"FLQ_AUTH_TOKEN": "from-env"}, {}, "from-env", "$FLQ_AUTH_TOKEN"),
+             ({"FLQ_AUTH_TOKEN": "from-env"}, {"auth_token": "from-flag"}, "from-flag", "--auth_token"))
+    for i, (env, flags, wins, source) in enumerate(cases):
+        root = tmp_path / str(i)
+        root.mkdir()
+        cluster = start_cluster(root, 1, {"model": "mlp", **flags}, start_workers=False, env=env, config=path)
+        try:
+            for token in ("from-file", "from-env", "from-flag"):
+                r = httpx.post(f"{cluster.url}/workers/register", json={"worker_id": 0}, timeout=10,
+                               headers={"Authorization": f"Bearer {token}"})
+                assert r.status_code == (200 if token == wins else 401), (i, token, r.status_code)
+            log = next((root / "logs").glob("master_*.log")).read_text()
+            assert f"auth token from {source}" in log
+        finally:
+            cluster.kill_all()

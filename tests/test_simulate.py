@@ -3,20 +3,25 @@ spreadsheet, determinism, learning, and mirrors that never drift."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from openpyxl import load_workbook
 
 from flq.master import Master
-from flq.results import CURVE_COLUMNS
+from flq.results import CURVE_COLUMNS, read_results
 from flq.runtime import Runtime
 from flq.simulate import simulate
 from flq.worker import Worker
 
+from cluster_util import free_port
 from conftest import REPO, small_config
+from disk_util import disk
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +110,170 @@ def test_cli_simulate_writes_spreadsheet_and_log(fmnist_available, tmp_path):
     config = {r[0]: r[1] for r in wb["config"].iter_rows(min_row=2, values_only=True)}
     assert config["flq_algorithm.mode"] == "bin" and config["flq_algorithm.b_up"] == 1
     assert config["system.max_rounds"] == 2
+    # how it ended, and the thread count the numbers depend on
+    assert config["run.end"] == "completed" and config["runtime.threads"] == 1
+    assert config["runtime.device"] == "cpu" and config["runtime.torch"]
+
+
+# ---------------------------------------------------------------------------
+# every way a run ends keeps the rounds done, and says which way in its status
+
+def _simulate_cmd(root, *extra):
+    return [sys.executable, "-m", "flq", "simulate", "--config", str(REPO / "configs" / "paper_fmnist.json"),
+            "--model", "mlp", "--workers", "4", "--threads", "1", "--eval_every", "1000",
+            "--results_dir", str(root / "results"), "--log_dir", str(root / "logs"), *extra]
+
+
+def _start(root, *extra, **kw):
+    root.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(_simulate_cmd(root, *extra), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def _wait_for_round(root, k, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logs = list((root / "logs").glob("simulate_*.log"))
+        if logs and f"round {k}:" in logs[0].read_text():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError(f"round {k} not reached")
+
+
+def _config(xlsx):
+    return read_results(xlsx).config
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_keeps_the_rounds_done_and_exits_with_its_status(fmnist_available, tmp_path, sig, status):
+    """Before: SIGTERM exited 143 with nothing saved; Ctrl-C saved but exited 0."""
+    p = _start(tmp_path, "--rounds", "100000", "--no-progress")
+    _wait_for_round(tmp_path, 3, p)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == status, err
+    name = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}[sig]
+    assert f"flq simulate: {name} after" in err and "Traceback" not in err
+    (xlsx,) = (tmp_path / "results").glob("*.xlsx")
+    run = read_results(xlsx)
+    done = len(run.curve)
+    assert done >= 3 and list(run.curve["iter"]) == list(range(1, done + 1))
+    assert run.config["run.end"] == name.lower()
+    from safetensors import safe_open
+
+    with safe_open(str(xlsx.with_suffix(".safetensors")), "pt") as f:
+        assert f.metadata()["round"] == str(done)  # the model of the last round recorded, not a later one
+
+
+def test_signal_during_start_up_exits_143_in_one_line(fmnist_available, tmp_path):
+    p = _start(tmp_path, "--rounds", "100000", "--no-progress")
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "logs").glob("simulate_*.log")):  # the command has started; data still loading
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "Traceback" not in err
+    if not list((tmp_path / "results").glob("*.xlsx")):
+        assert err.strip().splitlines()[-1] == "flq: SIGTERM before the first round: nothing to write"
+
+
+def test_diverging_run_stops_with_a_clear_message_and_its_results(fmnist_available, tmp_path):
+    """Before: --lr 1e16 crashed in round 2 with a traceback, exit 1, no spreadsheet."""
+    p = _start(tmp_path, "--rounds", "50", "--lr", "1e16", "--no-progress")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 3, err
+    assert "Traceback" not in err
+    line = next(x for x in err.splitlines() if x.startswith("flq simulate:"))
+    assert "round 2 diverged: worker(s) [0, 1, 2, 3] report a diverged local model" in line
+    assert "lr 1e+16 too large" in line and "(exit 3)" in line
+    (xlsx,) = (tmp_path / "results").glob("*.xlsx")
+    run = read_results(xlsx)
+    assert list(run.curve["iter"]) == [1, 2] and np.isnan(run.curve["loss"].iloc[1])
+    assert run.config["run.end"] == "diverged"
+    assert xlsx.with_suffix(".safetensors").is_file()
+
+
+def test_full_results_disk_is_one_line_and_a_distinct_status(fmnist_available, tmp_path):
+    """Before: a 17-line traceback and a spreadsheet without its model."""
+    for kib, expected in ((64, "final model not written"), (4, "results not written")):
+        with disk(tmp_path / f"disk{kib}", kib) as d:
+            root = tmp_path / f"run{kib}"
+            root.mkdir()
+            cmd = _simulate_cmd(root, "--rounds", "2", "--no-progress", "--results_dir", str(d.path))
+            out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, preexec_fn=d.preexec)
+            assert out.returncode == 6, out.stderr
+            assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
+            (line,) = [x for x in out.stderr.splitlines() if expected in x]
+            assert line.startswith("flq simulate: ")
+            left = sorted(q.name for q in d.path.iterdir())
+            assert left == ([] if kib == 4 else [left[0]]) and not any(n.endswith(".tmp") for n in left)
+
+
+def test_two_runs_started_in_the_same_second_keep_their_own_files(fmnist_available, tmp_path):
+    procs = [_start(tmp_path, "--rounds", "2", "--no-progress") for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    xlsx = sorted((tmp_path / "results").glob("*.xlsx"))
+    logs = sorted((tmp_path / "logs").glob("simulate_bbit_*.log"))
+    assert len(xlsx) == 2 and len(logs) == 2
+    assert len({p.name for p in xlsx}) == 2 and all(p.with_suffix(".safetensors").is_file() for p in xlsx)
+    assert all("round 2:" in p.read_text() for p in logs)
+
+
+def test_progress_to_a_file_is_a_line_every_few_rounds(fmnist_available, tmp_path):
+    """Before: tqdm's \\r updates, ~135 KB for 800 rounds in a nohup log."""
+    log_file = tmp_path / "run.log"
+    with open(log_file, "w") as f:
+        proc = subprocess.run(_simulate_cmd(tmp_path, "--rounds", "40"), cwd=tmp_path, stdout=f,
+                              stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == 0
+    text = log_file.read_text()
+    assert "\r" not in text
+    lines = [x for x in text.splitlines() if x.startswith("round ")]
+    assert [x.split()[1] for x in lines] == [f"{k}/40" for k in range(2, 41, 2)]  # every 40 // 20 rounds
+
+
+def test_settings_that_cannot_train_are_refused_or_warned_at_start(fmnist_available, tmp_path):
+    """An iid share smaller than a batch: before, a traceback; now one line
+    and exit 2. A budget smaller than one upload: a warning at start."""
+    p = _start(tmp_path / "a", "--rounds", "2", "--workers", "20", "--partition", "iid", "--batch_size", "5000")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "flq: config error: config key 'dataset.batch_size': 5000 is larger than each worker's iid share "
+        "(60000 / 20 = 3000 samples); lower batch_size or total_workers")
+    p = _start(tmp_path / "b", "--rounds", "1", "--up_budget_bits", "1e5", "--no-progress")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0
+    assert "up_budget_bits 1e+05 is smaller than one upload (203560 bits in mode bbit)" in err
+
+
+def test_an_error_inside_the_round_loop_keeps_the_rounds_done(fmnist_available, tmp_path):
+    """Before: any exception in the loop lost every round. Now the rounds
+    recorded are returned and written, and the reason is 'error'."""
+    cfg = small_config(model="mlp", max_rounds=10, results_dir=str(tmp_path / "results"))
+
+    def failing(record):
+        if record["iter"] == 3:
+            raise RuntimeError("disk controller on fire")
+
+    res = simulate(cfg, write=True, progress=False, on_round=failing)
+    assert res.reason == "error" and res.exit_status == 1
+    assert res.detail == "RuntimeError: disk controller on fire"
+    assert [r["iter"] for r in res.records] == [1, 2, 3]
+    run = read_results(res.results_path)
+    assert list(run.curve["iter"]) == [1, 2, 3] and run.config["run.end"] == "error"
+
+
+def test_master_refuses_settings_that_cannot_train_before_serving(fmnist_available, tmp_path):
+    cmd = [sys.executable, "-m", "flq", "master", "--config", str(REPO / "configs" / "paper_fmnist.json"),
+           "--workers", "20", "--partition", "iid", "--batch_size", "5000", "--port", str(free_port()),
+           "--log_dir", str(tmp_path / "logs")]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "flq: config error: config key 'dataset.batch_size': 5000 is larger than each worker's iid share")

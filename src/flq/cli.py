@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from . import outcome
 from .config import ConfigError, field_specs, load_config
 
 log = logging.getLogger("flq.cli")
@@ -64,14 +65,15 @@ def config_from(args: argparse.Namespace):
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .logs import setup_logging
-    from .simulate import simulate
-
+    from .outputs import remove_stale_temporaries
     from .runtime import check_paths
+    from .simulate import simulate
 
     cfg = config_from(args)
     check_paths(cfg)
     logfile = setup_logging(cfg.log_dir, f"simulate_{cfg.mode}", cfg.log_level, args.verbose,
                             console_level="WARNING")
+    remove_stale_temporaries(Path(cfg.results_dir))
     result = simulate(cfg, write=True, progress=not args.no_progress)
     last = next((r for r in reversed(result.records) if r["acc"] == r["acc"]), None)
     if last is not None:
@@ -79,15 +81,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               f"cross-entropy {last['entropy']:.4f} cumulative bits {last['cum_bits_total']:.4g}")
     if result.results_path is not None:
         print(f"results: {result.results_path}")
-        print(f"model: {result.results_path.with_suffix('.safetensors')}")
+        if not result.not_saved:
+            print(f"model: {result.results_path.with_suffix('.safetensors')}")
     print(f"log: {logfile}")
+    if result.reason != outcome.COMPLETED:
+        print(f"flq simulate: {result.detail} (exit {result.exit_status})", file=sys.stderr)
+    if result.not_saved:
+        print(f"flq simulate: {result.not_saved}", file=sys.stderr)
+    elif not result.records:
+        print("flq simulate: no round finished, so no results were written", file=sys.stderr)
     if args.plot and result.results_path is not None:
         from .results import plot_results
 
         out = Path(args.plot_dir or Path(cfg.results_dir) / "plots")
         for p in plot_results([result.results_path], out):
             print(f"plot: {p}")
-    return 0
+    return result.exit_status
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -106,6 +115,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def auth_token_source(flag: Optional[str], file_value: str) -> tuple:
+    """``(token, where it came from)``: the flag, else ``$FLQ_AUTH_TOKEN``, else
+    the config file (the usual order: flag > environment > file)."""
+    env = os.environ.get("FLQ_AUTH_TOKEN", "")
+    if flag is not None:
+        return flag, "--auth_token"
+    if env:
+        return env, "$FLQ_AUTH_TOKEN"
+    if file_value:
+        return file_value, "the config file (system.auth_token)"
+    return "", "nowhere (no token)"
+
+
 def cmd_master(args: argparse.Namespace) -> int:
     from .logs import setup_logging
     from .nodes import check_port_free, load_resume_state, run_master
@@ -119,47 +141,67 @@ def cmd_master(args: argparse.Namespace) -> int:
             raise ConfigError(f"{label}: no such file {path}")
     if bool(args.certfile) != bool(args.keyfile):
         raise ConfigError("--certfile and --keyfile go together")
+    if args.linger_s < 0:
+        raise ConfigError(f"--linger_s {args.linger_s}: expected seconds >= 0")
     check_port_free(cfg.master_host, cfg.master_port)
-    resume_state = load_resume_state(cfg) if args.resume else None
+    resume = load_resume_state(cfg, args.resume if isinstance(args.resume, str) else None) if args.resume else None
+    token, source = auth_token_source(getattr(args, "cfg_auth_token", None), cfg.auth_token)
+    cfg = dataclasses.replace(cfg, auth_token=token)
     logfile = setup_logging(cfg.log_dir, "master", cfg.log_level, args.verbose)
     log.info("log file %s", logfile)
-    if not cfg.auth_token and os.environ.get("FLQ_AUTH_TOKEN"):
-        cfg = dataclasses.replace(cfg, auth_token=os.environ["FLQ_AUTH_TOKEN"])
-    path = run_master(cfg, certfile=args.certfile, keyfile=args.keyfile, resume_state=resume_state)
-    if path is None:
+    log.info("auth token from %s", source)
+    end = run_master(cfg, run_id=logfile.stem[len("master_"):], certfile=args.certfile, keyfile=args.keyfile,
+                     resume=resume, linger_s=args.linger_s)
+    if end.not_saved:
+        print(f"flq master: {end.not_saved}", file=sys.stderr)
+    elif end.results_path is None:
         print("flq master: no round finished, so no results were written", file=sys.stderr)
-    return 0
+    if end.reason != outcome.COMPLETED:
+        print(f"flq master: run ended ({end.reason}){': ' + end.detail if end.detail else ''} "
+              f"(exit {end.exit_status})", file=sys.stderr)
+    return end.exit_status
+
+
+#: The largest worker id any run can have (``total_workers`` is at most 1000).
+MAX_WORKER_ID = 999
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from .config import coerce
     from .logs import setup_logging
     from .nodes import run_worker
+    from .transport.client import master_url
 
+    if not 0 <= args.worker_id <= MAX_WORKER_ID:
+        raise ConfigError(f"--worker_id {args.worker_id}: expected an integer 0..{MAX_WORKER_ID} "
+                          f"(below the run's total_workers)")
     local = {"device": args.device, "threads": args.threads, "data_dir": args.data_dir, "log_dir": args.log_dir,
              "enable_mixed_precision": args.enable_mixed_precision,
              "gpu_memory_limit_mb": args.gpu_memory_limit_mb}
     for key, value in local.items():  # validate before any work
         if value is not None:
             coerce(key, value, f"--{key}")
-    port = coerce("master_port", args.master_port, "--master_port")
+    if args.master_port is not None:
+        coerce("master_port", args.master_port, "--master_port")
+    if args.cafile and not Path(args.cafile).is_file():
+        raise ConfigError(f"--cafile: no such file {args.cafile}")
+    if args.give_up_s <= 0:
+        raise ConfigError(f"--give_up_s {args.give_up_s}: expected seconds > 0")
+    try:
+        url = master_url(args.master_ip, args.master_port, tls=bool(args.cafile or args.tls))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    token, source = auth_token_source(args.auth_token, "")
     logfile = setup_logging(args.log_dir or "logs", f"worker{args.worker_id}", "INFO", args.verbose)
     log.info("log file %s", logfile)
-    scheme = "https" if args.cafile or args.tls else "http"
-    verify: object = args.cafile or True
-    from .transport.client import MasterGone, Refused
-
-    try:
-        rounds = run_worker(args.worker_id, f"{scheme}://{args.master_ip}:{port}", local,
-                            auth_token=args.auth_token, verify=verify, give_up_s=args.give_up_s)
-    except Refused as exc:
-        print(f"flq worker: the master refused worker {args.worker_id}: {exc.detail}", file=sys.stderr)
-        return 1
-    except MasterGone as exc:
-        print(f"flq worker: {exc}", file=sys.stderr)
-        return 1
-    log.info("worker %d done after %d rounds", args.worker_id, rounds)
-    return 0
+    log.info("worker %d joins %s; auth token from %s", args.worker_id, url, source)
+    end = run_worker(args.worker_id, url, local, auth_token=token, verify=args.cafile or True,
+                     give_up_s=args.give_up_s)
+    log.info("worker %d done after %d rounds: %s (exit %d)", args.worker_id, end.rounds, end.detail or end.reason,
+             end.exit_status)
+    if end.reason != outcome.COMPLETED:
+        print(f"flq worker {args.worker_id}: {end.detail} (exit {end.exit_status})", file=sys.stderr)
+    return end.exit_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,25 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.add_argument("--certfile", default=None, help="TLS certificate (PEM) to serve HTTPS")
     p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in checkpoint_dir")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue a run from its checkpoint: the newest of this dataset and mode in checkpoint_dir "
+                        "that no running master holds, or the .npz file given")
+    p.add_argument("--linger_s", type=float, default=5.0,
+                   help="after the run ends, keep answering 410 to workers this long (seconds, default 5)")
     p.set_defaults(func=cmd_master)
 
     p = sub.add_parser("worker", help="join a master as worker N")
     p.add_argument("--worker_id", type=int, required=True, help="this worker's id, 0..total_workers-1")
-    p.add_argument("--master_ip", default="127.0.0.1", help="master address (default 127.0.0.1)")
-    p.add_argument("--master_port", default="5000", help="master port (default 5000)")
+    p.add_argument("--master_ip", default="127.0.0.1",
+                   help="master address: host name, IPv4, IPv6 (brackets optional), HOST:PORT or an http(s):// "
+                        "URL (default 127.0.0.1)")
+    p.add_argument("--master_port", default=None, help="master port (default: the address's, else 5000)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (this device's own setting)")
     p.add_argument("--threads", default=None, help="PyTorch threads on this device (0 = all cores)")
     p.add_argument("--data_dir", default=None, help="folder with the dataset's IDX files")
     p.add_argument("--log_dir", default=None, help="where the worker log goes (default logs)")
     p.add_argument("--enable_mixed_precision", default=None, help="float16 autocast on CUDA (true/false)")
     p.add_argument("--gpu_memory_limit_mb", default=None, help="cap on this process's CUDA memory")
-    p.add_argument("--auth_token", default=os.environ.get("FLQ_AUTH_TOKEN", ""),
-                   help="bearer token (default $FLQ_AUTH_TOKEN)")
+    p.add_argument("--auth_token", default=None,
+                   help="bearer token (default $FLQ_AUTH_TOKEN; the flag wins over the environment)")
     p.add_argument("--cafile", default=None, help="CA bundle to verify the master's HTTPS certificate")
     p.add_argument("--tls", action="store_true", help="talk HTTPS with the system CAs")
     p.add_argument("--give_up_s", type=float, default=300.0,
-                   help="exit after the master was unreachable this long (seconds, default 300)")
+                   help="exit (status 7) after the master did not answer this long (seconds, default 300)")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_worker)
 
@@ -223,10 +271,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with outcome.signals_interrupt():  # the commands refine this; before they do, a signal ends cleanly
+            return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"flq: config error: {exc}", file=sys.stderr)
-        return 2
+        return outcome.EXIT_CONFIG
+    except outcome.Interrupted as exc:
+        print(f"flq: {exc.reason.upper()} before the first round: nothing to write", file=sys.stderr)
+        return outcome.exit_status(exc.reason)
     except KeyboardInterrupt:
         print("flq: interrupted", file=sys.stderr)
         return 130

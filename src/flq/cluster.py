@@ -2,13 +2,37 @@
 HTTP API").
 
 :class:`ClusterMaster` wraps a :class:`~flq.master.Master` with what a
-network adds: registration, rounds that open when ``min_workers`` have
-registered, offers that close when every connected worker has offered or
-``round_timeout_s`` after the round opened once ``min_workers`` have, uploads
-only from the selected, late or absent workers counted as not selected,
-mirror versions checked on every offer, and a stop that takes effect after
-the current round. Its coroutines wait on asyncio conditions; the HTTP layer
+network adds: registration, heartbeats and leaving, rounds that open when
+``min_workers`` are present, offers that close when every live worker has
+offered or ``round_timeout_s`` after the round opened, uploads only from the
+selected, late or absent workers counted as not selected, mirror versions
+checked on every offer, and a stop that takes effect after the current round.
+Its coroutines wait on one asyncio condition; the HTTP layer
 (:mod:`flq.transport.server`) only maps requests onto them.
+
+Every wait has a bound (all in seconds, from the config's ``system``
+section):
+
+- A worker is *live* while it was heard from (any call, or the heartbeat it
+  sends every ``worker_timeout_s / 3``) within ``worker_timeout_s``, and has
+  not left. Others are shown ``absent`` (or ``left``) in ``/status`` and no
+  round waits for them.
+- Before round 1 the master waits for ``min_workers`` live workers (0 = all)
+  for at most ``quorum_timeout_s``, then ends the run (``quorum_lost``).
+- A round's offers close as soon as every live worker has offered, or
+  ``round_timeout_s`` after the round opened; either way only once at least
+  ``min_workers`` have offered. A round still short of them keeps waiting,
+  saying every 15 s whom it waits for, up to ``quorum_timeout_s`` more; then
+  the run ends (``quorum_lost``). Live workers that did not offer in time are
+  ``late``: not selected this round.
+- The selected workers' uploads are awaited ``round_timeout_s`` at most;
+  missing ones count as not selected.
+- Every call a worker makes is answered within its own bound: the round's
+  model and the selection are long-polls of at most ``wait`` seconds.
+
+The same message sent twice (a retry after a lost answer) gets the same
+answer and is counted once: the round's model (same bytes), an offer (same
+selection) and an upload (accepted again, counted once).
 """
 from __future__ import annotations
 
@@ -19,18 +43,26 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from . import outcome
 from .config import Config
-from .master import Master, MasterError
+from .master import Master, MasterError, payload_digest
 from .messages import Offer
+from .outputs import one_line
 
 log = logging.getLogger(__name__)
 
 WAITING, TRAINING, STOPPING, FINISHED = "waiting", "training", "stopping", "finished"
 PHASE_IDLE, PHASE_OFFERS, PHASE_UPLOADS, PHASE_CLOSING = "idle", "offers", "uploads", "closing"
+#: Seconds between two "still waiting" log lines.
+LOG_EVERY_S = 15.0
 
 
 class RunFinished(Exception):
-    """The run is over: the worker should exit."""
+    """The run is over: the worker should exit. ``reason`` says why (:mod:`flq.outcome`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"run over ({reason})")
+        self.reason = reason
 
 
 @dataclass
@@ -40,11 +72,14 @@ class WorkerInfo:
     worker_id: int
     registered_at: float
     last_seen: float
-    state: str = "registered"  # registered | training | offered | uploading | idle | absent
+    state: str = "registered"  # registered | training | offered | uploading | idle | late
     rounds_offered: int = 0
     rounds_uploaded: int = 0
     address: str = ""
     session: str = ""
+    left: bool = False
+    threads: int = 0
+    device: str = ""
 
 
 @dataclass
@@ -62,10 +97,11 @@ class ClusterMaster:
 
     Args:
         master: the algorithm's master object.
-        cfg: configuration (``min_workers``, ``round_timeout_s``, ``max_rounds``).
+        cfg: configuration (``min_workers``, ``round_timeout_s``,
+            ``worker_timeout_s``, ``quorum_timeout_s``, ``max_rounds``).
         on_round: called (in a thread) after each round with its record.
         on_finish: called (in a thread) once when the run ends, with the reason.
-        clock: time source in seconds (tests may replace it).
+        clock: time source in seconds for ``last_seen`` (tests may replace it).
     """
 
     def __init__(self, master: Master, cfg: Config, on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
@@ -80,10 +116,16 @@ class ClusterMaster:
         self.state = WAITING
         self.phase = PHASE_IDLE
         self.stop_requested = False
+        self.stop_reason = ""
         self.finish_reason = ""
+        self.finish_detail = ""
+        self.checkpoint_error = ""
         self.round_opened_at = 0.0
         self.selected: List[int] = []
         self.decided: Dict[int, bool] = {}
+        #: worker -> (round, digest) of its last counted upload: a retry after the round closed is answered OK
+        self.counted_uploads: Dict[int, Tuple[int, str]] = {}
+        self.heartbeat_s = max(1.0, cfg.worker_timeout_s / 3)
         self._cond: Optional[asyncio.Condition] = None
 
     # ----- helpers --------------------------------------------------------
@@ -97,33 +139,56 @@ class ClusterMaster:
         async with self.cond:
             self.cond.notify_all()
 
+    def _check_session(self, info: WorkerInfo, session: Optional[str]) -> None:
+        if info.left:
+            raise MasterError(f"worker {info.worker_id} has left: register again", 404, "not_registered")
+        if session is not None and session != info.session:
+            raise MasterError(f"worker {info.worker_id} session replaced: another process registered with this id"
+                              f" from {info.address or '?'}", 409, "session_replaced")
+
     def _seen(self, worker_id: int, state: Optional[str] = None, session: Optional[str] = None) -> WorkerInfo:
         info = self.workers.get(worker_id)
         if info is None:
-            raise MasterError(f"worker {worker_id} is not registered", 404)
-        if session is not None and session != info.session:
-            raise MasterError(f"worker {worker_id} session replaced: another process registered with this id", 409)
+            raise MasterError(f"worker {worker_id} is not registered", 404, "not_registered")
+        self._check_session(info, session)
         info.last_seen = self.clock()
         if state:
             info.state = state
         return info
 
+    def is_live(self, info: WorkerInfo) -> bool:
+        """Heard from within ``worker_timeout_s`` and not left."""
+        return not info.left and self.clock() - info.last_seen <= self.cfg.worker_timeout_s
+
+    def shown_state(self, info: WorkerInfo) -> str:
+        """The state ``/status`` shows: ``left``, ``absent`` (not heard from
+        within ``worker_timeout_s``) or the protocol state."""
+        if info.left:
+            return "left"
+        return info.state if self.is_live(info) else "absent"
+
     @property
     def connected(self) -> List[int]:
-        """Registered workers not marked absent."""
-        return sorted(m for m, w in self.workers.items() if w.state != "absent")
+        """The live workers (see :meth:`is_live`)."""
+        return sorted(m for m, w in self.workers.items() if self.is_live(w))
+
+    def _finished(self) -> None:
+        if self.state == FINISHED:
+            raise RunFinished(self.finish_reason)
 
     # ----- worker calls ---------------------------------------------------
-    async def register(self, worker_id: int, up_version: int, down_version: int, address: str = "") -> Dict[str, Any]:
+    async def register(self, worker_id: int, up_version: int, down_version: int, address: str = "",
+                       threads: int = 0, device: str = "") -> Dict[str, Any]:
         """Register (or re-register) worker m.
 
         The newest registration of an id wins: calls that carry an older
-        session are refused (409 "session replaced"), so two processes with
-        one id never both train. A worker that re-registers may fetch the open
-        round's model again.
+        session are refused (409 ``session_replaced``; calls of the old
+        process waiting in a long-poll are woken to hear it), so two
+        processes with one id never both train. A worker that re-registers
+        fetches the open round's model afresh.
 
         Returns:
-            ``{"resync": bool, "round": k, "state": ..., "session": ...}``;
+            ``{"resync", "round", "state", "session", "heartbeat_s"}``;
             resync is True when the worker's mirror versions differ from the
             master's.
 
@@ -131,8 +196,7 @@ class ClusterMaster:
             MasterError: unknown id (404); RunFinished when the run is over.
         """
         self.master.check_worker(worker_id)
-        if self.state == FINISHED:
-            raise RunFinished()
+        self._finished()
         now = self.clock()
         info = self.workers.get(worker_id)
         if info is None:
@@ -140,19 +204,43 @@ class ClusterMaster:
             log.info("worker %d registered from %s (%d/%d)", worker_id, address or "?", len(self.workers),
                      self.cfg.total_workers)
         else:
-            info.last_seen, info.state, info.address = now, "registered", address or info.address
-            log.info("worker %d registered again from %s", worker_id, address or "?")
+            log.info("worker %d registered again from %s%s", worker_id, address or "?",
+                     " (the older process with this id is told it was replaced)" if self.is_live(info) else "")
+            info.last_seen, info.state, info.left = now, "registered", False
+            info.address = address or info.address
             if self.phase == PHASE_OFFERS:
                 self.master.forget_downlink(worker_id)
+        info.threads, info.device = int(threads), str(device)[:64]
         info.session = secrets.token_hex(8)
         resync = (up_version, down_version) != (self.master.up_version[worker_id],
                                                  self.master.down_version[worker_id])
         await self._notify()
-        return {"resync": resync, "round": self.master.round, "state": self.state, "session": info.session}
+        return {"resync": resync, "round": self.master.round, "state": self.state, "session": info.session,
+                "heartbeat_s": self.heartbeat_s}
+
+    def heartbeat(self, worker_id: int, session: Optional[str] = None) -> Dict[str, Any]:
+        """A live worker's periodic sign of life (every ``heartbeat_s``).
+
+        Raises:
+            MasterError: not registered (404), replaced (409); RunFinished.
+        """
+        self._finished()
+        self._seen(worker_id, session=session)
+        return {"state": self.state, "round": self.master.round + 1, "phase": self.phase}
+
+    async def leave(self, worker_id: int, session: Optional[str] = None) -> None:
+        """Worker m exits on purpose (Ctrl-C, SIGTERM): no round waits for it
+        any more; it may register again later."""
+        info = self._seen(worker_id, session=session)
+        info.left, info.session = True, ""
+        if self.phase == PHASE_OFFERS:
+            self.master.forget_downlink(worker_id)
+        log.warning("worker %d left (its process is exiting)", worker_id)
+        await self._notify()
 
     def mirrors(self, worker_id: int, session: Optional[str] = None) -> Tuple[Any, Any, int, int]:
         """The master's ``ref_up[m]``, ``ref_down[m]`` and their versions (for a
-        resync); the worker may then fetch the open round's model again."""
+        resync); the worker then fetches the open round's model afresh."""
         self._seen(worker_id, session=session)
         m = self.master
         if self.phase == PHASE_OFFERS:
@@ -161,24 +249,30 @@ class ClusterMaster:
                  m.down_version[worker_id])
         return m.ref_up[worker_id], m.ref_down[worker_id], m.up_version[worker_id], m.down_version[worker_id]
 
-    async def fetch_round(self, worker_id: int, wait_s: float, session: Optional[str] = None) -> Optional[RoundView]:
-        """Wait up to ``wait_s`` for a round open to offers and return this
-        worker's downlink for it (computed now; the mirror moves with it).
+    async def fetch_round(self, worker_id: int, wait_s: float, session: Optional[str] = None,
+                          after: int = -1) -> Optional[RoundView]:
+        """Wait up to ``wait_s`` for a round after round ``after`` (0-based; -1
+        for any) that is open to offers and that this worker has not offered
+        in, and return this worker's downlink for it. Asked again for the
+        same round (a download cut short and retried), it returns the same
+        bytes: the mirror moves once and the bits are counted once (the
+        bytes sent again count as wire bytes).
 
         Returns:
             The round, or None when none opened in time.
 
         Raises:
             RunFinished: the run is over.
-            MasterError: unknown worker (404).
+            MasterError: unknown or replaced worker (404, 409).
         """
-        self._seen(worker_id, session=session)
+        info = self._seen(worker_id, session=session)
         deadline = time.monotonic() + max(wait_s, 0.0)
+        m = self.master
         async with self.cond:
             while True:
-                if self.state == FINISHED:
-                    raise RunFinished()
-                if (self.phase == PHASE_OFFERS and worker_id not in self.master.downlinked):
+                self._finished()
+                self._check_session(info, session)
+                if self.phase == PHASE_OFFERS and m.round > after and worker_id not in m.offers:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -188,60 +282,93 @@ class ClusterMaster:
                 except asyncio.TimeoutError:
                     return None
             info = self._seen(worker_id, "training", session=session)
-            payload = self.master.downlink(worker_id)
-            info.state = "training"
-            return RoundView(self.master.round, self.master.me_k, payload, self.master.down_version[worker_id])
+            again = worker_id in m.downlinks
+            payload = m.downlink(worker_id)
+            if again:
+                m.add_wire_bytes(down=len(payload))
+                log.info("worker %d fetched round %d's model again (a retry): the same %d bytes", worker_id,
+                         m.round + 1, len(payload))
+            return RoundView(m.round, m.me_k, payload, m.down_version[worker_id])
 
-    async def offer(self, offer: Offer, session: Optional[str] = None) -> bool:
-        """Record an offer and wait for the selection; True when selected.
+    async def offer(self, offer: Offer, session: Optional[str] = None, wait_s: float = 20.0) -> Optional[bool]:
+        """Record an offer and wait up to ``wait_s`` for the selection.
+
+        The same offer sent again (its answer was lost, or the selection took
+        longer than ``wait_s``) is not recorded twice: it waits for, or
+        returns, the same decision.
+
+        Returns:
+            True (selected: upload now), False (not selected), or None (no
+            decision yet: send the same offer again).
 
         Raises:
-            MasterError: late (409), mirror mismatch (409), malformed (400).
+            MasterError: late (409 ``late``: the round's offers closed or the
+                round is over), mirror mismatch (409), malformed (400).
             RunFinished: the run is over.
         """
         m = offer.worker_id
         info = self._seen(m, session=session)
-        if self.state == FINISHED:
-            raise RunFinished()
-        if self.phase != PHASE_OFFERS or offer.round != self.master.round:
-            raise MasterError(f"offer for round {offer.round} is late (round {self.master.round}, phase "
-                              f"{self.phase})", 409)
-        self.master.add_offer(offer)
-        info.state, info.rounds_offered = "offered", info.rounds_offered + 1
-        await self._notify()
+        self._finished()
+        if self.phase not in (PHASE_OFFERS, PHASE_UPLOADS) or offer.round != self.master.round:
+            raise MasterError(f"offer for round {offer.round + 1} is late (round {self.master.round + 1}, phase "
+                              f"{self.phase})", 409, "late")
+        if self.master.add_offer(offer):
+            info.state, info.rounds_offered = "offered", info.rounds_offered + 1
+            await self._notify()
+        deadline = time.monotonic() + max(wait_s, 0.0)
         async with self.cond:
             while offer.round == self.master.round and m not in self.decided and self.state != FINISHED:
-                await self.cond.wait()
-        selected = self.decided.get(m, False) if offer.round == self.master.round else False
+                self._check_session(info, session)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(self.cond.wait(), timeout=left)
+                except asyncio.TimeoutError:
+                    return None
+        self._finished()
+        if offer.round != self.master.round:
+            raise MasterError(f"round {offer.round + 1} closed before its selection reached worker {m}: not "
+                              f"selected", 409, "late")
+        selected = self.decided[m]
         info.state = "uploading" if selected else "idle"
         return selected
 
     async def upload(self, worker_id: int, round_index: int, payload: bytes, session: Optional[str] = None) -> None:
-        """Accept a selected worker's payload for round k.
+        """Accept a selected worker's payload for round k (the same bytes again
+        are accepted and counted once, also after the round closed).
 
         Raises:
-            MasterError: wrong round or phase (409), not selected (409),
-                duplicate (409), malformed payload (400); state unchanged.
+            MasterError: wrong round or phase (409), not selected (409), other
+                bytes than the counted upload (409), malformed payload (400);
+                state unchanged.
         """
         info = self._seen(worker_id, session=session)
-        if self.phase != PHASE_UPLOADS or round_index != self.master.round:
-            raise MasterError(f"upload for round {round_index} is late (round {self.master.round}, phase "
-                              f"{self.phase})", 409)
-        self.master.receive_upload(worker_id, payload)
-        info.state, info.rounds_uploaded = "idle", info.rounds_uploaded + 1
-        await self._notify()
+        if self.phase == PHASE_UPLOADS and round_index == self.master.round:
+            if self.master.receive_upload(worker_id, payload):
+                info.state, info.rounds_uploaded = "idle", info.rounds_uploaded + 1
+                self.counted_uploads[worker_id] = (round_index, payload_digest(payload))
+                await self._notify()
+            return
+        if self.counted_uploads.get(worker_id) == (round_index, payload_digest(payload)):
+            return  # a retry of an upload counted before its round closed
+        raise MasterError(f"upload for round {round_index + 1} is late (round {self.master.round + 1}, phase "
+                          f"{self.phase})", 409, "late")
 
-    def request_stop(self) -> None:
-        """Stop after the current round (SYSTEM.md, ``POST /stop``)."""
-        if self.state not in (FINISHED,):
+    def request_stop(self, reason: str = outcome.STOPPED) -> None:
+        """Stop after the current round (SYSTEM.md, ``POST /stop``); ``reason``
+        (``stopped``, ``sigint``, ``sigterm``) becomes the run's end reason."""
+        if self.state != FINISHED:
             self.stop_requested = True
+            self.stop_reason = self.stop_reason or reason
             if self.state == WAITING:
                 self.state = STOPPING
-            log.info("stop requested at round %d", self.master.round)
+            log.info("stop requested (%s) at round %d", reason, self.master.round + 1)
 
     # ----- the round loop -------------------------------------------------
     async def _wait_until(self, predicate: Callable[[], bool], deadline: Optional[float] = None) -> bool:
-        """Wait until predicate() (re-checked every notify and at least every 0.2 s)."""
+        """Wait until predicate() (re-checked every notify and at least every
+        0.2 s) or the monotonic ``deadline``; return whether it holds."""
         async with self.cond:
             while not predicate():
                 if deadline is not None and time.monotonic() >= deadline:
@@ -254,62 +381,110 @@ class ClusterMaster:
         return True
 
     async def run(self) -> None:
-        """Rounds until ``max_rounds`` or a stop; then the finish callback."""
-        cfg = self.cfg
+        """Rounds until ``max_rounds``, a stop, a lost quorum, divergence or an
+        error; then the finish callback (which writes the results), then
+        state ``finished``. Never raises but for cancellation."""
+        watcher = asyncio.ensure_future(self._watch_liveness())
+        try:
+            reason, detail = await self._train()
+        except outcome.Diverged as exc:
+            reason, detail = outcome.DIVERGED, str(exc)
+            log.error("%s; the run stops", exc)
+        except Exception as exc:  # noqa: BLE001 - the run ends, its results are kept
+            reason, detail = outcome.ERROR, f"{type(exc).__name__}: {one_line(exc)}"
+            log.exception("the round loop failed in round %d; the run stops", self.master.round + 1)
+        finally:
+            watcher.cancel()
+        self.finish_reason, self.finish_detail = reason, detail
+        self.phase = PHASE_IDLE
+        if self.on_finish is not None:
+            try:
+                await asyncio.to_thread(self.on_finish, reason)
+            except Exception:  # noqa: BLE001 - reported by the callback's owner
+                log.exception("writing the results failed")
+        async with self.cond:
+            self.state = FINISHED
+            self.cond.notify_all()
+        log.info("run ended (%s) after %d rounds%s", reason, len(self.master.records),
+                 f": {detail}" if detail else "")
+
+    async def _watch_liveness(self) -> None:
+        """Log each worker going absent (not heard from for ``worker_timeout_s``) and coming back."""
+        absent: set = set()
+        while True:
+            await asyncio.sleep(1.0)
+            for w in list(self.workers.values()):
+                gone = not w.left and not self.is_live(w)
+                if gone and w.worker_id not in absent:
+                    absent.add(w.worker_id)
+                    log.warning("worker %d absent: not heard from for %.0f s (system.worker_timeout_s)",
+                                w.worker_id, self.clock() - w.last_seen)
+                elif not gone and w.worker_id in absent:
+                    absent.discard(w.worker_id)
+                    if not w.left:
+                        log.info("worker %d is back", w.worker_id)
+
+    def _missing(self, have) -> List[int]:
+        return [m for m in range(self.cfg.total_workers) if m not in have]
+
+    async def _train(self) -> Tuple[str, str]:
+        cfg, m = self.cfg, self.master
         need = cfg.needed_workers
-        log.info("waiting for %d of %d workers (system.min_workers)", need, cfg.total_workers)
+        log.info("waiting for %d of %d workers (system.min_workers), at most %.0f s (system.quorum_timeout_s)",
+                 need, cfg.total_workers, cfg.quorum_timeout_s)
+        give_up = time.monotonic() + cfg.quorum_timeout_s
         while not await self._wait_until(lambda: len(self.connected) >= need or self.stop_requested,
-                                         time.monotonic() + 15):
-            log.info("still waiting: %d of the %d workers needed have registered (%s); start the others or "
-                     "lower system.min_workers", len(self.connected), need, self.connected or "none")
-        if not self.stop_requested:
-            self.state = TRAINING
-        timeout = cfg.round_timeout_s
-        while not self.master.finished and not self.stop_requested:
-            # step 1 and open the round to offers
-            async with self.cond:
-                self.master.begin_round()
-                self.decided = {}
-                self.selected = []
+                                         min(give_up, time.monotonic() + LOG_EVERY_S)):
+            missing = self._missing(self.connected)
+            if time.monotonic() >= give_up:
+                return outcome.QUORUM_LOST, (f"only {len(self.connected)} of the {need} workers needed were present "
+                                             f"within quorum_timeout_s ({cfg.quorum_timeout_s:.0f} s); missing "
+                                             f"{missing}")
+            log.info("still waiting: %d of the %d workers needed are present; missing %s (start them or lower "
+                     "system.min_workers); the run ends in %.0f s", len(self.connected), need, missing,
+                     give_up - time.monotonic())
+        if self.stop_requested:
+            return self.stop_reason, "stopped before round 1"
+        self.state = TRAINING
+        while not m.finished:
+            if self.stop_requested:
+                return self.stop_reason, f"{self.stop_reason} after {len(m.records)} rounds"
+            async with self.cond:  # step 1, and open the round to offers
+                m.begin_round()
+                self.decided, self.selected = {}, []
                 self.phase = PHASE_OFFERS
                 self.round_opened_at = time.monotonic()
                 self.cond.notify_all()
-            k = self.master.round
-            log.debug("round %d open (me_k %.6g)", k + 1, self.master.me_k)
-
-            def offers_closed() -> bool:
-                offered = set(self.master.offers)
-                if offered and offered >= set(self.connected):
-                    return True
-                late = time.monotonic() - self.round_opened_at >= timeout
-                return late and len(offered) >= need
-
-            while not await self._wait_until(lambda: offers_closed() or self.stop_requested,
-                                             time.monotonic() + timeout + 15):
-                log.warning("round %d: %d offer(s) after %.0f s, %d needed (system.min_workers); still waiting "
-                            "(POST /stop ends the run)", k + 1, len(self.master.offers),
-                            time.monotonic() - self.round_opened_at, need)
-            if not offers_closed():  # stopped while the round could not close: abandon it
-                log.warning("round %d abandoned by the stop request before it closed", k + 1)
-                break
-            # absent: connected workers that did not offer in time
-            for m in self.connected:
-                if m not in self.master.offers:
-                    self.workers[m].state = "absent"
-                    log.warning("worker %d absent in round %d", m, k + 1)
+            k = m.round
+            log.debug("round %d open (me_k %.6g)", k + 1, m.me_k)
+            closed = await self._collect_offers(k, need)
+            if closed != "closed":
+                self.phase = PHASE_IDLE
+                if closed == outcome.QUORUM_LOST:
+                    return outcome.QUORUM_LOST, (f"round {k + 1}: {len(m.offers)} of the {need} offers needed "
+                                                 f"(system.min_workers) after round_timeout_s + quorum_timeout_s "
+                                                 f"({cfg.round_timeout_s + cfg.quorum_timeout_s:.0f} s); missing "
+                                                 f"{self._missing(m.offers)}")
+                log.warning("round %d abandoned by the stop request before it could close", k + 1)
+                return self.stop_reason, f"{self.stop_reason} after {len(m.records)} rounds (round {k + 1} abandoned)"
+            for w in self._missing(m.offers):
+                info = self.workers.get(w)
+                if info is not None and self.is_live(info):
+                    info.state = "late"
+                    log.warning("worker %d late in round %d: no offer within round_timeout_s; not selected", w, k + 1)
+                elif info is not None:
+                    log.warning("worker %d absent in round %d", w, k + 1)
             async with self.cond:
-                self.selected = self.master.select()
-                self.decided = {m: (m in self.selected) for m in self.master.offers}
+                self.selected = m.select()
+                self.decided = {w: (w in self.selected) for w in m.offers}
                 self.phase = PHASE_UPLOADS
                 self.cond.notify_all()
-            upload_deadline = time.monotonic() + timeout
-            done = await self._wait_until(lambda: set(self.master.received) >= set(self.selected), upload_deadline)
-            if not done:
-                missing = sorted(set(self.selected) - set(self.master.received))
-                log.warning("round %d: uploads from %s never arrived; counted as not selected", k + 1, missing)
+            if not await self._wait_until(lambda: not self._uploads_awaited(), time.monotonic() + cfg.round_timeout_s):
+                log.warning("round %d: uploads from %s never arrived; counted as not selected", k + 1,
+                            self._uploads_awaited())
             self.phase = PHASE_CLOSING
-            record = await asyncio.to_thread(self.master.end_round)
-            record.update({f"master_{name}_s": sec for name, sec in self.master.stopwatch.take().items()})
+            record = await asyncio.to_thread(m.end_round)  # Diverged: recorded, then the run stops
+            record.update({f"master_{name}_s": sec for name, sec in m.stopwatch.take().items()})
             self.phase = PHASE_IDLE
             log.info("round %d: loss %.4f acc %.4f entropy %.4f selected %d/%d bits %d wire up %d down %d B "
                      "(%.2f s)", record["iter"], record["loss"], record["acc"], record["entropy"], record["selcnt"],
@@ -317,15 +492,59 @@ class ClusterMaster:
                      record["wire_bytes_down"], record["round_time_s"])
             if self.on_round is not None:
                 await asyncio.to_thread(self.on_round, record)
-        reason = "stopped" if self.stop_requested and not self.master.finished else "completed"
-        self.finish_reason = reason
-        if self.on_finish is not None:
-            await asyncio.to_thread(self.on_finish, reason)
-        async with self.cond:
-            self.state = FINISHED
-            self.phase = PHASE_IDLE
-            self.cond.notify_all()
-        log.info("run %s after %d rounds", reason, self.master.round)
+        return outcome.COMPLETED, ""
+
+    def _offers_closed(self, need: int) -> bool:
+        offered = set(self.master.offers)
+        if len(offered) < need:
+            return False
+        late = time.monotonic() - self.round_opened_at >= self.cfg.round_timeout_s
+        return late or set(self.connected) <= offered
+
+    def _uploads_awaited(self) -> List[int]:
+        live = set(self.connected)
+        return [w for w in self.selected if w not in self.master.received and w in live]
+
+    async def _collect_offers(self, k: int, need: int) -> str:
+        """Wait for round k's offers to close; ``"closed"``, ``"stop"`` or ``"quorum_lost"``."""
+        cfg = self.cfg
+        give_up = self.round_opened_at + cfg.round_timeout_s + cfg.quorum_timeout_s
+        next_log = self.round_opened_at + cfg.round_timeout_s
+        while True:
+            if await self._wait_until(lambda: self._offers_closed(need) or self.stop_requested,
+                                      min(next_log, give_up)):
+                return "closed" if self._offers_closed(need) else "stop"
+            now = time.monotonic()
+            if now >= give_up:
+                return outcome.QUORUM_LOST
+            waiting = self.waiting_for()
+            log.warning("round %d: %d of the %d offers needed (system.min_workers) after %.0f s; waiting for "
+                        "worker(s) %s (%s); the run ends in %.0f s unless they offer (system.quorum_timeout_s)",
+                        k + 1, len(self.master.offers), need, now - self.round_opened_at, waiting,
+                        ", ".join(f"{w}: {self._describe(w)}" for w in waiting), give_up - now)
+            next_log = now + LOG_EVERY_S
+
+    def _describe(self, worker_id: int) -> str:
+        info = self.workers.get(worker_id)
+        if info is None:
+            return "never registered"
+        return f"{self.shown_state(info)}, last seen {self.clock() - info.last_seen:.0f} s ago"
+
+    def waiting_for(self) -> List[int]:
+        """The workers the run is waiting for now: before round 1 those not
+        present; in the offers phase the live ones that have not offered (and
+        all that have not, while the round is short of ``min_workers``); in
+        the uploads phase the selected ones whose upload has not arrived."""
+        if self.state in (WAITING, STOPPING) and self.phase == PHASE_IDLE:
+            return self._missing(self.connected) if self.state == WAITING else []
+        if self.phase == PHASE_OFFERS:
+            offered = set(self.master.offers)
+            if len(offered) < self.cfg.needed_workers:
+                return self._missing(offered)
+            return [w for w in self.connected if w not in offered]
+        if self.phase == PHASE_UPLOADS:
+            return [w for w in self.selected if w not in self.master.received]
+        return []
 
     # ----- monitoring -----------------------------------------------------
     def status(self) -> Dict[str, Any]:
@@ -339,17 +558,23 @@ class ClusterMaster:
             "phase": self.phase,
             "round": m.round + 1,  # 1-based, like iter: the round in progress (or next)
             "rounds_done": len(m.records),
-            "waiting_for": (max(0, self.cfg.needed_workers - len(self.connected)) if self.state == WAITING else 0),
+            "round_open_s": (round(time.monotonic() - self.round_opened_at, 3)
+                             if self.phase in (PHASE_OFFERS, PHASE_UPLOADS) else None),
+            "waiting_for": self.waiting_for() if self.state != FINISHED else [],
+            "live_workers": len(self.connected),
             "max_rounds": self.cfg.max_rounds,
             "mode": self.cfg.mode,
             "b_up": self.cfg.uplink_bits,
             "b_down": self.cfg.downlink_bits,
             "total_workers": self.cfg.total_workers,
             "min_workers": self.cfg.needed_workers,
+            "timeouts_s": {"round": self.cfg.round_timeout_s, "worker": self.cfg.worker_timeout_s,
+                           "quorum": self.cfg.quorum_timeout_s, "heartbeat": self.heartbeat_s},
             "workers": [
-                {"worker_id": w.worker_id, "state": w.state, "last_seen": w.last_seen,
+                {"worker_id": w.worker_id, "state": self.shown_state(w), "last_seen": w.last_seen,
                  "seconds_since_seen": round(now - w.last_seen, 3), "rounds_offered": w.rounds_offered,
-                 "rounds_uploaded": w.rounds_uploaded, "address": w.address}
+                 "rounds_uploaded": w.rounds_uploaded, "address": w.address, "threads": w.threads,
+                 "device": w.device}
                 for w in sorted(self.workers.values(), key=lambda w: w.worker_id)
             ],
             "last_metrics": _jsonable(last),
@@ -359,6 +584,8 @@ class ClusterMaster:
             "wire_bytes": {"up_cum": m.wire_up_cum, "down_cum": m.wire_down_cum},
             "stop_requested": self.stop_requested,
             "finish_reason": self.finish_reason,
+            "finish_detail": self.finish_detail,
+            "checkpoint_error": self.checkpoint_error,
         }
 
 

@@ -61,7 +61,15 @@ class Config:
     master_port: int = _f("system", "master_port", 5000, "int", "a port 1..65535", lambda v: 1 <= v <= 65535,
                           help="master HTTP port")
     round_timeout_s: float = _f("system", "round_timeout_s", 60.0, "float", "a number > 0 (seconds)",
-                                lambda v: v > 0, help="close a round this long after min_workers offered")
+                                lambda v: v > 0, help="a round closes this long after it opened once "
+                                "min_workers have offered; stragglers count as not selected")
+    worker_timeout_s: float = _f("system", "worker_timeout_s", 30.0, "float", "a number >= 3 (seconds)",
+                                 lambda v: v >= 3, help="a worker not heard from this long (it sends a heartbeat "
+                                 "every third of it) is shown absent and no longer waited for")
+    quorum_timeout_s: float = _f("system", "quorum_timeout_s", 300.0, "float", "a number > 0 (seconds)",
+                                 lambda v: v > 0, help="how long the master waits with fewer than min_workers "
+                                 "(before round 1, or in a round past round_timeout_s) before it ends the run "
+                                 "(exit 5)")
     checkpoint_every: int = _f("system", "checkpoint_every", 10, "int", "an integer >= 0 (0 = never)", _ge(0),
                                help="master checkpoint every N rounds")
     checkpoint_dir: str = _f("system", "checkpoint_dir", "checkpoints", "str", "a folder path",

@@ -273,13 +273,14 @@ def _check_master(ip: str, port_arg: Any, cfg: Config) -> Check:
         import httpx
     except Exception as exc:
         return Check("master", FAIL, f"httpx cannot be imported: {_one_line(exc)}", "pip install 'httpx>=0.27,<1'")
-    scheme, host = "http", ip.strip().rstrip("/")
-    if "://" in host:
-        scheme, host = host.split("://", 1)
-    if ":" in host and not host.startswith("["):  # IPv6 literal
-        host = f"[{host}]"
-    where = f"{host}:{port}"
-    url = f"{scheme}://{where}/status"
+    from .transport.client import master_url
+
+    try:
+        base = master_url(ip, port_arg, default_port=port)
+    except ValueError as exc:
+        return Check("master", FAIL, _one_line(exc), "give --master_ip as HOST, HOST:PORT or http(s)://HOST:PORT")
+    where = base.split("://", 1)[1]
+    url = f"{base}/status"
     token = os.environ.get("FLQ_AUTH_TOKEN", "")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:

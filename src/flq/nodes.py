@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
+from . import outcome
 from .config import Config, ConfigError, build, coerce, parse_mapping
 
 log = logging.getLogger(__name__)
@@ -49,41 +51,61 @@ def check_port_free(host: str, port: int) -> None:
                               f"choose another --port") from None
 
 
-def load_resume_state(cfg: Config) -> Dict[str, Any]:
-    """The master state a resumed run continues from, read once and checked.
+def load_resume_state(cfg: Config, explicit: Optional[str] = None) -> Tuple[Path, Dict[str, Any]]:
+    """The checkpoint a resumed run continues from and its master state,
+    read once and checked (:func:`flq.checkpoint.find_resumable`).
 
     Raises:
         flq.checkpoint.CheckpointError: no usable checkpoint, one of another
-            run, or one already at ``max_rounds``.
+            run, one in use by a running master, or one already at
+            ``max_rounds``.
     """
-    from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+    from .checkpoint import CheckpointError, find_resumable, load_checkpoint
 
-    ckpt = checkpoint_path(cfg.checkpoint_dir, cfg.dataset, cfg.mode)
+    ckpt = find_resumable(cfg.checkpoint_dir, cfg.dataset, cfg.mode, explicit)
     state, saved_cfg = load_checkpoint(ckpt)
     check_resumable(saved_cfg, cfg)
     if int(state["round"]) >= cfg.max_rounds:
         raise CheckpointError(f"{ckpt} is already at round {state['round']} of max_rounds {cfg.max_rounds}: "
                               f"raise --rounds to train further")
-    return state
+    return ckpt, state
 
 
-def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[str] = None,
-               grace_s: float = 5.0, resume_state: Optional[Dict[str, Any]] = None) -> Optional[Path]:
-    """Serve one run on ``cfg.master_host:cfg.master_port`` until it completes,
-    is stopped (``POST /stop``) or the process gets SIGINT/SIGTERM; the
-    results spreadsheet is written in every case. Every
-    ``checkpoint_every`` rounds the master's state is checkpointed;
-    ``resume_state`` (from :func:`load_resume_state`) continues a run.
+@dataclass
+class MasterEnd:
+    """How a master's run ended (:mod:`flq.outcome`): its reason, a one-line
+    detail, the spreadsheet written (None when no round finished or it could
+    not be written) and, when the results could not be written, why."""
+
+    reason: str
+    detail: str
+    results_path: Optional[Path]
+    not_saved: str = ""
+
+    @property
+    def exit_status(self) -> int:
+        return outcome.EXIT_NOT_SAVED if self.not_saved else outcome.exit_status(self.reason)
+
+
+def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile: Optional[str] = None,
+               linger_s: float = 5.0, resume: Optional[Tuple[Path, Dict[str, Any]]] = None) -> MasterEnd:
+    """Serve one run on ``cfg.master_host:cfg.master_port`` until it ends
+    (all rounds, ``POST /stop``, SIGINT/SIGTERM, a lost quorum, divergence,
+    an error); the results of the rounds done are written in every case.
+    Every ``checkpoint_every`` rounds the master's state goes to its own
+    checkpoint, ``flq_master_<dataset>_<mode>_<run_id>.npz`` (locked while
+    this runs); a checkpoint that cannot be written (a full disk) is logged
+    and the run goes on. ``resume`` (from :func:`load_resume_state`)
+    continues a run and its checkpoint file. After the run, the master
+    answers 410 for ``linger_s`` seconds so polling workers learn it ended.
     The caller checks the port first (:func:`check_port_free`).
-
-    Returns:
-        The spreadsheet's path (None if no round finished).
     """
-    from .checkpoint import checkpoint_path, save_checkpoint
+    from .checkpoint import checkpoint_path, lock_checkpoint, save_checkpoint
     from .cluster import ClusterMaster
     from .master import Master
-    from .model import save_global_model, state_dict_from_flat
-    from .results import default_results_path, write_results
+    from .model import state_dict_from_flat
+    from .outputs import one_line, remove_stale_temporaries, results_config, save_run
+    from .results import default_results_path
     from .runtime import Runtime
     from .timing import Stopwatch
     from .transport.server import create_app, serve
@@ -91,42 +113,71 @@ def run_master(cfg: Config, certfile: Optional[str] = None, keyfile: Optional[st
     rt = Runtime(cfg)
     rt.data  # load (or fail on) the dataset before serving anybody
     master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=Stopwatch())
-    ckpt = checkpoint_path(cfg.checkpoint_dir, cfg.dataset, cfg.mode)
-    if resume_state is not None:
-        master.load_state_dict(resume_state)
+    for folder in (cfg.checkpoint_dir, cfg.results_dir):
+        remove_stale_temporaries(Path(folder))
+    if resume is not None:
+        ckpt, state = resume
+        master.load_state_dict(state)
         log.info("resumed from %s at round %d", ckpt, master.round)
+    else:
+        ckpt = checkpoint_path(cfg.checkpoint_dir, cfg.dataset, cfg.mode, run_id)
+    ckpt_lock = lock_checkpoint(ckpt) if cfg.checkpoint_every or resume is not None else None
     written: Dict[str, Any] = {}
     lock = threading.Lock()
+    cluster: Any = None
 
     def checkpoint(record: Dict[str, Any]) -> None:
-        if cfg.checkpoint_every and master.round % cfg.checkpoint_every == 0:
+        if not cfg.checkpoint_every or master.round % cfg.checkpoint_every:
+            return
+        try:
             save_checkpoint(ckpt, master.state_dict(), cfg.public_sections())
-            log.info("checkpoint at round %d: %s", master.round, ckpt)
+        except OSError as exc:
+            cluster.checkpoint_error = f"round {master.round}: {one_line(exc)}"
+            log.error("checkpoint at round %d not written: %s; the previous one is kept and training goes on",
+                      master.round, one_line(exc))
+            return
+        cluster.checkpoint_error = ""
+        log.info("checkpoint at round %d: %s", master.round, ckpt)
 
     def write(reason: str) -> None:
         with lock:
-            if "path" in written or not master.records:
+            if "reason" in written:
                 return
-            path = write_results(default_results_path(cfg.results_dir, cfg.dataset, cfg.mode), cfg.mode,
-                                 master.records, cfg.public_sections(), selected=master.selected_history,
-                                 num_workers=cfg.total_workers)
-            written["path"] = path
-            save_global_model(path.with_suffix(".safetensors"), master.theta, cfg.model, master.round, cfg.mode)
-            log.info("results (%s, %d rounds) written to %s", reason, len(master.records), path)
-            print(f"results: {path}", flush=True)
+            written["reason"] = reason
+            if not master.records:
+                log.warning("run ended (%s) before any round finished: no results to write", reason)
+                return
+            threads = {w.worker_id: w.threads for w in cluster.workers.values()}
+            config = results_config(cfg, reason, cluster.finish_detail, device=str(rt.device),
+                                    worker_threads=threads)
+            path, problem = save_run(default_results_path(cfg.results_dir, cfg.dataset, cfg.mode), cfg.mode,
+                                     list(master.records), config, list(master.selected_history),
+                                     cfg.total_workers, master.theta.copy(), cfg.model, master.round)
+            written["path"], written["problem"] = path, problem or ""
+            if problem:
+                log.error("%s", problem)
+            else:
+                log.info("results (%s, %d rounds) written to %s", reason, len(master.records), path)
+            if path is not None:
+                print(f"results: {path}", flush=True)
+
+    def end_reason() -> str:
+        return cluster.finish_reason or cluster.stop_reason or outcome.ERROR
 
     cluster = ClusterMaster(master, cfg, on_round=checkpoint, on_finish=write)
     app = create_app(cluster, model_state=lambda theta: state_dict_from_flat(cfg.model, theta),
-                     max_body_bytes=master.max_upload_bytes, on_shutdown=lambda: write("shutdown"),
+                     max_body_bytes=master.max_upload_bytes, on_shutdown=lambda: write(end_reason()),
                      auth_token=cfg.auth_token, status_token_free=not cfg.status_requires_token)
     log.info("master listening on %s:%d (%s, %d workers, %d rounds, mode %s)", cfg.master_host, cfg.master_port,
              cfg.dataset, cfg.total_workers, cfg.max_rounds, cfg.mode)
     try:
-        asyncio.run(serve(app, cluster, cfg.master_host, cfg.master_port, grace_s=grace_s,
+        asyncio.run(serve(app, cluster, cfg.master_host, cfg.master_port, linger_s=linger_s,
                           ssl_certfile=certfile, ssl_keyfile=keyfile))
     finally:
-        write("exit")
-    return written.get("path")
+        write(end_reason())
+        if ckpt_lock is not None:
+            ckpt_lock.release()
+    return MasterEnd(end_reason(), cluster.finish_detail, written.get("path"), written.get("problem", ""))
 
 
 def worker_config(sections: Dict[str, Any], local: Dict[str, Any]) -> Config:
@@ -142,15 +193,19 @@ def worker_config(sections: Dict[str, Any], local: Dict[str, Any]) -> Config:
 
 
 def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_token: str = "",
-               verify: Any = True, give_up_s: float = 300.0) -> int:
+               verify: Any = True, give_up_s: float = 300.0):
     """Join the master at ``master_url`` as worker ``worker_id`` and train
-    until the master ends the run.
+    until the run ends. SIGINT/SIGTERM make the worker tell the master it
+    leaves, then return.
 
     Returns:
-        Number of rounds this worker offered in.
+        A :class:`flq.transport.client.WorkerEnd` (reason, detail, rounds).
+
+    Raises:
+        ConfigError: the run's config does not fit this worker (its id, its data).
     """
     from .runtime import Runtime
-    from .transport.client import MasterClient, run_worker as loop
+    from .transport.client import MasterClient, WorkerEnd, run_worker as loop
     from .worker import Worker
 
     client = MasterClient(master_url, worker_id, auth_token=auth_token, verify=verify, give_up_s=give_up_s)
@@ -158,13 +213,18 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
     def make_worker(sections: Dict[str, Any]) -> Worker:
         cfg = worker_config(sections, local)
         if worker_id >= cfg.total_workers:
-            raise ConfigError(f"worker_id {worker_id} out of range: the run has {cfg.total_workers} workers")
+            raise ConfigError(f"worker_id {worker_id} out of range: the run has {cfg.total_workers} workers "
+                              f"(0..{cfg.total_workers - 1})")
         rt = Runtime(cfg)
         log.info("worker %d: %s partition of %d samples, mode %s, device %s", worker_id, cfg.partition,
                  len(rt.partitions[worker_id]), cfg.mode, rt.device)
         return Worker(worker_id, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[worker_id])
 
     try:
-        return loop(client, make_worker)
+        with outcome.signals_interrupt():
+            try:
+                return loop(client, make_worker)
+            except outcome.Interrupted as exc:
+                return WorkerEnd(exc.reason, f"{exc.reason.upper()}: left the run", 0)
     finally:
         client.close()

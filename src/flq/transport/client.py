@@ -1,68 +1,227 @@
 """The worker's HTTP client: carries :class:`~flq.worker.Worker` messages to
-and from the master (:mod:`flq.transport.server`), retrying with backoff
-while the master is unreachable. No algorithm here."""
+and from the master (:mod:`flq.transport.server`). No algorithm here.
+
+Only network failures are retried (connection refused or reset, timeouts,
+502/503/504), with backoff, for at most ``give_up_s`` seconds; then
+:class:`Unreachable`. Everything else that can never succeed ends the worker
+at once with :class:`Fatal`: a TLS certificate that does not verify, plain
+HTTP against an HTTPS master (or the reverse), a wrong token (401), an id the
+run does not have, a run that is already over, a newer process registered
+with the same id, an error inside the master (500). :class:`RunOver` is the
+master saying the run ended (410), with its reason. Every call has a bounded
+read time (``poll_s`` + 30 s): a frozen master is detected, not waited for.
+"""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
+import re
+import socket
 import ssl
+import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+from urllib.parse import urlsplit
 
 import httpx
 
+from .. import outcome
 from ..messages import Offer
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PORT = 5000
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+#: Status codes of proxies and gateways: the network, not the master, failed.
+_RETRY_STATUS = (502, 503, 504)
 
-class MasterGone(Exception):
-    """The run is over (410) or the master stayed unreachable too long."""
+
+class RunOver(Exception):
+    """The master says the run is over (410); ``reason`` is its end reason."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or f"the run is over ({reason})")
+        self.reason = reason
+
+
+class Fatal(Exception):
+    """A condition no retry can fix (one line); ``reason`` is ``refused``
+    (token, TLS, scheme, id, replaced, run over) or ``error`` (the master failed)."""
+
+    def __init__(self, message: str, reason: str = outcome.REFUSED, replaced: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.replaced = replaced  # a newer process has this worker's id: it must not "leave" for it
+
+
+class Unreachable(Exception):
+    """The master did not answer for ``give_up_s`` seconds."""
 
 
 class Refused(Exception):
-    """The master refused a call with a 4xx; ``status`` and ``detail`` say why."""
+    """The master refused one message with a 4xx the worker can act on
+    (``code``: ``late``, ``mirror_mismatch``, ``not_registered`` ...)."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, code: str = "") -> None:
         super().__init__(f"{status}: {detail}")
         self.status = status
         self.detail = detail
+        self.code = code
+
+
+def master_url(address: str, port: Optional[str] = None, tls: bool = False, default_port: int = DEFAULT_PORT) -> str:
+    """The master's base URL from ``--master_ip`` (and ``--master_port``).
+
+    Accepted: a host name, an IPv4 address, an IPv6 address with or without
+    brackets, ``HOST:PORT`` (``[V6]:PORT``), or an ``http://`` / ``https://``
+    URL (``https`` turns TLS on). The port is ``port``, else the one in the
+    address, else ``default_port``; both given and different is an error.
+
+    Raises:
+        ValueError: anything else, in one line naming what was wrong.
+    """
+    text = (address or "").strip()
+    usage = (f"--master_ip {address!r}: expected a host name, an IPv4 or IPv6 address (brackets optional), "
+             f"HOST:PORT or an http(s):// URL")
+    scheme = "https" if tls else "http"
+    given_port: Optional[str] = None
+    if "://" in text:
+        try:
+            u = urlsplit(text)
+            url_port = u.port
+        except ValueError as exc:
+            raise ValueError(f"{usage} ({exc})") from None
+        if u.scheme.lower() not in ("http", "https"):
+            raise ValueError(f"{usage}: scheme {u.scheme!r} is not http or https")
+        if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
+            raise ValueError(f"{usage}: only scheme, host and port, no path, query or user")
+        if u.scheme.lower() == "http" and tls:
+            raise ValueError(f"{usage}: an http:// URL with --tls/--cafile; use https://")
+        scheme = u.scheme.lower()
+        host = u.hostname or ""
+        given_port = str(url_port) if url_port is not None else None
+    elif text.startswith("["):
+        m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", text)
+        if not m:
+            raise ValueError(usage)
+        host, given_port = m.group(1), m.group(2)
+    elif text.count(":") >= 2:
+        host = text  # a bare IPv6 address
+    elif text.count(":") == 1:
+        host, given_port = text.split(":")
+        if not given_port.isdigit():
+            raise ValueError(f"{usage}: port {given_port!r} is not a number")
+    else:
+        host = text
+    host = _check_host(host, usage)
+    if port is not None and given_port is not None and int(port) != int(given_port):
+        raise ValueError(f"{usage}: port {given_port} in the address but --master_port {port}")
+    chosen = port if port is not None else given_port
+    try:
+        p = int(chosen) if chosen is not None else int(default_port)
+    except ValueError:
+        raise ValueError(f"--master_port {chosen!r}: expected a port 1..65535") from None
+    if not 1 <= p <= 65535:
+        raise ValueError(f"port {p}: expected 1..65535")
+    return f"{scheme}://{host}:{p}"
+
+
+def _check_host(host: str, usage: str) -> str:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if re.fullmatch(r"[0-9.]+", host) or ":" in host or not _HOSTNAME.match(host):
+            raise ValueError(usage) from None
+        return host
+    return f"[{ip.compressed}]" if ip.version == 6 else str(ip)
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def speaks_tls(host: str, port: int, timeout: float = 5.0) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (certificate not checked)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=None):
+                return True
+    except (OSError, ssl.SSLError):
+        return False
 
 
 class MasterClient:
     """HTTP calls of one worker.
 
     Args:
-        base_url: ``http://IP:PORT`` (or https).
+        base_url: ``http(s)://HOST:PORT`` (see :func:`master_url`).
         worker_id: m.
         auth_token: bearer token ('' for none).
         verify: TLS verification (True, False or a CA file path).
-        give_up_s: stop retrying after the master was unreachable this long.
-        poll_s: long-poll duration asked of the master for the next round.
+        give_up_s: stop retrying after the master was unreachable this long (seconds).
+        poll_s: long-poll duration asked of the master (seconds).
     """
 
     def __init__(self, base_url: str, worker_id: int, auth_token: str = "", verify: Any = True,
                  give_up_s: float = 300.0, poll_s: float = 20.0) -> None:
-        headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
+        self.base_url = base_url
+        self.headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
+        self.cafile = verify if isinstance(verify, str) else None
         if isinstance(verify, str):  # a CA file for the master's certificate
             verify = ssl.create_default_context(cafile=verify)
-        self.http = httpx.Client(base_url=base_url, headers=headers, verify=verify,
-                                 timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=5.0))
+        self.verify = verify
+        self.timeout = httpx.Timeout(connect=10.0, read=poll_s + 30.0, write=60.0, pool=10.0)
+        self.http = httpx.Client(base_url=base_url, headers=self.headers, verify=verify, timeout=self.timeout)
         self.worker_id = worker_id
         self.give_up_s = give_up_s
         self.poll_s = poll_s
         self.bytes_sent = 0
         self.bytes_received = 0
         self.session = ""
+        self.heartbeat_s = 10.0
+        self.answered = False  # has the master ever answered this client?
 
     def close(self) -> None:
         self.http.close()
 
     # ----- plumbing -------------------------------------------------------
+    def _fatal_transport(self, exc: httpx.TransportError) -> Optional[str]:
+        """The one-line reason when a transport error can never be retried away."""
+        u = urlsplit(self.base_url)
+        for e in _causes(exc):
+            if isinstance(e, ssl.SSLCertVerificationError):
+                what = f"--cafile {self.cafile}" if self.cafile else "the system's CA certificates"
+                return (f"TLS: the master's certificate at {u.netloc} does not verify against {what} "
+                        f"({e.verify_message or e.reason})")
+            if isinstance(e, ssl.SSLError) and any(s in str(e) for s in ("WRONG_VERSION_NUMBER", "record layer",
+                                                                          "HTTP_REQUEST", "packet length")):
+                return (f"TLS: {u.netloc} does not speak HTTPS ({e.reason or e}); drop --tls/--cafile or use an "
+                        f"http:// address")
+        if (u.scheme == "http" and not self.answered
+                and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError))
+                and speaks_tls(u.hostname or "", u.port or DEFAULT_PORT)):
+            return (f"the master at {u.netloc} speaks HTTPS: add --cafile CERT (or --tls for a certificate the "
+                    f"system trusts), or give an https:// address")
+        return None
+
     def _call(self, method: str, url: str, **kw) -> httpx.Response:
-        """One request, retried with exponential backoff (0.5 s .. 10 s, jittered)
-        on connection errors and 5xx until ``give_up_s``; 410 -> MasterGone;
-        other 4xx -> Refused."""
+        """One request; network failures retried with exponential backoff
+        (0.5 s .. 10 s, jittered) until ``give_up_s``.
+
+        Raises:
+            Unreachable, RunOver (410), Fatal (see the module docstring),
+            Refused (other 4xx).
+        """
         delay, first_failure = 0.5, None
         if self.session:
             kw["headers"] = {**kw.get("headers", {}), "X-FLQ-Session": self.session}
@@ -70,43 +229,64 @@ class MasterClient:
             try:
                 r = self.http.request(method, url, **kw)
             except httpx.TransportError as exc:
-                r, err = None, exc
+                fatal = self._fatal_transport(exc)
+                if fatal:
+                    raise Fatal(fatal) from None
+                err = f"{type(exc).__name__}: {exc}".splitlines()[0]
             else:
-                err = None
-                if r.status_code < 500:
+                if r.status_code not in _RETRY_STATUS:
                     break
+                err = f"HTTP {r.status_code}"
             now = time.monotonic()
             first_failure = first_failure or now
-            if now - first_failure > self.give_up_s:
-                raise MasterGone(f"master unreachable for {self.give_up_s:.0f} s ({err or r.status_code})")
-            log.warning("master call %s %s failed (%s); retrying in %.1f s", method, url,
-                        err or f"HTTP {r.status_code}", delay)
-            time.sleep(delay * (0.8 + 0.4 * random.random()))
+            if now - first_failure >= self.give_up_s:
+                raise Unreachable(f"the master at {self.base_url} did not answer for {self.give_up_s:.0f} s "
+                                  f"(last: {err})")
+            log.warning("master call %s %s failed (%s); retrying in %.1f s", method, url, err, delay)
+            time.sleep(min(delay * (0.8 + 0.4 * random.random()), max(0.0, first_failure + self.give_up_s - now)))
             delay = min(delay * 2, 10.0)
+        self.answered = True
         self.bytes_received += len(r.content)
+        if r.status_code < 400:
+            return r
+        try:
+            body = r.json()
+            detail, code = str(body.get("detail", r.text)), str(body.get("code", ""))
+        except ValueError:
+            body, detail, code = {}, r.text.strip()[:200], ""
         if r.status_code == 410:
-            raise MasterGone("the master says the run is over")
-        if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            if r.status_code == 409 and "session replaced" in str(detail):
-                raise MasterGone(f"{detail} (this process stops; the newer one trains)")
-            raise Refused(r.status_code, str(detail))
-        return r
+            raise RunOver(str(body.get("reason", outcome.COMPLETED)), detail)
+        if r.status_code == 401:
+            raise Fatal(f"the master refused the bearer token (401): set --auth_token or $FLQ_AUTH_TOKEN to the "
+                        f"master's system.auth_token")
+        if r.status_code >= 500:
+            raise Fatal(f"the master failed on {method} {url} ({r.status_code}): {detail}", outcome.ERROR)
+        if code == "session_replaced":
+            raise Fatal(f"{detail}: this process stops, the newer one trains", replaced=True)
+        if code == "unknown_worker":
+            raise Fatal(detail)
+        raise Refused(r.status_code, detail, code)
 
     # ----- protocol -------------------------------------------------------
     def config(self) -> Dict[str, Any]:
-        """``GET /config`` -> ``{config, state, round}`` (retried until the master answers)."""
-        return self._call("GET", "/config").json()
+        """``GET /config`` -> ``{config, state, round}``.
 
-    def register(self, up_version: int, down_version: int) -> Dict[str, Any]:
-        """``POST /workers/register`` -> ``{resync, round, state, config}``."""
-        body = {"worker_id": self.worker_id, "up_version": up_version, "down_version": down_version}
+        Raises:
+            Fatal: the run is already over (nothing to join).
+        """
+        info = self._call("GET", "/config").json()
+        if info.get("state") == "finished":
+            raise Fatal(f"the run at {self.base_url} is already over: nothing to join")
+        return info
+
+    def register(self, up_version: int, down_version: int, **describe: Any) -> Dict[str, Any]:
+        """``POST /workers/register`` -> ``{resync, round, state, session, heartbeat_s, config}``;
+        ``describe`` adds ``threads`` and ``device``."""
+        body = {"worker_id": self.worker_id, "up_version": up_version, "down_version": down_version, **describe}
         self.session = ""
         info = self._call("POST", "/workers/register", json=body).json()
         self.session = info.get("session", "")
+        self.heartbeat_s = float(info.get("heartbeat_s", self.heartbeat_s))
         return info
 
     def mirrors(self):
@@ -118,24 +298,90 @@ class MasterClient:
         meta = _safetensors_metadata(r.content)
         return tensors["ref_up"], tensors["ref_down"], int(meta["up_version"]), int(meta["down_version"])
 
-    def next_round(self) -> Optional[tuple]:
-        """Long-poll ``GET /round/model``: (k, me_k, downlink bytes) or None."""
-        r = self._call("GET", "/round/model", params={"worker_id": self.worker_id, "wait": self.poll_s})
+    def next_round(self, after: int = -1) -> Optional[Tuple[int, float, bytes]]:
+        """Long-poll ``GET /round/model`` for a round after ``after``:
+        (k, me_k, downlink bytes) or None."""
+        r = self._call("GET", "/round/model", params={"worker_id": self.worker_id, "wait": self.poll_s,
+                                                      "after": after})
         if r.status_code == 204:
             return None
         return int(r.headers["X-FLQ-Round"]), float(r.headers["X-FLQ-MeK"]), r.content
 
     def offer(self, offer: Offer) -> bool:
-        """``POST /round/offer``; blocks until the selection; True when selected."""
-        r = self._call("POST", "/round/offer", json=offer.to_dict())
-        self.bytes_sent += len(r.request.content)
-        return bool(r.json()["selected"])
+        """``POST /round/offer`` until the selection is made (the same offer
+        each time; the master records it once); True when selected."""
+        body = offer.to_dict()
+        while True:
+            r = self._call("POST", "/round/offer", params={"wait": self.poll_s}, json=body)
+            self.bytes_sent += len(r.request.content)
+            answer = r.json()
+            if answer.get("decided", True):
+                return bool(answer["selected"])
 
     def upload(self, round_index: int, payload: bytes) -> None:
-        """``POST /round/upload`` with the encoded update."""
+        """``POST /round/upload`` with the encoded update (a retry is counted once)."""
         self._call("POST", "/round/upload", params={"worker_id": self.worker_id, "round": round_index},
                    content=payload, headers={"Content-Type": "application/octet-stream"})
         self.bytes_sent += len(payload)
+
+    def _once(self, path: str, timeout: float = 5.0) -> httpx.Response:
+        """One POST of ``{worker_id}`` on a fresh connection, not retried (heartbeat, leave)."""
+        with httpx.Client(base_url=self.base_url, headers=self.headers, verify=self.verify,
+                          timeout=timeout) as c:
+            return c.post(path, json={"worker_id": self.worker_id}, headers={"X-FLQ-Session": self.session})
+
+    def heartbeat(self) -> Optional[str]:
+        """One heartbeat; returns a one-line reason to stop (run over,
+        replaced) or None. Network errors are only logged: the next beat
+        tries again."""
+        try:
+            r = self._once("/workers/heartbeat")
+        except httpx.HTTPError as exc:
+            log.debug("heartbeat failed: %s", exc)
+            return None
+        if r.status_code in (409, 410):
+            try:
+                body = r.json()
+            except ValueError:
+                body = {}
+            if r.status_code == 410 or body.get("code") == "session_replaced":
+                return str(body.get("detail", r.status_code))
+        return None
+
+    def leave(self) -> None:
+        """Tell the master this worker exits on purpose (best effort, 5 s)."""
+        if not self.session:
+            return
+        try:
+            r = self._once("/workers/leave")
+            log.info("worker %d: told the master it leaves (%d)", self.worker_id, r.status_code)
+        except httpx.HTTPError as exc:
+            log.warning("worker %d: could not tell the master it leaves (%s)", self.worker_id, exc)
+
+
+class Heartbeat:
+    """A daemon thread that sends :meth:`MasterClient.heartbeat` every
+    ``client.heartbeat_s`` seconds while the worker computes or waits."""
+
+    def __init__(self, client: MasterClient) -> None:
+        self.client = client
+        self.stop_reason: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{client.worker_id}", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.client.heartbeat_s):
+            reason = self.client.heartbeat()
+            if reason:
+                self.stop_reason = reason
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _safetensors_metadata(blob: bytes) -> Dict[str, str]:
@@ -146,12 +392,29 @@ def _safetensors_metadata(blob: bytes) -> Dict[str, str]:
     return json.loads(blob[8:8 + n]).get("__metadata__", {})
 
 
+@dataclass
+class WorkerEnd:
+    """How a worker's run ended: ``reason`` (:mod:`flq.outcome`), a one-line
+    ``detail``, and the rounds it offered in."""
+
+    reason: str
+    detail: str
+    rounds: int
+
+    @property
+    def exit_status(self) -> int:
+        return outcome.exit_status(self.reason)
+
+
 def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any],
-               before_upload: Optional[Callable[[int], bool]] = None) -> int:
-    """The worker loop: register, then per round fetch -> offer -> upload or skip.
+               before_upload: Optional[Callable[[int], bool]] = None) -> WorkerEnd:
+    """The worker loop: register, then per round fetch -> offer -> upload or skip,
+    with a heartbeat alongside, until the master ends the run.
 
     The worker is built (data loaded, partition made) from ``GET /config``
     before it registers, so the master never waits on a worker's start-up.
+    A worker leaving for any other reason than the master's (a signal, an
+    error) tells the master it leaves.
 
     Args:
         client: the HTTP client.
@@ -161,60 +424,87 @@ def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any
             worker committed it (a lost upload).
 
     Returns:
-        Rounds in which this worker offered.
+        How it ended: the master's reason when it ended the run (the worker
+        exits with the same status), ``refused`` / ``error`` /
+        ``unreachable`` for the worker's own fatal conditions.
+
+    Raises:
+        flq.outcome.Interrupted: SIGINT/SIGTERM (after telling the master).
     """
-    worker = make_worker(client.config()["config"])
-    info = client.register(worker.up_version, worker.down_version)
+    offered, joined = 0, False
+    heartbeat: Optional[Heartbeat] = None
+    leave = True
+    try:
+        worker = make_worker(client.config()["config"])
+        describe = worker.describe() if hasattr(worker, "describe") else {}
+        _register(client, worker, describe)
+        joined = True
+        heartbeat = Heartbeat(client).start()
+        last_round, after = None, -1
+        while True:
+            try:
+                got = client.next_round(after)
+            except Refused as exc:
+                if exc.code == "not_registered":  # the master restarted (maybe from an older checkpoint)
+                    _register(client, worker, describe)
+                    after = -1  # whatever round it is at now
+                    continue
+                raise
+            if got is None:
+                continue
+            k, me_k, payload = got
+            if last_round is not None:
+                for _ in range(max(0, k - last_round - 1)):  # rounds missed while absent (SPEC.md step 8)
+                    worker.skip(-1)
+            last_round = after = k
+            offer = worker.offer(k, me_k, payload)
+            try:
+                selected = client.offer(offer)
+            except Refused as exc:
+                log.warning("worker %d: offer for round %d refused: %s", client.worker_id, k + 1, exc.detail)
+                worker.skip(k)
+                if exc.code == "mirror_mismatch":
+                    _resync(client, worker)
+                    after = k - 1  # fetch this round's model again, against the resynchronized mirror
+                continue
+            offered += 1
+            if not selected:
+                worker.skip(k)
+                log.debug("worker %d: round %d not selected (candidate %s)", client.worker_id, k + 1, offer.candidate)
+                continue
+            body = worker.upload(k)
+            if before_upload is not None and not before_upload(k):
+                log.warning("worker %d: upload of round %d dropped (test hook)", client.worker_id, k + 1)
+                continue
+            try:
+                client.upload(k, body)
+            except Refused as exc:
+                log.warning("worker %d: upload for round %d refused: %s", client.worker_id, k + 1, exc.detail)
+            log.debug("worker %d: round %d uploaded %d bytes", client.worker_id, k + 1, len(body))
+    except RunOver as exc:
+        leave = False
+        if not joined:
+            return WorkerEnd(outcome.REFUSED, f"the run at {client.base_url} is already over ({exc.reason})", 0)
+        if exc.reason in (outcome.SIGINT, outcome.SIGTERM):  # the operator stopped the master
+            return WorkerEnd(outcome.STOPPED, f"the master was stopped ({exc.reason})", offered)
+        return WorkerEnd(exc.reason, f"the master ended the run ({exc.reason})", offered)
+    except Fatal as exc:
+        leave = not exc.replaced
+        return WorkerEnd(exc.reason, str(exc), offered)
+    except Unreachable as exc:
+        leave = False
+        return WorkerEnd(outcome.UNREACHABLE, str(exc), offered)
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+        if leave and joined:
+            client.leave()
+
+
+def _register(client: MasterClient, worker, describe: Dict[str, Any]) -> None:
+    info = client.register(worker.up_version, worker.down_version, **describe)
     if info["resync"]:
         _resync(client, worker)
-    offered, last_round = 0, None
-    while True:
-        try:
-            got = client.next_round()
-        except MasterGone as exc:
-            log.info("worker %d: %s; exiting", client.worker_id, exc)
-            return offered
-        except Refused as exc:
-            if exc.status == 404:  # the master restarted and forgot us: register again
-                info = client.register(worker.up_version, worker.down_version)
-                if info["resync"]:
-                    _resync(client, worker)
-                continue
-            raise
-        if got is None:
-            continue
-        k, me_k, payload = got
-        if last_round is not None:
-            for _ in range(max(0, k - last_round - 1)):  # rounds missed while absent (SPEC.md step 8)
-                worker.skip(-1)
-        last_round = k
-        offer = worker.offer(k, me_k, payload)
-        try:
-            selected = client.offer(offer)
-        except Refused as exc:
-            log.warning("worker %d: offer for round %d refused: %s", client.worker_id, k, exc.detail)
-            worker.skip(k)
-            if "mirror versions" in exc.detail:
-                _resync(client, worker)
-            continue
-        except MasterGone:
-            return offered
-        offered += 1
-        if not selected:
-            worker.skip(k)
-            log.debug("worker %d: round %d not selected (candidate %s)", client.worker_id, k, offer.candidate)
-            continue
-        body = worker.upload(k)
-        if before_upload is not None and not before_upload(k):
-            log.warning("worker %d: upload of round %d dropped (test hook)", client.worker_id, k)
-            continue
-        try:
-            client.upload(k, body)
-        except Refused as exc:
-            log.warning("worker %d: upload for round %d refused: %s", client.worker_id, k, exc.detail)
-        except MasterGone:
-            return offered
-        log.debug("worker %d: round %d uploaded %d bytes", client.worker_id, k, len(body))
 
 
 def _resync(client: MasterClient, worker) -> None:

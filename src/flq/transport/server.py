@@ -14,23 +14,34 @@ The worker protocol (binary bodies for vectors, JSON for the rest):
 
 - ``GET /config`` -> the run's configuration, read before registering (so a
   worker loads its data first and the rounds need not wait for that).
-- ``POST /workers/register`` ``{worker_id, up_version, down_version}`` ->
-  ``{resync, round, state, config}``.
+- ``POST /workers/register`` ``{worker_id, up_version, down_version,
+  threads, device}`` -> ``{resync, round, state, session, heartbeat_s,
+  config}``.
+- ``POST /workers/heartbeat`` ``{worker_id}``: a sign of life every
+  ``heartbeat_s`` (a worker not heard from for ``worker_timeout_s`` is
+  absent); ``POST /workers/leave`` ``{worker_id}``: the worker exits on
+  purpose.
 - ``GET /workers/{id}/mirrors`` -> safetensors with ``ref_up``, ``ref_down``
   (versions in the metadata): the master's halves, to resynchronize.
-- ``GET /round/model?worker_id=&wait=`` -> 200 with the encoded downlink
-  (headers ``X-FLQ-Round``, ``X-FLQ-MeK``), 204 when no round opened within
-  ``wait`` seconds, 410 when the run is over.
-- ``POST /round/offer`` ``{worker_id, round, candidate, gain, cost, loss,
-  up_version, down_version}`` -> ``{selected}`` once the round's selection is
-  made.
+- ``GET /round/model?worker_id=&after=&wait=`` -> 200 with the encoded
+  downlink of the open round if it is after round ``after`` (headers
+  ``X-FLQ-Round``, ``X-FLQ-MeK``), 204 when none opened within ``wait``
+  seconds. Asked again for the same round: the same bytes.
+- ``POST /round/offer?wait=`` ``{worker_id, round, candidate, gain, cost,
+  loss, up_version, down_version}`` -> ``{decided, selected, round}``; when
+  not decided within ``wait`` seconds the worker sends the same offer again
+  (it is recorded once).
 - ``POST /round/upload?worker_id=&round=`` with the encoded update (only
-  the selected).
+  the selected; the same bytes again are accepted and counted once).
 
-Errors are an HTTP status with a JSON ``detail`` of one line: 400 malformed,
-401 bad token, 404 unknown worker, 409 conflicts with the round (late,
-duplicate, mirror versions differ), 410 run finished, 413 body too large.
-This module knows nothing of quantization: vectors are opaque bytes that
+Every worker call carries the ``X-FLQ-Session`` header its registration
+returned. Errors are an HTTP status with a JSON ``detail`` of one line and a
+``code``: 400 malformed, 401 bad token (``unauthorized``), 404 unknown
+worker (``unknown_worker``) or not registered (``not_registered``), 409
+conflicts (``late``, ``mirror_mismatch``, ``session_replaced``,
+``conflict``), 410 run over (``run_over``, with the run's ``reason``), 413
+body too large, 422 invalid request. This module knows nothing of
+quantization: vectors are opaque bytes that
 :class:`~flq.cluster.ClusterMaster` hands to the algorithm.
 """
 from __future__ import annotations
@@ -51,6 +62,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from .. import outcome
 from ..cluster import FINISHED, ClusterMaster, RunFinished
 from ..master import MasterError
 from ..messages import Offer
@@ -64,6 +76,8 @@ SESSION = Header(None, alias="X-FLQ-Session", max_length=64)
 MAX_JSON_BODY = 64 * 1024
 #: Seconds a client may take to send its whole request body.
 BODY_TIMEOUT_S = 30.0
+#: Longest long-poll a worker may ask for (``wait``), seconds.
+MAX_WAIT_S = 120.0
 
 
 class BodyLimit:
@@ -80,20 +94,22 @@ class BodyLimit:
         limit = self.limits.get(scope["path"], self.default)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_error(send, 413, f"request body of {int(declared)} bytes exceeds the limit of {limit}")
+            return await _send_error(send, 413, f"request body of {int(declared)} bytes exceeds the limit of {limit}",
+                                     "too_large")
         chunks, size, more = [], 0, True
         deadline = time.monotonic() + BODY_TIMEOUT_S
         while more:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.01, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                return await _send_error(send, 408, f"request body not received within {BODY_TIMEOUT_S:.0f} s")
+                return await _send_error(send, 408, f"request body not received within {BODY_TIMEOUT_S:.0f} s",
+                                         "timeout")
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                return await _send_error(send, 413, f"request body exceeds the limit of {limit} bytes")
+                return await _send_error(send, 413, f"request body exceeds the limit of {limit} bytes", "too_large")
             chunks.append(chunk)
             more = message.get("more_body", False)
         body, sent = b"".join(chunks), False
@@ -108,8 +124,8 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-async def _send_error(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _send_error(send, status: int, detail: str, code: str) -> None:
+    body = json.dumps({"detail": detail, "code": code}).encode()
     log.warning("request refused (%d): %s", status, detail)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -121,6 +137,8 @@ class RegisterRequest(BaseModel):
     worker_id: int = Field(ge=0, strict=True, description="the worker's id m")
     up_version: int = Field(0, ge=0, strict=True, description="version of the worker's ref_up mirror")
     down_version: int = Field(0, ge=0, strict=True, description="version of the worker's ref_down mirror")
+    threads: int = Field(0, ge=0, le=4096, strict=True, description="PyTorch threads the worker computes with")
+    device: str = Field("", max_length=64, description="the worker's compute device")
 
 
 class RegisterResponse(BaseModel):
@@ -128,7 +146,12 @@ class RegisterResponse(BaseModel):
     round: int
     state: str
     session: str = Field(description="send back as the X-FLQ-Session header on every later call")
+    heartbeat_s: float = Field(description="send POST /workers/heartbeat this often (seconds)")
     config: Dict[str, Dict[str, Any]]
+
+
+class WorkerRequest(BaseModel):
+    worker_id: int = Field(ge=0, strict=True, description="the worker's id m")
 
 
 class OfferRequest(BaseModel):
@@ -144,6 +167,7 @@ class OfferRequest(BaseModel):
 
 
 class OfferResponse(BaseModel):
+    decided: bool = Field(description="false: no selection yet, send the same offer again")
     selected: bool
     round: int
 
@@ -154,8 +178,8 @@ class StopResponse(BaseModel):
     state: str
 
 
-def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+def _error(status: int, detail: str, code: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail, "code": code, **extra}, status_code=status)
 
 
 def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
@@ -195,7 +219,7 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
     @app.exception_handler(MasterError)
     async def _master_error(request: Request, exc: MasterError):
         log.warning("%s %s refused (%d): %s", request.method, request.url.path, exc.status, exc)
-        return _error(exc.status, str(exc))
+        return _error(exc.status, str(exc), exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -203,11 +227,11 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
         where = ".".join(str(x) for x in first.get("loc", ()))
         detail = f"{where}: {first.get('msg', 'invalid')}".replace("\n", " ")
         log.warning("%s %s refused (422): %s", request.method, request.url.path, detail)
-        return _error(422, detail)
+        return _error(422, detail, "invalid")
 
     @app.exception_handler(RunFinished)
     async def _finished(request: Request, exc: RunFinished):
-        return _error(410, "run finished: exit")
+        return _error(410, f"the run is over ({exc.reason}): exit", "run_over", reason=exc.reason)
 
     def _authorized(request: Request) -> bool:
         given = request.headers.get("authorization", "")
@@ -220,7 +244,7 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
         if auth_token and path not in open_paths and not (status_token_free and path == "/status"):
             if not _authorized(request):
                 log.warning("%s %s refused (401): missing or wrong bearer token", request.method, path)
-                return _error(401, "missing or wrong bearer token")
+                return _error(401, "missing or wrong bearer token", "unauthorized")
         return await call_next(request)
 
     def _account(up: int = 0, down: int = 0) -> None:
@@ -245,7 +269,7 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
 
     @app.post("/stop", response_model=StopResponse, summary="Stop after the current round")
     async def stop() -> StopResponse:
-        cluster.request_stop()
+        cluster.request_stop(outcome.STOPPED)
         await cluster._notify()
         return StopResponse(stopping=True, round=cluster.master.round + 1, state=cluster.state)
 
@@ -257,8 +281,20 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
     @app.post("/workers/register", response_model=RegisterResponse)
     async def register(req: RegisterRequest, request: Request) -> RegisterResponse:
         host = request.client.host if request.client else ""
-        out = await cluster.register(req.worker_id, req.up_version, req.down_version, address=host)
+        out = await cluster.register(req.worker_id, req.up_version, req.down_version, address=host,
+                                     threads=req.threads, device=req.device)
         return RegisterResponse(config=cluster.cfg.public_sections(), **out)
+
+    @app.post("/workers/heartbeat", summary="A worker's sign of life (every heartbeat_s)")
+    async def heartbeat(req: WorkerRequest, session: Optional[str] = SESSION) -> Dict[str, Any]:
+        cluster.master.check_worker(req.worker_id)
+        return cluster.heartbeat(req.worker_id, session)
+
+    @app.post("/workers/leave", summary="The worker exits on purpose; no round waits for it")
+    async def leave(req: WorkerRequest, session: Optional[str] = SESSION) -> Dict[str, Any]:
+        cluster.master.check_worker(req.worker_id)
+        await cluster.leave(req.worker_id, session)
+        return {"ok": True}
 
     @app.get("/workers/{worker_id}/mirrors", response_class=Response, responses={200: {"content": {OCTET: {}}}})
     async def mirrors(worker_id: int, session: Optional[str] = SESSION) -> Response:
@@ -271,10 +307,11 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
         return Response(body, media_type=OCTET)
 
     @app.get("/round/model", response_class=Response, responses={200: {"content": {OCTET: {}}}, 204: {}})
-    async def round_model(worker_id: int = Query(ge=0), wait: float = Query(20.0, ge=0, le=120),
+    async def round_model(worker_id: int = Query(ge=0), wait: float = Query(20.0, ge=0, le=MAX_WAIT_S),
+                          after: int = Query(-1, ge=-1, description="the last round (0-based) the worker has done"),
                           session: Optional[str] = SESSION) -> Response:
         cluster.master.check_worker(worker_id)
-        view = await cluster.fetch_round(worker_id, wait, session)
+        view = await cluster.fetch_round(worker_id, wait, session, after=after)
         if view is None:
             return Response(status_code=204)
         return Response(view.payload, media_type=OCTET,
@@ -282,10 +319,11 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
                                  "X-FLQ-Down-Version": str(view.down_version)})
 
     @app.post("/round/offer", response_model=OfferResponse)
-    async def round_offer(req: OfferRequest, request: Request, session: Optional[str] = SESSION) -> Response:
+    async def round_offer(req: OfferRequest, request: Request, wait: float = Query(20.0, ge=0, le=MAX_WAIT_S),
+                          session: Optional[str] = SESSION) -> Response:
         raw = await request.body()
-        selected = await cluster.offer(Offer(**req.model_dump()), session)
-        body = json.dumps({"selected": selected, "round": req.round}).encode()
+        selected = await cluster.offer(Offer(**req.model_dump()), session, wait_s=wait)
+        body = json.dumps({"decided": selected is not None, "selected": bool(selected), "round": req.round}).encode()
         _account(up=len(raw), down=len(body))
         return Response(body, media_type="application/json")
 
@@ -308,18 +346,22 @@ def _server_class(cluster: ClusterMaster):
     class Server(uvicorn.Server):
         """uvicorn's server with the master's signal handling: the first
         SIGINT/SIGTERM acts as ``POST /stop`` (finish or abandon the current
-        round, write the results, tell the workers to exit, then exit); a second
-        one exits at once. Signals are not re-raised afterwards, so the master's
-        own clean-up (the results spreadsheet) always runs."""
+        round, write the results, tell the workers to exit, then exit with
+        130/143); a second one exits at once (the results are still written).
+        Signals are not re-raised afterwards, so the master's own clean-up
+        always runs."""
 
         stop_sent = False
 
         def handle_exit(self, sig, frame):
+            reason = outcome.signal_reason(sig)
             if not self.stop_sent and cluster.state != FINISHED:
                 self.stop_sent = True
-                log.warning("signal %d: stopping after the current round (send it again to exit now)", sig)
-                cluster.request_stop()
+                log.warning("%s: stopping after the current round (send it again to exit now)", reason.upper())
+                cluster.request_stop(reason)
                 return
+            log.warning("%s again: exiting now", reason.upper())
+            cluster.stop_reason = cluster.stop_reason or reason
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
@@ -337,10 +379,11 @@ def _server_class(cluster: ClusterMaster):
     return Server
 
 
-async def serve(app: FastAPI, cluster: ClusterMaster, host: str, port: int, grace_s: float = 5.0,
+async def serve(app: FastAPI, cluster: ClusterMaster, host: str, port: int, linger_s: float = 5.0,
                 ssl_certfile: Optional[str] = None, ssl_keyfile: Optional[str] = None) -> None:
-    """Run uvicorn (the app's lifespan runs the round loop); exit ``grace_s``
-    after the run ends (so polling workers hear 410), or on SIGINT/SIGTERM."""
+    """Run uvicorn (the app's lifespan runs the round loop) until the run
+    ends, then ``linger_s`` seconds more, answering 410 to the workers that
+    still call (so they learn the run is over), or until SIGINT/SIGTERM."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
@@ -349,9 +392,13 @@ async def serve(app: FastAPI, cluster: ClusterMaster, host: str, port: int, grac
     server = _server_class(cluster)(config)
 
     async def exit_when_finished() -> None:
-        while cluster.state != FINISHED:
+        while True:
+            rounds = getattr(app.state, "rounds", None)
+            if cluster.state == FINISHED or (rounds is not None and rounds.done()):
+                break
             await asyncio.sleep(0.1)
-        await asyncio.sleep(grace_s)
+        if cluster.state == FINISHED:
+            await asyncio.sleep(linger_s)
         server.should_exit = True
 
     watcher = asyncio.create_task(exit_when_finished())

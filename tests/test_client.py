@@ -1,0 +1,206 @@
+"""The worker's client: which addresses it accepts, and which conditions end
+it at once (one line, a non-zero status) instead of being retried; real
+worker processes against real masters on loopback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flq.transport.client import master_url
+
+from cluster_util import free_port, self_signed, start_cluster
+
+MLP = {"model": "mlp", "eval_every": 1000}
+
+
+@pytest.mark.parametrize("address,port,tls,url", [
+    ("127.0.0.1", None, False, "http://127.0.0.1:5000"),
+    ("127.0.0.1", "5001", False, "http://127.0.0.1:5001"),
+    ("127.0.0.1:5002", None, False, "http://127.0.0.1:5002"),
+    ("127.0.0.1:5002", "5002", False, "http://127.0.0.1:5002"),
+    ("master.local", "6000", True, "https://master.local:6000"),
+    ("jetson-01", None, False, "http://jetson-01:5000"),
+    ("::1", None, False, "http://[::1]:5000"),
+    ("::1", "5003", False, "http://[::1]:5003"),
+    ("[::1]", None, False, "http://[::1]:5000"),
+    ("[::1]:5004", None, False, "http://[::1]:5004"),
+    ("fe80:0:0:0:0:0:0:1", None, False, "http://[fe80::1]:5000"),
+    ("http://127.0.0.1", None, False, "http://127.0.0.1:5000"),
+    ("http://127.0.0.1", "5005", False, "http://127.0.0.1:5005"),
+    ("http://127.0.0.1:5006/", None, False, "http://127.0.0.1:5006"),
+    ("https://10.0.0.2:7000", None, False, "https://10.0.0.2:7000"),
+    ("HTTPS://[::1]:7001", None, True, "https://[::1]:7001"),
+    ("  192.168.1.100 ", None, False, "http://192.168.1.100:5000"),
+])
+def test_master_address_forms_accepted(address, port, tls, url):
+    assert master_url(address, port, tls) == url
+
+
+@pytest.mark.parametrize("address,port,tls,says", [
+    ("127.0.0.1/", None, False, "expected a host name"),
+    ("", None, False, "expected a host name"),
+    ("127.0.0.1:abc", None, False, "port 'abc' is not a number"),
+    ("127.0.0.1:5000", "5001", False, "port 5000 in the address but --master_port 5001"),
+    ("127.0.0.1:70000", None, False, "port 70000: expected 1..65535"),
+    ("ftp://127.0.0.1", None, False, "scheme 'ftp' is not http or https"),
+    ("http://127.0.0.1/api", None, False, "no path"),
+    ("http://user@127.0.0.1", None, False, "no path, query or user"),
+    ("http://127.0.0.1", None, True, "an http:// URL with --tls/--cafile"),
+    ("999.1.1.1", None, False, "expected a host name"),
+    ("[::1", None, False, "expected a host name"),
+    ("::zz", None, False, "expected a host name"),
+    ("host name", None, False, "expected a host name"),
+])
+def test_master_address_refused_in_one_line(address, port, tls, says):
+    with pytest.raises(ValueError) as err:
+        master_url(address, port, tls)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def _worker(tmp_path, *args, timeout=60, env=None):
+    """Run ``flq worker ARGS`` to its end: (status, stderr, seconds)."""
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "flq", "worker", "--threads", "1", "--log_dir",
+                          str(tmp_path / "logs"), *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    return out.returncode, out.stderr, time.monotonic() - t0
+
+
+def _last_line(stderr: str) -> str:
+    lines = [x for x in stderr.strip().splitlines() if x.startswith("flq")]
+    assert lines, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[-1]
+
+
+def test_bad_worker_arguments_are_one_line_and_exit_2(tmp_path):
+    """Before: -1 gave a traceback, a 300-digit id 'File name too long', bare
+    IPv6 a traceback, '127.0.0.1/' five minutes of retries."""
+    for args, says in ((["--worker_id", "-1"], "--worker_id -1: expected an integer 0..999"),
+                       (["--worker_id", "9" * 300], "expected an integer 0..999"),
+                       (["--worker_id", "0", "--master_ip", "127.0.0.1/"], "--master_ip '127.0.0.1/': expected"),
+                       (["--worker_id", "0", "--master_ip", "127.0.0.1:1", "--master_port", "2"], "port 1 in the"),
+                       (["--worker_id", "0", "--cafile", str(tmp_path / "none.pem")], "--cafile: no such file")):
+        status, err, took = _worker(tmp_path, *args)
+        assert status == 2, (args, err)
+        assert _last_line(err).startswith("flq: config error: ") and says in _last_line(err), err
+        assert took < 30
+
+
+def test_no_master_is_retried_then_exit_7_not_0(tmp_path):
+    """Only network failures are retried, for --give_up_s; then a non-zero
+    status (before: 'done after 0 rounds', exit 0)."""
+    port = free_port()
+    status, err, took = _worker(tmp_path, "--worker_id", "0", "--master_port", str(port), "--give_up_s", "3")
+    assert status == 7, err
+    assert f"the master at http://127.0.0.1:{port} did not answer for 3 s" in _last_line(err)
+    assert 3 <= took < 30
+
+
+def test_tls_mismatches_end_the_worker_in_seconds(tmp_path, fmnist_available):
+    """Plain HTTP against an HTTPS master, a CA file that did not sign its
+    certificate, HTTPS against a plain master: each is fatal at once (before:
+    300 s of retries)."""
+    cert, key = self_signed(tmp_path)
+    other, _ = self_signed(tmp_path, "stranger")
+    tls = start_cluster(tmp_path, 1, {**MLP, "rounds": 2}, start_workers=False, cafile=cert,
+                        master_args=["--certfile", cert, "--keyfile", key])
+    plain_root = tmp_path / "plain"
+    plain_root.mkdir()
+    plain = start_cluster(plain_root, 1, {**MLP, "rounds": 2}, start_workers=False)
+    try:
+        cases = (
+            (["--master_port", str(tls.port)], "speaks HTTPS: add --cafile CERT"),
+            (["--master_ip", f"http://127.0.0.1:{tls.port}"], "speaks HTTPS"),
+            (["--master_port", str(tls.port), "--cafile", other], "does not verify against --cafile"),
+            (["--master_port", str(tls.port), "--tls"], "does not verify against the system's CA certificates"),
+            (["--master_port", str(plain.port), "--cafile", cert], "does not speak HTTPS"),
+            (["--master_ip", f"https://127.0.0.1:{plain.port}"], "does not speak HTTPS"),
+        )
+        for args, says in cases:
+            status, err, took = _worker(tmp_path, "--worker_id", "0", *args)
+            assert status == 8, (args, err)
+            assert says in _last_line(err), (args, err)
+            assert took < 20, (args, took)
+        # and the right way in works: the run completes
+        status, err, _ = _worker(tmp_path, "--worker_id", "0", "--master_port", str(tls.port), "--cafile", cert,
+                                 timeout=300)
+        assert status == 0, err
+        assert tls.master.wait(timeout=60) == 0
+    finally:
+        tls.kill_all()
+        plain.kill_all()
+
+
+def test_worker_after_the_run_is_over_exits_8_at_once(tmp_path, fmnist_available):
+    """Before: 300 s of retries, then exit 0 'done after 1 rounds'."""
+    cluster = start_cluster(tmp_path, 1, {**MLP, "rounds": 2}, master_args=["--linger_s", "30"])
+    try:
+        cluster.wait_status(lambda s: s["state"] == "finished", what="the run to finish")
+        status, err, took = _worker(tmp_path, "--worker_id", "0", "--master_port", str(cluster.port))
+        assert status == 8, err
+        assert "is already over: nothing to join" in _last_line(err)
+        assert took < 20
+        assert cluster.workers[0].wait(timeout=60) == 0  # the worker that took part: completed
+    finally:
+        cluster.kill_all()
+
+
+def test_a_wrong_token_is_fatal(tmp_path, fmnist_available):
+    cluster = start_cluster(tmp_path, 1, {**MLP, "rounds": 2, "auth_token": "right"}, start_workers=False)
+    try:
+        status, err, took = _worker(tmp_path, "--worker_id", "0", "--master_port", str(cluster.port),
+                                    "--auth_token", "wrong")
+        assert status == 8 and "refused the bearer token (401)" in _last_line(err)
+        assert took < 20
+    finally:
+        cluster.kill_all()
+
+
+def test_address_forms_reach_the_master_ipv4_and_ipv6(tmp_path, fmnist_available):
+    """``http://IP`` with --master_port, ``IP:PORT``, a host name; bare ``::1``
+    and ``[::1]:PORT`` (before: bare IPv6 crashed)."""
+    cluster = start_cluster(tmp_path, 3, {**MLP, "rounds": 3}, start_workers=False)
+    v6_root = tmp_path / "v6"
+    v6_root.mkdir()
+    v6 = start_cluster(v6_root, 2, {**MLP, "rounds": 3}, start_workers=False, host="::1")
+    try:
+        p = cluster.port
+        cluster.start_worker(0, address=["--master_ip", "http://127.0.0.1", "--master_port", str(p)])
+        cluster.start_worker(1, address=["--master_ip", f"127.0.0.1:{p}"])
+        cluster.start_worker(2, address=["--master_ip", "localhost", "--master_port", str(p)])
+        v6.start_worker(0, address=["--master_ip", "::1", "--master_port", str(v6.port)])
+        v6.start_worker(1, address=["--master_ip", f"[::1]:{v6.port}"])
+        assert cluster.wait(timeout=300) == 0, cluster.output()
+        assert v6.wait(timeout=300) == 0, v6.output()
+        assert all(w.returncode == 0 for w in [*cluster.workers.values(), *v6.workers.values()])
+    finally:
+        cluster.kill_all()
+        v6.kill_all()
+
+
+def test_second_process_with_the_same_id_replaces_the_first(tmp_path, fmnist_available):
+    """The newer process trains; the older one exits 8 within seconds saying
+    so (before: exit 0 'done after 0 rounds'), and each has its own log."""
+    cluster = start_cluster(tmp_path, 1, {**MLP, "rounds": 100000, "worker_timeout_s": 6})
+    try:
+        cluster.wait_status(lambda s: s["rounds_done"] >= 2, what="round 2")
+        old = cluster.workers[0]
+        t0 = time.monotonic()
+        new = cluster.start_worker(0, out_name="worker0-new.out")
+        assert old.wait(timeout=60) == 8
+        took = time.monotonic() - t0
+        assert took < 30  # start-up of the new process (data loading) included
+        text = cluster.output("worker0")
+        assert "session replaced: another process registered with this id" in text
+        assert "this process stops, the newer one trains" in text
+        done = cluster.status()["rounds_done"]
+        cluster.wait_status(lambda s: s["rounds_done"] >= done + 3, what="rounds with the new process")
+        assert new.poll() is None
+        logs = sorted((tmp_path / "logs").glob("worker0_*.log"))
+        assert len(logs) == 2  # not the same file (before: both wrote one log)
+    finally:
+        cluster.kill_all()
