@@ -195,8 +195,9 @@ class CuttingProxy:
                     if not data:
                         break
                     with self.lock:
-                        if cut["prefix"] is not None and data.split(b" ", 1)[0] in (b"GET", b"POST"):  # a new request: the last
-                            self.fired.remove(cut["prefix"])  # marked response ended before its cut; re-arm
+                        new_request = data.split(b" ", 1)[0] in (b"GET", b"POST")
+                        if cut["prefix"] is not None and new_request:  # the marked response ended before its
+                            self.fired.remove(cut["prefix"])  # cut point: re-arm the rule
                             cut["at"] = cut["prefix"] = None
                         for prefix, after in self.rules:
                             if data.startswith(prefix) and prefix not in self.fired:

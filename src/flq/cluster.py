@@ -139,6 +139,18 @@ class ClusterMaster:
         async with self.cond:
             self.cond.notify_all()
 
+    async def _notified_before(self, deadline: float) -> bool:
+        """Inside ``async with self.cond``: wait for a notification until the
+        monotonic ``deadline``; False when the deadline passed first."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self.cond.wait(), timeout=left)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     def _check_session(self, info: WorkerInfo, session: Optional[str]) -> None:
         if info.left:
             raise MasterError(f"worker {info.worker_id} has left: register again", 404, "not_registered")
@@ -274,12 +286,7 @@ class ClusterMaster:
                 self._check_session(info, session)
                 if self.phase == PHASE_OFFERS and m.round > after and worker_id not in m.offers:
                     break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                try:
-                    await asyncio.wait_for(self.cond.wait(), timeout=left)
-                except asyncio.TimeoutError:
+                if not await self._notified_before(deadline):
                     return None
             info = self._seen(worker_id, "training", session=session)
             again = worker_id in m.downlinks
@@ -319,12 +326,7 @@ class ClusterMaster:
         async with self.cond:
             while offer.round == self.master.round and m not in self.decided and self.state != FINISHED:
                 self._check_session(info, session)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                try:
-                    await asyncio.wait_for(self.cond.wait(), timeout=left)
-                except asyncio.TimeoutError:
+                if not await self._notified_before(deadline):
                     return None
         self._finished()
         if offer.round != self.master.round:

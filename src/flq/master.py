@@ -339,7 +339,8 @@ class Master:
         self.round += 1
         diverging = [m for m in sorted(self.offers) if not math.isfinite(self.offers[m].loss)]
         if diverging and not problem:
-            problem = f"worker(s) {diverging} report a diverged local model (non-finite loss, or an update beyond 1e18; is lr {cfg.lr:g} too large?)"
+            problem = (f"worker(s) {diverging} report a diverged local model (non-finite loss, or an update "
+                       f"beyond {MAX_UPDATE_MAGNITUDE:g}; is lr {cfg.lr:g} too large?)")
         if problem:
             raise Diverged(f"round {k + 1} diverged: {problem}")
         return record
