@@ -21,8 +21,12 @@ mkdir -p logs
   ${WORKERS:+--workers "$WORKERS"} "$@" > logs/quick_test_master.out 2>&1 &
 master=$!
 pids=()
-cleanup() { kill "${pids[@]}" "$master" 2>/dev/null || true; }
-trap cleanup INT TERM
+# Ctrl-C (or SIGTERM to this script): one SIGTERM to the master, which stops the
+# run, writes the results and tells the workers to exit. The master and the
+# workers run in the background with SIGINT ignored, so the terminal's Ctrl-C
+# does not reach them a second time.
+stop() { kill -TERM "$master" 2>/dev/null || true; }
+trap stop INT TERM
 
 for _ in $(seq 1 100); do   # wait until the master answers
   curl -fsS "http://127.0.0.1:$PORT/status" >/dev/null 2>&1 && break
@@ -37,8 +41,18 @@ for i in $(seq 0 $((workers - 1))); do
 done
 echo "worker pids ${pids[*]}"
 rc=0
-wait "$master" || rc=$?
+while :; do   # a trapped signal interrupts `wait`: wait again until the master has exited
+  wait "$master" && rc=0 || rc=$?
+  kill -0 "$master" 2>/dev/null || break
+done
+for _ in $(seq 1 60); do   # the workers exit once the master tells them; 30 s at most
+  alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+  [ $alive = 0 ] && break
+  sleep 0.5
+done
+kill -TERM "${pids[@]}" 2>/dev/null || true
 for p in "${pids[@]}"; do wait "$p" || true; done
 grep -h '^results:' logs/quick_test_master.out || echo "no results written (master exit $rc)"
+[ $rc = 0 ] || echo "master exit status $rc (README: How a run ends)"
 echo "logs: $(ls -t logs/master_*.log | head -1) and logs/worker*_*.log"
 exit $rc

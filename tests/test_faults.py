@@ -1,9 +1,12 @@
-"""Faults with real processes on loopback: a worker killed and restarted, a
-master killed and resumed from its checkpoint."""
+"""Faults with real processes on loopback: workers killed, stalled,
+interrupted and restarted, a master killed and resumed, paused, signalled,
+on a full disk; every wait ends within its bound, every end keeps its
+results and exits with the status that says which."""
 from __future__ import annotations
 
 import math
 import signal
+import subprocess
 import time
 
 import httpx
@@ -167,12 +170,12 @@ def test_stalled_worker_with_all_required_ends_the_run_after_the_quorum_wait(tmp
         t0 = time.monotonic()
         st = cluster.wait_status(lambda s: s["workers"][1]["state"] == "absent", timeout=60, what="worker 1 absent")
         absent_after = time.monotonic() - t0
-        assert absent_after < 6 + 4, absent_after  # worker_timeout_s, plus the status poll
+        assert absent_after < 6 + 20, absent_after  # worker_timeout_s, plus a status poll on a loaded machine
         assert st["waiting_for"] == [1] and st["phase"] == "offers" and st["live_workers"] == 2
         rc = cluster.master.wait(timeout=120)
         ended_after = time.monotonic() - t0
         assert rc == 5, cluster.output()
-        assert ended_after < 4 + 12 + 15, ended_after  # round_timeout_s + quorum_timeout_s, plus the round open
+        assert ended_after < 4 + 12 + 30, ended_after  # round_timeout_s + quorum_timeout_s, plus the round open
         assert all(cluster.workers[m].wait(timeout=60) == 5 for m in (0, 2))  # told why, same status
     finally:
         cluster.workers[1].send_signal(signal.SIGCONT)
@@ -185,6 +188,10 @@ def test_stalled_worker_with_all_required_ends_the_run_after_the_quorum_wait(tmp
     (xlsx,) = cluster.results()
     run = read_results(xlsx)
     assert len(run.curve) >= 2 and run.config["run.end"] == "quorum_lost"
+    from flq.checkpoint import find_resumable, load_checkpoint
+
+    state, _ = load_checkpoint(find_resumable(str(tmp_path / "checkpoints"), "fashion_mnist", "bbit"))
+    assert state["round"] == len(run.curve)  # a last checkpoint: --resume continues from this very round
     print(f"\n| stalled worker, all required | absent after {absent_after:.1f} s | exit 5 after "
           f"{ended_after:.1f} s | results kept: {len(run.curve)} rounds |")
 
@@ -202,10 +209,10 @@ def test_workers_that_die_mid_round_show_absent_and_the_port_is_released(tmp_pat
         cluster.wait_status(lambda s: [w["state"] for w in s["workers"]] == ["absent", "absent"], timeout=60,
                             what="both absent")
         absent_after = time.monotonic() - t0
-        assert absent_after < 6 + 4
+        assert absent_after < 6 + 20
         assert cluster.master.wait(timeout=120) == 5, cluster.output()
         ended_after = time.monotonic() - t0
-        assert ended_after < 5 + 10 + 15
+        assert ended_after < 5 + 10 + 30
         assert port_is_free(cluster.port)
     finally:
         cluster.kill_all()
@@ -224,13 +231,15 @@ def test_worker_interrupted_tells_the_master_it_leaves(tmp_path, fmnist_availabl
         cluster.wait_status(lambda s: len(s["workers"]) == 2 and all(w["rounds_offered"] >= 2 for w in s["workers"]),
                             what="both workers in the rounds")
         cluster.workers[1].send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        cluster.workers[1].send_signal(signal.SIGINT)  # an impatient second Ctrl-C: still tells the master
         t0 = time.monotonic()
         assert cluster.workers[1].wait(timeout=30) == 130
         st = cluster.wait_status(lambda s: s["workers"][1]["state"] == "left", timeout=10, what="worker 1 left")
         left_after = time.monotonic() - t0
         done = st["rounds_done"]
         cluster.wait_status(lambda s: s["rounds_done"] >= done + 5, timeout=30, what="5 rounds without it")
-        assert time.monotonic() - t0 < 30  # far less than one round_timeout_s of 60 s
+        assert time.monotonic() - t0 < 45  # less than one round_timeout_s of 60 s
         cluster.start_worker(1, out_name="worker1-again.out")  # it may come back
         cluster.wait_status(lambda s: s["workers"][1]["state"] != "left" and
                             s["workers"][1]["rounds_offered"] > 0, what="worker 1 back")
@@ -240,6 +249,8 @@ def test_worker_interrupted_tells_the_master_it_leaves(tmp_path, fmnist_availabl
         cluster.kill_all()
     assert "worker 1 left (its process is exiting)" in _master_log(tmp_path)
     assert "told the master it leaves" in cluster.output("worker1")
+    done_line = next(x for x in cluster.output("worker1").splitlines() if "worker 1 done after" in x)
+    assert int(done_line.split("done after ")[1].split()[0]) >= 2  # the rounds it took part in
     print(f"\n| worker Ctrl-C | shown left after {left_after:.1f} s | exit 130 | rounds go on |")
 
 
@@ -295,3 +306,77 @@ def test_two_masters_sharing_a_checkpoint_dir_keep_their_own_checkpoints(tmp_pat
     files = sorted(p.name for p in shared.glob("flq_master_fashion_mnist_bbit_*.npz"))
     assert len(files) == 2, files  # before: one shared file
     assert not list(shared.glob("*.lock")) and not list(shared.glob("*.tmp"))
+
+
+def test_diverging_cluster_run_ends_diverged_everywhere(tmp_path, fmnist_available):
+    """--lr 1e16 on the cluster: the workers report their non-finite loss (as
+    JSON null), the master records round 2 and ends the run diverged, and
+    the workers exit with its status (before the workers crashed on NaN in
+    JSON and the master waited for a quorum that never came)."""
+    cluster = start_cluster(tmp_path, 2, {**MLP, "rounds": 1000, "lr": 1e16})
+    try:
+        assert cluster.master.wait(timeout=180) == 3, cluster.output()
+        assert [p.wait(timeout=60) for p in cluster.workers.values()] == [3, 3]
+    finally:
+        cluster.kill_all()
+    assert "Traceback" not in cluster.output("worker0") + cluster.output()
+    assert "run ended (diverged): round 2 diverged: worker(s) [0, 1] report a diverged local model" in \
+        cluster.output()
+    run = read_results(cluster.results()[0])
+    assert list(run.curve["iter"]) == [1, 2] and run.config["run.end"] == "diverged"
+
+
+def test_a_paused_master_extends_its_timeouts_instead_of_losing_the_quorum(tmp_path, fmnist_available):
+    """SIGSTOP on the master for longer than round_timeout_s + quorum_timeout_s:
+    its workers were alive all along, so after SIGCONT training goes on
+    (before: quorum_lost within a second of SIGCONT)."""
+    cluster = start_cluster(tmp_path, 2, {**MLP, "rounds": 100000, "round_timeout_s": 2, "worker_timeout_s": 3,
+                                          "quorum_timeout_s": 5})
+    try:
+        cluster.wait_status(lambda s: s["rounds_done"] >= 3, what="round 3")
+        cluster.master.send_signal(signal.SIGSTOP)
+        time.sleep(12)
+        cluster.master.send_signal(signal.SIGCONT)
+        done = cluster.wait_status(lambda s: True, what="status")["rounds_done"]
+        cluster.wait_status(lambda s: s["rounds_done"] >= done + 5, timeout=60, what="5 more rounds")
+        assert cluster.master.poll() is None
+        assert httpx.post(f"{cluster.url}/stop", timeout=10).status_code == 200
+        assert cluster.master.wait(timeout=60) == 4
+    finally:
+        cluster.master.send_signal(signal.SIGCONT)
+        cluster.kill_all()
+    assert "the master did not run for 1" in _master_log(tmp_path)  # ~12 s, noticed and made up for
+
+
+def test_repeated_signals_to_the_master_exit_cleanly(tmp_path, fmnist_available):
+    """SIGINT three times in a row: the first stops, the second exits at once,
+    the third is ignored; results written, no traceback, the workers told
+    (before: uvicorn's forced exit, tracebacks, workers exiting 1 on a 500)."""
+    cluster = start_cluster(tmp_path, 2, {**MLP, "rounds": 100000})
+    try:
+        cluster.wait_status(lambda s: s["rounds_done"] >= 3, what="round 3")
+        for pause in (0.3, 0.1, 0.0):
+            cluster.master.send_signal(signal.SIGINT)
+            time.sleep(pause)
+        assert cluster.master.wait(timeout=60) == 130
+        assert [p.wait(timeout=60) for p in cluster.workers.values()] == [4, 4]
+    finally:
+        cluster.kill_all()
+    out = cluster.output()
+    assert "Traceback" not in out and "SIGINT again: exiting now" in out
+    assert "Traceback" not in cluster.output("worker0") + cluster.output("worker1")
+    run = read_results(cluster.results()[0])
+    assert len(run.curve) >= 3 and run.config["run.end"] == "sigint"
+
+
+def test_second_master_on_a_taken_port_is_refused_at_once(tmp_path, fmnist_available):
+    cluster = start_cluster(tmp_path, 1, {**MLP, "rounds": 2}, start_workers=False)
+    try:
+        t0 = time.monotonic()
+        out = subprocess.run(cluster.master_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr  # before: exit 3 ("diverged") after its start-up
+        assert out.stderr.strip().splitlines()[-1].startswith(f"flq: config error: cannot listen on 127.0.0.1:"
+                                                             f"{cluster.port}")
+        assert time.monotonic() - t0 < 60
+    finally:
+        cluster.kill_all()

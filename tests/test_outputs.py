@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from flq.checkpoint import CheckpointError, find_resumable, lock_checkpoint
-from flq.outputs import (FileLock, atomic_write, claim_unique, remove_stale_temporaries, save_run,
-                         temporary_for)
+from flq.outputs import (FileLock, atomic_write, claim_unique, publish_unique, remove_stale_temporaries,
+                         save_run, temporary_for)
 
 from disk_util import tiny_disk
 
@@ -68,6 +68,27 @@ def test_temporaries_of_a_killed_writer_are_removed_at_the_next_start(tmp_path):
     mine.write_bytes(b"y")
     assert remove_stale_temporaries(tmp_path) == [left]
     assert sorted(q.name for q in tmp_path.iterdir()) == [mine.name]
+
+
+def test_publish_unique_never_shows_a_partial_or_empty_file(tmp_path):
+    """A spreadsheet is published under its name complete or not at all: a
+    writer SIGKILLed mid-write leaves only its temporary (removed at the next
+    start), never an empty placeholder under the final name."""
+    target = tmp_path / "flq_results_x.xlsx"
+    first = publish_unique(target, lambda tmp: tmp.write_bytes(b"one"))
+    second = publish_unique(target, lambda tmp: tmp.write_bytes(b"two"))
+    assert (first.name, second.name) == ("flq_results_x.xlsx", "flq_results_x_2.xlsx")
+    assert first.read_bytes() == b"one" and second.read_bytes() == b"two"
+    code = ("import sys, time; from pathlib import Path; from flq.outputs import publish_unique\n"
+            "def slow(tmp):\n    tmp.write_bytes(b'x'); print('writing', flush=True); time.sleep(60)\n"
+            "publish_unique(Path(sys.argv[1]), slow)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "other.xlsx")], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "other.xlsx").exists()
+    remove_stale_temporaries(tmp_path)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["flq_results_x.xlsx", "flq_results_x_2.xlsx"]
 
 
 def test_checkpoint_lock_keeps_resume_off_a_running_masters_file(tmp_path):

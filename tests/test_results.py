@@ -354,13 +354,15 @@ def test_failed_write_keeps_old_file_and_cleans_temp(tmp_path, monkeypatch):
     before = path.read_bytes()
     seen = []
 
-    def boom(target, sheets):
-        seen.append(Path(target))
-        Path(target).write_bytes(b"partial")
-        raise RuntimeError("disk full")
+    real_write = Path.write_bytes
 
-    monkeypatch.setattr(R, "_write_workbook", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
+    def boom(target, data):  # the disk fills up half way through the file
+        seen.append(Path(target))
+        real_write(target, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", boom)
+    with pytest.raises(OSError, match="No space left"):
         write_results(path, "bbit", make_records(), {"a": 2})
     assert len(seen) == 1
     tmp = seen[0]

@@ -336,9 +336,9 @@ def test_token_order_is_flag_then_environment_then_file(tmp_path, fmnist_availab
     config["system"]["auth_token"] = "from-file"
     path = tmp_path / "cfg.json"
     path.write_text(_json.dumps(config))
-    cases = (({}, {}, "from-file", "the config file (system.auth_token)"),
-             ({"FLQ_AUTH_TOKEN": "from-env"}, {}, "from-env", "$FLQ_AUTH_TOKEN"),
-             ({"FLQ_AUTH_TOKEN": "from-env"}, {"auth_token": "from-flag"}, "from-flag", "--auth_token"))
+    cases = (({}, {}, "from-file", "from the config file (system.auth_token)"),
+             ({"FLQ_AUTH_TOKEN": "from-env"}, {}, "from-env", "from $FLQ_AUTH_TOKEN"),
+             ({"FLQ_AUTH_TOKEN": "from-env"}, {"auth_token": "from-flag"}, "from-flag", "from --auth_token"))
     for i, (env, flags, wins, source) in enumerate(cases):
         root = tmp_path / str(i)
         root.mkdir()
@@ -349,6 +349,25 @@ def test_token_order_is_flag_then_environment_then_file(tmp_path, fmnist_availab
                                headers={"Authorization": f"Bearer {token}"})
                 assert r.status_code == (200 if token == wins else 401), (i, token, r.status_code)
             log = next((root / "logs").glob("master_*.log")).read_text()
-            assert f"auth token from {source}" in log
+            assert f"auth token: {source}" in log
         finally:
             cluster.kill_all()
+
+
+def test_a_request_cut_mid_body_leaves_no_error_and_no_trace(server, caplog):
+    """A client that declares 100 bytes, sends 14 and hangs up (a worker killed
+    mid-request): nothing reaches the handlers, nothing is logged as an
+    error, the master answers the next request (before: an ASGI traceback per
+    request on the master's console)."""
+    import socket
+
+    before = state_hash(server.master)
+    with caplog.at_level("ERROR"):
+        for path in ("/workers/heartbeat", "/round/upload?worker_id=0&round=0"):
+            with socket.create_connection(("127.0.0.1", server.port)) as s:
+                s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"worker_id\": 0".encode())
+        time.sleep(1.0)
+        assert httpx.get(f"{server.url}/status", timeout=10).status_code == 200
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    assert state_hash(server.master) == before

@@ -177,7 +177,8 @@ def test_signal_during_start_up_exits_143_in_one_line(fmnist_available, tmp_path
     assert p.returncode == 143, err
     assert "Traceback" not in err
     if not list((tmp_path / "results").glob("*.xlsx")):
-        assert err.strip().splitlines()[-1] == "flq: SIGTERM before the first round: nothing to write"
+        assert err.strip().splitlines()[-1] == ("flq simulate: SIGTERM during start-up, before any round: "
+                                                "nothing to write")
 
 
 def test_diverging_run_stops_with_a_clear_message_and_its_results(fmnist_available, tmp_path):
@@ -210,6 +211,22 @@ def test_full_results_disk_is_one_line_and_a_distinct_status(fmnist_available, t
             assert line.startswith("flq simulate: ")
             left = sorted(q.name for q in d.path.iterdir())
             assert left == ([] if kib == 4 else [left[0]]) and not any(n.endswith(".tmp") for n in left)
+
+
+def test_results_that_cannot_be_written_for_any_reason_are_one_line_and_exit_6(fmnist_available, tmp_path):
+    """Not only a full disk: a folder name the spreadsheet cannot carry (a
+    control character breaks openpyxl, not the file system). Before: a
+    traceback, an empty .xlsx left behind."""
+    root = tmp_path / "run"
+    root.mkdir()
+    bad = tmp_path / "res\x01ults"
+    out = subprocess.run(_simulate_cmd(root, "--rounds", "2", "--no-progress", "--results_dir", str(bad)), cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 6, out.stderr
+    assert "Traceback" not in out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if "not written" in x]
+    assert line.startswith("flq simulate: results not written to ") and "IllegalCharacterError" in line
+    assert not bad.exists() or not [p for p in bad.iterdir() if p.suffix == ".xlsx"]
 
 
 def test_two_runs_started_in_the_same_second_keep_their_own_files(fmnist_available, tmp_path):

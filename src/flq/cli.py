@@ -120,17 +120,17 @@ def auth_token_source(flag: Optional[str], file_value: str) -> tuple:
     the config file (the usual order: flag > environment > file)."""
     env = os.environ.get("FLQ_AUTH_TOKEN", "")
     if flag is not None:
-        return flag, "--auth_token"
+        return flag, "from --auth_token"
     if env:
-        return env, "$FLQ_AUTH_TOKEN"
+        return env, "from $FLQ_AUTH_TOKEN"
     if file_value:
-        return file_value, "the config file (system.auth_token)"
-    return "", "nowhere (no token)"
+        return file_value, "from the config file (system.auth_token)"
+    return "", "none set (no authentication)"
 
 
 def cmd_master(args: argparse.Namespace) -> int:
     from .logs import setup_logging
-    from .nodes import check_port_free, load_resume_state, run_master
+    from .nodes import listen_on, load_resume_state, run_master
     from .runtime import check_paths
 
     # everything that can refuse the run does so before any log or work
@@ -141,17 +141,25 @@ def cmd_master(args: argparse.Namespace) -> int:
             raise ConfigError(f"{label}: no such file {path}")
     if bool(args.certfile) != bool(args.keyfile):
         raise ConfigError("--certfile and --keyfile go together")
-    if args.linger_s < 0:
-        raise ConfigError(f"--linger_s {args.linger_s}: expected seconds >= 0")
-    check_port_free(cfg.master_host, cfg.master_port)
+    if args.certfile:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.certfile, args.keyfile)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"--certfile {args.certfile} / --keyfile {args.keyfile}: not a usable certificate "
+                              f"and key ({exc.reason if isinstance(exc, ssl.SSLError) else exc})") from None
+    if not 0 <= args.linger_s <= 3600:
+        raise ConfigError(f"--linger_s {args.linger_s}: expected seconds 0..3600")
+    sock = listen_on(cfg.master_host, cfg.master_port)  # held from now: a second master on the port is refused at once
     resume = load_resume_state(cfg, args.resume if isinstance(args.resume, str) else None) if args.resume else None
     token, source = auth_token_source(getattr(args, "cfg_auth_token", None), cfg.auth_token)
     cfg = dataclasses.replace(cfg, auth_token=token)
     logfile = setup_logging(cfg.log_dir, "master", cfg.log_level, args.verbose)
     log.info("log file %s", logfile)
-    log.info("auth token from %s", source)
+    log.info("auth token: %s", source)
     end = run_master(cfg, run_id=logfile.stem[len("master_"):], certfile=args.certfile, keyfile=args.keyfile,
-                     resume=resume, linger_s=args.linger_s)
+                     resume=resume, linger_s=args.linger_s, sock=sock)
     if end.not_saved:
         print(f"flq master: {end.not_saved}", file=sys.stderr)
     elif end.results_path is None:
@@ -185,8 +193,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         coerce("master_port", args.master_port, "--master_port")
     if args.cafile and not Path(args.cafile).is_file():
         raise ConfigError(f"--cafile: no such file {args.cafile}")
-    if args.give_up_s <= 0:
-        raise ConfigError(f"--give_up_s {args.give_up_s}: expected seconds > 0")
+    if not 0 < args.give_up_s <= 7 * 24 * 3600:
+        raise ConfigError(f"--give_up_s {args.give_up_s}: expected seconds > 0 and at most a week")
     try:
         url = master_url(args.master_ip, args.master_port, tls=bool(args.cafile or args.tls))
     except ValueError as exc:
@@ -194,7 +202,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     token, source = auth_token_source(args.auth_token, "")
     logfile = setup_logging(args.log_dir or "logs", f"worker{args.worker_id}", "INFO", args.verbose)
     log.info("log file %s", logfile)
-    log.info("worker %d joins %s; auth token from %s", args.worker_id, url, source)
+    log.info("worker %d joins %s; auth token: %s", args.worker_id, url, source)
     end = run_worker(args.worker_id, url, local, auth_token=token, verify=args.cafile or True,
                      give_up_s=args.give_up_s)
     log.info("worker %d done after %d rounds: %s (exit %d)", args.worker_id, end.rounds, end.detail or end.reason,
@@ -277,7 +285,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"flq: config error: {exc}", file=sys.stderr)
         return outcome.EXIT_CONFIG
     except outcome.Interrupted as exc:
-        print(f"flq: {exc.reason.upper()} before the first round: nothing to write", file=sys.stderr)
+        print(f"flq {args.command}: {exc.reason.upper()} during start-up, before any round: nothing to write",
+              file=sys.stderr)
         return outcome.exit_status(exc.reason)
     except KeyboardInterrupt:
         print("flq: interrupted", file=sys.stderr)
@@ -291,7 +300,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .data import DatasetError
 
         if isinstance(exc, (DatasetError, CheckpointError, RuntimeError, OSError)):
-            print(f"flq: error: {exc}", file=sys.stderr)
+            from .outputs import one_line
+
+            print(f"flq: error: {one_line(exc)}", file=sys.stderr)
             return 2
         raise
 

@@ -18,7 +18,7 @@ section):
   not left. Others are shown ``absent`` (or ``left``) in ``/status`` and no
   round waits for them.
 - Before round 1 the master waits for ``min_workers`` live workers (0 = all)
-  for at most ``quorum_timeout_s``, then ends the run (``quorum_lost``).
+  for at most ``start_timeout_s``, then ends the run (``quorum_lost``).
 - A round's offers close as soon as every live worker has offered, or
   ``round_timeout_s`` after the round opened; either way only once at least
   ``min_workers`` have offered. A round still short of them keeps waiting,
@@ -55,6 +55,10 @@ WAITING, TRAINING, STOPPING, FINISHED = "waiting", "training", "stopping", "fini
 PHASE_IDLE, PHASE_OFFERS, PHASE_UPLOADS, PHASE_CLOSING = "idle", "offers", "uploads", "closing"
 #: Seconds between two "still waiting" log lines.
 LOG_EVERY_S = 15.0
+#: A gap this long between two ticks of the event loop (normally 0.2 s apart)
+#: means the master itself was not running (SIGSTOP, a suspended VM, a
+#: starved machine): every running timeout is extended by the gap.
+PAUSE_S = 3.0
 
 
 class RunFinished(Exception):
@@ -98,7 +102,8 @@ class ClusterMaster:
     Args:
         master: the algorithm's master object.
         cfg: configuration (``min_workers``, ``round_timeout_s``,
-            ``worker_timeout_s``, ``quorum_timeout_s``, ``max_rounds``).
+            ``worker_timeout_s``, ``start_timeout_s``, ``quorum_timeout_s``,
+            ``max_rounds``).
         on_round: called (in a thread) after each round with its record.
         on_finish: called (in a thread) once when the run ends, with the reason.
         clock: time source in seconds for ``last_seen`` (tests may replace it).
@@ -126,6 +131,8 @@ class ClusterMaster:
         #: worker -> (round, digest) of its last counted upload: a retry after the round closed is answered OK
         self.counted_uploads: Dict[int, Tuple[int, str]] = {}
         self.heartbeat_s = max(1.0, cfg.worker_timeout_s / 3)
+        self.waiting_since = self.uploads_opened_at = time.monotonic()
+        self._last_tick = time.monotonic()
         self._cond: Optional[asyncio.Condition] = None
 
     # ----- helpers --------------------------------------------------------
@@ -167,6 +174,22 @@ class ClusterMaster:
         if state:
             info.state = state
         return info
+
+    def _tick(self) -> None:
+        """Notice a pause of the master itself and extend every running
+        timeout by it: workers cannot have been heard while it did not run,
+        and the round's clocks stop with it (see :data:`PAUSE_S`)."""
+        now = time.monotonic()
+        gap, self._last_tick = now - self._last_tick, now
+        if gap < PAUSE_S:
+            return
+        self.round_opened_at += gap
+        self.uploads_opened_at += gap
+        self.waiting_since += gap
+        for w in self.workers.values():
+            w.last_seen += gap
+        log.warning("the master did not run for %.0f s (stopped, suspended or starved): its timeouts are extended by "
+                    "as much", gap)
 
     def is_live(self, info: WorkerInfo) -> bool:
         """Heard from within ``worker_timeout_s`` and not left."""
@@ -357,6 +380,19 @@ class ClusterMaster:
         raise MasterError(f"upload for round {round_index + 1} is late (round {self.master.round + 1}, phase "
                           f"{self.phase})", 409, "late")
 
+    def abort(self, reason: str) -> None:
+        """Exit now (a second signal): from here on every call is answered
+        410 with the run's end reason, so the workers leave at once."""
+        self.stop_reason = self.stop_reason or reason
+        self.finish_reason = self.finish_reason or self.stop_reason
+        self.finish_detail = self.finish_detail or (f"{reason} again: exited at once after {len(self.master.records)} "
+                                                    f"rounds")
+        self.state = FINISHED
+        try:
+            asyncio.get_running_loop().create_task(self._notify())
+        except RuntimeError:  # no event loop running: nobody is waiting
+            pass
+
     def request_stop(self, reason: str = outcome.STOPPED) -> None:
         """Stop after the current round (SYSTEM.md, ``POST /stop``); ``reason``
         (``stopped``, ``sigint``, ``sigterm``) becomes the run's end reason."""
@@ -372,7 +408,10 @@ class ClusterMaster:
         """Wait until predicate() (re-checked every notify and at least every
         0.2 s) or the monotonic ``deadline``; return whether it holds."""
         async with self.cond:
-            while not predicate():
+            while True:
+                self._tick()
+                if predicate():
+                    break
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
                 timeout = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
@@ -415,6 +454,7 @@ class ClusterMaster:
         absent: set = set()
         while True:
             await asyncio.sleep(1.0)
+            self._tick()
             for w in list(self.workers.values()):
                 gone = not w.left and not self.is_live(w)
                 if gone and w.worker_id not in absent:
@@ -432,15 +472,17 @@ class ClusterMaster:
     async def _train(self) -> Tuple[str, str]:
         cfg, m = self.cfg, self.master
         need = cfg.needed_workers
-        log.info("waiting for %d of %d workers (system.min_workers), at most %.0f s (system.quorum_timeout_s)",
-                 need, cfg.total_workers, cfg.quorum_timeout_s)
-        give_up = time.monotonic() + cfg.quorum_timeout_s
+        log.info("waiting for %d of %d workers (system.min_workers), at most %.0f s (system.start_timeout_s)",
+                 need, cfg.total_workers, cfg.start_timeout_s)
+        self.waiting_since = self._last_tick = time.monotonic()
         while not await self._wait_until(lambda: len(self.connected) >= need or self.stop_requested,
-                                         min(give_up, time.monotonic() + LOG_EVERY_S)):
+                                         min(self.waiting_since + cfg.start_timeout_s,
+                                             time.monotonic() + LOG_EVERY_S)):
             missing = self._missing(self.connected)
+            give_up = self.waiting_since + cfg.start_timeout_s
             if time.monotonic() >= give_up:
                 return outcome.QUORUM_LOST, (f"only {len(self.connected)} of the {need} workers needed were present "
-                                             f"within quorum_timeout_s ({cfg.quorum_timeout_s:.0f} s); missing "
+                                             f"within start_timeout_s ({cfg.start_timeout_s:.0f} s); missing "
                                              f"{missing}")
             log.info("still waiting: %d of the %d workers needed are present; missing %s (start them or lower "
                      "system.min_workers); the run ends in %.0f s", len(self.connected), need, missing,
@@ -473,15 +515,18 @@ class ClusterMaster:
                 info = self.workers.get(w)
                 if info is not None and self.is_live(info):
                     info.state = "late"
-                    log.warning("worker %d late in round %d: no offer within round_timeout_s; not selected", w, k + 1)
-                elif info is not None:
-                    log.warning("worker %d absent in round %d", w, k + 1)
+                    log.info("worker %d late in round %d: no offer within round_timeout_s; not selected", w, k + 1)
+                elif info is not None:  # going absent was logged once, when it happened
+                    log.debug("worker %d absent in round %d", w, k + 1)
             async with self.cond:
                 self.selected = m.select()
                 self.decided = {w: (w in self.selected) for w in m.offers}
                 self.phase = PHASE_UPLOADS
                 self.cond.notify_all()
-            if not await self._wait_until(lambda: not self._uploads_awaited(), time.monotonic() + cfg.round_timeout_s):
+            self.uploads_opened_at = time.monotonic()
+            await self._wait_until(lambda: not self._uploads_awaited()
+                                   or time.monotonic() - self.uploads_opened_at >= cfg.round_timeout_s)
+            if self._uploads_awaited():
                 log.warning("round %d: uploads from %s never arrived; counted as not selected", k + 1,
                             self._uploads_awaited())
             self.phase = PHASE_CLOSING
@@ -507,17 +552,29 @@ class ClusterMaster:
         live = set(self.connected)
         return [w for w in self.selected if w not in self.master.received and w in live]
 
+    def _stop_now(self, need: int) -> bool:
+        """A stop was requested and the open round cannot close: its live
+        workers have all offered and are too few, or round_timeout_s passed."""
+        if not self.stop_requested:
+            return False
+        offered = set(self.master.offers)
+        pending = [w for w in self.connected if w not in offered]
+        late = time.monotonic() - self.round_opened_at >= self.cfg.round_timeout_s
+        return late or len(offered) + len(pending) < need or not pending
+
     async def _collect_offers(self, k: int, need: int) -> str:
-        """Wait for round k's offers to close; ``"closed"``, ``"stop"`` or ``"quorum_lost"``."""
+        """Wait for round k's offers to close; ``"closed"``, ``"stop"`` or
+        ``"quorum_lost"``. After a stop request the round still closes if its
+        live workers can complete it within round_timeout_s."""
         cfg = self.cfg
-        give_up = self.round_opened_at + cfg.round_timeout_s + cfg.quorum_timeout_s
         next_log = self.round_opened_at + cfg.round_timeout_s
         while True:
-            if await self._wait_until(lambda: self._offers_closed(need) or self.stop_requested,
+            give_up = self.round_opened_at + cfg.round_timeout_s + cfg.quorum_timeout_s
+            if await self._wait_until(lambda: self._offers_closed(need) or self._stop_now(need),
                                       min(next_log, give_up)):
                 return "closed" if self._offers_closed(need) else "stop"
             now = time.monotonic()
-            if now >= give_up:
+            if now >= self.round_opened_at + cfg.round_timeout_s + cfg.quorum_timeout_s:
                 return outcome.QUORUM_LOST
             waiting = self.waiting_for()
             log.warning("round %d: %d of the %d offers needed (system.min_workers) after %.0f s; waiting for "
@@ -558,7 +615,7 @@ class ClusterMaster:
         return {
             "state": self.state,
             "phase": self.phase,
-            "round": m.round + 1,  # 1-based, like iter: the round in progress (or next)
+            "round": m.round + 1 if not m.finished else m.round,  # 1-based like iter: in progress (or next, or last)
             "rounds_done": len(m.records),
             "round_open_s": (round(time.monotonic() - self.round_opened_at, 3)
                              if self.phase in (PHASE_OFFERS, PHASE_UPLOADS) else None),
@@ -571,7 +628,8 @@ class ClusterMaster:
             "total_workers": self.cfg.total_workers,
             "min_workers": self.cfg.needed_workers,
             "timeouts_s": {"round": self.cfg.round_timeout_s, "worker": self.cfg.worker_timeout_s,
-                           "quorum": self.cfg.quorum_timeout_s, "heartbeat": self.heartbeat_s},
+                           "start": self.cfg.start_timeout_s, "quorum": self.cfg.quorum_timeout_s,
+                           "heartbeat": self.heartbeat_s},
             "workers": [
                 {"worker_id": w.worker_id, "state": self.shown_state(w), "last_seen": w.last_seen,
                  "seconds_since_seen": round(now - w.last_seen, 3), "rounds_offered": w.rounds_offered,

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 MODES = ("fedavg", "laq8", "bbit", "bin")
+#: The longest wait any timeout may be set to (seconds).
+WEEK_S = 7 * 24 * 3600.0
 SECTIONS = ("system", "dataset", "model", "flq_algorithm", "lazy_selection",
             "budget_selection", "jetson_optimization", "logging")
 
@@ -60,16 +62,18 @@ class Config:
                           help="address the master listens on")
     master_port: int = _f("system", "master_port", 5000, "int", "a port 1..65535", lambda v: 1 <= v <= 65535,
                           help="master HTTP port")
-    round_timeout_s: float = _f("system", "round_timeout_s", 60.0, "float", "a number > 0 (seconds)",
-                                lambda v: v > 0, help="a round closes this long after it opened once "
+    round_timeout_s: float = _f("system", "round_timeout_s", 60.0, "float", "seconds, > 0 and at most a week",
+                                lambda v: 0 < v <= WEEK_S, help="a round closes this long after it opened once "
                                 "min_workers have offered; stragglers count as not selected")
-    worker_timeout_s: float = _f("system", "worker_timeout_s", 30.0, "float", "a number >= 3 (seconds)",
-                                 lambda v: v >= 3, help="a worker not heard from this long (it sends a heartbeat "
+    worker_timeout_s: float = _f("system", "worker_timeout_s", 30.0, "float", "seconds, >= 3 and at most a week",
+                                 lambda v: 3 <= v <= WEEK_S, help="a worker not heard from this long (it sends a heartbeat "
                                  "every third of it) is shown absent and no longer waited for")
-    quorum_timeout_s: float = _f("system", "quorum_timeout_s", 300.0, "float", "a number > 0 (seconds)",
-                                 lambda v: v > 0, help="how long the master waits with fewer than min_workers "
-                                 "(before round 1, or in a round past round_timeout_s) before it ends the run "
-                                 "(exit 5)")
+    start_timeout_s: float = _f("system", "start_timeout_s", 600.0, "float", "seconds, > 0 and at most a week",
+                                lambda v: 0 < v <= WEEK_S, help="how long the master waits for min_workers to join before "
+                                "round 1, then ends the run (exit 5)")
+    quorum_timeout_s: float = _f("system", "quorum_timeout_s", 300.0, "float", "seconds, > 0 and at most a week",
+                                 lambda v: 0 < v <= WEEK_S, help="how long a round short of min_workers offers waits past "
+                                 "round_timeout_s, then the run ends (exit 5)")
     checkpoint_every: int = _f("system", "checkpoint_every", 10, "int", "an integer >= 0 (0 = never)", _ge(0),
                                help="master checkpoint every N rounds")
     checkpoint_dir: str = _f("system", "checkpoint_dir", "checkpoints", "str", "a folder path",

@@ -33,8 +33,14 @@ def check_resumable(saved: Dict[str, Any], cfg: Config) -> None:
                                   f"this run has {now[sec][k]!r}: not the same run")
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Raise ConfigError when ``host:port`` cannot be listened on (in use, bad address)."""
+def listen_on(host: str, port: int):
+    """A socket bound to ``host:port`` and listening, for the master to serve
+    on later: taken before the data loads, so a second master on the same
+    port is refused at once, not after its start-up.
+
+    Raises:
+        ConfigError: the address cannot be resolved or listened on (in use ...).
+    """
     import socket
 
     try:
@@ -42,13 +48,16 @@ def check_port_free(host: str, port: int) -> None:
     except OSError as exc:
         raise ConfigError(f"config key 'system.master_host': cannot resolve {host!r} ({exc})") from None
     family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); another master running? "
-                              f"choose another --port") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); another master running? "
+                          f"choose another --port") from None
+    return sock
 
 
 def load_resume_state(cfg: Config, explicit: Optional[str] = None) -> Tuple[Path, Dict[str, Any]]:
@@ -88,7 +97,8 @@ class MasterEnd:
 
 
 def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile: Optional[str] = None,
-               linger_s: float = 5.0, resume: Optional[Tuple[Path, Dict[str, Any]]] = None) -> MasterEnd:
+               linger_s: float = 5.0, resume: Optional[Tuple[Path, Dict[str, Any]]] = None,
+               sock: Any = None) -> MasterEnd:
     """Serve one run on ``cfg.master_host:cfg.master_port`` until it ends
     (all rounds, ``POST /stop``, SIGINT/SIGTERM, a lost quorum, divergence,
     an error); the results of the rounds done are written in every case.
@@ -98,7 +108,8 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
     and the run goes on. ``resume`` (from :func:`load_resume_state`)
     continues a run and its checkpoint file. After the run, the master
     answers 410 for ``linger_s`` seconds so polling workers learn it ended.
-    The caller checks the port first (:func:`check_port_free`).
+    ``sock``: the listening socket from :func:`listen_on` (else one is
+    opened on ``master_host:master_port`` when serving starts).
     """
     from .checkpoint import checkpoint_path, lock_checkpoint, save_checkpoint
     from .cluster import ClusterMaster
@@ -126,17 +137,19 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
     lock = threading.Lock()
     cluster: Any = None
 
-    def checkpoint(record: Dict[str, Any]) -> None:
-        if not cfg.checkpoint_every or master.round % cfg.checkpoint_every:
+    def checkpoint(record: Optional[Dict[str, Any]] = None) -> None:
+        """Every checkpoint_every rounds, and (record None) once more at the end of the run."""
+        due = master.round % cfg.checkpoint_every == 0 if record is not None else written.get("ckpt") != master.round
+        if not cfg.checkpoint_every or not due or not master.records:
             return
         try:
             save_checkpoint(ckpt, master.state_dict(), cfg.public_sections())
         except OSError as exc:
             cluster.checkpoint_error = f"round {master.round}: {one_line(exc)}"
-            log.error("checkpoint at round %d not written: %s; the previous one is kept and training goes on",
-                      master.round, one_line(exc))
+            log.error("checkpoint at round %d not written: %s; the previous one is kept%s", master.round,
+                      one_line(exc), " and training goes on" if record is not None else "")
             return
-        cluster.checkpoint_error = ""
+        cluster.checkpoint_error, written["ckpt"] = "", master.round
         log.info("checkpoint at round %d: %s", master.round, ckpt)
 
     def write(reason: str) -> None:
@@ -144,10 +157,11 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
             if "reason" in written:
                 return
             written["reason"] = reason
+            checkpoint()  # the state at the end, so that --resume continues exactly here
             if not master.records:
                 log.warning("run ended (%s) before any round finished: no results to write", reason)
                 return
-            threads = {w.worker_id: w.threads for w in cluster.workers.values()}
+            threads = {w.worker_id: w.threads for w in list(cluster.workers.values())}
             config = results_config(cfg, reason, cluster.finish_detail, device=str(rt.device),
                                     worker_threads=threads)
             path, problem = save_run(default_results_path(cfg.results_dir, cfg.dataset, cfg.mode), cfg.mode,
@@ -172,7 +186,7 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
              cfg.dataset, cfg.total_workers, cfg.max_rounds, cfg.mode)
     try:
         asyncio.run(serve(app, cluster, cfg.master_host, cfg.master_port, linger_s=linger_s,
-                          ssl_certfile=certfile, ssl_keyfile=keyfile))
+                          ssl_certfile=certfile, ssl_keyfile=keyfile, sock=sock))
     finally:
         write(end_reason())
         if ckpt_lock is not None:
@@ -202,10 +216,10 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
         A :class:`flq.transport.client.WorkerEnd` (reason, detail, rounds).
 
     Raises:
-        ConfigError: the run's config does not fit this worker (its id, its data).
+        ConfigError: the run's config does not fit this worker's own settings or data.
     """
     from .runtime import Runtime
-    from .transport.client import MasterClient, WorkerEnd, run_worker as loop
+    from .transport.client import Fatal, MasterClient, run_worker as loop
     from .worker import Worker
 
     client = MasterClient(master_url, worker_id, auth_token=auth_token, verify=verify, give_up_s=give_up_s)
@@ -213,8 +227,8 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
     def make_worker(sections: Dict[str, Any]) -> Worker:
         cfg = worker_config(sections, local)
         if worker_id >= cfg.total_workers:
-            raise ConfigError(f"worker_id {worker_id} out of range: the run has {cfg.total_workers} workers "
-                              f"(0..{cfg.total_workers - 1})")
+            raise Fatal(f"worker_id {worker_id} is not in this run: it has {cfg.total_workers} workers "
+                        f"(0..{cfg.total_workers - 1})")
         rt = Runtime(cfg)
         log.info("worker %d: %s partition of %d samples, mode %s, device %s", worker_id, cfg.partition,
                  len(rt.partitions[worker_id]), cfg.mode, rt.device)
@@ -222,9 +236,6 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
 
     try:
         with outcome.signals_interrupt():
-            try:
-                return loop(client, make_worker)
-            except outcome.Interrupted as exc:
-                return WorkerEnd(exc.reason, f"{exc.reason.upper()}: left the run", 0)
+            return loop(client, make_worker)
     finally:
         client.close()

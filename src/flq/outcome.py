@@ -43,6 +43,16 @@ EXIT_STATUS: Dict[str, int] = {COMPLETED: 0, ERROR: 1, DIVERGED: 3, STOPPED: 4, 
                                UNREACHABLE: 7, REFUSED: 8, SIGINT: 130, SIGTERM: 143}
 
 _SIGNAL_REASON = {signal.SIGINT: SIGINT, signal.SIGTERM: SIGTERM}
+#: A process started with SIGINT ignored (``cmd &`` in a script, ``nohup``)
+#: keeps ignoring Ctrl-C, as POSIX programs do: the script that started it
+#: decides how to stop it.
+_SIGINT_IGNORED = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def stop_signals() -> tuple:
+    """The signals that stop a run: SIGTERM, and SIGINT unless this process
+    was started with SIGINT ignored."""
+    return (signal.SIGTERM,) if _SIGINT_IGNORED else (signal.SIGINT, signal.SIGTERM)
 
 
 def exit_status(reason: str) -> int:
@@ -73,27 +83,33 @@ class Interrupted(BaseException):
         self.reason = signal_reason(signum)
 
 
-_critical = {"depth": 0, "pending": 0}
+_critical = {"depth": 0, "pending": 0, "fired": 0}
 
 
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
-    """While inside, SIGINT and SIGTERM raise :class:`Interrupted` in the main
-    thread (between two Python operations, so a running PyTorch kernel
-    finishes first), or at the end of the enclosing :func:`critical` section.
-    Outside the main thread this does nothing. The previous handlers are
-    restored on exit."""
+    """While inside, the first SIGINT or SIGTERM raises :class:`Interrupted`
+    in the main thread (between two Python operations, so a running PyTorch
+    kernel finishes first), or at the end of the enclosing :func:`critical`
+    section; later ones are ignored, so the clean-up that follows (results,
+    telling the master) is not cut short. Outside the main thread this does
+    nothing. The previous handlers are restored on exit."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    _critical["fired"] = 0
+
     def handler(signum, frame):
+        if _critical["fired"]:  # the run is already ending: a second signal must not cut its clean-up short
+            return
         if _critical["depth"] > 0:
             _critical["pending"] = _critical["pending"] or signum
             return
+        _critical["fired"] = signum
         raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in _SIGNAL_REASON}
+    previous = {sig: signal.signal(sig, handler) for sig in stop_signals()}
     try:
         yield
     finally:
@@ -114,8 +130,9 @@ def critical() -> Iterator[None]:
         _critical["depth"] -= 1
         raise
     _critical["depth"] -= 1
-    if _critical["depth"] == 0 and _critical["pending"]:
+    if _critical["depth"] == 0 and _critical["pending"] and not _critical["fired"]:
         signum, _critical["pending"] = _critical["pending"], 0
+        _critical["fired"] = signum
         raise Interrupted(signum)
 
 
@@ -132,7 +149,7 @@ def signals_deferred() -> Iterator[Dict[str, int]]:
     def handler(signum, frame):
         got.setdefault("signum", signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in _SIGNAL_REASON}
+    previous = {sig: signal.signal(sig, handler) for sig in stop_signals()}
     try:
         yield got
     finally:

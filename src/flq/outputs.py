@@ -3,7 +3,9 @@ crash leaves half a file behind.
 
 - :func:`claim_unique`: a file name no other run holds (``name.ext``, else
   ``name_2.ext``, ``name_3.ext`` ...), claimed by creating it exclusively, so
-  two runs started in the same second get two logs and two spreadsheets.
+  two runs started in the same second get two logs; :func:`publish_unique`
+  does the same for a finished file (a spreadsheet), which appears under its
+  name complete or not at all.
 - :func:`atomic_write`: write to ``.NAME.<pid>.tmp`` in the same folder,
   fsync, then rename over the target; on any failure the temporary is
   removed and the target is untouched.
@@ -49,6 +51,42 @@ def claim_unique(path: Path) -> Path:
             continue
         os.close(fd)
         return candidate
+
+
+def publish_unique(path: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary with ``write(tmp)``, fsync it, then give it the first
+    free name of ``path``, ``stem_2.suffix``, ... (a hard link: atomic and
+    exclusive, so the file is never seen half written, no empty placeholder
+    is ever left, and two runs never take one name).
+
+    Raises:
+        OSError: the folder or the file cannot be written; nothing is left.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_for(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        candidate, n = path, 1
+        while True:
+            try:
+                os.link(tmp, candidate)
+                return candidate
+            except FileExistsError:
+                n += 1
+                candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+            except OSError:  # a file system without hard links (FAT): claim the name, then rename onto it
+                candidate = claim_unique(candidate)
+                os.replace(tmp, candidate)
+                return candidate
+    finally:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def temporary_for(path: Path) -> Path:
@@ -178,37 +216,31 @@ def save_run(results_path: Path, mode: str, records: Sequence[Mapping[str, Any]]
              selected: Sequence[Sequence[int]], num_workers: int, theta: Any, model: str,
              rounds: int) -> Tuple[Optional[Path], Optional[str]]:
     """Write a run's spreadsheet at a unique path derived from ``results_path``
-    and its final model beside it (``.safetensors``), each atomically.
+    (:func:`publish_unique`) and its final model beside it (``.safetensors``).
 
     Returns:
         ``(spreadsheet path or None, None)`` when both were written, or
-        ``(path or None, one-line reason)`` when either could not be: a
-        spreadsheet already written is kept; a partial file never is.
+        ``(path or None, one-line reason)`` when either could not be, for
+        whatever reason (a full disk, a bad folder name ...): a spreadsheet
+        already written is kept; a partial file never is.
     """
     from .model import save_global_model
-    from .results import write_results
+    from .results import results_workbook
 
-    path: Optional[Path] = None
     try:
-        path = claim_unique(Path(results_path))
-        write_results(path, mode, records, config, selected=selected, num_workers=num_workers)
-    except OSError as exc:
-        if path is not None:
-            _unlink_empty(path)
-        return None, f"results not written to {Path(results_path).parent}: {one_line(exc)}"
+        workbook = results_workbook(mode, records, config, selected=selected, num_workers=num_workers)
+        path = publish_unique(Path(results_path), lambda tmp: tmp.write_bytes(workbook))
+    except Exception as exc:  # noqa: BLE001 - reported in one line, never a lost run in silence
+        return None, f"results not written to {Path(results_path).parent}: {_describe(exc)}"
     try:
         save_global_model(path.with_suffix(".safetensors"), theta, model, rounds, mode)
-    except OSError as exc:
-        return path, f"final model not written beside {path.name}: {one_line(exc)} (the spreadsheet was)"
+    except Exception as exc:  # noqa: BLE001
+        return path, f"final model not written beside {path.name}: {_describe(exc)} (the spreadsheet was)"
     return path, None
 
 
-def _unlink_empty(path: Path) -> None:
-    try:
-        if path.stat().st_size == 0:
-            path.unlink()
-    except OSError:
-        pass
+def _describe(exc: BaseException) -> str:
+    return one_line(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {one_line(exc)}"
 
 
 def results_config(cfg: Any, reason: str, detail: str = "", **runtime: Any) -> Dict[str, Any]:

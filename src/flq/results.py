@@ -74,6 +74,7 @@ __all__ = [
     "CURVE_COLUMNS",
     "RunResults",
     "write_results",
+    "results_workbook",
     "read_results",
     "default_results_path",
     "plot_results",
@@ -218,15 +219,15 @@ def _config_cell(value: Any) -> Any:
     return json.dumps(value, default=str, sort_keys=False)
 
 
-def _write_workbook(target: Path, sheets: Mapping[str, pd.DataFrame]) -> None:
-    """Write ``sheets`` (name -> frame, in order) to ``target`` with openpyxl.
-    The workbook is built in memory first, so a failing disk fails one plain
-    write (an OSError) and leaves no half-closed zip behind."""
+def _workbook_bytes(sheets: Mapping[str, pd.DataFrame]) -> bytes:
+    """``sheets`` (name -> frame, in order) as an ``.xlsx`` file, built in
+    memory with openpyxl, so a failing disk later fails one plain write and
+    leaves no half-closed zip behind."""
     buffer = io.BytesIO()
     with pd.ExcelWriter(buffer, engine="openpyxl") as writer:
         for name, frame in sheets.items():
             frame.to_excel(writer, sheet_name=name, index=False)
-    target.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
 
 
 def write_results(
@@ -278,8 +279,22 @@ def write_results(
         ``selected``/``num_workers`` are missing, of the wrong length, or hold
         an out-of-range worker id.
     """
-    _check_mode(mode)
     target = Path(path)
+    workbook = results_workbook(mode, records, config, selected, num_workers)
+    atomic_write(target, lambda tmp: tmp.write_bytes(workbook))
+    return target
+
+
+def results_workbook(
+    mode: str,
+    records: Sequence[Mapping[str, Any]],
+    config: Mapping[str, Any] | None,
+    selected: Sequence[Iterable[int]] | None = None,
+    num_workers: int | None = None,
+) -> bytes:
+    """The ``.xlsx`` file :func:`write_results` writes, built in memory (same
+    arguments and errors, no ``path``), for a caller that stores it itself."""
+    _check_mode(mode)
     records = list(records)
     curve = _curve_frame(records)
     sheets: dict[str, pd.DataFrame] = {f"{CURVE_PREFIX}{mode}": curve}
@@ -288,9 +303,7 @@ def write_results(
             [int(v) for v in curve["iter"]], selected, num_workers
         )
     sheets[CONFIG_SHEET] = pd.DataFrame(_flatten_config(config), columns=["key", "value"])
-
-    atomic_write(target, lambda tmp: _write_workbook(tmp, sheets))
-    return target
+    return _workbook_bytes(sheets)
 
 
 def default_results_path(

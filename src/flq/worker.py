@@ -154,8 +154,8 @@ class Worker:
         if not usable_update(g, loss):
             # the local model diverged: offer nothing (ef and mirrors stay as
             # they are) and report the loss as NaN, so the master stops the run
-            log.warning("worker %d: non-finite loss or an update beyond %g in round %d", self.worker_id,
-                        MAX_UPDATE_MAGNITUDE, round_index + 1)
+            log.info("worker %d: non-finite loss or an update beyond %g in round %d", self.worker_id,
+                     MAX_UPDATE_MAGNITUDE, round_index + 1)
             self._pending = None
             return Offer(worker_id=self.worker_id, round=round_index, candidate=False, gain=0.0,
                          cost=float(cfg.uplink_bits * n), loss=float("nan"),

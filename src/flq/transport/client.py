@@ -9,12 +9,14 @@ HTTP against an HTTPS master (or the reverse), a wrong token (401), an id the
 run does not have, a run that is already over, a newer process registered
 with the same id, an error inside the master (500). :class:`RunOver` is the
 master saying the run ended (410), with its reason. Every call has a bounded
-read time (``poll_s`` + 30 s): a frozen master is detected, not waited for.
+read time (20 s, or a long-poll's ``poll_s`` + 20 s): a frozen master is
+detected, not waited for.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import random
 import re
 import socket
@@ -180,7 +182,9 @@ class MasterClient:
         if isinstance(verify, str):  # a CA file for the master's certificate
             verify = ssl.create_default_context(cafile=verify)
         self.verify = verify
-        self.timeout = httpx.Timeout(connect=10.0, read=poll_s + 30.0, write=60.0, pool=10.0)
+        # a quick call's answer within 20 s; a long-poll's within its wait + 20 s; else it counts as failed
+        self.timeout = httpx.Timeout(connect=10.0, read=20.0, write=60.0, pool=10.0)
+        self.poll_timeout = httpx.Timeout(connect=10.0, read=poll_s + 20.0, write=60.0, pool=10.0)
         self.http = httpx.Client(base_url=base_url, headers=self.headers, verify=verify, timeout=self.timeout)
         self.worker_id = worker_id
         self.give_up_s = give_up_s
@@ -216,16 +220,25 @@ class MasterClient:
 
     def _call(self, method: str, url: str, **kw) -> httpx.Response:
         """One request; network failures retried with exponential backoff
-        (0.5 s .. 10 s, jittered) until ``give_up_s``.
+        (0.5 s .. 10 s, jittered) for ``give_up_s`` seconds counted from the
+        start of the first failed attempt (once failures began, each attempt's
+        own time limits shrink to what is left).
 
         Raises:
             Unreachable, RunOver (410), Fatal (see the module docstring),
             Refused (other 4xx).
         """
         delay, first_failure = 0.5, None
-        if self.session:
+        limits = kw.pop("timeout", self.timeout)
+        if kw.pop("session", True) and self.session:
             kw["headers"] = {**kw.get("headers", {}), "X-FLQ-Session": self.session}
         while True:
+            started = time.monotonic()
+            kw["timeout"] = limits
+            if first_failure is not None:
+                left = max(1.0, first_failure + self.give_up_s - started)
+                kw["timeout"] = httpx.Timeout(connect=min(10.0, left), read=min(limits.read, left),
+                                              write=min(60.0, left), pool=min(10.0, left))
             try:
                 r = self.http.request(method, url, **kw)
             except httpx.TransportError as exc:
@@ -238,22 +251,27 @@ class MasterClient:
                     break
                 err = f"HTTP {r.status_code}"
             now = time.monotonic()
-            first_failure = first_failure or now
+            first_failure = first_failure or started
             if now - first_failure >= self.give_up_s:
-                raise Unreachable(f"the master at {self.base_url} did not answer for {self.give_up_s:.0f} s "
-                                  f"(last: {err})")
+                raise Unreachable(f"the master at {self.base_url} did not answer for {now - first_failure:.0f} s "
+                                  f"(--give_up_s {self.give_up_s:g}; last: {err})")
             log.warning("master call %s %s failed (%s); retrying in %.1f s", method, url, err, delay)
             time.sleep(min(delay * (0.8 + 0.4 * random.random()), max(0.0, first_failure + self.give_up_s - now)))
             delay = min(delay * 2, 10.0)
-        self.answered = True
         self.bytes_received += len(r.content)
         if r.status_code < 400:
+            self.answered = True
             return r
         try:
             body = r.json()
-            detail, code = str(body.get("detail", r.text)), str(body.get("code", ""))
-        except ValueError:
-            body, detail, code = {}, r.text.strip()[:200], ""
+            detail, code = str(body.get("detail", "")), str(body.get("code", ""))
+        except (ValueError, AttributeError):
+            body, detail, code = {}, "", ""
+        if not code:  # every refusal of an FLQ master carries a code
+            first = (r.text.strip().splitlines() or [""])[0][:80]
+            raise Fatal(f"{self.base_url} answered {method} {url} with HTTP {r.status_code} and no FLQ error "
+                        f"code: is it the FLQ master? ({first!r})")
+        self.answered = True
         if r.status_code == 410:
             raise RunOver(str(body.get("reason", outcome.COMPLETED)), detail)
         if r.status_code == 401:
@@ -274,7 +292,13 @@ class MasterClient:
         Raises:
             Fatal: the run is already over (nothing to join).
         """
-        info = self._call("GET", "/config").json()
+        r = self._call("GET", "/config")
+        try:
+            info = r.json()
+            info["config"]["system"]
+        except (ValueError, KeyError, TypeError):
+            raise Fatal(f"{self.base_url} answered GET /config with something else than an FLQ run's "
+                        f"configuration: is it the FLQ master?") from None
         if info.get("state") == "finished":
             raise Fatal(f"the run at {self.base_url} is already over: nothing to join")
         return info
@@ -283,8 +307,7 @@ class MasterClient:
         """``POST /workers/register`` -> ``{resync, round, state, session, heartbeat_s, config}``;
         ``describe`` adds ``threads`` and ``device``."""
         body = {"worker_id": self.worker_id, "up_version": up_version, "down_version": down_version, **describe}
-        self.session = ""
-        info = self._call("POST", "/workers/register", json=body).json()
+        info = self._call("POST", "/workers/register", json=body, session=False).json()
         self.session = info.get("session", "")
         self.heartbeat_s = float(info.get("heartbeat_s", self.heartbeat_s))
         return info
@@ -302,17 +325,18 @@ class MasterClient:
         """Long-poll ``GET /round/model`` for a round after ``after``:
         (k, me_k, downlink bytes) or None."""
         r = self._call("GET", "/round/model", params={"worker_id": self.worker_id, "wait": self.poll_s,
-                                                      "after": after})
+                                                      "after": after}, timeout=self.poll_timeout)
         if r.status_code == 204:
             return None
         return int(r.headers["X-FLQ-Round"]), float(r.headers["X-FLQ-MeK"]), r.content
 
     def offer(self, offer: Offer) -> bool:
         """``POST /round/offer`` until the selection is made (the same offer
-        each time; the master records it once); True when selected."""
-        body = offer.to_dict()
+        each time; the master records it once); True when selected. A
+        non-finite loss (a diverged worker) travels as ``null``: JSON has no NaN."""
+        body = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in offer.to_dict().items()}
         while True:
-            r = self._call("POST", "/round/offer", params={"wait": self.poll_s}, json=body)
+            r = self._call("POST", "/round/offer", params={"wait": self.poll_s}, json=body, timeout=self.poll_timeout)
             self.bytes_sent += len(r.request.content)
             answer = r.json()
             if answer.get("decided", True):
@@ -330,30 +354,28 @@ class MasterClient:
                           timeout=timeout) as c:
             return c.post(path, json={"worker_id": self.worker_id}, headers={"X-FLQ-Session": self.session})
 
-    def heartbeat(self) -> Optional[str]:
-        """One heartbeat; returns a one-line reason to stop (run over,
-        replaced) or None. Network errors are only logged: the next beat
-        tries again."""
+    def heartbeat(self) -> bool:
+        """One heartbeat; False once the master says the run is over (410).
+        Anything else (a network error, a refusal while this worker
+        re-registers) is only logged: the main loop's own calls decide what
+        it means, and the next beat tries again."""
         try:
             r = self._once("/workers/heartbeat")
         except httpx.HTTPError as exc:
             log.debug("heartbeat failed: %s", exc)
-            return None
-        if r.status_code in (409, 410):
-            try:
-                body = r.json()
-            except ValueError:
-                body = {}
-            if r.status_code == 410 or body.get("code") == "session_replaced":
-                return str(body.get("detail", r.status_code))
-        return None
+            return True
+        if r.status_code >= 400:
+            log.debug("heartbeat refused (%d): %s", r.status_code, r.text[:200])
+        return r.status_code != 410
 
     def leave(self) -> None:
-        """Tell the master this worker exits on purpose (best effort, 5 s)."""
+        """Tell the master this worker exits on purpose (best effort, 5 s; a
+        second Ctrl-C meanwhile does not cut it short)."""
         if not self.session:
             return
         try:
-            r = self._once("/workers/leave")
+            with outcome.signals_deferred():
+                r = self._once("/workers/leave")
             log.info("worker %d: told the master it leaves (%d)", self.worker_id, r.status_code)
         except httpx.HTTPError as exc:
             log.warning("worker %d: could not tell the master it leaves (%s)", self.worker_id, exc)
@@ -365,7 +387,6 @@ class Heartbeat:
 
     def __init__(self, client: MasterClient) -> None:
         self.client = client
-        self.stop_reason: Optional[str] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{client.worker_id}", daemon=True)
 
@@ -375,10 +396,11 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.client.heartbeat_s):
-            reason = self.client.heartbeat()
-            if reason:
-                self.stop_reason = reason
-                return
+            try:
+                if not self.client.heartbeat():
+                    return
+            except Exception:  # noqa: BLE001 - a heartbeat never ends the worker
+                log.debug("heartbeat failed", exc_info=True)
 
     def stop(self) -> None:
         self._stop.set()
@@ -428,8 +450,9 @@ def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any
         exits with the same status), ``refused`` / ``error`` /
         ``unreachable`` for the worker's own fatal conditions.
 
-    Raises:
-        flq.outcome.Interrupted: SIGINT/SIGTERM (after telling the master).
+    A SIGINT/SIGTERM (:class:`flq.outcome.Interrupted`, under
+    :func:`flq.outcome.signals_interrupt`) ends it with reason ``sigint`` /
+    ``sigterm`` after telling the master it leaves.
     """
     offered, joined = 0, False
     heartbeat: Optional[Heartbeat] = None
@@ -494,6 +517,11 @@ def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any
     except Unreachable as exc:
         leave = False
         return WorkerEnd(outcome.UNREACHABLE, str(exc), offered)
+    except Refused as exc:  # a refusal the loop does not expect: no retry can fix it
+        return WorkerEnd(outcome.REFUSED, f"the master refused this worker ({exc.status}, {exc.code}): {exc.detail}",
+                         offered)
+    except outcome.Interrupted as exc:
+        return WorkerEnd(exc.reason, f"{exc.reason.upper()}: left the run", offered)
     finally:
         if heartbeat is not None:
             heartbeat.stop()

@@ -124,6 +124,25 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
+class BearerAuth:
+    """ASGI middleware: without ``Authorization: Bearer <token>`` a request is
+    refused with 401 before anything reads it (``token`` '' = no auth;
+    ``open_paths`` need none). A plain ASGI class, so a client that hangs up
+    mid-request cannot make it fail."""
+
+    def __init__(self, app, token: str, open_paths) -> None:
+        self.app, self.expected, self.open_paths = app, f"Bearer {token}".encode(), frozenset(open_paths)
+        self.token = token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.token or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        return await _send_error(send, 401, "missing or wrong bearer token", "unauthorized")
+
+
 async def _send_error(send, status: int, detail: str, code: str) -> None:
     body = json.dumps({"detail": detail, "code": code}).encode()
     log.warning("request refused (%d): %s", status, detail)
@@ -160,10 +179,11 @@ class OfferRequest(BaseModel):
     candidate: bool
     gain: float
     cost: float
-    loss: float
+    loss: Optional[float] = Field(description="the worker's training loss; null when it is not finite (the "
+                                  "worker's model diverged; it is then not a candidate)")
     up_version: int = Field(ge=0, strict=True)
     down_version: int = Field(ge=0, strict=True)
-    compute_s: float = Field(0.0, ge=0)
+    compute_s: float = Field(0.0, ge=0, le=1e6, allow_inf_nan=False)
 
 
 class OfferResponse(BaseModel):
@@ -215,6 +235,9 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
                   description="Federated learning with low-bit, lazy, budgeted uploads (FLQ).")
     app.state.cluster = cluster
     app.add_middleware(BodyLimit, limits={"/round/upload": max_body_bytes}, default=MAX_JSON_BODY)
+    open_paths = {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"} | ({"/status"} if status_token_free
+                                                                                  else set())
+    app.add_middleware(BearerAuth, token=auth_token, open_paths=open_paths)  # outermost: runs first
 
     @app.exception_handler(MasterError)
     async def _master_error(request: Request, exc: MasterError):
@@ -232,20 +255,6 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
     @app.exception_handler(RunFinished)
     async def _finished(request: Request, exc: RunFinished):
         return _error(410, f"the run is over ({exc.reason}): exit", "run_over", reason=exc.reason)
-
-    def _authorized(request: Request) -> bool:
-        given = request.headers.get("authorization", "")
-        return not auth_token or hmac.compare_digest(given.encode(), f"Bearer {auth_token}".encode())
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        path = request.url.path
-        open_paths = ("/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
-        if auth_token and path not in open_paths and not (status_token_free and path == "/status"):
-            if not _authorized(request):
-                log.warning("%s %s refused (401): missing or wrong bearer token", request.method, path)
-                return _error(401, "missing or wrong bearer token", "unauthorized")
-        return await call_next(request)
 
     def _account(up: int = 0, down: int = 0) -> None:
         cluster.master.add_wire_bytes(up=up, down=down)
@@ -322,7 +331,9 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
     async def round_offer(req: OfferRequest, request: Request, wait: float = Query(20.0, ge=0, le=MAX_WAIT_S),
                           session: Optional[str] = SESSION) -> Response:
         raw = await request.body()
-        selected = await cluster.offer(Offer(**req.model_dump()), session, wait_s=wait)
+        fields = req.model_dump()
+        fields["loss"] = float("nan") if fields["loss"] is None else fields["loss"]
+        selected = await cluster.offer(Offer(**fields), session, wait_s=wait)
         body = json.dumps({"decided": selected is not None, "selected": bool(selected), "round": req.round}).encode()
         _account(up=len(raw), down=len(body))
         return Response(body, media_type="application/json")
@@ -355,13 +366,17 @@ def _server_class(cluster: ClusterMaster):
 
         def handle_exit(self, sig, frame):
             reason = outcome.signal_reason(sig)
+            if self.should_exit:
+                log.warning("%s: already exiting (writing the results)", reason.upper())
+                return
             if not self.stop_sent and cluster.state != FINISHED:
                 self.stop_sent = True
                 log.warning("%s: stopping after the current round (send it again to exit now)", reason.upper())
                 cluster.request_stop(reason)
                 return
             log.warning("%s again: exiting now", reason.upper())
-            cluster.stop_reason = cluster.stop_reason or reason
+            if cluster.state != FINISHED:
+                cluster.abort(reason)
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
@@ -369,7 +384,7 @@ def _server_class(cluster: ClusterMaster):
             if threading.current_thread() is not threading.main_thread():
                 yield
                 return
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in outcome.stop_signals()}
             try:
                 yield
             finally:
@@ -380,10 +395,11 @@ def _server_class(cluster: ClusterMaster):
 
 
 async def serve(app: FastAPI, cluster: ClusterMaster, host: str, port: int, linger_s: float = 5.0,
-                ssl_certfile: Optional[str] = None, ssl_keyfile: Optional[str] = None) -> None:
+                ssl_certfile: Optional[str] = None, ssl_keyfile: Optional[str] = None, sock: Any = None) -> None:
     """Run uvicorn (the app's lifespan runs the round loop) until the run
     ends, then ``linger_s`` seconds more, answering 410 to the workers that
-    still call (so they learn the run is over), or until SIGINT/SIGTERM."""
+    still call (so they learn the run is over), or until SIGINT/SIGTERM.
+    ``sock``: an already listening socket to serve on (else ``host:port``)."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
@@ -403,6 +419,6 @@ async def serve(app: FastAPI, cluster: ClusterMaster, host: str, port: int, ling
 
     watcher = asyncio.create_task(exit_when_finished())
     try:
-        await server.serve()
+        await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         watcher.cancel()
