@@ -206,6 +206,16 @@ fi
 case $cfg_abs in "$ROOT"/*) CFG_REL=${cfg_abs#"$ROOT"/} ;; *) CFG_REL=$(basename "$cfg_abs") ;; esac
 
 [ "${#WORKER_IPS[@]}" -gt 0 ] || say "warning: no worker IPs; starting the master only"
+if command -v python3 >/dev/null 2>&1; then   # fewer workers than the run needs: it would wait, then end
+  need=$(python3 -c 'import json, sys
+c = json.load(open(sys.argv[1])); s = c.get("system") if isinstance(c.get("system"), dict) else {}
+t = s.get("total_workers", c.get("total_workers", 20)); m = s.get("min_workers", c.get("min_workers", 0))
+print(int(m) or int(t))' "$cfg_abs" 2>/dev/null || true)
+  if [ -n "$need" ] && [ "${#WORKER_IPS[@]}" -lt "$need" ]; then
+    say "warning: the run needs $need workers (system.min_workers; 0 = total_workers) but WORKER_IPS has" \
+        "${#WORKER_IPS[@]}: the master will wait system.start_timeout_s for the others, then end (exit 5)"
+  fi
+fi
 [ "$DRY_RUN" = 1 ] && say "dry run: printing the commands, running none"
 
 # ---- 1. reach every host, make the directory, see what it has ----------------

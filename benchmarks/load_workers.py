@@ -69,9 +69,11 @@ def run(workers: int = 50, rounds: int = 20, model: str = "mlp", mode: str = "bb
             def make(_sections):
                 return Worker(m, cfg, FlatModel(build_model(cfg.model)), rt.data.train_x, rt.data.train_y,
                               rt.partitions[m])
-            n = run_worker(client, make)
+            end = run_worker(client, make)
             with lock:
-                offered.append(n)
+                offered.append(end.rounds)
+                if end.reason != "completed":
+                    errors.append(f"worker {m}: {end.reason}: {end.detail}")
         except Exception as exc:  # noqa: BLE001 - counted and reported
             with lock:
                 errors.append(f"worker {m}: {type(exc).__name__}: {exc}")
@@ -102,7 +104,7 @@ def run(workers: int = 50, rounds: int = 20, model: str = "mlp", mode: str = "bb
         "offers_per_round": sorted(set(int(v) for v in curve["offers"])),
         "selected_per_round": sorted(set(int(v) for v in curve["selcnt"])),
         "worker_errors": errors, "master_warnings": bad_lines, "master_exit": master.returncode,
-        "round_s_median": statistics.median(float(v) for v in curve["round_time_s"].iloc[1:]),
+        "round_s_median": statistics.median([float(v) for v in curve["round_time_s"]][1:] or [float("nan")]),
         "wall_s": wall, "master_peak_rss_mib": peak_kb / 1024, "workers_finished": len(offered),
         "results": str(xlsx),
     }

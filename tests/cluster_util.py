@@ -115,6 +115,8 @@ def start_cluster(root: Path, workers: int, overrides: Dict[str, object], start_
     until /status answers. ``cafile``: the master serves HTTPS (pass its
     ``--certfile``/``--keyfile`` in ``master_args``)."""
     port = free_port(host)
+    if "--linger_s" not in master_args:  # on loopback the workers hear the end at once; 5 s would only add up
+        master_args = [*master_args, "--linger_s", "1"]
     cmd = [sys.executable, "-m", "flq", "master", "--config", str(config or PAPER_CONFIG), "--host", host,
            "--port", str(port), "--workers", str(workers), "--threads", "1",
            "--results_dir", str(root / "results"), "--log_dir", str(root / "logs"), *master_args]

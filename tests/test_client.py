@@ -64,13 +64,23 @@ def test_master_address_refused_in_one_line(address, port, tls, says):
     assert says in str(err.value) and "\n" not in str(err.value)
 
 
-def _worker(tmp_path, *args, timeout=60, env=None):
-    """Run ``flq worker ARGS`` to its end: (status, stderr, seconds)."""
+def _workers(tmp_path, *arg_lists, timeout=60):
+    """Run ``flq worker ARGS`` for each list of arguments, all at once, to
+    their ends: [(status, stderr, seconds)]."""
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "flq", "worker", "--threads", "1", "--log_dir",
-                          str(tmp_path / "logs"), *args], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=timeout, env=env)
-    return out.returncode, out.stderr, time.monotonic() - t0
+    procs = [subprocess.Popen([sys.executable, "-m", "flq", "worker", "--threads", "1", "--log_dir",
+                               str(tmp_path / "logs"), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for args in arg_lists]
+    out = []
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        out.append((p.returncode, err, time.monotonic() - t0))
+    return out
+
+
+def _worker(tmp_path, *args, timeout=60):
+    """Run ``flq worker ARGS`` to its end: (status, stderr, seconds)."""
+    return _workers(tmp_path, list(args), timeout=timeout)[0]
 
 
 def _last_line(stderr: str) -> str:
@@ -83,13 +93,13 @@ def _last_line(stderr: str) -> str:
 def test_bad_worker_arguments_are_one_line_and_exit_2(tmp_path):
     """Before: -1 gave a traceback, a 300-digit id 'File name too long', bare
     IPv6 a traceback, '127.0.0.1/' five minutes of retries."""
-    for args, says in ((["--worker_id", "-1"], "--worker_id -1: expected an integer 0..999"),
-                       (["--worker_id", "9" * 300], "expected an integer 0..999"),
-                       (["--worker_id", "0", "--master_ip", "127.0.0.1/"], "--master_ip '127.0.0.1/': expected"),
-                       (["--worker_id", "0", "--master_ip", "127.0.0.1:1", "--master_port", "2"], "port 1 in the"),
-                       (["--worker_id", "0", "--cafile", str(tmp_path / "none.pem")], "--cafile: no such file"),
-                       (["--worker_id", "0", "--give_up_s", "nan"], "--give_up_s nan: expected seconds > 0")):
-        status, err, took = _worker(tmp_path, *args)
+    cases = ((["--worker_id", "-1"], "--worker_id -1: expected an integer 0..999"),
+             (["--worker_id", "9" * 300], "expected an integer 0..999"),
+             (["--worker_id", "0", "--master_ip", "127.0.0.1/"], "--master_ip '127.0.0.1/': expected"),
+             (["--worker_id", "0", "--master_ip", "127.0.0.1:1", "--master_port", "2"], "port 1 in the"),
+             (["--worker_id", "0", "--cafile", str(tmp_path / "none.pem")], "--cafile: no such file"),
+             (["--worker_id", "0", "--give_up_s", "nan"], "--give_up_s nan: expected seconds > 0"))
+    for (args, says), (status, err, took) in zip(cases, _workers(tmp_path, *(c[0] for c in cases))):
         assert status == 2, (args, err)
         assert _last_line(err).startswith("flq: config error: ") and says in _last_line(err), err
         assert took < SECONDS
@@ -125,8 +135,8 @@ def test_tls_mismatches_end_the_worker_in_seconds(tmp_path, fmnist_available):
             (["--master_port", str(plain.port), "--cafile", cert], "does not speak HTTPS"),
             (["--master_ip", f"https://127.0.0.1:{plain.port}"], "does not speak HTTPS"),
         )
-        for args, says in cases:
-            status, err, took = _worker(tmp_path, "--worker_id", "0", *args)
+        ends = _workers(tmp_path, *(["--worker_id", "0", *args] for args, _ in cases))
+        for (args, says), (status, err, took) in zip(cases, ends):
             assert status == 8, (args, err)
             assert says in _last_line(err), (args, err)
             assert took < SECONDS, (args, took)
@@ -159,18 +169,17 @@ def test_a_wrong_token_an_id_not_in_the_run_or_not_a_master_is_fatal(tmp_path, f
     web = subprocess.Popen([sys.executable, "-m", "http.server", str(port := free_port()), "--bind", "127.0.0.1"],
                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        status, err, took = _worker(tmp_path, "--worker_id", "0", "--master_port", str(cluster.port),
-                                    "--auth_token", "wrong")
+        time.sleep(1)  # the web server is up
+        (status, err, took), (status5, err5, _), (status_web, err_web, _) = _workers(
+            tmp_path, ["--worker_id", "0", "--master_port", str(cluster.port), "--auth_token", "wrong"],
+            ["--worker_id", "5", "--master_port", str(cluster.port), "--auth_token", "right"],
+            ["--worker_id", "0", "--master_port", str(port)])
         assert status == 8 and "refused the bearer token (401)" in _last_line(err)
         assert took < SECONDS
-        status, err, took = _worker(tmp_path, "--worker_id", "5", "--master_port", str(cluster.port),
-                                    "--auth_token", "right")
-        assert status == 8 and "worker_id 5 is not in this run: it has 1 workers (0..0)" in _last_line(err)
-        time.sleep(1)  # the web server is up
-        status, err, took = _worker(tmp_path, "--worker_id", "0", "--master_port", str(port))
-        assert status == 8, err  # before: a traceback and an HTML page
-        assert "with HTTP 404 and no FLQ error code: is it the FLQ master?" in _last_line(err)
-        assert len(_last_line(err)) < 300
+        assert status5 == 8 and "worker_id 5 is not in this run: it has 1 workers (0..0)" in _last_line(err5)
+        assert status_web == 8, err_web  # before: a traceback and an HTML page
+        assert "with HTTP 404 and no FLQ error code: is it the FLQ master?" in _last_line(err_web)
+        assert len(_last_line(err_web)) < 300
     finally:
         web.kill()
         cluster.kill_all()

@@ -241,6 +241,9 @@ def test_dry_run_env_and_flag_overrides(shim_path, tmp_path):
     assert "10.0.0." not in r.stdout and "bootstrap.sh" not in r.stdout
     assert "--worker_id 0 --master_ip 10.9.9.9" in r.stdout and "--worker_id 1 " not in r.stdout
     assert not called.exists()
+    # flq_config.json's run needs its 4 workers: one host is too few, and it says so before deploying
+    assert ("warning: the run needs 4 workers (system.min_workers; 0 = total_workers) but WORKER_IPS has 1"
+            in r.stdout + r.stderr)
 
 
 # ---------------------------------------------------------------------------

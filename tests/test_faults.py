@@ -18,10 +18,12 @@ from cluster_util import port_is_free, start_cluster
 from conftest import small_config
 from disk_util import disk
 
+MLP = {"model": "mlp", "eval_every": 1000}
+
 
 def test_worker_killed_then_rejoins(tmp_path, fmnist_available):
     # bin under 17e6 bits: every candidate uploads, so the bin_ sheet shows who took part
-    cluster = start_cluster(tmp_path, 4, {"rounds": 80, "mode": "bin", "b_down": 8, "round_timeout_s": 3,
+    cluster = start_cluster(tmp_path, 4, {"rounds": 40, "mode": "bin", "b_down": 8, "round_timeout_s": 3,
                                           "min_workers": 3, "eval_every": 1000, "worker_timeout_s": 5})
     try:
         cluster.wait_status(lambda s: s["rounds_done"] >= 3, what="round 3")
@@ -38,13 +40,13 @@ def test_worker_killed_then_rejoins(tmp_path, fmnist_available):
         cluster.kill_all()
     (xlsx,) = cluster.results()
     run = read_results(xlsx)
-    assert list(run.curve["iter"]) == list(range(1, 81))
+    assert list(run.curve["iter"]) == list(range(1, 41))
     w2 = list(run.binary["w2"])
     assert w2[:3] == [1, 1, 1]
     assert w2[killed_at - 1] == 0  # absent after the kill
     assert w2[-1] == 1 and sum(w2[killed_at:]) >= 3  # selected again after rejoining
     # the others took part throughout (a round or two may be lost to a slow start: a straggler)
-    assert all(run.binary[f"w{m}"].sum() >= 77 for m in (0, 1, 3))
+    assert all(run.binary[f"w{m}"].sum() >= 37 for m in (0, 1, 3))
     text = (tmp_path / "logs").glob("master_*.log")
     log = next(text).read_text()
     assert "worker 2 absent" in log and "worker 2 registered again" in log and "resynchronizes" in log
@@ -77,8 +79,7 @@ def test_restart_mid_round_with_all_workers_required(tmp_path, fmnist_available)
     """min_workers = all: a worker killed after it got a round's model and
     restarted must be able to fetch that round again, or the round would
     wait for it forever."""
-    cluster = start_cluster(tmp_path, 2, {"rounds": 40, "round_timeout_s": 2, "min_workers": 0,
-                                          "eval_every": 1000})
+    cluster = start_cluster(tmp_path, 2, {**MLP, "rounds": 40, "round_timeout_s": 2, "min_workers": 0})
     try:
         cluster.wait_status(lambda s: s["rounds_done"] >= 3, what="round 3")
         cluster.workers[0].kill()
@@ -98,8 +99,7 @@ def test_stop_and_sigterm_end_a_round_that_cannot_close(tmp_path, fmnist_availab
     for how in ("stop", "sigterm"):
         root = tmp_path / how
         root.mkdir()
-        cluster = start_cluster(root, 2, {"rounds": 500, "round_timeout_s": 2, "min_workers": 0,
-                                          "eval_every": 1000})
+        cluster = start_cluster(root, 2, {**MLP, "rounds": 5000, "round_timeout_s": 2, "min_workers": 0})
         try:
             cluster.wait_status(lambda s: s["rounds_done"] >= 2, what="round 2")
             cluster.workers[1].kill()
@@ -116,15 +116,15 @@ def test_stop_and_sigterm_end_a_round_that_cannot_close(tmp_path, fmnist_availab
             cluster.kill_all()
         (xlsx,) = cluster.results()
         done = len(read_results(xlsx).curve)
-        assert 2 <= done < 500
+        assert 2 <= done < 5000
 
 
 def test_straggler_never_blocks_a_round_and_joins_again(tmp_path, fmnist_available):
     """A worker frozen (SIGSTOP) for longer than round_timeout_s: the rounds go
     on without it (late offer or upload refused), and after SIGCONT it takes
     part again."""
-    cluster = start_cluster(tmp_path, 3, {"rounds": 60, "mode": "bin", "b_down": 8, "round_timeout_s": 2,
-                                          "min_workers": 2, "eval_every": 1000})
+    cluster = start_cluster(tmp_path, 3, {**MLP, "rounds": 60, "mode": "bin", "b_down": 8, "round_timeout_s": 2,
+                                          "min_workers": 2})
     try:
         cluster.wait_status(lambda s: s["rounds_done"] >= 3, what="round 3")
         cluster.workers[1].send_signal(signal.SIGSTOP)
@@ -148,8 +148,6 @@ def test_straggler_never_blocks_a_round_and_joins_again(tmp_path, fmnist_availab
 
 # ---------------------------------------------------------------------------
 # every wait has a bound and a documented outcome (README, "Faults")
-
-MLP = {"model": "mlp", "eval_every": 1000}
 
 
 def _master_log(root) -> str:
@@ -335,7 +333,7 @@ def test_a_paused_master_extends_its_timeouts_instead_of_losing_the_quorum(tmp_p
     try:
         cluster.wait_status(lambda s: s["rounds_done"] >= 3, what="round 3")
         cluster.master.send_signal(signal.SIGSTOP)
-        time.sleep(12)
+        time.sleep(9)  # > round_timeout_s + quorum_timeout_s
         cluster.master.send_signal(signal.SIGCONT)
         done = cluster.wait_status(lambda s: True, what="status")["rounds_done"]
         cluster.wait_status(lambda s: s["rounds_done"] >= done + 5, timeout=60, what="5 more rounds")
@@ -345,7 +343,7 @@ def test_a_paused_master_extends_its_timeouts_instead_of_losing_the_quorum(tmp_p
     finally:
         cluster.master.send_signal(signal.SIGCONT)
         cluster.kill_all()
-    assert "the master did not run for 1" in _master_log(tmp_path)  # ~12 s, noticed and made up for
+    assert "the master did not run for " in _master_log(tmp_path)  # ~9 s, noticed and made up for
 
 
 def test_repeated_signals_to_the_master_exit_cleanly(tmp_path, fmnist_available):

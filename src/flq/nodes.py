@@ -139,8 +139,10 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
 
     def checkpoint(record: Optional[Dict[str, Any]] = None) -> None:
         """Every checkpoint_every rounds, and (record None) once more at the end of the run."""
+        if not cfg.checkpoint_every or not master.records:
+            return
         due = master.round % cfg.checkpoint_every == 0 if record is not None else written.get("ckpt") != master.round
-        if not cfg.checkpoint_every or not due or not master.records:
+        if not due:
             return
         try:
             save_checkpoint(ckpt, master.state_dict(), cfg.public_sections())
@@ -218,17 +220,18 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
     Raises:
         ConfigError: the run's config does not fit this worker's own settings or data.
     """
-    from .runtime import Runtime
     from .transport.client import Fatal, MasterClient, run_worker as loop
-    from .worker import Worker
 
     client = MasterClient(master_url, worker_id, auth_token=auth_token, verify=verify, give_up_s=give_up_s)
 
-    def make_worker(sections: Dict[str, Any]) -> Worker:
+    def make_worker(sections: Dict[str, Any]):
         cfg = worker_config(sections, local)
         if worker_id >= cfg.total_workers:
             raise Fatal(f"worker_id {worker_id} is not in this run: it has {cfg.total_workers} workers "
                         f"(0..{cfg.total_workers - 1})")
+        from .runtime import Runtime  # PyTorch is imported only now: a master that refuses us is known sooner
+        from .worker import Worker
+
         rt = Runtime(cfg)
         log.info("worker %d: %s partition of %d samples, mode %s, device %s", worker_id, cfg.partition,
                  len(rt.partitions[worker_id]), cfg.mode, rt.device)
