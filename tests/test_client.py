@@ -103,6 +103,7 @@ def test_bad_worker_arguments_are_one_line_and_exit_2(tmp_path):
         assert status == 2, (args, err)
         assert _last_line(err).startswith("flq: config error: ") and says in _last_line(err), err
         assert took < SECONDS
+        print(f"\n| bad worker arguments | exit 2 after {took:.1f} s |")
 
 
 def test_no_master_is_retried_then_exit_7_not_0(tmp_path):
@@ -113,6 +114,7 @@ def test_no_master_is_retried_then_exit_7_not_0(tmp_path):
     assert status == 7, err
     assert f"the master at http://127.0.0.1:{port} did not answer for 3 s" in _last_line(err)
     assert 3 <= took < 3 + SECONDS
+    print(f"\n| no master, --give_up_s 3 | exit {status} after {took:.1f} s |")
 
 
 def test_tls_mismatches_end_the_worker_in_seconds(tmp_path, fmnist_available):
@@ -140,6 +142,7 @@ def test_tls_mismatches_end_the_worker_in_seconds(tmp_path, fmnist_available):
             assert status == 8, (args, err)
             assert says in _last_line(err), (args, err)
             assert took < SECONDS, (args, took)
+            print(f"\n| worker {' '.join(args)} | exit {status} after {took:.1f} s |")
         # and the right way in works: the run completes
         status, err, _ = _worker(tmp_path, "--worker_id", "0", "--master_port", str(tls.port), "--cafile", cert,
                                  timeout=300)
@@ -159,6 +162,7 @@ def test_worker_after_the_run_is_over_exits_8_at_once(tmp_path, fmnist_available
         assert status == 8, err
         assert "is already over: nothing to join" in _last_line(err)
         assert took < SECONDS
+        print(f"\n| wrong token / id not in run / not a master | exit 8 after {took:.1f} s |")
         assert cluster.workers[0].wait(timeout=60) == 0  # the worker that took part: completed
     finally:
         cluster.kill_all()
@@ -176,6 +180,7 @@ def test_a_wrong_token_an_id_not_in_the_run_or_not_a_master_is_fatal(tmp_path, f
             ["--worker_id", "0", "--master_port", str(port)])
         assert status == 8 and "refused the bearer token (401)" in _last_line(err)
         assert took < SECONDS
+        print(f"\n| worker after the run ended | exit {status} after {took:.1f} s |")
         assert status5 == 8 and "worker_id 5 is not in this run: it has 1 workers (0..0)" in _last_line(err5)
         assert status_web == 8, err_web  # before: a traceback and an HTML page
         assert "with HTTP 404 and no FLQ error code: is it the FLQ master?" in _last_line(err_web)
@@ -197,6 +202,7 @@ def test_frozen_master_is_given_up_within_the_bound(tmp_path, fmnist_available):
         assert status == 7, err
         assert "did not answer for 2" in _last_line(err) and "(--give_up_s 5;" in _last_line(err)
         assert took < 20 + SECONDS, took  # the read time, then at once
+        print(f"\n| master frozen (SIGSTOP), --give_up_s 5 | worker exit {status} after {took:.1f} s |")
     finally:
         cluster.master.send_signal(signal.SIGCONT)
         cluster.kill_all()
@@ -236,6 +242,7 @@ def test_second_process_with_the_same_id_replaces_the_first(tmp_path, fmnist_ava
         assert old.wait(timeout=60) == 8
         took = time.monotonic() - t0
         assert took < SECONDS  # start-up of the new process (data loading) included
+        print(f"\n| same id started twice | older process exit 8 after {took:.1f} s (new one's start-up included) |")
         text = cluster.output("worker0")
         assert "session replaced: another process registered with this id" in text
         assert "this process stops, the newer one trains" in text
