@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 
 
+def _numbered(path: Path, n: int) -> Path:
+    """``path`` for n = 1, else ``stem_n.suffix`` beside it."""
+    return path if n == 1 else path.with_name(f"{path.stem}_{n}{path.suffix}")
+
+
 def claim_unique(path: Path) -> Path:
     """Create ``path`` exclusively (empty), or the first free ``stem_N.suffix``
     (N = 2, 3, ...) beside it; return the path claimed. Parent folders are
@@ -41,58 +46,71 @@ def claim_unique(path: Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    candidate, n = path, 1
+    n = 1
     while True:
         try:
-            fd = os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(_numbered(path, n), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             n += 1
-            candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
             continue
         os.close(fd)
-        return candidate
+        return _numbered(path, n)
 
 
-def publish_unique(path: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temporary with ``write(tmp)``, fsync it, then give it the first
-    free name of ``path``, ``stem_2.suffix``, ... (a hard link: atomic and
-    exclusive, so the file is never seen half written, no empty placeholder
-    is ever left, and two runs never take one name).
-
-    Raises:
-        OSError: the folder or the file cannot be written; nothing is left.
-    """
+def temporary_for(path: Path) -> Path:
+    """The temporary file this process fills before it becomes ``path``."""
     path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _filled_temporary(path: Path, write: Callable[[Path], None], mode: int) -> Path:
+    """``write(tmp)`` into :func:`temporary_for` ``path`` (folder created), fsync
+    and chmod it; on any failure remove it and raise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_for(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        candidate, n = path, 1
+        os.chmod(tmp, mode)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return tmp
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def publish_unique(path: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary with ``write(tmp)``, then give it the first free name
+    of ``path``, ``stem_2.suffix``, ... (a hard link: atomic and exclusive, so
+    the file is never seen half written, no empty placeholder is ever left,
+    and two runs never take one name).
+
+    Raises:
+        OSError: the folder or the file cannot be written; nothing is left.
+    """
+    path = Path(path)
+    tmp = _filled_temporary(path, write, 0o644)
+    try:
+        n = 1
         while True:
             try:
-                os.link(tmp, candidate)
-                return candidate
+                os.link(tmp, _numbered(path, n))
+                return _numbered(path, n)
             except FileExistsError:
                 n += 1
-                candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
             except OSError:  # a file system without hard links (FAT): claim the name, then rename onto it
-                candidate = claim_unique(candidate)
-                os.replace(tmp, candidate)
-                return candidate
+                claimed = claim_unique(_numbered(path, n))
+                os.replace(tmp, claimed)
+                return claimed
     finally:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-
-
-def temporary_for(path: Path) -> Path:
-    """The temporary file :func:`atomic_write` uses for ``path`` in this process."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        _remove(tmp)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], mode: int = 0o644) -> Path:
@@ -104,19 +122,11 @@ def atomic_write(path: Path, write: Callable[[Path], None], mode: int = 0o644) -
             temporary is removed and ``path`` keeps its old content.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_for(path)
+    tmp = _filled_temporary(path, write, mode)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        _remove(tmp)
         raise
     return path
 
