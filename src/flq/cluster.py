@@ -541,12 +541,15 @@ class ClusterMaster:
                 await asyncio.to_thread(self.on_round, record)
         return outcome.COMPLETED, ""
 
+    def _round_late(self) -> bool:
+        """round_timeout_s has passed since the open round opened."""
+        return time.monotonic() - self.round_opened_at >= self.cfg.round_timeout_s
+
     def _offers_closed(self, need: int) -> bool:
         offered = set(self.master.offers)
         if len(offered) < need:
             return False
-        late = time.monotonic() - self.round_opened_at >= self.cfg.round_timeout_s
-        return late or set(self.connected) <= offered
+        return self._round_late() or set(self.connected) <= offered
 
     def _uploads_awaited(self) -> List[int]:
         live = set(self.connected)
@@ -559,8 +562,7 @@ class ClusterMaster:
             return False
         offered = set(self.master.offers)
         pending = [w for w in self.connected if w not in offered]
-        late = time.monotonic() - self.round_opened_at >= self.cfg.round_timeout_s
-        return late or len(offered) + len(pending) < need or not pending
+        return self._round_late() or len(offered) + len(pending) < need or not pending
 
     async def _collect_offers(self, k: int, need: int) -> str:
         """Wait for round k's offers to close; ``"closed"``, ``"stop"`` or

@@ -93,7 +93,7 @@ class MasterEnd:
 
     @property
     def exit_status(self) -> int:
-        return outcome.EXIT_NOT_SAVED if self.not_saved else outcome.exit_status(self.reason)
+        return outcome.run_status(self.reason, self.not_saved)
 
 
 def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile: Optional[str] = None,

@@ -60,6 +60,12 @@ def exit_status(reason: str) -> int:
     return EXIT_STATUS.get(reason, 1)
 
 
+def run_status(reason: str, not_saved: str = "") -> int:
+    """A run's exit status: :data:`EXIT_NOT_SAVED` when its results could not
+    be written (``not_saved`` says why), else the status of ``reason``."""
+    return EXIT_NOT_SAVED if not_saved else exit_status(reason)
+
+
 def signal_reason(signum: int) -> str:
     """``"sigint"`` or ``"sigterm"`` for those signals (``"error"`` otherwise)."""
     return _SIGNAL_REASON.get(signum, ERROR)

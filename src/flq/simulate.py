@@ -62,7 +62,7 @@ class SimulationResult:
     @property
     def exit_status(self) -> int:
         """The process exit status this run deserves (:mod:`flq.outcome`)."""
-        return outcome.EXIT_NOT_SAVED if self.not_saved else outcome.exit_status(self.reason)
+        return outcome.run_status(self.reason, self.not_saved)
 
 
 def simulate(cfg: Config, write: bool = True, progress: bool = True,
