@@ -5,7 +5,6 @@ does any work."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -334,13 +333,13 @@ def test_downlink_bits(b_down, want):
 
 def test_steps_per_round():
     assert Config().steps_per_round(1000) == 1
-    assert dataclasses.replace(Config(), local_steps=5).steps_per_round(1000) == 5
-    assert dataclasses.replace(Config(), local_steps=1).steps_per_round(1000) == 1
+    assert Config().replace(local_steps=5).steps_per_round(1000) == 5
+    assert Config().replace(local_steps=1).steps_per_round(1000) == 1
     # E * ceil(partition / batch): 2 * ceil(100/16) = 2 * 7 = 14
-    assert dataclasses.replace(Config(), local_epochs=2, batch_size=16).steps_per_round(100) == 14
+    assert Config().replace(local_epochs=2, batch_size=16).steps_per_round(100) == 14
     # exact multiple: 1 * ceil(128/64) = 2; smaller than a batch: ceil(10/64) = 1
-    assert dataclasses.replace(Config(), local_epochs=1, batch_size=64).steps_per_round(128) == 2
-    assert dataclasses.replace(Config(), local_epochs=3, batch_size=64).steps_per_round(10) == 3
+    assert Config().replace(local_epochs=1, batch_size=64).steps_per_round(128) == 2
+    assert Config().replace(local_epochs=3, batch_size=64).steps_per_round(10) == 3
 
 
 # --------------------------------------------------------------------------

@@ -8,7 +8,6 @@ line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import zipfile
 import logging
 import os
@@ -48,7 +47,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             flags += ["--host"]
         if name == "master_port":
             flags += ["--port"]
-        g.add_argument(*flags, dest=f"cfg_{name}", default=None, metavar=kind.upper(),
+        g.add_argument(*flags, dest=f"cfg_{name}", default=None, metavar=kind,
                        help=help_text)
 
 
@@ -154,7 +153,7 @@ def cmd_master(args: argparse.Namespace) -> int:
     sock = listen_on(cfg.master_host, cfg.master_port)  # held from now: a second master on the port is refused at once
     resume = load_resume_state(cfg, args.resume if isinstance(args.resume, str) else None) if args.resume else None
     token, source = auth_token_source(getattr(args, "cfg_auth_token", None), cfg.auth_token)
-    cfg = dataclasses.replace(cfg, auth_token=token)
+    cfg = cfg.replace(auth_token=token)
     logfile = setup_logging(cfg.log_dir, "master", cfg.log_level, args.verbose)
     log.info("log file %s", logfile)
     log.info("auth token: %s", source)

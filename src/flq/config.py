@@ -1,158 +1,286 @@
-"""The run configuration: one flat, validated dataclass read from the
-sectioned ``flq_config.json`` of the original README (SYSTEM.md,
-"Configuration"), or from the flat keys its examples use.
+"""The run configuration: pydantic models of ``flq_config.json``, one per
+section, and :class:`Config`, the flat, validated view every component reads
+(``cfg.total_workers``, ``cfg.mode`` ...).
 
-Every key is checked: an unknown key or a bad value raises
-:class:`ConfigError` whose message is one line naming the key and what is
-allowed. Command-line flags override the file (:func:`apply_overrides`).
+A file may be sectioned (``{"system": {"total_workers": 20}, ...}``, the
+layout of the original README) or flat (``{"total_workers": 20}``, the layout
+of its examples); the flat names are :class:`Config`'s attribute names, and
+three keys are renamed there: ``dataset.name`` is ``dataset``, ``model.name``
+is ``model`` and ``logging.level`` is ``log_level``. :data:`ALIASES` adds the
+seed's other names (``iters``, ``workers``, ``b`` ...).
+
+Each field's type, bounds, choices, default and help text are declared once,
+here; the command-line flags (:func:`field_specs`), ``/config``, the worker's
+register reply and ``flq simulate --help`` are generated from them. Every key
+is checked: an unknown key or a bad value raises :class:`ConfigError`, one
+line naming the key as it was written and what is allowed.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Annotated, Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple
 
-MODES = ("fedavg", "laq8", "bbit", "bin")
+import annotated_types
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic.fields import FieldInfo
+
+from .algorithm import compressors
+
+#: The uplink schemes' names (``flq_algorithm.mode``), from the compressor table.
+MODES = tuple(compressors.UPLINK)
 #: The longest wait any timeout may be set to (seconds).
 WEEK_S = 7 * 24 * 3600.0
-SECTIONS = ("system", "dataset", "model", "flq_algorithm", "lazy_selection",
-            "budget_selection", "jetson_optimization", "logging")
 
 
 class ConfigError(ValueError):
     """A configuration key is unknown or has a bad value (one-line message)."""
 
 
-def _f(section: str, key: str, default: Any, kind: str, allowed: str,
-       check: Optional[Callable[[Any], bool]] = None, choices: Tuple[str, ...] = (), help: str = ""):
-    return field(default=default, metadata=dict(section=section, key=key, kind=kind, allowed=allowed,
-                                                check=check, choices=choices, help=help))
+# ----- how values are read --------------------------------------------------
+# JSON numbers, strings from the command line and environment, and the
+# seed's "1"/"true" spellings all reach the same fields. These are stricter
+# than pydantic's lax mode where it matters: 2.5 is not an integer, True is
+# not a number, NaN and Infinity are not settings.
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("not an integer")
+    if isinstance(value, str):
+        value = float(value) if any(c in value for c in ".eE") else int(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("not an integer")
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValueError("not an integer")
+    return value
 
 
-def _ge(lo):
-    return lambda v: v >= lo
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("not a number")
+    v = float(value)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError("not a finite number")
+    return v
 
 
-@dataclass
-class Config:
-    """All knobs of a run. Attribute names are the flat keys; each belongs to
-    one section of ``flq_config.json``. Defaults are the original
-    experiments' (SPEC.md, "Defaults of the original experiments")."""
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError("not true/false")
 
-    # system
-    total_workers: int = _f("system", "total_workers", 20, "int", "an integer 1..1000", lambda v: 1 <= v <= 1000,
-                            help="number of workers M")
-    min_workers: int = _f("system", "min_workers", 0, "int", "an integer 0..total_workers (0 = all)", _ge(0),
-                          help="workers needed to start a round (0 = all)")
-    max_rounds: int = _f("system", "max_rounds", 800, "int", "an integer >= 1", _ge(1), help="rounds to train")
-    seed: int = _f("system", "seed", 42, "int", "an integer 0..4294967295", lambda v: 0 <= v < 2**32,
-                   help="seed of partition, init and all draws")
-    device: str = _f("system", "device", "auto", "str", "one of auto, cpu, cuda", choices=("auto", "cpu", "cuda"),
-                     help="compute device")
-    threads: int = _f("system", "threads", 0, "int", "an integer 0..1024 (0 = all cores)", lambda v: 0 <= v <= 1024,
-                      help="intra-op threads for PyTorch")
-    eval_every: int = _f("system", "eval_every", 1, "int", "an integer >= 1", _ge(1),
-                         help="evaluate the global model every N rounds (and the last)")
-    eval_batch_size: int = _f("system", "eval_batch_size", 64, "int", "an integer >= 1", _ge(1),
-                              help="batch size of test-set evaluation")
-    master_host: str = _f("system", "master_host", "0.0.0.0", "str", "a host name or address",
-                          lambda v: bool(v.strip()),
-                          help="address the master listens on")
-    master_port: int = _f("system", "master_port", 5000, "int", "a port 1..65535", lambda v: 1 <= v <= 65535,
-                          help="master HTTP port")
-    round_timeout_s: float = _f("system", "round_timeout_s", 60.0, "float", "seconds, > 0 and at most a week",
-                                lambda v: 0 < v <= WEEK_S, help="a round closes this long after it opened once "
-                                "min_workers have offered; stragglers count as not selected")
-    worker_timeout_s: float = _f("system", "worker_timeout_s", 30.0, "float", "seconds, >= 3 and at most a week",
-                                 lambda v: 3 <= v <= WEEK_S, help="a worker not heard from this long (it sends a heartbeat "
-                                 "every third of it) is shown absent and no longer waited for")
-    start_timeout_s: float = _f("system", "start_timeout_s", 600.0, "float", "seconds, > 0 and at most a week",
-                                lambda v: 0 < v <= WEEK_S, help="how long the master waits for min_workers to join before "
-                                "round 1, then ends the run (exit 5)")
-    quorum_timeout_s: float = _f("system", "quorum_timeout_s", 300.0, "float", "seconds, > 0 and at most a week",
-                                 lambda v: 0 < v <= WEEK_S, help="how long a round short of min_workers offers waits past "
-                                 "round_timeout_s, then the run ends (exit 5)")
-    checkpoint_every: int = _f("system", "checkpoint_every", 10, "int", "an integer >= 0 (0 = never)", _ge(0),
-                               help="master checkpoint every N rounds")
-    checkpoint_dir: str = _f("system", "checkpoint_dir", "checkpoints", "str", "a folder path",
-                             help="where master checkpoints go")
-    auth_token: str = _f("system", "auth_token", "", "str", "a string ('' = no auth; env FLQ_AUTH_TOKEN)",
-                         help="bearer token for worker calls and /stop")
-    status_requires_token: bool = _f("system", "status_requires_token", False, "bool", "true/false or 1/0",
-                                     help="GET /status needs the token too")
-    # dataset
-    dataset: str = _f("dataset", "name", "fashion_mnist", "str", "one of fashion_mnist, mnist",
-                      choices=("fashion_mnist", "mnist"), help="dataset")
-    data_dir: str = _f("dataset", "data_dir", "", "str", "a folder path ('' = search the defaults)",
-                       help="folder with the IDX files")
-    partition: str = _f("dataset", "partition", "non_iid", "str", "one of iid, non_iid",
-                        choices=("iid", "non_iid"), help="how to split the training set")
-    dir_alpha: float = _f("dataset", "dir_alpha", 0.1, "float", "a number > 0", lambda v: v > 0,
-                          help="Dirichlet concentration of non_iid")
-    batch_size: int = _f("dataset", "batch_size", 64, "int", "an integer >= 1", _ge(1), help="minibatch size")
-    # model
-    model: str = _f("model", "name", "cnn", "str", "one of cnn, mlp (a small test model)", choices=("cnn", "mlp"),
-                    help="model")
-    lr: float = _f("model", "lr", 1e-3, "float", "a number > 0", lambda v: v > 0, help="master Adam step size")
-    l2: float = _f("model", "l2", 5e-4, "float", "a number >= 0", _ge(0), help="L2 coefficient cl")
-    local_steps: int = _f("model", "local_steps", 0, "int", "an integer >= 0 (0 = one gradient)", _ge(0),
-                          help="local SGD steps per round (SPEC.md, Local training)")
-    local_epochs: int = _f("model", "local_epochs", 0, "int", "an integer >= 0", _ge(0),
-                           help="local epochs per round (sets local_steps)")
-    local_lr: float = _f("model", "local_lr", 0.0, "float", "a number >= 0 (0 = lr)", _ge(0),
-                         help="local SGD step size")
-    # flq_algorithm
-    mode: str = _f("flq_algorithm", "mode", "bbit", "str", "one of " + ", ".join(MODES), choices=MODES,
-                   help="uplink scheme")
-    b_up: int = _f("flq_algorithm", "b_up", 4, "int", "an integer 1..16", lambda v: 1 <= v <= 16,
-                   help="uplink bits (bbit)")
-    b_down: int = _f("flq_algorithm", "b_down", 8, "int", "0, 32 (exact) or 1..16", lambda v: v in (0, 32) or 1 <= v <= 16,
-                     help="downlink bits")
-    scale_by_selected: bool = _f("flq_algorithm", "scale_by_selected", True, "bool", "true/false or 1/0",
-                                 help="scale the aggregate by m_sel / sel_ref")
-    sel_ref: float = _f("flq_algorithm", "sel_ref", 1.0, "float", "a number >= 1", _ge(1),
-                        help="reference count of scale_by_selected")
-    clip_global: float = _f("flq_algorithm", "clip_global", 0.0, "float", "a number >= 0 (0 = off)", _ge(0),
-                            help="clip the aggregate's norm")
-    # lazy_selection
-    D: int = _f("lazy_selection", "D", 10, "int", "an integer >= 0", _ge(0), help="history depth")
-    ck: float = _f("lazy_selection", "ck", 0.8, "float", "a number >= 0", _ge(0), help="history energy weight")
-    C: float = _f("lazy_selection", "C", 1e9, "float", "a number >= 0", _ge(0), help="max lazy clock")
-    warmup: int = _f("lazy_selection", "warmup", 0, "int", "an integer >= 0", _ge(0), help="rounds that always upload")
-    thr_scale: float = _f("lazy_selection", "thr_scale", 0.0, "float", "a number >= 0", _ge(0),
-                          help="lazy threshold scale (0 = never skip)")
-    # budget_selection
-    sel_clients: int = _f("budget_selection", "sel_clients", 0, "int", "an integer >= 0 (0 = by budget)", _ge(0),
-                          help="fixed number of uploads per round")
-    up_budget_bits: float = _f("budget_selection", "up_budget_bits", 17e6, "float", "a number >= 0 (0 = no budget)",
-                               _ge(0), help="uplink bits per round")
-    # jetson_optimization
-    gpu_memory_limit_mb: int = _f("jetson_optimization", "gpu_memory_limit_mb", 0, "int", "an integer >= 0 (0 = no cap)",
-                                  _ge(0), help="cap on CUDA memory")
-    enable_mixed_precision: bool = _f("jetson_optimization", "enable_mixed_precision", False, "bool",
-                                      "true/false or 1/0", help="float16 autocast on CUDA")
-    prefetch_size: int = _f("jetson_optimization", "prefetch_size", 2, "int", "an integer >= 0", _ge(0),
-                            help="batches prefetched by the loader")
-    num_parallel_calls: int = _f("jetson_optimization", "num_parallel_calls", 2, "int", "an integer >= 0", _ge(0),
-                                 help="data loader workers")
-    # logging
-    log_level: str = _f("logging", "level", "INFO", "str", "one of DEBUG, INFO, WARNING, ERROR",
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
-    log_dir: str = _f("logging", "log_dir", "logs", "str", "a folder path", help="where logs go")
-    results_dir: str = _f("logging", "results_dir", "results", "str", "a folder path", help="where spreadsheets go")
+
+def _choice(normalize: Callable[[str], str]) -> Callable[[Any], Any]:
+    def read(value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError("not a string")
+        return normalize(value)
+    return read
+
+
+def _lower(v: str) -> str:
+    v = v.lower().replace("-", "_")
+    return "fashion_mnist" if v == "fmnist" else v
+
+
+def _field(default: Any, help: str, note: str = "", allowed: str = "", **bounds: Any) -> Any:
+    """A field with its help text; ``note`` is added to the generated
+    description of allowed values, ``allowed`` replaces it."""
+    return Field(default, description=help, json_schema_extra={"note": note, "allowed": allowed}, **bounds)
+
+
+Int = pydantic.BeforeValidator(_to_int)
+Float = pydantic.BeforeValidator(_to_float)
+Bool = pydantic.BeforeValidator(_to_bool)
+Str = pydantic.BeforeValidator(_choice(lambda v: v))
+Choice = pydantic.BeforeValidator(_choice(_lower))
+
+
+# ----- the sections of flq_config.json ---------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=False)
+
+
+class SystemSection(_Section):
+    """``system``: the cluster, its timeouts, threads, checkpoints and auth."""
+
+    total_workers: Annotated[int, Int] = _field(20, "number of workers M", ge=1, le=1000)
+    min_workers: Annotated[int, Int] = _field(0, "workers needed to start a round (0 = all)",
+                                              note="0 = all; at most total_workers", ge=0)
+    max_rounds: Annotated[int, Int] = _field(800, "rounds to train", ge=1)
+    seed: Annotated[int, Int] = _field(42, "seed of partition, init and all draws", ge=0, le=2**32 - 1)
+    device: Annotated[Literal["auto", "cpu", "cuda"], Choice] = _field("auto", "compute device")
+    threads: Annotated[int, Int] = _field(0, "intra-op threads for PyTorch", note="0 = all cores", ge=0, le=1024)
+    eval_every: Annotated[int, Int] = _field(1, "evaluate the global model every N rounds (and the last)", ge=1)
+    eval_batch_size: Annotated[int, Int] = _field(64, "batch size of test-set evaluation", ge=1)
+    master_host: Annotated[str, Str] = _field("0.0.0.0", "address the master listens on",
+                                              allowed="a host name or address", min_length=1, pattern=r"\S")
+    master_port: Annotated[int, Int] = _field(5000, "master HTTP port", ge=1, le=65535)
+    round_timeout_s: Annotated[float, Float] = _field(
+        60.0, "a round closes this long after it opened once min_workers have offered; stragglers count as not "
+        "selected", note="seconds", gt=0, le=WEEK_S)
+    worker_timeout_s: Annotated[float, Float] = _field(
+        30.0, "a worker not heard from this long (it sends a heartbeat every third of it) is shown absent and no "
+        "longer waited for", note="seconds", ge=3, le=WEEK_S)
+    start_timeout_s: Annotated[float, Float] = _field(
+        600.0, "how long the master waits for min_workers to join before round 1, then ends the run (exit 5)",
+        note="seconds", gt=0, le=WEEK_S)
+    quorum_timeout_s: Annotated[float, Float] = _field(
+        300.0, "how long a round short of min_workers offers waits past round_timeout_s, then the run ends "
+        "(exit 5)", note="seconds", gt=0, le=WEEK_S)
+    checkpoint_every: Annotated[int, Int] = _field(10, "master checkpoint every N rounds", note="0 = never", ge=0)
+    checkpoint_dir: Annotated[str, Str] = _field("checkpoints", "where master checkpoints go", allowed="a folder path")
+    auth_token: Annotated[str, Str] = _field("", "bearer token for worker calls and /stop",
+                                             allowed="a string ('' = no auth; env FLQ_AUTH_TOKEN)")
+    status_requires_token: Annotated[bool, Bool] = _field(False, "GET /status needs the token too")
+
+    @model_validator(mode="after")
+    def _min_workers_fit(self) -> "SystemSection":
+        if self.min_workers > self.total_workers:
+            raise ValueError(f"config key 'system.min_workers': {self.min_workers} exceeds total_workers "
+                             f"{self.total_workers}")
+        return self
+
+
+class DatasetSection(_Section):
+    """``dataset``: which data, where it is, how it is split among workers."""
+
+    dataset: Annotated[Literal["fashion_mnist", "mnist"], Choice] = _field("fashion_mnist", "dataset", alias="name")
+    data_dir: Annotated[str, Str] = _field("", "folder with the IDX files",
+                                           allowed="a folder path ('' = search the defaults)")
+    partition: Annotated[Literal["iid", "non_iid"], Choice] = _field("non_iid", "how to split the training set")
+    dir_alpha: Annotated[float, Float] = _field(0.1, "Dirichlet concentration of non_iid", gt=0)
+    batch_size: Annotated[int, Int] = _field(64, "minibatch size", ge=1)
+
+
+class ModelSection(_Section):
+    """``model``: the network, the master's step size, and local training."""
+
+    model: Annotated[Literal["cnn", "mlp"], Choice] = _field("cnn", "model (mlp: a small test model)", alias="name")
+    lr: Annotated[float, Float] = _field(1e-3, "master Adam step size", gt=0)
+    l2: Annotated[float, Float] = _field(5e-4, "L2 coefficient cl", ge=0)
+    local_steps: Annotated[int, Int] = _field(0, "local SGD steps per round (docs/algorithm.md, Local training)",
+                                              note="0 = one gradient", ge=0)
+    local_epochs: Annotated[int, Int] = _field(0, "local epochs per round (sets local_steps)", ge=0)
+    local_lr: Annotated[float, Float] = _field(0.0, "local SGD step size", note="0 = lr", ge=0)
+
+    @model_validator(mode="after")
+    def _one_local_length(self) -> "ModelSection":
+        if self.local_steps > 0 and self.local_epochs > 0:
+            raise ValueError("config keys 'model.local_steps' and 'model.local_epochs': set one, not both")
+        return self
+
+
+class FlqAlgorithmSection(_Section):
+    """``flq_algorithm``: the uplink scheme, bit widths and the aggregate's scaling."""
+
+    mode: Annotated[Literal[MODES], Choice] = _field(  # type: ignore[valid-type]
+        compressors.DEFAULT_MODE, "uplink scheme: " + "; ".join(f"{s.name}: {s.summary}"
+                                                                for s in compressors.UPLINK.values()))
+    b_up: Annotated[int, Int] = _field(4, "uplink bits of the modes whose width is b_up", ge=1,
+                                       le=compressors.MAX_BITS)
+    b_down: Annotated[int, Int] = _field(8, "downlink bits", allowed="0, 32 (exact) or 1..16", ge=0, le=32)
+    scale_by_selected: Annotated[bool, Bool] = _field(True, "scale the aggregate by m_sel / sel_ref")
+    sel_ref: Annotated[float, Float] = _field(1.0, "reference count of scale_by_selected", ge=1)
+    clip_global: Annotated[float, Float] = _field(0.0, "clip the aggregate's norm", note="0 = off", ge=0)
+
+    @model_validator(mode="after")
+    def _bits_fit_mode(self) -> "FlqAlgorithmSection":
+        if not (self.b_down in (0, 32) or 1 <= self.b_down <= compressors.MAX_BITS):
+            raise ValueError(f"config key 'flq_algorithm.b_down': got {self.b_down}, expected 0, 32 (exact) "
+                             f"or 1..{compressors.MAX_BITS}")
+        scheme = compressors.uplink(self.mode)
+        problem = scheme.check_bits(self.b_up)
+        if problem:
+            raise ValueError(f"config key 'flq_algorithm.b_up': {problem}, got {self.b_up}")
+        if scheme.sets_b_up:
+            # the seed's "b forced to 1" of the binary mode (the model may be frozen: Config is)
+            object.__setattr__(self, "b_up", scheme.bits(self.b_up))
+        return self
+
+
+class LazySelectionSection(_Section):
+    """``lazy_selection``: the lazy rule (docs/algorithm.md, "One round", step 4)."""
+
+    D: Annotated[int, Int] = _field(10, "history depth", ge=0)
+    ck: Annotated[float, Float] = _field(0.8, "history energy weight", ge=0)
+    C: Annotated[float, Float] = _field(1e9, "max lazy clock", ge=0)
+    warmup: Annotated[int, Int] = _field(0, "rounds that always upload", ge=0)
+    thr_scale: Annotated[float, Float] = _field(0.0, "lazy threshold scale", note="0 = never skip", ge=0)
+
+
+class BudgetSelectionSection(_Section):
+    """``budget_selection``: how many uploads a round takes (step 6)."""
+
+    sel_clients: Annotated[int, Int] = _field(0, "fixed number of uploads per round", note="0 = by budget", ge=0)
+    up_budget_bits: Annotated[float, Float] = _field(17e6, "uplink bits per round", note="0 = no budget", ge=0)
+
+
+class JetsonOptimizationSection(_Section):
+    """``jetson_optimization``: the device's memory cap, precision and data loader."""
+
+    gpu_memory_limit_mb: Annotated[int, Int] = _field(0, "cap on CUDA memory", note="0 = no cap", ge=0)
+    enable_mixed_precision: Annotated[bool, Bool] = _field(False, "float16 autocast on CUDA")
+    prefetch_size: Annotated[int, Int] = _field(2, "batches prefetched by the loader", ge=0)
+    num_parallel_calls: Annotated[int, Int] = _field(2, "data loader workers", ge=0)
+
+
+class LoggingSection(_Section):
+    """``logging``: log level and where logs and spreadsheets go."""
+
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], pydantic.BeforeValidator(
+        _choice(str.upper))] = _field("INFO", "log level", alias="level")
+    log_dir: Annotated[str, Str] = _field("logs", "where logs go", allowed="a folder path")
+    results_dir: Annotated[str, Str] = _field("results", "where spreadsheets go", allowed="a folder path")
+
+
+#: The sections of ``flq_config.json``, in file order.
+SECTIONS: Dict[str, type] = {
+    "system": SystemSection, "dataset": DatasetSection, "model": ModelSection,
+    "flq_algorithm": FlqAlgorithmSection, "lazy_selection": LazySelectionSection,
+    "budget_selection": BudgetSelectionSection, "jetson_optimization": JetsonOptimizationSection,
+    "logging": LoggingSection,
+}
+
+
+class ConfigFile(_Section):
+    """``flq_config.json`` in its sectioned layout (what ``/config`` and the
+    register reply carry, secrets masked)."""
+
+    system: SystemSection = SystemSection()
+    dataset: DatasetSection = DatasetSection()
+    model: ModelSection = ModelSection()
+    flq_algorithm: FlqAlgorithmSection = FlqAlgorithmSection()
+    lazy_selection: LazySelectionSection = LazySelectionSection()
+    budget_selection: BudgetSelectionSection = BudgetSelectionSection()
+    jetson_optimization: JetsonOptimizationSection = JetsonOptimizationSection()
+    logging: LoggingSection = LoggingSection()
+
+
+class Config(LoggingSection, JetsonOptimizationSection, BudgetSelectionSection, LazySelectionSection,
+             FlqAlgorithmSection, ModelSection, DatasetSection, SystemSection):
+    """All knobs of a run, flat: every section's fields (and cross-field
+    checks) in one frozen object. Defaults are the original experiments'
+    (docs/algorithm.md, "Defaults of the original experiments")."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
     # ----- derived values -------------------------------------------------
     @property
     def uplink_bits(self) -> int:
-        """Bits per element of an upload: 32 fedavg, 8 laq8, b_up bbit, 1 bin."""
-        return {"fedavg": 32, "laq8": 8, "bbit": self.b_up, "bin": 1}[self.mode]
+        """Bits per element of an upload in this run's mode (compressor table)."""
+        return compressors.uplink(self.mode).bits(self.b_up)
 
     @property
     def downlink_bits(self) -> int:
         """Bits per element the workers receive (32 when b_down is 0 or 32)."""
-        return 32 if self.b_down in (0, 32) else self.b_down
+        return compressors.downlink_bits(self.b_down)
 
     @property
     def needed_workers(self) -> int:
@@ -160,17 +288,22 @@ class Config:
         return self.min_workers or self.total_workers
 
     def steps_per_round(self, partition_size: int) -> int:
-        """Local steps ``s`` (SPEC.md, Local training); 1 = one gradient."""
+        """Local steps ``s`` (docs/algorithm.md, Local training); 1 = one gradient."""
         if self.local_epochs > 0:
             return self.local_epochs * -(-partition_size // self.batch_size)
         return max(self.local_steps, 1)
 
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with ``changes`` (flat names), validated like a file.
+
+        Raises:
+            ConfigError: a bad value or an inconsistent result.
+        """
+        return build({name: coerce(name, value) for name, value in changes.items()}, base=self)
+
     def to_sections(self) -> Dict[str, Dict[str, Any]]:
         """The config in the sectioned layout of ``flq_config.json``."""
-        out: Dict[str, Dict[str, Any]] = {s: {} for s in SECTIONS}
-        for f in dataclasses.fields(self):
-            out[f.metadata["section"]][f.metadata["key"]] = getattr(self, f.name)
-        return out
+        return {sec: {key: getattr(self, name) for key, name in _KEYS[sec].items()} for sec in SECTIONS}
 
     def public_sections(self) -> Dict[str, Dict[str, Any]]:
         """:meth:`to_sections` with secrets (``auth_token``) masked: what goes into
@@ -181,75 +314,72 @@ class Config:
         return out
 
     def to_flat(self) -> Dict[str, Any]:
-        """``{flat key: value}`` of every field."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """``{flat key: value}`` of every field, in file order."""
+        return {name: getattr(self, name) for sec in SECTIONS for name in _KEYS[sec].values()}
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-_BY_SECTION = {(f.metadata["section"], f.metadata["key"]): f.name for f in dataclasses.fields(Config)}
-#: Flat aliases: the original README's and SPEC.md's other names.
+#: ``{section: {key in the file: flat name}}``.
+_KEYS: Dict[str, Dict[str, str]] = {sec: {(f.alias or name): name for name, f in model.model_fields.items()}
+                                    for sec, model in SECTIONS.items()}
+_FIELDS: Dict[str, Tuple[str, str, FieldInfo]] = {name: (sec, key, SECTIONS[sec].model_fields[name])
+                                                  for sec, keys in _KEYS.items() for key, name in keys.items()}
+_ADAPTERS: Dict[str, TypeAdapter] = {}
+#: Flat aliases: the original README's and the paper's other names.
 ALIASES = {"iters": "max_rounds", "rounds": "max_rounds", "workers": "total_workers", "M": "total_workers",
            "cl": "l2", "b": "b_up"}
 
 
+def allowed(name: str) -> str:
+    """What field ``name`` accepts, in words, from its declared type and bounds."""
+    sec, key, f = _FIELDS[name]
+    extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+    if extra.get("allowed"):
+        return str(extra["allowed"])
+    ann = f.annotation
+    choices = getattr(ann, "__args__", None) if getattr(ann, "__origin__", None) is Literal else None
+    if choices:
+        text = "one of " + ", ".join(choices)
+    else:
+        lo = hi = None
+        for m in f.metadata:
+            if isinstance(m, annotated_types.Ge):
+                lo = _num(m.ge)
+            elif isinstance(m, annotated_types.Gt):
+                lo = f"> {_num(m.gt)}"
+            elif isinstance(m, annotated_types.Le):
+                hi = "a week" if m.le == WEEK_S else _num(m.le)
+        kind = {int: "an integer", float: "a number", bool: "true/false or 1/0", str: "a string"}[ann]
+        if ann is float and extra.get("note") == "seconds":
+            kind = "seconds"
+        if lo is not None and hi is not None and not lo.startswith(">") and ann is int:
+            text = f"{kind} {lo}..{hi}"
+        else:
+            parts = [p for p in ((f"> {lo[2:]}" if lo and lo.startswith(">") else f">= {lo}") if lo else "",
+                                 f"at most {hi}" if hi else "") if p]
+            text = f"{kind}, {' and '.join(parts)}" if parts else kind
+    note = extra.get("note")
+    return f"{text} ({note})" if note and note != "seconds" else text
+
+
+def _num(v: Any) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
 def coerce(name: str, value: Any, where: str = "") -> Any:
-    """Convert and validate one value for field ``name``.
+    """Convert and validate one value for field ``name`` (a flat name).
 
     Raises:
-        ConfigError: naming ``where`` (the key as written) and what is allowed.
+        ConfigError: naming ``where`` (the key as written; default
+            ``section.key``) and what is allowed.
     """
-    f = _FIELDS[name]
-    md = f.metadata
-    label = where or f"{md['section']}.{md['key']}"
-    kind = md["kind"]
-    bad = ConfigError(f"config key '{label}': got {value!r}, expected {md['allowed']}")
+    sec, key, f = _FIELDS[name]
+    adapter = _ADAPTERS.get(name)
+    if adapter is None:
+        adapter = _ADAPTERS[name] = TypeAdapter(Annotated[f.annotation, *f.metadata])
     try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                v = value
-            elif isinstance(value, (int, float)) and value in (0, 1):
-                v = bool(value)
-            elif isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                v = value.lower() in ("true", "1", "yes")
-            else:
-                raise bad
-        elif kind == "int":
-            if isinstance(value, bool):
-                raise bad
-            if isinstance(value, str):
-                value = float(value) if any(c in value for c in ".eE") else int(value)
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise bad
-                value = int(value)
-            if not isinstance(value, int):
-                raise bad
-            v = value
-        elif kind == "float":
-            if isinstance(value, bool):
-                raise bad
-            v = float(value)
-            if v != v or v in (float("inf"), float("-inf")):
-                raise bad
-        else:
-            if not isinstance(value, str):
-                raise bad
-            v = value
-            if md["choices"]:
-                norm = v.upper() if name == "log_level" else v.lower().replace("-", "_")
-                if name == "dataset" and norm == "fmnist":
-                    norm = "fashion_mnist"
-                if norm not in md["choices"]:
-                    raise bad
-                v = norm
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise bad from None
-    check = md["check"]
-    if check is not None and not check(v):
-        raise bad
-    return v
+        return adapter.validate_python(value)
+    except pydantic.ValidationError:
+        raise ConfigError(f"config key '{where or f'{sec}.{key}'}': got {value!r}, expected {allowed(name)}") from None
 
 
 def _resolve_flat(key: str) -> Optional[str]:
@@ -258,7 +388,7 @@ def _resolve_flat(key: str) -> Optional[str]:
 
 
 def parse_mapping(data: Mapping[str, Any], source: str = "config") -> Dict[str, Any]:
-    """Flatten a sectioned or flat mapping to ``{field: value}``, validating keys.
+    """Flatten a sectioned or flat mapping to ``{flat name: value}``, validating keys.
 
     Raises:
         ConfigError: unknown section or key, non-object section, bad value,
@@ -284,10 +414,10 @@ def parse_mapping(data: Mapping[str, Any], source: str = "config") -> Dict[str, 
             for sub, v in value.items():
                 if sub.startswith("_"):
                     continue
-                name = _BY_SECTION.get((key, sub))
+                name = _KEYS[key].get(sub)
                 if name is None:
-                    allowed = ", ".join(k for (s, k) in _BY_SECTION if s == key)
-                    raise ConfigError(f"{source}: unknown key {key + '.' + sub!r} (allowed in '{key}': {allowed})")
+                    raise ConfigError(f"{source}: unknown key {key + '.' + sub!r} "
+                                      f"(allowed in '{key}': {', '.join(_KEYS[key])})")
                 put(name, v, f"{key}.{sub}")
             continue
         name = _resolve_flat(key)
@@ -299,24 +429,25 @@ def parse_mapping(data: Mapping[str, Any], source: str = "config") -> Dict[str, 
 
 
 def build(values: Mapping[str, Any], base: Optional[Config] = None) -> Config:
-    """A :class:`Config` from validated values, with cross-field checks.
+    """A :class:`Config` from validated values (flat names) over ``base``,
+    with the sections' cross-field checks.
 
     Raises:
         ConfigError: inconsistent settings (min_workers > total_workers,
-            both local_steps and local_epochs, bbit with 1 bit). Mode bin
-            forces b_up to 1 (SPEC.md: "b forced to 1"), whatever was given.
+            both local_steps and local_epochs, a b_up the mode cannot send).
+            A mode with a fixed width records it as ``b_up`` (bin: 1).
     """
-    cfg = dataclasses.replace(base or Config(), **dict(values))
-    if cfg.min_workers > cfg.total_workers:
-        raise ConfigError(f"config key 'system.min_workers': {cfg.min_workers} exceeds total_workers "
-                          f"{cfg.total_workers}")
-    if cfg.local_steps > 0 and cfg.local_epochs > 0:
-        raise ConfigError("config keys 'model.local_steps' and 'model.local_epochs': set one, not both")
-    if cfg.mode == "bbit" and cfg.b_up < 2:
-        raise ConfigError("config key 'flq_algorithm.b_up': bbit needs 2..16 bits (use mode bin for 1 bit)")
-    if cfg.mode == "bin" and cfg.b_up != 1:
-        cfg = dataclasses.replace(cfg, b_up=1)  # SPEC.md: b forced to 1 in bin mode
-    return cfg
+    merged = (base or Config()).to_flat()
+    merged.update(values)
+    try:
+        return Config.model_validate(merged)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        msg = str(err.get("ctx", {}).get("error", "") or err["msg"])
+        if err["loc"]:
+            sec, key, _ = _FIELDS[str(err["loc"][0])]
+            msg = f"config key '{sec}.{key}': got {err.get('input')!r}, expected {allowed(str(err['loc'][0]))}"
+        raise ConfigError(msg.splitlines()[0]) from None
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> Config:
@@ -354,6 +485,15 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any
 
 
 def field_specs() -> List[Tuple[str, Any, str, str]]:
-    """``(flat key, default, kind, help)`` of every field, for the CLI."""
-    return [(f.name, f.default, f.metadata["kind"], f"{f.metadata['help']} [{f.metadata['section']}."
-             f"{f.metadata['key']}; {f.metadata['allowed']}]") for f in dataclasses.fields(Config)]
+    """``(flat name, default, metavar, help)`` of every field in file order,
+    for the command-line flags and ``--help`` (metavar: ``INT``, ``FLOAT``,
+    ``BOOL``, ``STR`` or the choices as ``{a,b}``)."""
+    out = []
+    for sec, keys in _KEYS.items():
+        for key, name in keys.items():
+            f = _FIELDS[name][2]
+            choices = getattr(f.annotation, "__args__", ()) if getattr(f.annotation, "__origin__", None) is Literal else ()
+            kind = "{%s}" % ",".join(choices) if choices else \
+                {int: "INT", float: "FLOAT", bool: "BOOL"}.get(f.annotation, "STR")
+            out.append((name, f.default, kind, f"{f.description} [{sec}.{key}; {allowed(name)}]"))
+    return out

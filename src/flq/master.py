@@ -36,7 +36,7 @@ from .algorithm import packing
 from .algorithm.vector import squared_norm
 from .algorithm.aggregation import MAX_UPDATE_MAGNITUDE, Adam, aggregate
 from .algorithm.lazy import history_energy
-from .algorithm.quantize import dequantize, quantize_relative, raw, reconstruct
+from .algorithm import compressors
 from .algorithm.selection import Candidate, select
 from .config import Config
 from .messages import Offer
@@ -95,6 +95,8 @@ class Master:
         self.ref_down = [np.zeros(self.n, np.float32) for _ in range(M)]
         self.up_version = [0] * M
         self.down_version = [0] * M
+        self.up_scheme = compressors.uplink(cfg.mode)
+        self.down_scheme = compressors.downlink(cfg.b_down)
         self.down_rng = [stream_rng(cfg.seed, m, STREAM_DOWNLINK) for m in range(M)]
         self.round = 0  # k of the round in progress (or next to start)
         self.bits_up_cum = 0
@@ -152,13 +154,12 @@ class Master:
         if worker_id in self.downlinks:
             return self.downlinks[worker_id]
         bits = self.cfg.downlink_bits
+        scheme = self.down_scheme
         with self.stopwatch.section("quantize"):
-            if bits == 32:
-                payload = packing.encode(raw(self.theta))
-            else:
-                qv, w = quantize_relative(self.theta, self.ref_down[worker_id], bits, self.down_rng[worker_id],
-                                          self.segments)
-                payload = packing.encode(qv)
+            qv, w = scheme.encode_update(self.theta, self.ref_down[worker_id], bits, self.down_rng[worker_id],
+                                         self.segments)
+            payload = packing.encode(qv)
+            if scheme.relative:
                 self.ref_down[worker_id] = w
                 self.down_version[worker_id] += 1
         self.downlinks[worker_id] = payload
@@ -245,25 +246,20 @@ class Master:
             if self.received_digest[worker_id] == digest:
                 return False
             raise MasterError(f"worker {worker_id} already uploaded other bytes in round {self.round + 1}", 409)
-        mode, bits = self.cfg.mode, self.cfg.uplink_bits
-        segs = self.segments if mode in ("bbit", "bin") else (self.n,)
+        scheme, bits = self.up_scheme, self.cfg.uplink_bits
         with self.stopwatch.section("quantize"):
             try:
-                qv = packing.decode(payload, expected_n=self.n, expected_bits=bits, expected_segments=segs)
+                qv = packing.decode(payload, expected_n=self.n, expected_bits=bits,
+                                    expected_segments=scheme.segments(self.segments))
             except packing.PayloadError as exc:
                 raise MasterError(f"upload from worker {worker_id}: {exc}") from None
-            if mode == "fedavg":
-                q = qv.codes
-            elif mode == "laq8":
-                q = dequantize(qv)
-            else:
-                q = reconstruct(self.ref_up[worker_id], qv)
+            q = scheme.decode_update(qv, self.ref_up[worker_id])
             if not np.isfinite(q).all():
                 raise MasterError(f"upload from worker {worker_id} decodes to non-finite values")
             if q.size and float(np.abs(q).max()) >= MAX_UPDATE_MAGNITUDE:
                 raise MasterError(f"upload from worker {worker_id} has values of magnitude >= "
                                   f"{MAX_UPDATE_MAGNITUDE:g}: their squares would overflow float32 in Adam")
-        if mode in ("bbit", "bin"):
+        if scheme.relative:
             self.ref_up[worker_id] = q
             self.up_version[worker_id] += 1
         self.received[worker_id] = q
@@ -353,7 +349,7 @@ class Master:
     @property
     def max_upload_bytes(self) -> int:
         """Length in bytes of a valid upload body in this run's mode."""
-        segs = len(self.segments) if self.cfg.mode in ("bbit", "bin") else 1
+        segs = len(self.up_scheme.segments(self.segments))
         return packing.encoded_size(self.n, self.cfg.uplink_bits, segs)
 
     @property

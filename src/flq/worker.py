@@ -26,8 +26,7 @@ from .algorithm import packing
 from .algorithm.aggregation import MAX_UPDATE_MAGNITUDE, usable_update
 from .algorithm.vector import squared_norm
 from .algorithm.lazy import is_candidate, next_clock
-from .algorithm.quantize import (KIND_RAW, dequantize, quantize_relative,
-                                 quantize_vector, raw, reconstruct)
+from .algorithm import compressors
 from .config import Config
 from .data import BatchStream
 from .loader import BatchLoader
@@ -75,6 +74,8 @@ class Worker:
         self.steps = cfg.steps_per_round(len(indices))
         self.local_lr = cfg.local_lr or cfg.lr
         self.rng = stream_rng(cfg.seed, worker_id, STREAM_UPLINK)
+        self.up_scheme = compressors.uplink(cfg.mode)
+        self.down_scheme = compressors.downlink(cfg.b_down)
         n = model.n
         self.ref_up = np.zeros(n, np.float32)
         self.ref_down = np.zeros(n, np.float32)
@@ -100,12 +101,13 @@ class Worker:
         Raises:
             flq.algorithm.packing.PayloadError: malformed bytes.
         """
-        qv = packing.decode(payload, expected_n=self.model.n)
-        if qv.kind == KIND_RAW:
-            return qv.codes
-        if qv.segments != self.model.segments:
-            raise packing.PayloadError("downlink segments do not match the model's tensors")
-        self.ref_down = reconstruct(self.ref_down, qv)
+        scheme = self.down_scheme
+        qv = packing.decode(payload, expected_n=self.model.n, expected_bits=self.cfg.downlink_bits,
+                            expected_segments=scheme.segments(self.model.segments))
+        w = scheme.decode_update(qv, self.ref_down)
+        if not scheme.relative:
+            return w
+        self.ref_down = w
         self.down_version += 1
         return self.ref_down.copy()
 
@@ -150,7 +152,6 @@ class Worker:
 
     def _quantize_and_offer(self, round_index: int, me_k: float, g: np.ndarray, loss: float) -> Offer:
         cfg, n = self.cfg, self.model.n
-        mode = cfg.mode
         if not usable_update(g, loss):
             # the local model diverged: offer nothing (ef and mirrors stay as
             # they are) and report the loss as NaN, so the master stops the run
@@ -160,15 +161,12 @@ class Worker:
             return Offer(worker_id=self.worker_id, round=round_index, candidate=False, gain=0.0,
                          cost=float(cfg.uplink_bits * n), loss=float("nan"),
                          up_version=self.up_version, down_version=self.down_version)
-        if mode == "fedavg":
-            qv, q, g_eff, e, candidate = raw(g), g, None, 0.0, True
-        elif mode == "laq8":
-            qv = quantize_vector(g, 8, self.rng)
-            q, g_eff, e, candidate = dequantize(qv), None, 0.0, True
-        else:
-            g_eff = g + self.ef
-            qv, q = quantize_relative(g_eff, self.ref_up, cfg.uplink_bits, self.rng, self.model.segments)
-            e = squared_norm(q - g_eff)
+        scheme = self.up_scheme
+        g_eff = g + self.ef if scheme.error_feedback else g
+        qv, q = scheme.encode_update(g_eff, self.ref_up, cfg.uplink_bits, self.rng, self.model.segments)
+        e = squared_norm(q - g_eff) if scheme.error_feedback else 0.0
+        candidate = True
+        if scheme.lazy:
             candidate = is_candidate(squared_norm(q - self.ref_up), me_k, cfg.lr, cfg.total_workers, e, self.e_hat,
                                      cfg.thr_scale, round_index, cfg.warmup, self.clock, cfg.C)
         self._pending = dict(round=round_index, qv=qv, q=q, g_eff=g_eff, e=e)
@@ -184,11 +182,12 @@ class Worker:
             ProtocolError: no pending offer for ``round_index``.
         """
         p = self._take(round_index)
-        if p["g_eff"] is not None:
+        if self.up_scheme.relative:
             self.ref_up = p["q"]
+            self.up_version += 1
+        if self.up_scheme.error_feedback:
             self.ef = p["g_eff"] - p["q"]
             self.e_hat = p["e"]
-            self.up_version += 1
         self.clock = 0
         with self.stopwatch.section("quantize"):
             return packing.encode(p["qv"])
@@ -198,7 +197,7 @@ class Worker:
         """Not selected (or too late): keep the update in ``ef`` and tick the clock (step 8)."""
         p = self._pending if self._pending and self._pending["round"] == round_index else None
         self._pending = None
-        if p is not None and p["g_eff"] is not None:
+        if p is not None and self.up_scheme.error_feedback:
             self.ef = p["g_eff"]
         self.clock = next_clock(self.clock, False, self.cfg.C)
 
