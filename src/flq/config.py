@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple
+from typing import Annotated, Any, Type, Callable, Dict, List, Literal, Mapping, Optional, Tuple
 
 import annotated_types
 import pydantic
@@ -241,7 +241,7 @@ class LoggingSection(_Section):
 
 
 #: The sections of ``flq_config.json``, in file order.
-SECTIONS: Dict[str, type] = {
+SECTIONS: Dict[str, Type[_Section]] = {
     "system": SystemSection, "dataset": DatasetSection, "model": ModelSection,
     "flq_algorithm": FlqAlgorithmSection, "lazy_selection": LazySelectionSection,
     "budget_selection": BudgetSelectionSection, "jetson_optimization": JetsonOptimizationSection,
@@ -348,7 +348,7 @@ def allowed(name: str) -> str:
                 lo = f"> {_num(m.gt)}"
             elif isinstance(m, annotated_types.Le):
                 hi = "a week" if m.le == WEEK_S else _num(m.le)
-        kind = {int: "an integer", float: "a number", bool: "true/false or 1/0", str: "a string"}[ann]
+        kind = {int: "an integer", float: "a number", bool: "true/false or 1/0"}.get(ann, "a string")  # type: ignore[arg-type]
         if ann is float and extra.get("note") == "seconds":
             kind = "seconds"
         if lo is not None and hi is not None and not lo.startswith(">") and ann is int:
@@ -375,7 +375,7 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
     sec, key, f = _FIELDS[name]
     adapter = _ADAPTERS.get(name)
     if adapter is None:
-        adapter = _ADAPTERS[name] = TypeAdapter(Annotated[f.annotation, *f.metadata])
+        adapter = _ADAPTERS[name] = TypeAdapter(Annotated[(f.annotation, *f.metadata)])
     try:
         return adapter.validate_python(value)
     except pydantic.ValidationError:
@@ -494,6 +494,6 @@ def field_specs() -> List[Tuple[str, Any, str, str]]:
             f = _FIELDS[name][2]
             choices = getattr(f.annotation, "__args__", ()) if getattr(f.annotation, "__origin__", None) is Literal else ()
             kind = "{%s}" % ",".join(choices) if choices else \
-                {int: "INT", float: "FLOAT", bool: "BOOL"}.get(f.annotation, "STR")
+                {int: "INT", float: "FLOAT", bool: "BOOL"}.get(f.annotation, "STR")  # type: ignore[arg-type]
             out.append((name, f.default, kind, f"{f.description} [{sec}.{key}; {allowed(name)}]"))
     return out

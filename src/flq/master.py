@@ -225,7 +225,7 @@ class Master:
         return list(self.selected)
 
     # ----- step 7 -------------------------------------------------------
-    def receive_upload(self, worker_id: int, payload: bytes) -> None:
+    def receive_upload(self, worker_id: int, payload: bytes) -> bool:
         """Decode a selected worker's upload and update ``ref_up[m]`` (step 7).
 
         The same bytes again (a retried upload) are accepted and change nothing.

@@ -2,7 +2,7 @@
 (SPEC.md, "State" and "One round", step 9)."""
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Any, Dict, Mapping
 
 import numpy as np
 
@@ -109,11 +109,11 @@ class Adam:
         self.m, self.v, self.t = m, v, t
         theta[...] = new_theta
 
-    def state_dict(self) -> Dict[str, object]:
+    def state_dict(self) -> Dict[str, Any]:
         """Plain dict of the moments and step count (arrays are copies)."""
         return {"m": self.m.copy(), "v": self.v.copy(), "t": self.t, "lr": self.lr}
 
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.m = np.array(state["m"], np.float32, copy=True)
         self.v = np.array(state["v"], np.float32, copy=True)
         self.t = int(state["t"])

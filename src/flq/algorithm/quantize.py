@@ -100,14 +100,14 @@ def quantize_stochastic(x: np.ndarray, bits: int, rng: np.random.Generator,
     x = np.asarray(x, dtype=np.float32)
     segs = _check_segments(x.shape[0], segments)
     L = levels(bits)
-    u = rng.random(x.shape[0], dtype=np.float32)
+    u = rng.random((x.shape[0],), dtype=np.float32)
     codes = np.empty(x.shape[0], dtype=_code_dtype(bits))
     scales = np.empty(len(segs), dtype=np.float32)
     start = 0
     for i, size in enumerate(segs):
         xs = x[start:start + size]
         s = (np.abs(xs).max() + _EPS) / np.float32(L)
-        y = xs / s
+        y: np.ndarray = xs / s
         fl = np.floor(y)
         z = fl + (u[start:start + size] < (y - fl))
         np.clip(z, -L, L, out=z)
