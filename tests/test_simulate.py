@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from openpyxl import load_workbook
 
+from flq.algorithm.lazy import next_clock
 from flq.master import Master
 from flq.results import CURVE_COLUMNS, read_results
 from flq.runtime import Runtime
@@ -60,6 +61,7 @@ def test_mirrors_stay_bit_identical(fmnist_available, mode):
     workers = [Worker(m, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[m]) for m in range(3)]
     for k in range(3):
         me_k = master.begin_round()
+        clock_before = {w.worker_id: w.clock for w in workers}
         for w in workers:
             master.add_offer(w.offer(k, me_k, master.downlink(w.worker_id)))
         chosen = master.select()
@@ -75,8 +77,9 @@ def test_mirrors_stay_bit_identical(fmnist_available, mode):
             assert np.array_equal(master.ref_down[m], w.ref_down)
             assert np.array_equal(master.ref_up[m], w.ref_up)
             assert (master.up_version[m], master.down_version[m]) == (w.up_version, w.down_version)
-            if mode in ("bbit", "bin"):
-                assert w.clock == (0 if m in chosen else w.clock)
+            # step 7 resets the lazy clock of who uploaded, step 8 ticks the others'
+            assert w.clock == (0 if m in chosen else next_clock(clock_before[m], False, cfg.C))
+    assert any(w.clock > 0 for w in workers)  # 3 workers, 2 chosen: someone skipped the last round
     if mode in ("bbit", "bin"):
         assert any(np.any(w.ef != 0) for w in workers)  # error feedback is live
 
