@@ -17,7 +17,6 @@ from flq.algorithm.quantize import (
     quantize,
     quantize_relative,
     quantize_stochastic,
-    quantize_vector,
     raw,
     reconstruct,
 )
@@ -160,15 +159,17 @@ def test_per_segment_scales_keep_small_segment_precise():
     assert np.all(np.abs(v[3:] - tiny) <= qv.scales[1] * 1.000001)
     assert np.all(v[3:] != 0)
     # one scale for the whole vector would erase it
-    qvv = quantize_vector(x, 8, np.random.default_rng(0))
+    qvv = quantize_stochastic(x, 8, np.random.default_rng(0), (x.shape[0],))
     assert qvv.segments == (7,) and qvv.scales.shape == (1,)
     assert qvv.scales[0] == qv.scales[0]
     assert np.all(dequantize(qvv)[3:] == 0)
 
 
-def test_quantize_vector_uses_one_scale():
+def test_laq8_uses_one_scale_for_the_vector():
+    from flq.algorithm.compressors import uplink
+
     x = _x(5)
-    qv = quantize_vector(x, 8, np.random.default_rng(3))
+    qv, _ = uplink("laq8").encode_update(x, np.zeros(N, np.float32), 8, np.random.default_rng(3), SEGS)
     ref = quantize_stochastic(x, 8, np.random.default_rng(3), (N,))
     assert qv.kind == KIND_INT and qv.bits == 8 and qv.segments == (N,)
     np.testing.assert_array_equal(qv.scales, ref.scales)
@@ -311,7 +312,6 @@ def test_raw_and_dequantize_copy():
     x = np.array([1.5, -2.0, 3.0], np.float32)
     q = raw(x)
     assert q.kind == KIND_RAW and q.bits == 32 and q.segments == (3,) and q.scales.size == 0
-    assert q.payload_bits == 96
     v = dequantize(q)
     v[0] = 99
     assert q.codes[0] == 1.5  # dequantize returned a copy

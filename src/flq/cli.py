@@ -23,15 +23,6 @@ log = logging.getLogger("flq.cli")
 DEFAULT_CONFIG = "flq_config.json"
 
 
-def _bool(text: str) -> bool:
-    t = text.lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """``--config`` plus one flag per config key (string values are validated later)."""
     p.add_argument("--config", default=None,

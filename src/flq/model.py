@@ -176,10 +176,6 @@ class FlatModel:
             for p, a, b in zip(self.params, self._offsets[:-1], self._offsets[1:]):
                 p.copy_(src[a:b].view(p.shape))
 
-    def get_flat(self) -> np.ndarray:
-        """The module's parameters as a flat float32 vector (n,)."""
-        return flatten(self.model)
-
     def _batch(self, x: np.ndarray) -> torch.Tensor:
         if not x.flags.writeable:  # the cached dataset is read-only; torch wants to own writable memory
             x = x.copy()

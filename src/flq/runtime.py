@@ -60,7 +60,7 @@ class Runtime:
         check_paths(cfg)
         set_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
-        self.memory_fraction = apply_memory_cap(self.device, cfg.gpu_memory_limit_mb)
+        apply_memory_cap(self.device, cfg.gpu_memory_limit_mb)
         if cfg.enable_mixed_precision and self.device.type != "cuda":
             log.warning("enable_mixed_precision needs CUDA; running float32 on %s", self.device)
         self.model = FlatModel(build_model(cfg.model), self.device, mixed_precision=cfg.enable_mixed_precision)

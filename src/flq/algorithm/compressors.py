@@ -15,14 +15,11 @@ tests): its ``quantize`` may be any function of the signature of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .quantize import MAX_BITS, QuantizedVector, dequantize, quantize, reconstruct
-
-#: ``quantize(x, bits, rng, segments) -> QuantizedVector``
-Quantizer = Callable[[np.ndarray, int, np.random.Generator, Sequence[int]], QuantizedVector]
+from .quantize import MAX_BITS, QuantizedVector, Quantizer, dequantize, quantize, quantize_relative, reconstruct
 
 
 @dataclass(frozen=True)
@@ -84,8 +81,7 @@ class Scheme:
         """
         segs = self.segments(tensor_sizes)
         if self.relative:
-            qv = self.quantize(np.subtract(x, ref, dtype=np.float32), bits, rng, segs)
-            return qv, reconstruct(ref, qv)
+            return quantize_relative(x, ref, bits, rng, segs, self.quantize)
         qv = self.quantize(np.asarray(x, np.float32), bits, rng, segs)
         return qv, dequantize(qv)
 

@@ -2,9 +2,9 @@
 
 All functions work on one float32 NumPy vector ``x`` of length ``n`` that is
 the concatenation of the model's tensors; ``segments`` gives those tensors'
-element counts (they sum to ``n``). "Per tensor" quantizers compute one
-scale per segment; :func:`quantize_vector` uses one scale for the whole
-vector (``Q8v`` of mode ``laq8``).
+element counts (they sum to ``n``). Quantizers compute one scale per
+segment: per tensor, or one segment for the whole vector (``Q8v`` of mode
+``laq8``); :mod:`flq.algorithm.compressors` says which mode uses which.
 
 A quantized vector is a :class:`QuantizedVector`: integer codes (what goes on
 the wire, bit-packed by :mod:`flq.algorithm.packing`) plus float32 scales.
@@ -14,7 +14,7 @@ the same function, so the mirrors they keep stay bit-identical.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -52,10 +52,9 @@ class QuantizedVector:
         """Number of elements."""
         return int(self.codes.shape[0])
 
-    @property
-    def payload_bits(self) -> int:
-        """Bits of packed element data (without scales or header)."""
-        return self.bits * self.n
+
+#: ``quantize(x, bits, rng, segments) -> QuantizedVector``: the signature every quantizer has.
+Quantizer = Callable[[np.ndarray, int, np.random.Generator, Sequence[int]], "QuantizedVector"]
 
 
 def levels(bits: int) -> int:
@@ -116,12 +115,6 @@ def quantize_stochastic(x: np.ndarray, bits: int, rng: np.random.Generator,
         scales[i] = s
         start += size
     return QuantizedVector(KIND_INT, bits, segs, scales, codes)
-
-
-def quantize_vector(x: np.ndarray, bits: int, rng: np.random.Generator) -> QuantizedVector:
-    """``Q_b`` with ONE scale for the whole vector (``Q8v`` of ``laq8`` for b=8)."""
-    x = np.asarray(x, dtype=np.float32)
-    return quantize_stochastic(x, bits, rng, (x.shape[0],))
 
 
 def binarize(x: np.ndarray, rng: np.random.Generator, segments: Sequence[int]) -> QuantizedVector:
@@ -188,13 +181,17 @@ def dequantize(qv: QuantizedVector) -> np.ndarray:
 
 
 def quantize_relative(x: np.ndarray, ref: np.ndarray, bits: int, rng: np.random.Generator,
-                      segments: Sequence[int]) -> Tuple[QuantizedVector, np.ndarray]:
+                      segments: Sequence[int], quantizer: Optional[Quantizer] = None
+                      ) -> Tuple[QuantizedVector, np.ndarray]:
     """Relative quantization ``q = ref + Q_b(x - ref)`` (SPEC.md, Quantizers).
+
+    Args:
+        quantizer: ``Q_b``; :func:`quantize` when None.
 
     Returns the wire form of ``Q_b(x - ref)`` and ``q`` (float32, shape (n,)),
     computed exactly as :func:`reconstruct` computes it on the other end.
     """
-    qv = quantize(np.subtract(x, ref, dtype=np.float32), bits, rng, segments)
+    qv = (quantizer or quantize)(np.subtract(x, ref, dtype=np.float32), bits, rng, segments)
     return qv, reconstruct(ref, qv)
 
 
