@@ -297,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except Exception as exc:  # one line for expected failures (missing data, bad device)
         from .checkpoint import CheckpointError
-        from .data import DatasetError
+        from .datasets import DatasetError
 
         if isinstance(exc, (DatasetError, CheckpointError, RuntimeError, OSError)):
             from .outputs import one_line

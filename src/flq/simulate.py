@@ -86,7 +86,7 @@ def simulate(cfg: Config, write: bool = True, progress: bool = True,
         runtime: a prepared :class:`Runtime` (data, model, partitions).
 
     Raises:
-        flq.data.DatasetNotFoundError: the dataset cannot be found or fetched.
+        flq.datasets.DatasetNotFoundError: the dataset cannot be found or fetched.
         flq.config.ConfigError: settings that do not fit the data.
         flq.outcome.Interrupted: SIGINT/SIGTERM before the first round.
     """

@@ -29,10 +29,10 @@ from .algorithm.lazy import is_candidate, next_clock
 from .algorithm.quantize import (KIND_RAW, dequantize, quantize_relative,
                                  quantize_vector, raw, reconstruct)
 from .config import Config
-from .data import BatchStream
 from .loader import BatchLoader
 from .messages import Offer
 from .model import FlatModel, l2_loss_and_grad
+from .partition import BatchStream
 from .timing import NullStopwatch, Stopwatch
 
 log = logging.getLogger(__name__)
