@@ -2,9 +2,11 @@
 (SPEC.md, Data).
 
 * :func:`partition` splits the training set's indices over the workers
-  (``iid`` or Dirichlet ``non_iid``), deterministically from its arguments.
+  (``iid`` or Dirichlet ``non_iid``), deterministically from its arguments
+  (the generator is :func:`flq.streams.partition_rng`).
 * :class:`BatchStream` yields one worker's minibatch indices, pass after
-  pass, and can be checkpointed and resumed exactly.
+  pass (stream :data:`flq.streams.STREAM_BATCHES`), and can be checkpointed
+  and resumed exactly.
 
 Reading the data itself is :mod:`flq.datasets`. Bad arguments raise
 ``ValueError`` with a one-line message naming the argument.
@@ -16,6 +18,8 @@ import math
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
+
+from .streams import STREAM_BATCHES, partition_rng, restored_rng, stream_rng
 
 __all__ = ["PARTITION_SCHEMES", "partition", "BatchStream"]
 
@@ -115,7 +119,7 @@ def partition(
         raise ValueError(f"scheme must be one of {', '.join(PARTITION_SCHEMES)}, got {scheme!r}")
 
     seed = _check_int(seed, "seed", 0)
-    rng = np.random.default_rng(seed)
+    rng = partition_rng(seed)
 
     if scheme == "iid":
         perm = rng.permutation(n).astype(np.int64, copy=False)
@@ -154,7 +158,8 @@ class BatchStream:
 
     ``indices``: the worker's global sample indices (1-D integers, e.g. one
     array from :func:`partition`). The stream owns the generator
-    ``Generator(PCG64(SeedSequence([seed, worker_id, 1])))``; each pass is
+    ``Generator(PCG64(SeedSequence([seed, worker_id, 1])))`` (stream
+    :data:`~flq.streams.STREAM_BATCHES`); each pass is
     ``rng.permutation(indices)`` cut into ``len(indices) // batch_size``
     consecutive full batches (the remainder of the pass is dropped), and
     passes repeat forever. :meth:`next_indices` returns the next batch as an
@@ -184,9 +189,7 @@ class BatchStream:
         self.worker_id = _check_int(worker_id, "worker_id", 0)
         self._indices = idx.astype(np.int64, copy=True)
         self._indices.flags.writeable = False
-        self._rng = np.random.Generator(
-            np.random.PCG64(np.random.SeedSequence([self.seed, self.worker_id, 1]))
-        )
+        self._rng = stream_rng(self.seed, self.worker_id, STREAM_BATCHES)
         self._perm: Optional[np.ndarray] = None
         self._pos = 0
 
@@ -262,8 +265,6 @@ class BatchStream:
                 raise ValueError(f"state position {pos} outside 0..{perm.shape[0]}")
         elif pos != 0:
             raise ValueError(f"state position {pos} without a permutation")
-        rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = dict(state["bit_generator"])
-        self._rng = rng
+        self._rng = restored_rng(state["bit_generator"])
         self._perm = perm
         self._pos = pos
