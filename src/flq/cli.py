@@ -91,7 +91,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     elif not result.records:
         print("flq simulate: no round finished, so no results were written", file=sys.stderr)
     if args.plot and result.results_path is not None:
-        from .results import plot_results
+        from .plots import plot_results
 
         out = Path(args.plot_dir or Path(cfg.results_dir) / "plots")
         for p in plot_results([result.results_path], out):
@@ -100,7 +100,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .results import plot_results
+    from .plots import plot_results
 
     paths = [Path(p) for p in args.results]
     missing = [str(p) for p in paths if not p.is_file()]
