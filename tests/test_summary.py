@@ -6,6 +6,7 @@ import logging
 import math
 
 from conftest import small_config
+
 from flq.results import CURVE_COLUMNS, read_results
 from flq.simulate import simulate
 from flq.summary import log_round, round_timings
