@@ -62,16 +62,18 @@ def main() -> None:
     startup = first_round["t"] - process_start_time()
     recs = res.records[1:] if len(res.records) > 1 else res.records  # round 1 warms up oneDNN
 
-    def mean(key):
-        return statistics.fmean(r.get(key, 0.0) for r in recs)
+    def mean(*keys):
+        return statistics.fmean(sum(r.get(key, 0.0) for key in keys) for r in recs)
 
     print(f"settings: {cfg.dataset}, {cfg.total_workers} workers, batch {cfg.batch_size}, mode {cfg.mode} "
           f"(b_up {cfg.uplink_bits}, b_down {cfg.downlink_bits}), threads {cfg.threads}, "
           f"eval batch {cfg.eval_batch_size}, {len(recs)} timed rounds (first round excluded)")
     print(f"start-up (process start -> first round): {startup:.2f} s")
-    for label, key in (("local computation", "compute_s"), ("quantization + packing", "quantize_s"),
-                       ("aggregation + Adam", "aggregate_s"), ("evaluation (10k test images)", "evaluate_s")):
-        print(f"  {label:<30} {mean(key):.3f} s/round")
+    for label, keys in (("local computation", ("workers_compute_s",)),
+                        ("quantization + packing", ("workers_quantize_s", "master_quantize_s")),
+                        ("aggregation + Adam", ("master_aggregate_s",)),
+                        ("evaluation (10k test images)", ("master_evaluate_s",))):
+        print(f"  {label:<30} {mean(*keys):.3f} s/round")
     total = mean("round_time_s")
     print(f"  {'round (total)':<30} {total:.3f} s/round  (original TF script: ~2.7 s/round -> {2.7 / total:.2f}x)")
     print(f"  rounds min/median/max: {min(r['round_time_s'] for r in recs):.3f} / "

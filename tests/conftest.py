@@ -17,7 +17,7 @@ os.environ.setdefault("FLQ_NO_DOWNLOAD", "1")
 
 @pytest.fixture(scope="session")
 def fmnist_available() -> bool:
-    from flq.data import find_dataset_dir
+    from flq.datasets import find_dataset_dir
 
     found = find_dataset_dir("fashion_mnist") is not None
     if not found:

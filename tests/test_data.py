@@ -1,5 +1,5 @@
-"""Tests for flq.data (SPEC.md, Data): IDX reading, finding, downloading,
-loading, partitioning and per-worker batch order."""
+"""Tests for flq.datasets and flq.partition (SPEC.md, Data): IDX reading,
+finding, downloading, loading, partitioning and per-worker batch order."""
 
 from __future__ import annotations
 
@@ -16,18 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flq import data
-from flq.data import (
+from flq import datasets
+from flq import partition as partition_module
+from flq.datasets import (
     FILES,
-    BatchStream,
     DatasetError,
     DatasetNotFoundError,
     download_dataset,
     find_dataset_dir,
     load_dataset,
-    partition,
     read_idx,
 )
+from flq.partition import BatchStream, partition
 
 REAL_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -53,13 +53,13 @@ def write_dataset(folder: Path, n_train: int = 12, n_test: int = 5, seed: int = 
     """Write four synthetic (Fashion-)MNIST IDX .gz files; return the raw arrays."""
     rng = np.random.default_rng(seed)
     arrays = {
-        data.TRAIN_IMAGES: rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8),
-        data.TRAIN_LABELS: (np.arange(n_train) % 10).astype(np.uint8),
-        data.TEST_IMAGES: rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
-        data.TEST_LABELS: (np.arange(n_test)[::-1] % 10).astype(np.uint8),
+        datasets.TRAIN_IMAGES: rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8),
+        datasets.TRAIN_LABELS: (np.arange(n_train) % 10).astype(np.uint8),
+        datasets.TEST_IMAGES: rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
+        datasets.TEST_LABELS: (np.arange(n_test)[::-1] % 10).astype(np.uint8),
     }
     # Make sure the extremes 0 and 255 appear, to check the scaling exactly.
-    arrays[data.TRAIN_IMAGES][0, 0, :2] = [0, 255]
+    arrays[datasets.TRAIN_IMAGES][0, 0, :2] = [0, 255]
     folder.mkdir(parents=True, exist_ok=True)
     for name, arr in arrays.items():
         (folder / name).write_bytes(gzip.compress(idx_bytes(arr), mtime=0))
@@ -84,10 +84,10 @@ def isolated_env(tmp_path, monkeypatch):
                 "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    monkeypatch.setattr(data, "SYSTEM_DIRS", ())
-    data.clear_dataset_cache()
+    monkeypatch.setattr(datasets, "SYSTEM_DIRS", ())
+    datasets.clear_dataset_cache()
     yield
-    data.clear_dataset_cache()
+    datasets.clear_dataset_cache()
 
 
 @pytest.fixture
@@ -191,23 +191,23 @@ def test_read_idx_missing_file_is_oserror(tmp_path):
 
 
 def test_canonical_names():
-    assert data.canonical_name("fashion_mnist") == "fashion_mnist"
-    assert data.canonical_name("fashion-mnist") == "fashion_mnist"
-    assert data.canonical_name("FMNIST") == "fashion_mnist"
-    assert data.canonical_name("mnist") == "mnist"
+    assert datasets.canonical_name("fashion_mnist") == "fashion_mnist"
+    assert datasets.canonical_name("fashion-mnist") == "fashion_mnist"
+    assert datasets.canonical_name("FMNIST") == "fashion_mnist"
+    assert datasets.canonical_name("mnist") == "mnist"
     with pytest.raises(DatasetError, match="cifar10"):
-        data.canonical_name("cifar10")
+        datasets.canonical_name("cifar10")
 
 
 def test_dataset_table_has_sha256_for_every_file():
-    for info in data.DATASETS.values():
+    for info in datasets.DATASETS.values():
         assert set(info.sha256) == set(FILES)
         for digest in info.sha256.values():
             assert len(digest) == 64 and int(digest, 16) >= 0
-    assert data.DATASETS["fashion_mnist"].base_urls == (
+    assert datasets.DATASETS["fashion_mnist"].base_urls == (
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     )
-    assert data.DATASETS["mnist"].base_urls[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
+    assert datasets.DATASETS["mnist"].base_urls[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
 
 
 def test_find_dataset_dir_search_order(tmp_path, monkeypatch):
@@ -216,7 +216,7 @@ def test_find_dataset_dir_search_order(tmp_path, monkeypatch):
     system = tmp_path / "sys"
     cache = tmp_path / "xdg-cache" / "flq" / "fashion_mnist"
     monkeypatch.setenv("FLQ_DATA_DIR", str(env))
-    monkeypatch.setattr(data, "SYSTEM_DIRS", (system,))
+    monkeypatch.setattr(datasets, "SYSTEM_DIRS", (system,))
 
     expected_order = [
         touch_all(cfg),
@@ -228,11 +228,11 @@ def test_find_dataset_dir_search_order(tmp_path, monkeypatch):
         touch_all(cache),
         touch_all(system / "fashion-mnist"),
     ]
-    assert data.search_dirs("fmnist", cfg) == expected_order
+    assert datasets.search_dirs("fmnist", cfg) == expected_order
     # Remove one file at a time from the winner: the next folder wins.
     for folder in expected_order:
         assert find_dataset_dir("fashion-mnist", data_dir=cfg) == folder
-        (folder / data.TEST_LABELS).unlink()
+        (folder / datasets.TEST_LABELS).unlink()
     assert find_dataset_dir("fashion_mnist", data_dir=cfg) is None
 
 
@@ -246,9 +246,9 @@ def test_find_dataset_dir_needs_all_four_files(tmp_path, monkeypatch):
 def test_find_dataset_dir_home_cache_and_mnist_system_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert data.default_cache_dir("mnist") == tmp_path / "home" / ".cache" / "flq" / "mnist"
+    assert datasets.default_cache_dir("mnist") == tmp_path / "home" / ".cache" / "flq" / "mnist"
     system = tmp_path / "sys"
-    monkeypatch.setattr(data, "SYSTEM_DIRS", (system,))
+    monkeypatch.setattr(datasets, "SYSTEM_DIRS", (system,))
     touch_all(system / "mnist")
     assert find_dataset_dir("mnist") == system / "mnist"
     assert find_dataset_dir("fashion_mnist") is None  # wants sys/fashion-mnist
@@ -272,7 +272,7 @@ def test_download_from_local_http_server(tmp_path, http_server):
     for f in FILES:
         assert (dest / f).read_bytes() == (root / f).read_bytes()
     assert requested == ["/" + f for f in FILES]
-    np.testing.assert_array_equal(read_idx(dest / data.TRAIN_IMAGES), arrays[data.TRAIN_IMAGES])
+    np.testing.assert_array_equal(read_idx(dest / datasets.TRAIN_IMAGES), arrays[datasets.TRAIN_IMAGES])
     # A second call finds verified files and fetches nothing.
     download_dataset("mnist", dest, base_urls=[url], checksums=sums, timeout=10)
     assert len(requested) == 4
@@ -295,16 +295,16 @@ def test_download_wrong_checksum_leaves_no_file(tmp_path, http_server):
     root, url, _ = http_server
     write_dataset(root)
     sums = {f: sha256_of(root / f) for f in FILES}
-    sums[data.TRAIN_LABELS] = "0" * 64
+    sums[datasets.TRAIN_LABELS] = "0" * 64
     dest = tmp_path / "dl"
     with pytest.raises(DatasetError) as info:
         download_dataset("mnist", dest, base_urls=[url], checksums=sums, timeout=10)
     msg = str(info.value)
     assert "\n" not in msg
-    assert data.TRAIN_LABELS in msg and "SHA-256 mismatch" in msg
-    assert sha256_of(root / data.TRAIN_LABELS) in msg
+    assert datasets.TRAIN_LABELS in msg and "SHA-256 mismatch" in msg
+    assert sha256_of(root / datasets.TRAIN_LABELS) in msg
     # The file before it was kept; the bad one and its temp file are gone.
-    assert sorted(p.name for p in dest.iterdir()) == [data.TRAIN_IMAGES]
+    assert sorted(p.name for p in dest.iterdir()) == [datasets.TRAIN_IMAGES]
 
 
 def test_download_with_official_checksums_rejects_synthetic_files(tmp_path, http_server):
@@ -340,11 +340,11 @@ def test_load_synthetic_dataset(tmp_path):
     assert ds.train_y.shape == (12,) and ds.train_y.dtype == np.int64
     assert ds.test_y.shape == (5,) and ds.test_y.dtype == np.int64
     np.testing.assert_array_equal(
-        ds.train_x[:, 0], arrays[data.TRAIN_IMAGES].astype(np.float32) / np.float32(255)
+        ds.train_x[:, 0], arrays[datasets.TRAIN_IMAGES].astype(np.float32) / np.float32(255)
     )
     assert ds.train_x[0, 0, 0, 0] == 0.0 and ds.train_x[0, 0, 0, 1] == 1.0
-    np.testing.assert_array_equal(ds.train_y, arrays[data.TRAIN_LABELS])
-    np.testing.assert_array_equal(ds.test_y, arrays[data.TEST_LABELS])
+    np.testing.assert_array_equal(ds.train_y, arrays[datasets.TRAIN_LABELS])
+    np.testing.assert_array_equal(ds.test_y, arrays[datasets.TEST_LABELS])
     # Cached: the same object again, and read-only so no caller can spoil it.
     assert load_dataset("mnist", data_dir=tmp_path / "d", download=False) is ds
     assert not ds.train_x.flags.writeable and not ds.train_y.flags.writeable
@@ -356,11 +356,11 @@ def test_load_rejects_bad_shapes(tmp_path):
     folder = tmp_path / "d"
     write_dataset(folder)
     bad = np.zeros((3, 27, 28), dtype=np.uint8)
-    (folder / data.TEST_IMAGES).write_bytes(gzip.compress(idx_bytes(bad)))
+    (folder / datasets.TEST_IMAGES).write_bytes(gzip.compress(idx_bytes(bad)))
     with pytest.raises(DatasetError, match="t10k-images"):
         load_dataset("mnist", data_dir=folder, download=False)
     write_dataset(folder)
-    (folder / data.TRAIN_LABELS).write_bytes(
+    (folder / datasets.TRAIN_LABELS).write_bytes(
         gzip.compress(idx_bytes(np.zeros(11, dtype=np.uint8)))
     )
     with pytest.raises(DatasetError, match="11 labels for 12 images"):
@@ -381,7 +381,7 @@ def test_not_found_without_download_is_one_line(tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("must not download")
 
-    monkeypatch.setattr(data, "download_dataset", no_download)
+    monkeypatch.setattr(datasets, "download_dataset", no_download)
     with pytest.raises(DatasetNotFoundError) as info:
         load_dataset("fashion_mnist", data_dir=tmp_path / "empty", download=False)
     _assert_not_found_message(
@@ -397,33 +397,33 @@ def test_not_found_without_download_is_one_line(tmp_path, monkeypatch):
 
 def test_not_found_when_download_fails_is_one_line(tmp_path, monkeypatch, http_server):
     _, url, requested = http_server  # serves nothing: every file is a 404
-    info = data.DATASETS["fashion_mnist"]
+    info = datasets.DATASETS["fashion_mnist"]
     monkeypatch.setitem(
-        data.DATASETS, "fashion_mnist",
-        data.DatasetInfo(**{**info.__dict__, "base_urls": (url,)}),
+        datasets.DATASETS, "fashion_mnist",
+        datasets.DatasetInfo(**{**info.__dict__, "base_urls": (url,)}),
     )
     with pytest.raises(DatasetNotFoundError) as err:
         load_dataset("fashion-mnist")
     _assert_not_found_message(str(err.value), "download failed: could not download", [])
-    assert requested == ["/" + data.TRAIN_IMAGES]
+    assert requested == ["/" + datasets.TRAIN_IMAGES]
 
 
 def test_load_downloads_into_user_cache(tmp_path, monkeypatch, http_server):
     root, url, requested = http_server
     arrays = write_dataset(root, n_train=20, n_test=10, seed=3)
-    info = data.DATASETS["mnist"]
-    fake = data.DatasetInfo(**{
+    info = datasets.DATASETS["mnist"]
+    fake = datasets.DatasetInfo(**{
         **info.__dict__,
         "base_urls": (url,),
         "sha256": {f: sha256_of(root / f) for f in FILES},
     })
-    monkeypatch.setitem(data.DATASETS, "mnist", fake)
+    monkeypatch.setitem(datasets.DATASETS, "mnist", fake)
     ds = load_dataset("mnist")
     cache = tmp_path / "xdg-cache" / "flq" / "mnist"
     assert ds.source == cache.resolve()
     assert sorted(p.name for p in cache.iterdir()) == sorted(FILES)
     assert ds.train_x.shape == (20, 1, 28, 28) and ds.test_y.shape == (10,)
-    np.testing.assert_array_equal(ds.test_y, arrays[data.TEST_LABELS])
+    np.testing.assert_array_equal(ds.test_y, arrays[datasets.TEST_LABELS])
     assert len(requested) == 4
     # Now found in the cache: no more requests, same cached object.
     assert load_dataset("mnist") is ds
@@ -437,7 +437,7 @@ def test_real_fashion_mnist(monkeypatch):
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    monkeypatch.setattr(data, "SYSTEM_DIRS", (REAL_FASHION_DIR.parent,))
+    monkeypatch.setattr(datasets, "SYSTEM_DIRS", (REAL_FASHION_DIR.parent,))
     monkeypatch.setenv("FLQ_NO_DOWNLOAD", "1")
     assert find_dataset_dir("fmnist") == REAL_FASHION_DIR
     ds = load_dataset("fashion_mnist")
@@ -502,13 +502,13 @@ def test_dirichlet_tiny_example_pinned():
 
 def test_dirichlet_retries_with_the_same_rng(monkeypatch):
     calls = []
-    original = data._dirichlet_try
+    original = partition_module._dirichlet_try
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(data, "_dirichlet_try", counting)
+    monkeypatch.setattr(partition_module, "_dirichlet_try", counting)
     parts = partition(TINY_LABELS, 2, "non_iid", 0.5, 0, 8)
     assert len(calls) == 3  # tries 1 and 2 leave a worker with < 8 samples
     assert [p.tolist() for p in parts] == [
@@ -542,7 +542,7 @@ def test_dirichlet_largest_remainder_ties_go_to_lower_worker():
     # class 1: 5 * (1/8, 3/8, 1/2, 0) = (0.625, 1.875, 2.5, 0) -> floor (0, 1, 2, 0),
     #   2 left: fractions .875 (w1) then .625 (w0) -> (1, 2, 2, 0).
     rng = _FixedRng([[0.25, 0.25, 0.25, 0.25], [0.125, 0.375, 0.5, 0.0]])
-    parts = data._dirichlet_try(rng, labels, np.array([0, 1]), 4, 1.0)
+    parts = partition_module._dirichlet_try(rng, labels, np.array([0, 1]), 4, 1.0)
     assert [p.tolist() for p in parts] == [[0, 1, 6], [2, 3, 7, 8], [4, 9, 10], [5]]
 
 
@@ -569,13 +569,13 @@ def test_dirichlet_deterministic_valid_and_class_totals():
 
 def test_dirichlet_pads_short_workers_after_100_tries(monkeypatch):
     calls = []
-    original = data._dirichlet_try
+    original = partition_module._dirichlet_try
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(data, "_dirichlet_try", counting)
+    monkeypatch.setattr(partition_module, "_dirichlet_try", counting)
     labels = np.array([0, 1] * 5)  # 10 samples; 3 workers x 4 > 10: can never succeed
     parts = partition(labels, 3, "non_iid", 1.0, 5, 4)
     assert len(calls) == 100

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flq import data, doctor
+from flq import datasets, doctor
 from flq.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_repo_config_all_ok(capsys, fmnist_available):
     assert torch.__version__ in out
     assert lines_of(out, "python")[0].startswith("[ok]")
     assert lines_of(out, "numpy")[0].startswith("[ok]")
-    assert str(data.find_dataset_dir("fashion_mnist")) in lines_of(out, "dataset")[0]
+    assert str(datasets.find_dataset_dir("fashion_mnist")) in lines_of(out, "dataset")[0]
     assert "flq_config.json: valid" in lines_of(out, "config")[0]
     device = lines_of(out, "device")[0]
     if torch.cuda.is_available():
@@ -152,7 +152,7 @@ def test_dataset_missing(capsys, tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.delenv("FLQ_DATA_DIR", raising=False)
-    monkeypatch.setattr(data, "SYSTEM_DIRS", ())
+    monkeypatch.setattr(datasets, "SYSTEM_DIRS", ())
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     rc, out = run_doctor(capsys, "--config", str(CONFIG), "--device", "cpu", "--data_dir", str(empty))

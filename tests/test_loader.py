@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from flq.data import BatchStream
 from flq.loader import BatchLoader
 from flq.model import CNN, FlatModel, apply_memory_cap, resolve_device
+from flq.partition import BatchStream
 
 
 def _data():

@@ -1,4 +1,4 @@
-"""Tests for flq.results: xlsx round trip, config flattening, errors, plots."""
+"""Tests for flq.results (xlsx round trip, config flattening, errors) and flq.plots."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import openpyxl
 import pandas as pd
 import pytest
 
-from flq import results as R
+from flq.plots import plot_results, run_label
 from flq.results import (
     CURVE_COLUMNS,
     RunResults,
     default_results_path,
-    plot_results,
     read_results,
     write_results,
 )
@@ -383,11 +382,11 @@ def _assert_png(path: Path):
 
 def test_run_label():
     curve = pd.DataFrame(columns=CURVE_COLUMNS)
-    assert R.run_label(RunResults(Path("x"), "bbit", curve, None,
-                                  {"quant.b_up": 4, "quant.b_down": 8})) == \
+    assert run_label(RunResults(Path("x"), "bbit", curve, None,
+                                {"quant.b_up": 4, "quant.b_down": 8})) == \
         "bbit (b_up 4, b_down 8)"
-    assert R.run_label(RunResults(Path("x"), "bin", curve, None, {"b_up": 2})) == "bin (b_up 1)"  # bin always sends 1 bit
-    assert R.run_label(RunResults(Path("x"), "full", curve, None, {})) == "full"
+    assert run_label(RunResults(Path("x"), "bin", curve, None, {"b_up": 2})) == "bin (b_up 1)"  # bin always sends 1 bit
+    assert run_label(RunResults(Path("x"), "full", curve, None, {})) == "full"
 
 
 def test_plot_results_two_runs(tmp_path):

@@ -81,7 +81,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     elif not result.records:
         print("flq simulate: no round finished, so no results were written", file=sys.stderr)
     if args.plot and result.results_path is not None:
-        from .results import plot_results
+        from .plots import plot_results
 
         out = Path(args.plot_dir or Path(cfg.results_dir) / "plots")
         for p in plot_results([result.results_path], out):
@@ -90,7 +90,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .results import plot_results
+    from .plots import plot_results
 
     paths = [Path(p) for p in args.results]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -287,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except Exception as exc:  # one line for expected failures (missing data, bad device)
         from .checkpoint import CheckpointError
-        from .data import DatasetError
+        from .datasets import DatasetError
 
         if isinstance(exc, (DatasetError, CheckpointError, RuntimeError, OSError)):
             from .outputs import one_line

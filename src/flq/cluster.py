@@ -48,6 +48,7 @@ from .config import Config
 from .master import Master, MasterError, payload_digest
 from .messages import Offer
 from .outputs import one_line
+from .summary import log_round, round_timings
 
 log = logging.getLogger(__name__)
 
@@ -531,12 +532,9 @@ class ClusterMaster:
                             self._uploads_awaited())
             self.phase = PHASE_CLOSING
             record = await asyncio.to_thread(m.end_round)  # Diverged: recorded, then the run stops
-            record.update({f"master_{name}_s": sec for name, sec in m.stopwatch.take().items()})
+            record.update(round_timings(m.stopwatch))
             self.phase = PHASE_IDLE
-            log.info("round %d: loss %.4f acc %.4f entropy %.4f selected %d/%d bits %d wire up %d down %d B "
-                     "(%.2f s)", record["iter"], record["loss"], record["acc"], record["entropy"], record["selcnt"],
-                     record["offers"], record["cum_bits_total"], record["wire_bytes_up"],
-                     record["wire_bytes_down"], record["round_time_s"])
+            log_round(record)
             if self.on_round is not None:
                 await asyncio.to_thread(self.on_round, record)
         return outcome.COMPLETED, ""

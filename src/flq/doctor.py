@@ -7,7 +7,7 @@ Checks: Python, PyTorch (version, CUDA or CPU build), NumPy, the config file
 (validated with :func:`flq.config.load_config`), the compute device that a
 run would use (:func:`flq.model.resolve_device`), on CUDA the GPU, its memory
 against ``gpu_memory_limit_mb`` and whether float16 autocast works, on CPU
-the cores and PyTorch threads, the dataset (:func:`flq.data.find_dataset_dir`)
+the cores and PyTorch threads, the dataset (:func:`flq.datasets.find_dataset_dir`)
 and, with ``--master_ip``, whether the master answers ``GET /status``.
 
 Exit status 0 when nothing FAILed, 1 otherwise. ``--json`` prints a JSON list
@@ -233,7 +233,7 @@ def _check_autocast(torch: Any, cfg: Config, index: int) -> Check:
 
 
 def _dataset_fix(info: Any) -> str:
-    from .data import ENV_DATA_DIR, ENV_NO_DOWNLOAD, _download_disabled
+    from .datasets import ENV_DATA_DIR, ENV_NO_DOWNLOAD, _download_disabled
 
     ways = []
     if info.debian_package:
@@ -248,9 +248,9 @@ def _dataset_fix(info: Any) -> str:
 
 def _check_dataset(cfg: Config, data_dir: Optional[str]) -> Check:
     try:
-        from .data import DATASETS, DatasetError, canonical_name, find_dataset_dir, search_dirs
+        from .datasets import DATASETS, DatasetError, canonical_name, find_dataset_dir, search_dirs
     except Exception as exc:
-        return Check("dataset", FAIL, f"flq.data cannot be imported: {_one_line(exc)}",
+        return Check("dataset", FAIL, f"flq.datasets cannot be imported: {_one_line(exc)}",
                      "pip install -e . (with its dependencies)")
     try:
         info = DATASETS[canonical_name(cfg.dataset)]

@@ -5,7 +5,7 @@ The training set lives in memory; a batch is a gather of rows plus, on CUDA,
 a copy to the device from pinned memory. :class:`BatchLoader` keeps up to
 ``prefetch`` batches in flight on ``workers`` threads so the copy overlaps
 the previous step. The batch order is drawn in the caller's thread from the
-worker's :class:`~flq.data.BatchStream`, so prefetching never changes which
+worker's :class:`~flq.partition.BatchStream`, so prefetching never changes which
 samples a round uses.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Deque, Optional, Tuple
 import numpy as np
 import torch
 
-from .data import BatchStream
+from .partition import BatchStream
 
 
 class BatchLoader:

@@ -41,8 +41,8 @@ from .algorithm.selection import Candidate, select
 from .config import Config
 from .messages import Offer
 from .outcome import Diverged
+from .streams import STREAM_DOWNLINK, stream_rng
 from .timing import NullStopwatch, Stopwatch
-from .worker import STREAM_DOWNLINK, stream_rng
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algorithm.vector import squared_norm
+from .streams import init_generator
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,10 @@ def build_model(name: str = "cnn") -> nn.Module:
 
 
 def glorot_init(model: nn.Module, seed: int) -> np.ndarray:
-    """Glorot-uniform weights, zero biases, from ``seed``; returns the flat
-    float32 vector (n,) of the initialized model (the round-0 global model)."""
-    gen = torch.Generator().manual_seed(int(seed))
+    """Glorot-uniform weights, zero biases, from ``seed`` (the generator is
+    :func:`flq.streams.init_generator`); returns the flat float32 vector (n,)
+    of the initialized model (the round-0 global model)."""
+    gen = init_generator(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:

@@ -115,9 +115,9 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
     from .cluster import ClusterMaster
     from .master import Master
     from .model import state_dict_from_flat
-    from .outputs import one_line, remove_stale_temporaries, results_config, save_run
-    from .results import default_results_path
+    from .outputs import one_line, remove_stale_temporaries
     from .runtime import Runtime
+    from .summary import save_results
     from .timing import Stopwatch
     from .transport.server import create_app, serve
 
@@ -164,16 +164,10 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
                 log.warning("run ended (%s) before any round finished: no results to write", reason)
                 return
             threads = {w.worker_id: w.threads for w in list(cluster.workers.values())}
-            config = results_config(cfg, reason, cluster.finish_detail, device=str(rt.device),
-                                    worker_threads=threads)
-            path, problem = save_run(default_results_path(cfg.results_dir, cfg.dataset, cfg.mode), cfg.mode,
-                                     list(master.records), config, list(master.selected_history),
-                                     cfg.total_workers, master.theta.copy(), cfg.model, master.round)
-            written["path"], written["problem"] = path, problem or ""
-            if problem:
-                log.error("%s", problem)
-            else:
-                log.info("results (%s, %d rounds) written to %s", reason, len(master.records), path)
+            path, problem = save_results(cfg, reason, cluster.finish_detail, master.records,
+                                         master.selected_history, master.theta.copy(), master.round,
+                                         device=str(rt.device), worker_threads=threads)
+            written["path"], written["problem"] = path, problem
             if path is not None:
                 print(f"results: {path}", flush=True)
 

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
-from .data import Dataset, load_dataset, partition
+from .datasets import Dataset, load_dataset
 from .model import FlatModel, apply_memory_cap, build_model, glorot_init, resolve_device
+from .partition import partition
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Runtime:
         cfg: the configuration.
 
     Raises:
-        flq.data.DatasetNotFoundError: the dataset is missing and cannot be fetched.
+        flq.datasets.DatasetNotFoundError: the dataset is missing and cannot be fetched.
         RuntimeError: ``device: cuda`` without CUDA.
     """
 

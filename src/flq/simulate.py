@@ -21,9 +21,9 @@ from . import outcome
 from .config import Config
 from .logs import FILE_ONLY
 from .master import Master
-from .outputs import one_line, results_config, save_run
-from .results import default_results_path
+from .outputs import one_line
 from .runtime import Runtime
+from .summary import log_round, round_timings, save_results
 from .timing import Stopwatch
 from .worker import Worker
 
@@ -39,8 +39,9 @@ class SimulationResult:
         selected: per round, the worker ids whose upload was aggregated.
         theta: the global model after the last round done, float32 (n,).
         results_path: the spreadsheet written, or None.
-        timings: seconds per section summed over rounds
-            ("compute", "quantize", "aggregate", "evaluate").
+        timings: the records' timing columns (:mod:`flq.summary`) summed
+            over rounds: "master_quantize_s", "master_aggregate_s",
+            "master_evaluate_s", "workers_compute_s", "workers_quantize_s".
         startup_s: seconds from the call to the first round's start.
         reason: how the run ended (:mod:`flq.outcome`): ``completed``,
             ``sigint``, ``sigterm``, ``diverged`` or ``error``.
@@ -86,16 +87,16 @@ def simulate(cfg: Config, write: bool = True, progress: bool = True,
         runtime: a prepared :class:`Runtime` (data, model, partitions).
 
     Raises:
-        flq.data.DatasetNotFoundError: the dataset cannot be found or fetched.
+        flq.datasets.DatasetNotFoundError: the dataset cannot be found or fetched.
         flq.config.ConfigError: settings that do not fit the data.
         flq.outcome.Interrupted: SIGINT/SIGTERM before the first round.
     """
     t0 = time.perf_counter()
     with outcome.signals_interrupt():
         rt = runtime or Runtime(cfg)
-        sw = Stopwatch()
-        master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=sw)
-        workers = [Worker(m, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[m], stopwatch=sw)
+        master_sw, workers_sw = Stopwatch(), Stopwatch()
+        master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=master_sw)
+        workers = [Worker(m, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[m], stopwatch=workers_sw)
                    for m in range(cfg.total_workers)]
         startup = time.perf_counter() - t0
         log.info("start: %s, %d workers, n=%d, mode %s (b_up %d, b_down %d), %d rounds, %d threads; start-up "
@@ -122,13 +123,11 @@ def simulate(cfg: Config, write: bool = True, progress: bool = True,
                         record = master.end_round()                           # steps 9-10
                     finally:
                         done, theta_done = len(master.records), master.theta.copy()
-                split = sw.take()
-                record.update({f"{name}_s": sec for name, sec in split.items()})
+                split = round_timings(master_sw, workers_sw)
+                record.update(split)
                 for name, sec in split.items():
                     totals[name] = totals.get(name, 0.0) + sec
-                log.info("round %d: loss %.4f acc %.4f entropy %.4f selected %d bits %d (%.2f s)", record["iter"],
-                         record["loss"], record["acc"], record["entropy"], record["selcnt"],
-                         record["cum_bits_total"], record["round_time_s"])
+                log_round(record)
                 if bar is not None:
                     bar.update(record)
                 if on_round is not None:
@@ -150,14 +149,8 @@ def simulate(cfg: Config, write: bool = True, progress: bool = True,
     path, not_saved = None, ""
     if write and records:
         with outcome.signals_deferred():
-            path, problem = save_run(default_results_path(cfg.results_dir, cfg.dataset, cfg.mode), cfg.mode,
-                                     records, results_config(cfg, reason, detail, device=str(rt.device)),
-                                     selected, cfg.total_workers, theta_done, cfg.model, done)
-        not_saved = problem or ""
-        if problem:
-            log.error("%s", problem, extra=FILE_ONLY)
-        else:
-            log.info("results written to %s (final model beside it, .safetensors)", path)
+            path, not_saved = save_results(cfg, reason, detail, records, selected, theta_done, done,
+                                           device=str(rt.device))
     return SimulationResult(records, selected, theta_done, path, totals, startup, reason, detail, not_saved)
 
 

@@ -28,22 +28,14 @@ from .algorithm.vector import squared_norm
 from .algorithm.lazy import is_candidate, next_clock
 from .algorithm import compressors
 from .config import Config
-from .data import BatchStream
 from .loader import BatchLoader
 from .messages import Offer
 from .model import FlatModel, l2_loss_and_grad
+from .partition import BatchStream
+from .streams import STREAM_UPLINK, stream_rng
 from .timing import NullStopwatch, Stopwatch
 
 log = logging.getLogger(__name__)
-
-#: Stream numbers of the per-worker random generators (SeedSequence([seed, m, stream])).
-STREAM_BATCHES, STREAM_DOWNLINK, STREAM_UPLINK = 1, 2, 3
-
-
-def stream_rng(seed: int, worker_id: int, stream: int) -> np.random.Generator:
-    """The generator of one (worker, purpose) pair; independent of process and order."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, worker_id, stream])))
-
 
 
 class ProtocolError(ValueError):
