@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from .algorithm import compressors
 from .results import RunResults, read_results
 
 __all__ = ["plot_results", "run_label"]
@@ -54,15 +55,16 @@ def _fmt(value: Any) -> str:
 def run_label(run: RunResults) -> str:
     """Legend label: mode plus the bits it really uses, from its config.
 
-    e.g. ``"bbit (b_up 4, b_down 8)"``; ``fedavg`` and ``laq8`` send 32 and 8
-    uplink bits whatever ``b_up`` says (``"laq8 (b_up 8, b_down 32)"``).
+    e.g. ``"bbit (b_up 4, b_down 8)"``; a mode with a fixed width (the
+    compressor table's ``fixed_bits``) shows it whatever ``b_up`` says
+    (``"laq8 (b_up 8, b_down 32)"``).
     """
-    forced_up = {"fedavg": 32, "laq8": 8, "bin": 1}.get(run.mode)
+    scheme = compressors.UPLINK.get(run.mode)
     parts = []
     for name in ("b_up", "b_down"):
         value = _config_lookup(run.config, name)
-        if name == "b_up" and forced_up is not None and value is not None:
-            value = forced_up
+        if name == "b_up" and scheme is not None and value is not None:
+            value = scheme.bits(value)
         if name == "b_down" and value == 0:
             value = 32
         if value is not None:

@@ -34,7 +34,7 @@ integers are exact up to 2**53.
 Workbook layout
 ---------------
 * ``curve_<mode>`` -- the records, one row per round.
-* ``bin_<mode>`` -- only when ``mode == "bin"``: the binary upload series,
+* ``bin_<mode>`` -- only for a mode whose compressor entry has ``upload_sheet`` (``bin``): the binary upload series,
   columns ``iter, w0, ..., w{M-1}``; cell ``1`` when that worker uploaded in
   that round, ``0`` otherwise.
 * ``config`` -- two columns ``key, value``: the run's full configuration with
@@ -67,6 +67,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from .algorithm import compressors
 from .outputs import atomic_write
 
 __all__ = [
@@ -295,7 +296,8 @@ def results_workbook(
     records = list(records)
     curve = _curve_frame(records)
     sheets: dict[str, pd.DataFrame] = {f"{CURVE_PREFIX}{mode}": curve}
-    if mode == "bin":
+    scheme = compressors.UPLINK.get(mode)
+    if scheme is not None and scheme.upload_sheet:
         sheets[f"{BIN_PREFIX}{mode}"] = _binary_frame(
             [int(v) for v in curve["iter"]], selected, num_workers
         )

@@ -42,6 +42,9 @@ class Scheme:
             out (its residual) to its next update.
         lazy: the lazy rule may keep the worker from being a candidate.
         quantize: the quantizer (draws from the worker's uplink stream).
+        upload_sheet: the run's spreadsheet has a ``bin_<mode>`` sheet, the
+            seed's 0/1 series of who uploaded in each round (the seed writes
+            it for its binary mode only).
     """
 
     name: str
@@ -54,6 +57,7 @@ class Scheme:
     quantize: Quantizer = quantize
     min_bits: int = 1
     sets_b_up: bool = False
+    upload_sheet: bool = False
 
     def bits(self, b_up: int) -> int:
         """Bits per element of one upload given the configured ``b_up``."""
@@ -100,7 +104,7 @@ UPLINK: Dict[str, Scheme] = {s.name: s for s in (
     Scheme("bbit", "b_up-bit stochastic rounding of the innovation, per tensor, error feedback, lazy rule",
            fixed_bits=None, min_bits=2, per_tensor=True, relative=True, error_feedback=True, lazy=True),
     Scheme("bin", "1-bit sign of the innovation, per tensor, error feedback, lazy rule",
-           fixed_bits=1, sets_b_up=True, per_tensor=True, relative=True, error_feedback=True, lazy=True),
+           fixed_bits=1, sets_b_up=True, upload_sheet=True, per_tensor=True, relative=True, error_feedback=True, lazy=True),
 )}
 
 #: The default uplink scheme.
