@@ -106,12 +106,13 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
     checkpoint, ``flq_master_<dataset>_<mode>_<run_id>.npz`` (locked while
     this runs); a checkpoint that cannot be written (a full disk) is logged
     and the run goes on. ``resume`` (from :func:`load_resume_state`)
-    continues a run and its checkpoint file. After the run, the master
+    continues a run and its checkpoint file (and its run id, which ``GET
+    /config`` tells workers for their saved states). After the run, the master
     answers 410 for ``linger_s`` seconds so polling workers learn it ended.
     ``sock``: the listening socket from :func:`listen_on` (else one is
     opened on ``master_host:master_port`` when serving starts).
     """
-    from .checkpoint import checkpoint_path, lock_checkpoint, save_checkpoint
+    from .checkpoint import checkpoint_path, lock_checkpoint, run_of, save_checkpoint
     from .cluster import ClusterMaster
     from .master import Master
     from .model import state_dict_from_flat
@@ -180,7 +181,9 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
     def end_reason() -> str:
         return cluster.finish_reason or cluster.stop_reason or outcome.ERROR
 
-    cluster = ClusterMaster(master, cfg, on_round=checkpoint, on_finish=write)
+    # a resumed run keeps its id (that of its checkpoint): its workers' saved states stay of this run
+    cluster = ClusterMaster(master, cfg, on_round=checkpoint, on_finish=write,
+                            run_id=run_of(ckpt, cfg.dataset, cfg.mode) if resume is not None else run_id)
     app = create_app(cluster, model_state=lambda theta: state_dict_from_flat(cfg.model, theta),
                      max_body_bytes=master.max_upload_bytes, on_shutdown=lambda: write(end_reason()),
                      auth_token=cfg.auth_token, status_token_free=not cfg.status_requires_token)
