@@ -1,10 +1,13 @@
 """A worker's state survives a worker restart (:mod:`flq.worker_state`):
 saved after every round, loaded at start when it is of the same run and
-worker, refused in one log line otherwise."""
+worker, refused in one log line otherwise; and with real processes, a worker
+SIGKILLed and restarted goes on with its residual and mirrors, no resync."""
 from __future__ import annotations
 
 import json
 import logging
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from flq.model import MLP, FlatModel
 from flq.worker import Worker
 from flq.worker_state import WorkerStateStore, ef_digest, identity, read_state, state_path
 
+from cluster_util import start_cluster
 from conftest import small_config
 
 
@@ -195,3 +199,95 @@ def test_a_resumed_master_keeps_the_run_id_of_its_checkpoint(tmp_path):
     ckpt = checkpoint_path(str(tmp_path), "fashion_mnist", "bbit", "20250101_120000_2")
     assert run_of(ckpt, "fashion_mnist", "bbit") == "20250101_120000_2"
     assert run_of(tmp_path / "renamed.npz", "fashion_mnist", "bbit") == "renamed"  # --resume FILE of another name
+
+
+def test_worker_flags_keep_the_state_by_default_and_turn_it_off():
+    from flq.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["worker", "--worker_id", "0"]).state_dir == "worker_state"
+    assert parser.parse_args(["worker", "--worker_id", "0", "--state_dir", ""]).state_dir == ""
+    assert parser.parse_args(["worker", "--worker_id", "0", "--no_state"]).no_state
+    worker_help = next(a for a in parser._subparsers._group_actions[0].choices["worker"]._actions
+                       if a.dest == "state_dir").help
+    assert "flq_worker_<id>.npz" in worker_help and "'' = do not keep it" in worker_help
+
+
+# ---------------------------------------------------------------------------
+# real processes
+
+
+def _out(cluster, name: str) -> str:
+    return (cluster.root / f"{name}.out").read_text(errors="replace")
+
+
+def _before(text: str, marker: str) -> str:
+    """``text`` up to the first line that holds ``marker`` (all of it when none does)."""
+    at = text.find(marker)
+    return text if at < 0 else text[:at]
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_killed_worker_restarts_with_its_saved_state_and_no_resync(tmp_path, fmnist_available):
+    """bbit with 2-bit uploads (a large residual), exact downlinks (the
+    mirror of the downlink never moves, so the master's versions of worker 1
+    move only with its uploads), both workers required. Worker 0 is frozen
+    so that the round cannot close while worker 1 waits for its selection:
+    worker 1's state file is then final and the master's versions are those
+    in it. Worker 1 is SIGKILLed there and restarted: it loads that very
+    residual (the SHA-256 it logs), registers with the saved versions, and
+    neither it nor the master resynchronizes; the run completes."""
+    rounds = 10
+    cluster = start_cluster(tmp_path, 2, {"model": "mlp", "eval_every": 1000, "rounds": rounds, "mode": "bbit",
+                                          "b_up": 2, "b_down": 32, "min_workers": 0, "round_timeout_s": 4},
+                            start_workers=False)
+    path = tmp_path / "worker_state" / "flq_worker_1.npz"  # the default --state_dir, under the worker's folder
+    try:
+        cluster.start_worker(0, "--no_state")
+        cluster.start_worker(1)
+        cluster.wait_status(lambda s: s["rounds_done"] >= 2, timeout=120, what="round 2")
+        cluster.workers[0].send_signal(signal.SIGSTOP)
+        st = cluster.wait_status(lambda s: s["phase"] == "offers" and s["waiting_for"] == [0]
+                                 and s["workers"][1]["state"] == "offered", timeout=60,
+                                 what="worker 1 waiting for a selection that waits for worker 0")
+        state, meta = read_state(path)
+        assert meta["round"] == st["round"] - 2  # the round before the open one (status counts from 1)
+        assert meta["up_version"] >= 1 and meta["down_version"] == 0  # it uploaded: versions a fresh worker lacks
+        assert np.abs(state["ef"]).sum() > 0  # a residual a fresh worker does not have
+        digest = ef_digest(state["ef"])
+        cluster.workers[1].kill()
+        cluster.workers[1].wait()
+        assert read_state(path)[1] == meta  # what the restarted worker finds
+        cluster.start_worker(1, out_name="worker1-again.out")
+        _wait_for(lambda: "ef sha256" in _out(cluster, "worker1-again"), 60, "the restarted worker's state line")
+        loaded = _out(cluster, "worker1-again")
+        assert f"state of round {meta['round'] + 1} loaded from worker_state/flq_worker_1.npz " \
+               f"(up v{meta['up_version']}, down v0, clock {meta['clock']}, ef sha256 {digest})" in loaded, loaded
+        cluster.workers[0].send_signal(signal.SIGCONT)
+        assert cluster.wait(timeout=120) == 0, cluster.output()
+        assert [p.returncode for p in cluster.workers.values()] == [0, 0]
+    finally:
+        for p in cluster.workers.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+        cluster.kill_all()
+    assert "no saved state" in _out(cluster, "worker1")  # the first process started afresh
+    # no resync at registration: none before a refused offer (an upload later than round_timeout_s on a
+    # starved machine would make one, rightly, and has nothing to do with the restart)
+    again = _out(cluster, "worker1-again")
+    assert "resynchronized" not in _before(again, "refused"), again
+    master_log = "".join(p.read_text() for p in (tmp_path / "logs").glob("master_*.log"))
+    after_restart = master_log[master_log.index("worker 1 registered again"):]
+    assert "worker 1 resynchronizes" not in _before(after_restart, "worker 1 mirror versions"), master_log
+    assert [p.name for p in (tmp_path / "worker_state").iterdir()] == [path.name]  # none of --no_state's worker 0
+    final = read_state(path)[1]  # the restarted worker went on saving, from the restored versions
+    assert final["round"] == rounds - 1 and final["up_version"] >= meta["up_version"]
+    (master_file,) = (tmp_path / "logs").glob("master_*.log")
+    assert final["run"] == meta["run"] == master_file.stem[len("master_"):]  # the run id GET /config gives

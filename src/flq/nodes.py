@@ -212,10 +212,17 @@ def worker_config(sections: Dict[str, Any], local: Dict[str, Any]) -> Config:
 
 
 def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_token: str = "",
-               verify: Any = True, give_up_s: float = 300.0):
+               verify: Any = True, give_up_s: float = 300.0, state_dir: str = ""):
     """Join the master at ``master_url`` as worker ``worker_id`` and train
     until the run ends. SIGINT/SIGTERM make the worker tell the master it
     leaves, then return.
+
+    With a ``state_dir`` ('' = none) the worker's state (mirrors, residual,
+    clock, random streams: :mod:`flq.worker_state`) is written to
+    ``<state_dir>/flq_worker_<worker_id>.npz`` after every round it
+    finished, and at start it is loaded when it is of this run and worker,
+    so a restarted worker goes on where it was (else it resynchronizes its
+    mirrors from the master, as without a state folder).
 
     Returns:
         A :class:`flq.transport.client.WorkerEnd` (reason, detail, rounds).
@@ -226,6 +233,11 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
     from .transport.client import Fatal, MasterClient, run_worker as loop
 
     client = MasterClient(master_url, worker_id, auth_token=auth_token, verify=verify, give_up_s=give_up_s)
+    store = None
+    if state_dir:
+        from .worker_state import WorkerStateStore
+
+        store = WorkerStateStore(state_dir, worker_id)
 
     def make_worker(sections: Dict[str, Any]):
         cfg = worker_config(sections, local)
@@ -238,10 +250,16 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
         rt = Runtime(cfg)
         log.info("worker %d: %s partition of %d samples, mode %s, device %s", worker_id, cfg.partition,
                  len(rt.partitions[worker_id]), cfg.mode, rt.device)
-        return Worker(worker_id, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[worker_id])
+        worker = Worker(worker_id, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[worker_id])
+        if store is not None:
+            from .worker_state import identity
+
+            run = client.run_info.get("run", "")
+            store.restore(worker, identity(run, worker_id, cfg, rt.model.n), client.run_info.get("round"))
+        return worker
 
     try:
         with outcome.signals_interrupt():
-            return loop(client, make_worker)
+            return loop(client, make_worker, on_round_end=store.save if store is not None else None)
     finally:
         client.close()
