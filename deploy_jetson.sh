@@ -243,7 +243,7 @@ true"
 done
 
 # ---- 2. copy ----------------------------------------------------------------
-EXCLUDES=(.git .venv __pycache__ .pytest_cache '*.egg-info' /results /logs /checkpoints "/$CFG_REL")
+EXCLUDES=(.git .venv __pycache__ .pytest_cache '*.egg-info' /results /logs /checkpoints /worker_state "/$CFG_REL")
 local_rsync=0; command -v rsync >/dev/null 2>&1 && local_rsync=1
 for h in "${HOSTS[@]}"; do
   d=${RDIR[$h]}

@@ -34,7 +34,7 @@ def test_worker_killed_then_rejoins(tmp_path, fmnist_available):
         assert st["state"] == "training"
         assert [w["state"] == "absent" for w in st["workers"]] == [False, False, True, False]
         killed_at = st["rounds_done"]
-        cluster.start_worker(2)
+        cluster.start_worker(2, "--no_state")  # afresh, so it resynchronizes (its saved state: test_worker_state)
         assert cluster.wait(timeout=600) == 0, cluster.output()
     finally:
         cluster.kill_all()

@@ -36,6 +36,13 @@ def checkpoint_path(checkpoint_dir: str, dataset: str, mode: str, run: str) -> P
     return Path(checkpoint_dir) / f"flq_master_{dataset}_{mode}_{run}.npz"
 
 
+def run_of(checkpoint: Path, dataset: str, mode: str) -> str:
+    """The run a checkpoint belongs to: ``<run>`` of :func:`checkpoint_path`'s
+    name (the file's stem when it is named otherwise)."""
+    stem, prefix = Path(checkpoint).stem, f"flq_master_{dataset}_{mode}_"
+    return stem[len(prefix):] if stem.startswith(prefix) and len(stem) > len(prefix) else stem
+
+
 def lock_path(checkpoint: Path) -> Path:
     """The lock file a running master holds for ``checkpoint``."""
     checkpoint = Path(checkpoint)

@@ -21,6 +21,8 @@ from .config import ConfigError, field_specs, load_config
 log = logging.getLogger("flq.cli")
 
 DEFAULT_CONFIG = "flq_config.json"
+#: Where ``flq worker`` keeps its state by default (:mod:`flq.worker_state`), under its working directory.
+DEFAULT_STATE_DIR = "worker_state"
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -189,12 +191,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         url = master_url(args.master_ip, args.master_port, tls=bool(args.cafile or args.tls))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    state_dir = "" if args.no_state else args.state_dir
+    if state_dir and Path(state_dir).exists() and not Path(state_dir).is_dir():
+        raise ConfigError(f"--state_dir {state_dir}: not a folder")
     token, source = auth_token_source(args.auth_token, "")
     logfile = setup_logging(args.log_dir or "logs", f"worker{args.worker_id}", "INFO", args.verbose)
     log.info("log file %s", logfile)
-    log.info("worker %d joins %s; auth token: %s", args.worker_id, url, source)
+    log.info("worker %d joins %s; auth token: %s; state %s", args.worker_id, url, source,
+             f"in {state_dir}" if state_dir else "not saved")
     end = run_worker(args.worker_id, url, local, auth_token=token, verify=args.cafile or True,
-                     give_up_s=args.give_up_s)
+                     give_up_s=args.give_up_s, state_dir=state_dir)
     log.info("worker %d done after %d rounds: %s (exit %d)", args.worker_id, end.rounds, end.detail or end.reason,
              end.exit_status)
     if end.reason != outcome.COMPLETED:
@@ -248,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="talk HTTPS with the system CAs")
     p.add_argument("--give_up_s", type=float, default=300.0,
                    help="exit (status 7) after the master did not answer this long (seconds, default 300)")
+    p.add_argument("--state_dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help=f"folder where the worker keeps its state (mirrors, error-feedback residual, lazy clock, "
+                        f"random streams) after every round, as flq_worker_<id>.npz, and reloads it when restarted "
+                        f"in the same run (default ./{DEFAULT_STATE_DIR}; '' = do not keep it)")
+    p.add_argument("--no_state", action="store_true",
+                   help="do not keep the worker's state: a restarted worker gets its mirrors from the master and "
+                        "starts its residual and clock afresh (same as --state_dir '')")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_worker)
 

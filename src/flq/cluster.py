@@ -108,13 +108,16 @@ class ClusterMaster:
         on_round: called (in a thread) after each round with its record.
         on_finish: called (in a thread) once when the run ends, with the reason.
         clock: time source in seconds for ``last_seen`` (tests may replace it).
+        run_id: the run's id (the stamp of its checkpoint), told to workers
+            by ``GET /config`` so that they can tell their saved state's run.
     """
 
     def __init__(self, master: Master, cfg: Config, on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
                  on_finish: Optional[Callable[[str], None]] = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, run_id: str = "") -> None:
         self.master = master
         self.cfg = cfg
+        self.run_id = run_id
         self.on_round = on_round
         self.on_finish = on_finish
         self.clock = clock

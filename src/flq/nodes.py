@@ -106,12 +106,13 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
     checkpoint, ``flq_master_<dataset>_<mode>_<run_id>.npz`` (locked while
     this runs); a checkpoint that cannot be written (a full disk) is logged
     and the run goes on. ``resume`` (from :func:`load_resume_state`)
-    continues a run and its checkpoint file. After the run, the master
+    continues a run and its checkpoint file (and its run id, which ``GET
+    /config`` tells workers for their saved states). After the run, the master
     answers 410 for ``linger_s`` seconds so polling workers learn it ended.
     ``sock``: the listening socket from :func:`listen_on` (else one is
     opened on ``master_host:master_port`` when serving starts).
     """
-    from .checkpoint import checkpoint_path, lock_checkpoint, save_checkpoint
+    from .checkpoint import checkpoint_path, lock_checkpoint, run_of, save_checkpoint
     from .cluster import ClusterMaster
     from .master import Master
     from .model import state_dict_from_flat
@@ -174,7 +175,9 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
     def end_reason() -> str:
         return cluster.finish_reason or cluster.stop_reason or outcome.ERROR
 
-    cluster = ClusterMaster(master, cfg, on_round=checkpoint, on_finish=write)
+    # a resumed run keeps its id (that of its checkpoint): its workers' saved states stay of this run
+    cluster = ClusterMaster(master, cfg, on_round=checkpoint, on_finish=write,
+                            run_id=run_of(ckpt, cfg.dataset, cfg.mode) if resume is not None else run_id)
     app = create_app(cluster, model_state=lambda theta: state_dict_from_flat(cfg.model, theta),
                      max_body_bytes=master.max_upload_bytes, on_shutdown=lambda: write(end_reason()),
                      auth_token=cfg.auth_token, status_token_free=not cfg.status_requires_token)
@@ -203,10 +206,17 @@ def worker_config(sections: Dict[str, Any], local: Dict[str, Any]) -> Config:
 
 
 def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_token: str = "",
-               verify: Any = True, give_up_s: float = 300.0):
+               verify: Any = True, give_up_s: float = 300.0, state_dir: str = ""):
     """Join the master at ``master_url`` as worker ``worker_id`` and train
     until the run ends. SIGINT/SIGTERM make the worker tell the master it
     leaves, then return.
+
+    With a ``state_dir`` ('' = none) the worker's state (mirrors, residual,
+    clock, random streams: :mod:`flq.worker_state`) is written to
+    ``<state_dir>/flq_worker_<worker_id>.npz`` after every round it
+    finished, and at start it is loaded when it is of this run and worker,
+    so a restarted worker goes on where it was (else it resynchronizes its
+    mirrors from the master, as without a state folder).
 
     Returns:
         A :class:`flq.transport.client.WorkerEnd` (reason, detail, rounds).
@@ -217,6 +227,11 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
     from .transport.client import Fatal, MasterClient, run_worker as loop
 
     client = MasterClient(master_url, worker_id, auth_token=auth_token, verify=verify, give_up_s=give_up_s)
+    store = None
+    if state_dir:
+        from .worker_state import WorkerStateStore
+
+        store = WorkerStateStore(state_dir, worker_id)
 
     def make_worker(sections: Dict[str, Any]):
         cfg = worker_config(sections, local)
@@ -229,10 +244,16 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
         rt = Runtime(cfg)
         log.info("worker %d: %s partition of %d samples, mode %s, device %s", worker_id, cfg.partition,
                  len(rt.partitions[worker_id]), cfg.mode, rt.device)
-        return Worker(worker_id, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[worker_id])
+        worker = Worker(worker_id, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[worker_id])
+        if store is not None:
+            from .worker_state import identity
+
+            run = client.run_info.get("run", "")
+            store.restore(worker, identity(run, worker_id, cfg, rt.model.n), client.run_info.get("round"))
+        return worker
 
     try:
         with outcome.signals_interrupt():
-            return loop(client, make_worker)
+            return loop(client, make_worker, on_round_end=store.save if store is not None else None)
     finally:
         client.close()

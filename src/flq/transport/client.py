@@ -194,6 +194,7 @@ class MasterClient:
         self.session = ""
         self.heartbeat_s = 10.0
         self.answered = False  # has the master ever answered this client?
+        self.run_info: Dict[str, Any] = {}  # the last GET /config answer: its run id and round
 
     def close(self) -> None:
         self.http.close()
@@ -287,7 +288,7 @@ class MasterClient:
 
     # ----- protocol -------------------------------------------------------
     def config(self) -> Dict[str, Any]:
-        """``GET /config`` -> ``{config, state, round}``.
+        """``GET /config`` -> ``{config, state, round, run}`` (also kept in ``run_info``).
 
         Raises:
             Fatal: the run is already over (nothing to join).
@@ -301,6 +302,7 @@ class MasterClient:
                         f"configuration: is it the FLQ master?") from None
         if info.get("state") == "finished":
             raise Fatal(f"the run at {self.base_url} is already over: nothing to join")
+        self.run_info = info
         return info
 
     def register(self, up_version: int, down_version: int, **describe: Any) -> Dict[str, Any]:
@@ -429,7 +431,8 @@ class WorkerEnd:
 
 
 def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any],
-               before_upload: Optional[Callable[[int], bool]] = None) -> WorkerEnd:
+               before_upload: Optional[Callable[[int], bool]] = None,
+               on_round_end: Optional[Callable[[Any, int], Any]] = None) -> WorkerEnd:
     """The worker loop: register, then per round fetch -> offer -> upload or skip,
     with a heartbeat alongside, until the master ends the run.
 
@@ -444,6 +447,10 @@ def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any
             config sections.
         before_upload: test hook; returning False drops the upload after the
             worker committed it (a lost upload).
+        on_round_end: called as ``on_round_end(worker, k)`` once the worker is
+            done with round k (uploaded, skipped, refused; after a resync),
+            before it waits for the next round (where ``flq worker`` saves
+            its state).
 
     Returns:
         How it ended: the master's reason when it ended the run (the worker
@@ -463,8 +470,11 @@ def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any
         _register(client, worker, describe)
         joined = True
         heartbeat = Heartbeat(client).start()
-        last_round, after = None, -1
+        last_round, after, ended = None, -1, None
         while True:
+            if ended is not None and on_round_end is not None:
+                on_round_end(worker, ended)
+            ended = None
             try:
                 got = client.next_round(after)
             except Refused as exc:
@@ -481,6 +491,7 @@ def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any
                     worker.skip(-1)
             last_round = after = k
             offer = worker.offer(k, me_k, payload)
+            ended = k
             try:
                 selected = client.offer(offer)
             except Refused as exc:

@@ -12,8 +12,10 @@ Monitoring, as the original README calls it:
 
 The worker protocol (binary bodies for vectors, JSON for the rest):
 
-- ``GET /config`` -> the run's configuration, read before registering (so a
-  worker loads its data first and the rounds need not wait for that).
+- ``GET /config`` -> ``{config, state, round, run}``: the run's configuration,
+  read before registering (so a worker loads its data first and the rounds
+  need not wait for that), and the run's id (a worker's saved state is of
+  one run).
 - ``POST /workers/register`` ``{worker_id, up_version, down_version,
   threads, device}`` -> ``{resync, round, state, session, heartbeat_s,
   config}``.
@@ -285,7 +287,8 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
     # ----- worker protocol ------------------------------------------------
     @app.get("/config", summary="The run's configuration (a worker reads it before it registers)")
     async def run_config() -> Dict[str, Any]:
-        return {"config": cluster.cfg.public_sections(), "state": cluster.state, "round": cluster.master.round}
+        return {"config": cluster.cfg.public_sections(), "state": cluster.state, "round": cluster.master.round,
+                "run": cluster.run_id}
 
     @app.post("/workers/register", response_model=RegisterResponse)
     async def register(req: RegisterRequest, request: Request) -> RegisterResponse:

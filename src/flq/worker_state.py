@@ -1,0 +1,238 @@
+"""A worker's own state on its own disk, so that a restarted ``flq worker``
+goes on with its error-feedback residual, lazy clock, mirrors and random
+streams instead of starting afresh (:meth:`flq.worker.Worker.state_dict`).
+
+One file per worker id in the worker's state folder,
+``<state_dir>/flq_worker_<m>.npz``, rewritten atomically
+(:func:`flq.outputs.atomic_write`: a temporary, fsync, rename) after every
+round the worker finished, so a SIGKILL mid-write leaves the previous state.
+A NumPy ``.npz`` archive (never pickled; read with ``allow_pickle=False``):
+
+- ``ref_up``, ``ref_down``, ``ef``: float32, shape (n,): the worker's halves
+  of the mirrors and its error-feedback residual;
+- ``batch_permutation``: int64, shape (samples of its share,), the current
+  pass of its batch order (shape (0,) before the first batch);
+- ``meta``: uint8, the UTF-8 bytes of one JSON object: ``format`` (1), the
+  identity of the run (:data:`IDENTITY`: ``run``, the run id the master's
+  ``GET /config`` gives, ``worker_id``, model size ``n``, ``mode``, ``b_up``,
+  ``b_down``, ``seed``, ``total_workers``, ``dataset``, ``model``,
+  ``batch_size``), ``round`` (0-based index k of the last round finished),
+  ``e_hat`` (float), ``clock``, ``up_version``, ``down_version`` (ints),
+  ``rng`` (the uplink generator's ``bit_generator.state``), ``batches`` (the
+  batch order's state without its permutation) and ``saved_at`` (UTC, ISO 8601).
+
+At start the state is used only when it is of the same run and fits this
+worker (:func:`mismatch`); otherwise, or when the file is unreadable, one log
+line says why and the worker resynchronizes its mirrors from the master as
+without a file. The restored mirror versions go to the master at
+registration: equal versions mean equal mirrors (no resync), others make the
+master answer ``resync``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from .outputs import atomic_write, one_line, remove_stale_temporaries
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+#: Metadata that must equal this worker's for a saved state to be used.
+IDENTITY = ("run", "worker_id", "n", "mode", "b_up", "b_down", "seed", "total_workers", "dataset", "model",
+            "batch_size")
+_VECTORS = ("ref_up", "ref_down", "ef")
+
+
+class StateError(ValueError):
+    """A state file that cannot be read or is not a worker state (one line)."""
+
+
+def state_path(state_dir: str, worker_id: int) -> Path:
+    """``<state_dir>/flq_worker_<worker_id>.npz``."""
+    return Path(state_dir) / f"flq_worker_{int(worker_id)}.npz"
+
+
+def identity(run: str, worker_id: int, cfg: Any, n: int) -> Dict[str, Any]:
+    """The :data:`IDENTITY` fields of worker ``worker_id`` in run ``run`` with
+    config ``cfg`` (a :class:`flq.config.Config`) and a model of ``n`` parameters."""
+    return {"run": str(run), "worker_id": int(worker_id), "n": int(n), "mode": cfg.mode, "b_up": int(cfg.b_up),
+            "b_down": int(cfg.b_down), "seed": int(cfg.seed), "total_workers": int(cfg.total_workers),
+            "dataset": cfg.dataset, "model": cfg.model, "batch_size": int(cfg.batch_size)}
+
+
+def ef_digest(ef: np.ndarray) -> str:
+    """SHA-256 (hex) of a residual's bytes as float32 little-endian, C order."""
+    return hashlib.sha256(np.ascontiguousarray(ef, dtype="<f4").tobytes()).hexdigest()
+
+
+def save_state(path: Path, state: Mapping[str, Any], ident: Mapping[str, Any], round_index: int) -> Path:
+    """Write ``state`` (a :meth:`flq.worker.Worker.state_dict`), the run's
+    ``ident`` (:func:`identity`) and ``round_index`` (0-based k of the round
+    just finished) atomically to ``path`` (the folder is created).
+
+    Raises:
+        OSError: the file cannot be written (a full disk ...); the previous
+            file at ``path`` is then intact and no temporary is left.
+    """
+    batches = dict(state["batches"])
+    perm = batches.pop("permutation")
+    arrays = {k: np.ascontiguousarray(state[k], dtype=np.float32) for k in _VECTORS}
+    arrays["batch_permutation"] = np.asarray(perm if perm is not None else [], dtype=np.int64)
+    meta = {"format": FORMAT, **ident, "round": int(round_index), "e_hat": float(state["e_hat"]),
+            "clock": int(state["clock"]), "up_version": int(state["up_version"]),
+            "down_version": int(state["down_version"]), "rng": state["rng"], "batches": batches,
+            "has_permutation": perm is not None, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(Path(path), write)
+
+
+def read_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Read a file of :func:`save_state`: ``(state for Worker.load_state_dict, meta)``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        StateError: unreadable (truncated, corrupt: the archive's CRCs do
+            not match), another format, or arrays that are not float32 (n,)
+            vectors with finite values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no state file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise StateError(f"format {meta.get('format') if isinstance(meta, dict) else '?'} is not {FORMAT}")
+            vectors = {k: z[k] for k in _VECTORS}
+            perm = z["batch_permutation"]
+    except StateError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        raise StateError(f"unreadable ({type(exc).__name__}: {one_line(exc)})") from None
+    n = meta.get("n")
+    for k, v in vectors.items():
+        if v.dtype != np.float32 or v.shape != (n,) or not np.isfinite(v).all():
+            raise StateError(f"entry {k} is not a finite float32 vector of the model's size {n}")
+    if perm.dtype != np.int64 or perm.ndim != 1:
+        raise StateError("entry batch_permutation is not an int64 vector")
+    try:
+        batches = dict(meta["batches"], permutation=perm if meta["has_permutation"] else None)
+        state = {**vectors, "e_hat": float(meta["e_hat"]), "clock": int(meta["clock"]),
+                 "up_version": int(meta["up_version"]), "down_version": int(meta["down_version"]),
+                 "rng": dict(meta["rng"]), "batches": batches}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"incomplete metadata ({type(exc).__name__}: {one_line(exc)})") from None
+    return state, meta
+
+
+def mismatch(meta: Mapping[str, Any], ident: Mapping[str, Any], master_round: Optional[int] = None) -> str:
+    """Why a saved state does not fit this worker ('' when it does): the
+    first :data:`IDENTITY` field that differs, or a ``round`` after
+    ``master_round`` (the master's current round, 0-based: it went back to
+    an older checkpoint, so its mirrors may have moved along another path)."""
+    if not ident.get("run"):
+        return "the master gives no run id"
+    for key in IDENTITY:
+        if meta.get(key) != ident.get(key):
+            return f"it is of {key} {meta.get(key)!r}, this worker's is {ident.get(key)!r}"
+    if master_round is not None and int(meta.get("round", 0)) > int(master_round):
+        return (f"it is of round {int(meta['round']) + 1}, after the master's round {int(master_round) + 1} "
+                f"(the master resumed from an older checkpoint?)")
+    return ""
+
+
+class WorkerStateStore:
+    """The state file of one ``flq worker`` process: restores it at start
+    (:meth:`restore`) and rewrites it after each round (:meth:`save`).
+
+    Args:
+        state_dir: the worker's state folder (created at the first save).
+        worker_id: m.
+    """
+
+    def __init__(self, state_dir: str, worker_id: int) -> None:
+        self.path = state_path(state_dir, worker_id)
+        self.worker_id = int(worker_id)
+        self.ident: Dict[str, Any] = {}
+        self._last_error = ""
+        try:
+            remove_stale_temporaries(self.path.parent)  # left by a process killed mid-write
+        except OSError as exc:
+            log.warning("worker %d: cannot look into %s: %s", self.worker_id, self.path.parent, one_line(exc))
+
+    def restore(self, worker: Any, ident: Mapping[str, Any], master_round: Optional[int] = None) -> bool:
+        """Load the saved state into ``worker`` (a :class:`flq.worker.Worker`)
+        when it fits (:func:`mismatch`); log one line either way. ``ident``
+        (:func:`identity`) is also what later saves are marked with.
+
+        Returns:
+            True when loaded; False (worker untouched) when there is no file,
+            it is unreadable, or it is of another run or worker. A master
+            that gives no run id: False, and :meth:`save` writes nothing.
+        """
+        self.ident = dict(ident)
+        m = self.worker_id
+        if not self.ident.get("run"):
+            log.warning("worker %d: the master gives no run id: the worker's state is neither loaded nor kept", m)
+            return False
+        try:
+            state, meta = read_state(self.path)
+        except FileNotFoundError:
+            log.info("worker %d: no saved state at %s: mirrors from the master", m, self.path)
+            return False
+        except StateError as exc:
+            log.warning("worker %d: saved state %s not used: %s; resynchronizing from the master", m, self.path, exc)
+            return False
+        why = mismatch(meta, self.ident, master_round)
+        if why:
+            log.warning("worker %d: saved state %s not used: %s; resynchronizing from the master", m, self.path, why)
+            return False
+        before = worker.state_dict()
+        try:
+            worker.load_state_dict(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            worker.load_state_dict(before)
+            log.warning("worker %d: saved state %s not used: it does not fit this worker (%s); resynchronizing "
+                        "from the master", m, self.path, one_line(exc))
+            return False
+        log.info("worker %d: state of round %d loaded from %s (up v%d, down v%d, clock %d, ef sha256 %s)", m,
+                 int(meta["round"]) + 1, self.path, worker.up_version, worker.down_version, worker.clock,
+                 ef_digest(worker.ef))
+        return True
+
+    def save(self, worker: Any, round_index: int) -> bool:
+        """Write ``worker``'s state after round ``round_index`` (0-based). A
+        failure (a full disk) is logged, once per distinct reason, and the
+        previous file stays; it never ends the worker.
+
+        Returns:
+            True when written.
+        """
+        if not self.ident.get("run"):
+            return False
+        try:
+            save_state(self.path, worker.state_dict(), self.ident, round_index)
+        except OSError as exc:
+            reason = one_line(exc)
+            if reason != self._last_error:
+                log.error("worker %d: state after round %d not written to %s: %s; the previous one is kept",
+                          self.worker_id, round_index + 1, self.path, reason)
+            self._last_error = reason
+            return False
+        if self._last_error:
+            log.info("worker %d: state written again to %s", self.worker_id, self.path)
+        self._last_error = ""
+        return True
