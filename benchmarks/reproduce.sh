@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the published FLQ comparison on Fashion-MNIST (SPEC.md, Defaults):
+# Reproduce the published FLQ comparison on Fashion-MNIST (docs/algorithm.md, Defaults):
 # fedavg (b_down 32), laq8 (b_down 32), bbit (b_up 4, b_down 8), bin (b_down 8),
 # 20 workers, non-IID Dirichlet 0.1, 17e6-bit uplink budget, 800 rounds.
 #

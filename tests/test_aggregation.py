@@ -1,5 +1,5 @@
 """Tests for flq.algorithm.aggregation: the aggregate g_hat and the master's
-Adam (SPEC.md, "State" and "One round", step 9)."""
+Adam (docs/algorithm.md, "State" and "One round", step 9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for flq.datasets and flq.partition (SPEC.md, Data): IDX reading,
+"""Tests for flq.datasets and flq.partition (docs/algorithm.md, Data): IDX reading,
 finding, downloading, loading, partitioning and per-worker batch order."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Tests for flq.algorithm.lazy: history energy, the LAQ skip rule and the
-lazy clock (SPEC.md, "One round", steps 1, 4, 7-8)."""
+lazy clock (docs/algorithm.md, "One round", steps 1, 4, 7-8)."""
 
 from __future__ import annotations
 

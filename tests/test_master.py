@@ -1,5 +1,5 @@
 """The master's round phases against messages sent twice and against
-updates whose aggregate would overflow (SPEC.md, "One round")."""
+updates whose aggregate would overflow (docs/algorithm.md, "One round")."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Tests for flq.algorithm.quantize (SPEC.md, "Quantizers"): Q_b per
+"""Tests for flq.algorithm.quantize (docs/algorithm.md, "Quantizers"): Q_b per
 segment, Q8v (one scale), the binary quantizer B, dispatch, relative
 quantization and reconstruction."""
 

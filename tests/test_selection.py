@@ -1,5 +1,5 @@
 """Tests for flq.algorithm.selection: priority order and budget selection
-(SPEC.md, "One round", steps 5-6)."""
+(docs/algorithm.md, "One round", steps 5-6)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def runtime20(fmnist_available):
 
 @pytest.mark.parametrize("mode,b_down,expected", [("fedavg", 32, 1), ("laq8", 32, 4), ("bbit", 8, 9), ("bin", 8, 20)])
 def test_budget_selects_published_counts(runtime20, mode, b_down, expected):
-    # SPEC.md: under 17e6 bits, 20 workers -> 1 (32n), 4 (8n), 9 (4n), 20 (1n) uploads per round
+    # docs/algorithm.md: under 17e6 bits, 20 workers -> 1 (32n), 4 (8n), 9 (4n), 20 (1n) uploads per round
     cfg = small_config(total_workers=20, max_rounds=1, mode=mode, b_up=4, b_down=b_down)
     res = simulate(cfg, write=False, progress=False, runtime=runtime20)
     (rec,) = res.records

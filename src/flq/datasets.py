@@ -1,4 +1,4 @@
-"""The datasets FLQ trains on, from file to arrays (SPEC.md, Data).
+"""The datasets FLQ trains on, from file to arrays (docs/algorithm.md, Data).
 
 This module finds, downloads and reads the two image datasets FLQ trains on,
 Fashion-MNIST and MNIST (how they are split over the workers and batched is
@@ -72,7 +72,7 @@ class DatasetError(ValueError):
     """A dataset file is missing, corrupt, or could not be fetched.
 
     The message is one line and names the file or dataset concerned.
-    Source: SPEC.md, Data.
+    Source: docs/algorithm.md, Data.
     """
 
 
@@ -80,7 +80,7 @@ class DatasetNotFoundError(DatasetError):
     """The dataset is in none of the searched folders and was not downloaded.
 
     The message is one line: the folders searched, how to get the data, and
-    why the download did not happen or failed. Source: SPEC.md, Data.
+    why the download did not happen or failed. Source: docs/algorithm.md, Data.
     """
 
 
@@ -108,7 +108,7 @@ class DatasetInfo:
     under a configured folder; ``system_subdir`` is the folder name under each
     of :data:`SYSTEM_DIRS`; ``debian_package`` is the Debian package that
     installs the files there (``None`` when there is none).
-    Source: SPEC.md, Data.
+    Source: docs/algorithm.md, Data.
     """
 
     name: str
@@ -120,7 +120,7 @@ class DatasetInfo:
     debian_package: Optional[str] = None
 
 
-#: The supported datasets, by canonical name. Source: SPEC.md, Data.
+#: The supported datasets, by canonical name. Source: docs/algorithm.md, Data.
 #:
 #: Fashion-MNIST digests: the official files as shipped in Debian's
 #: ``dataset-fashion-mnist`` (0.0~git20200523.55506a9-1).
@@ -191,7 +191,7 @@ def canonical_name(name: str) -> str:
 
     Accepts ``"fashion_mnist"``, ``"fashion-mnist"``, ``"fmnist"`` and
     ``"mnist"`` (case-insensitive). Raises :class:`DatasetError` for any other
-    name. Source: SPEC.md, Data.
+    name. Source: docs/algorithm.md, Data.
     """
     key = str(name).strip().lower()
     if key not in _ALIASES:
@@ -272,7 +272,7 @@ def read_idx(path: PathLike) -> np.ndarray:
 
     Raises :class:`DatasetError` (one line naming the file) on corrupt data,
     and ``OSError`` (e.g. ``FileNotFoundError``) when the file cannot be read.
-    Source: SPEC.md, Data.
+    Source: docs/algorithm.md, Data.
     """
     p = Path(path)
     arr = _parse_idx(_read_idx_bytes(p), p)
@@ -289,7 +289,7 @@ def default_cache_dir(name: str) -> Path:
 
     ``$XDG_CACHE_HOME/flq/<name>`` when ``XDG_CACHE_HOME`` is an absolute
     path, else ``~/.cache/flq/<name>``; ``<name>`` is the canonical name.
-    Raises :class:`DatasetError` for an unknown name. Source: SPEC.md, Data.
+    Raises :class:`DatasetError` for an unknown name. Source: docs/algorithm.md, Data.
     """
     cname = canonical_name(name)
     xdg = os.environ.get("XDG_CACHE_HOME", "")
@@ -312,7 +312,7 @@ def search_dirs(name: str, data_dir: Optional[PathLike] = None) -> List[Path]:
 
     ``<name>`` is each of the dataset's folder names (for Fashion-MNIST
     ``fashion_mnist`` then ``fashion-mnist``). Duplicates are dropped.
-    Raises :class:`DatasetError` for an unknown name. Source: SPEC.md, Data.
+    Raises :class:`DatasetError` for an unknown name. Source: docs/algorithm.md, Data.
     """
     info = DATASETS[canonical_name(name)]
     dirs: List[Path] = []
@@ -341,7 +341,7 @@ def find_dataset_dir(name: str, data_dir: Optional[PathLike] = None) -> Optional
     (and ``data_dir/<name>``), ``$FLQ_DATA_DIR`` (and ``$FLQ_DATA_DIR/<name>``),
     the user cache, then the system folders. A folder counts only when all of
     :data:`FILES` exist in it; their contents are not checked here.
-    Raises :class:`DatasetError` for an unknown name. Source: SPEC.md, Data.
+    Raises :class:`DatasetError` for an unknown name. Source: docs/algorithm.md, Data.
     """
     for d in search_dirs(name, data_dir):
         if _has_all_files(d):
@@ -418,7 +418,7 @@ def download_dataset(
 
     Raises :class:`DatasetError` (one line) when a file cannot be fetched
     from any mirror or its checksum does not match, and for an unknown name.
-    Source: SPEC.md, Data.
+    Source: docs/algorithm.md, Data.
     """
     info = DATASETS[canonical_name(name)]
     if base_urls is None:
@@ -472,7 +472,7 @@ def download_dataset(
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A loaded dataset (SPEC.md, Data).
+    """A loaded dataset (docs/algorithm.md, Data).
 
     ``train_x``/``test_x``: ``np.float32`` of shape ``[N, 1, 28, 28]``, pixel
     values scaled to ``[0, 1]`` (byte / 255). ``train_y``/``test_y``:
@@ -571,7 +571,7 @@ def _not_found_message(info: DatasetInfo, searched: Sequence[Path], reason: str)
 def load_dataset(
     name: str, data_dir: Optional[PathLike] = None, download: bool = True
 ) -> Dataset:
-    """Load a dataset's train and test splits (SPEC.md, Data).
+    """Load a dataset's train and test splits (docs/algorithm.md, Data).
 
     The files are looked for with :func:`find_dataset_dir`. When none of the
     folders holds them and downloading is allowed (``download=True`` and

@@ -1,4 +1,4 @@
-"""The messages of one FLQ round, as plain data (SPEC.md, "One round").
+"""The messages of one FLQ round, as plain data (docs/algorithm.md, "One round").
 
 The simulator hands them from :class:`flq.master.Master` to
 :class:`flq.worker.Worker` objects directly; the HTTP transport carries the

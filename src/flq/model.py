@@ -1,9 +1,9 @@
-"""The model (SPEC.md, "Model") and its flat-vector view.
+"""The model (docs/algorithm.md, "Model") and its flat-vector view.
 
 The global model travels as ONE float32 vector of length n: the trainable
 tensors flattened in model order (the order and layout of ``state_dict()``,
 i.e. conv weights as OIHW). :class:`FlatModel` moves between that vector and
-the PyTorch module, and computes the minibatch gradient (SPEC.md, step 3)
+the PyTorch module, and computes the minibatch gradient (docs/algorithm.md, step 3)
 and the test-set metrics (step 10).
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ class CNN(nn.Module):
 
 class MLP(nn.Module):
     """A small test model: flatten, dense(64) relu, dense(10) logits;
-    50,890 parameters. For load tests and quick experiments, not SPEC.md's model."""
+    50,890 parameters. For load tests and quick experiments, not docs/algorithm.md's model."""
 
     def __init__(self, in_features: int = 28 * 28, hidden: int = 64, num_classes: int = 10) -> None:
         super().__init__()
@@ -70,7 +70,7 @@ MODELS = {"cnn": CNN, "mlp": MLP}
 
 
 def build_model(name: str = "cnn") -> nn.Module:
-    """The model called ``name``: ``"cnn"`` (SPEC.md, 467,818 parameters) or
+    """The model called ``name``: ``"cnn"`` (docs/algorithm.md, 467,818 parameters) or
     ``"mlp"`` (a 50,890-parameter test model).
 
     Raises:
@@ -255,7 +255,7 @@ class FlatModel:
 
 def l2_loss_and_grad(theta: np.ndarray, grad: np.ndarray, l2: float) -> float:
     """Add the L2 term's gradient ``cl * theta`` to ``grad`` in place and
-    return ``(cl / 2) * ||theta||^2`` (SPEC.md, step 3)."""
+    return ``(cl / 2) * ||theta||^2`` (docs/algorithm.md, step 3)."""
     if l2 == 0:
         return 0.0
     grad += np.float32(l2) * theta

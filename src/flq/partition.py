@@ -1,5 +1,5 @@
 """The algorithm's data side: who trains on which samples, in which order
-(SPEC.md, Data).
+(docs/algorithm.md, Data).
 
 * :func:`partition` splits the training set's indices over the workers
   (``iid`` or Dirichlet ``non_iid``), deterministically from its arguments
@@ -75,7 +75,7 @@ def partition(
     seed: int,
     batch_size: int,
 ) -> List[np.ndarray]:
-    """Split the training set's indices over the workers (SPEC.md, Data).
+    """Split the training set's indices over the workers (docs/algorithm.md, Data).
 
     ``labels`` is a 1-D array of non-negative integer class labels (length N).
     Returns ``num_workers`` ``np.int64`` index arrays into ``labels``. The
@@ -154,7 +154,7 @@ def partition(
 
 
 class BatchStream:
-    """One worker's endless sequence of minibatches (SPEC.md, Data).
+    """One worker's endless sequence of minibatches (docs/algorithm.md, Data).
 
     ``indices``: the worker's global sample indices (1-D integers, e.g. one
     array from :func:`partition`). The stream owns the generator

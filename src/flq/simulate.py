@@ -1,4 +1,4 @@
-"""All workers in one process: the FLQ round of SPEC.md, step by step.
+"""All workers in one process: the FLQ round of docs/algorithm.md, step by step.
 
 The simulator drives the same :class:`~flq.master.Master` and
 :class:`~flq.worker.Worker` objects as the real cluster, passing the actual

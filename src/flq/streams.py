@@ -37,10 +37,10 @@ import numpy as np
 #: (:class:`flq.partition.BatchStream`).
 STREAM_BATCHES = 1
 #: The master's stochastic rounding of the model difference it sends worker m
-#: (the downlink quantization of SPEC.md step 2; ``Master.down_rng[m]``).
+#: (the downlink quantization of docs/algorithm.md step 2; ``Master.down_rng[m]``).
 STREAM_DOWNLINK = 2
 #: Worker m's stochastic rounding of its update (the uplink quantization of
-#: SPEC.md step 4, ``laq8`` included; ``Worker.rng``).
+#: docs/algorithm.md step 4, ``laq8`` included; ``Worker.rng``).
 STREAM_UPLINK = 3
 
 
@@ -60,7 +60,7 @@ def restored_rng(state: Mapping[str, Any]) -> np.random.Generator:
 
 def partition_rng(seed: int) -> np.random.Generator:
     """The generator that splits the training set over the workers:
-    ``numpy.random.default_rng(seed)`` (SPEC.md, Data)."""
+    ``numpy.random.default_rng(seed)`` (docs/algorithm.md, Data)."""
     return np.random.default_rng(seed)
 
 

@@ -1,4 +1,4 @@
-"""The worker's side of an FLQ round (SPEC.md, "State" and "One round").
+"""The worker's side of an FLQ round (docs/algorithm.md, "State" and "One round").
 
 A :class:`Worker` keeps its halves of the mirrors (``ref_up``, ``ref_down``),
 its error-feedback residual ``ef``, the last committed quantization error
@@ -43,7 +43,7 @@ class ProtocolError(ValueError):
 
 
 class Worker:
-    """Worker ``m`` of SPEC.md.
+    """Worker ``m`` of docs/algorithm.md.
 
     Args:
         worker_id: m, 0-based.
@@ -105,7 +105,7 @@ class Worker:
 
     # ----- step 3 -----------------------------------------------------
     def local_update(self, w: np.ndarray) -> tuple:
-        """The update g at ``w`` and the loss (SPEC.md step 3 and "Local training").
+        """The update g at ``w`` and the loss (docs/algorithm.md step 3 and "Local training").
 
         One step: the minibatch gradient of mean CE + (cl/2)||w||^2.
         ``s > 1`` steps: plain SGD with ``local_lr``, ``g = (w - w_s) / (local_lr s)``.

@@ -1,5 +1,5 @@
 """Aggregation of the selected updates and the master's Adam step
-(SPEC.md, "State" and "One round", step 9)."""
+(docs/algorithm.md, "State" and "One round", step 9)."""
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping
@@ -64,7 +64,7 @@ class Adam:
 
     ``m = b1 m + (1-b1) g``; ``v = b2 v + (1-b2) g^2``;
     ``theta -= lr * m_hat / (sqrt(v_hat) + eps)`` with bias-corrected
-    ``m_hat``, ``v_hat``. Defaults as SPEC.md: beta1 0.9, beta2 0.999, eps 1e-7.
+    ``m_hat``, ``v_hat``. Defaults as docs/algorithm.md: beta1 0.9, beta2 0.999, eps 1e-7.
     """
 
     def __init__(self, n: int, lr: float, beta1: float = 0.9, beta2: float = 0.999,

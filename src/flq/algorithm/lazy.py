@@ -1,4 +1,4 @@
-"""The lazy (skip) rule of LAQ-style uploads (SPEC.md, "One round", steps 1 and 4).
+"""The lazy (skip) rule of LAQ-style uploads (docs/algorithm.md, "One round", steps 1 and 4).
 
 A worker uploads only when its quantized innovation is large compared with
 how much the global model moved recently; otherwise it skips the round and

@@ -1,4 +1,4 @@
-"""Stochastic quantizers of FLQ (SPEC.md, "Quantizers").
+"""Stochastic quantizers of FLQ (docs/algorithm.md, "Quantizers").
 
 All functions work on one float32 NumPy vector ``x`` of length ``n`` that is
 the concatenation of the model's tensors; ``segments`` gives those tensors'
@@ -118,7 +118,7 @@ def quantize_stochastic(x: np.ndarray, bits: int, rng: np.random.Generator,
 
 
 def binarize(x: np.ndarray, rng: np.random.Generator, segments: Sequence[int]) -> QuantizedVector:
-    """The binary quantizer ``B(x)`` per segment (SPEC.md; biased).
+    """The binary quantizer ``B(x)`` per segment (docs/algorithm.md; biased).
 
     ``sign(x)`` with exact zeros broken to +1 or -1 with probability 1/2, scale
     ``a = mean|x|`` per segment; value ``a * sign``. Draws n float32 uniforms
@@ -148,7 +148,7 @@ def raw(x: np.ndarray) -> QuantizedVector:
 
 def quantize(x: np.ndarray, bits: int, rng: np.random.Generator,
              segments: Sequence[int]) -> QuantizedVector:
-    """``Q_b`` as SPEC.md uses it: ``B`` for b = 1, ``raw`` for b = 32 (or 0),
+    """``Q_b`` as docs/algorithm.md uses it: ``B`` for b = 1, ``raw`` for b = 32 (or 0),
     stochastic rounding per segment otherwise."""
     if bits == 1:
         return binarize(x, rng, segments)
@@ -183,7 +183,7 @@ def dequantize(qv: QuantizedVector) -> np.ndarray:
 def quantize_relative(x: np.ndarray, ref: np.ndarray, bits: int, rng: np.random.Generator,
                       segments: Sequence[int], quantizer: Optional[Quantizer] = None
                       ) -> Tuple[QuantizedVector, np.ndarray]:
-    """Relative quantization ``q = ref + Q_b(x - ref)`` (SPEC.md, Quantizers).
+    """Relative quantization ``q = ref + Q_b(x - ref)`` (docs/algorithm.md, Quantizers).
 
     Args:
         quantizer: ``Q_b``; :func:`quantize` when None.

@@ -1,4 +1,4 @@
-"""Budget selection of uploads (SPEC.md, "One round", steps 5-6)."""
+"""Budget selection of uploads (docs/algorithm.md, "One round", steps 5-6)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +12,7 @@ class Candidate:
     Attributes:
         worker_id: the worker's index m.
         gain: ``||q||^2`` of the update it would send.
-        cost: uplink bits the upload is charged (``b n``; SPEC.md, Modes).
+        cost: uplink bits the upload is charged (``b n``; docs/algorithm.md, Modes).
     """
 
     worker_id: int
