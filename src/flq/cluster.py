@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from .config import Config
 from .master import Master, MasterError, payload_digest
 from .messages import Offer
 from .outputs import one_line
+from .protocol import Code, round_number
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,17 @@ class ClusterMaster:
         async with self.cond:
             self.cond.notify_all()
 
+    async def wake(self) -> None:
+        """Wake every waiter to re-check its condition (after a stop request)."""
+        await self._notify()
+
+    @property
+    def round_number(self) -> int:
+        """The round shown to users and workers (1-based): the one in
+        progress, or the next to open; the last one once all are done."""
+        m = self.master
+        return round_number(m.round) if not m.finished else m.round
+
     async def _notified_before(self, deadline: float) -> bool:
         """Inside ``async with self.cond``: wait for a notification until the
         monotonic ``deadline``; False when the deadline passed first."""
@@ -160,15 +173,15 @@ class ClusterMaster:
 
     def _check_session(self, info: WorkerInfo, session: Optional[str]) -> None:
         if info.left:
-            raise MasterError(f"worker {info.worker_id} has left: register again", 404, "not_registered")
+            raise MasterError(f"worker {info.worker_id} has left: register again", Code.NOT_REGISTERED)
         if session is not None and session != info.session:
             raise MasterError(f"worker {info.worker_id} session replaced: another process registered with this id"
-                              f" from {info.address or '?'}", 409, "session_replaced")
+                              f" from {info.address or '?'}", Code.SESSION_REPLACED)
 
     def _seen(self, worker_id: int, state: Optional[str] = None, session: Optional[str] = None) -> WorkerInfo:
         info = self.workers.get(worker_id)
         if info is None:
-            raise MasterError(f"worker {worker_id} is not registered", 404, "not_registered")
+            raise MasterError(f"worker {worker_id} is not registered", Code.NOT_REGISTERED)
         self._check_session(info, session)
         info.last_seen = self.clock()
         if state:
@@ -250,7 +263,7 @@ class ClusterMaster:
         resync = (up_version, down_version) != (self.master.up_version[worker_id],
                                                  self.master.down_version[worker_id])
         await self._notify()
-        return {"resync": resync, "round": self.master.round, "state": self.state, "session": info.session,
+        return {"resync": resync, "round": self.round_number, "state": self.state, "session": info.session,
                 "heartbeat_s": self.heartbeat_s}
 
     def heartbeat(self, worker_id: int, session: Optional[str] = None) -> Dict[str, Any]:
@@ -261,7 +274,7 @@ class ClusterMaster:
         """
         self._finished()
         self._seen(worker_id, session=session)
-        return {"state": self.state, "round": self.master.round + 1, "phase": self.phase}
+        return {"state": self.state, "round": self.round_number, "phase": self.phase}
 
     async def leave(self, worker_id: int, session: Optional[str] = None) -> None:
         """Worker m exits on purpose (Ctrl-C, SIGTERM): no round waits for it
@@ -341,7 +354,7 @@ class ClusterMaster:
         self._finished()
         if self.phase not in (PHASE_OFFERS, PHASE_UPLOADS) or offer.round != self.master.round:
             raise MasterError(f"offer for round {offer.round + 1} is late (round {self.master.round + 1}, phase "
-                              f"{self.phase})", 409, "late")
+                              f"{self.phase})", Code.LATE)
         if self.master.add_offer(offer):
             info.state, info.rounds_offered = "offered", info.rounds_offered + 1
             await self._notify()
@@ -354,7 +367,7 @@ class ClusterMaster:
         self._finished()
         if offer.round != self.master.round:
             raise MasterError(f"round {offer.round + 1} closed before its selection reached worker {m}: not "
-                              f"selected", 409, "late")
+                              f"selected", Code.LATE)
         selected = self.decided[m]
         info.state = "uploading" if selected else "idle"
         return selected
@@ -378,7 +391,7 @@ class ClusterMaster:
         if self.counted_uploads.get(worker_id) == (round_index, payload_digest(payload)):
             return  # a retry of an upload counted before its round closed
         raise MasterError(f"upload for round {round_index + 1} is late (round {self.master.round + 1}, phase "
-                          f"{self.phase})", 409, "late")
+                          f"{self.phase})", Code.LATE)
 
     def abort(self, reason: str) -> None:
         """Exit now (a second signal): from here on every call is answered
@@ -617,7 +630,7 @@ class ClusterMaster:
         return {
             "state": self.state,
             "phase": self.phase,
-            "round": m.round + 1 if not m.finished else m.round,  # 1-based like iter: in progress (or next, or last)
+            "round": self.round_number,  # 1-based like iter: in progress (or next, or last)
             "rounds_done": len(m.records),
             "round_open_s": (round(time.monotonic() - self.round_opened_at, 3)
                              if self.phase in (PHASE_OFFERS, PHASE_UPLOADS) else None),
@@ -656,7 +669,7 @@ def _jsonable(record: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         return None
     out = {}
     for k, v in record.items():
-        if isinstance(v, float) and v != v:
+        if isinstance(v, float) and not math.isfinite(v):  # JSON has no NaN or Inf (a diverged round's loss)
             v = None
         out[k] = v
     return out
