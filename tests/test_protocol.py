@@ -340,3 +340,13 @@ def test_a_stop_closes_a_round_that_can_close_and_abandons_one_that_cannot():
         assert cm.phase == "idle"
 
     asyncio.run(scenario())
+
+
+def test_the_readme_lists_every_refusal_code():
+    """README.md's table of codes is flq.protocol.Code, row for row."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z_]+)` \| (\d{3}) \| (.+) \|$", text, re.M)
+    assert rows == [(c.value, str(c.status), c.meaning) for c in Code]

@@ -56,7 +56,7 @@ class Code(StrEnum):
     MIRROR_MISMATCH = ("mirror_mismatch", 409, "the worker's mirror versions differ from the master's: resync")
     CONFLICT = ("conflict", 409, "the message contradicts one already accepted (a different second offer, "
                 "other upload bytes, an upload from a worker not selected, an offer before the round's model)")
-    RUN_OVER = ("run_over", 410, "the run is over (``reason`` says why): exit")
+    RUN_OVER = ("run_over", 410, "the run is over (the body's reason says why): exit")
     TOO_LARGE = ("too_large", 413, "the request body exceeds its size limit")
     INVALID_REQUEST = ("invalid_request", 422, "the request does not match the API: a missing, mistyped or "
                        "out-of-range field or parameter, or a body that is not JSON")
