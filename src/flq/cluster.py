@@ -586,7 +586,7 @@ class ClusterMaster:
         self.waiting_since = self._last_tick = self.clock()
         log_at = LOG_EVERY_S  # seconds after waiting_since: the next "still waiting" line
         while not await self._wait_until(lambda: len(self.connected) >= need or self.stop_requested,
-                                         lambda: self.waiting_since + min(log_at, cfg.start_timeout_s)):
+                                         lambda at=log_at: self.waiting_since + min(at, cfg.start_timeout_s)):
             missing = self._missing(self.connected)
             waited = self.clock() - self.waiting_since
             if waited >= cfg.start_timeout_s:
@@ -636,7 +636,7 @@ class ClusterMaster:
         log_at = cfg.round_timeout_s  # the next "waiting for" line, seconds after the round opened
         while True:
             if await self._wait_until(lambda: self._offers_closed(need) or self._stop_now(need),
-                                      lambda: self.round_opened_at + min(log_at, give_up)):
+                                      lambda at=log_at: self.round_opened_at + min(at, give_up)):
                 break
             open_s = self.clock() - self.round_opened_at
             if open_s >= give_up:

@@ -281,8 +281,8 @@ class MasterClient:
         if code is Code.RUN_OVER:
             raise RunOver(str(body.get("reason", outcome.COMPLETED)), detail)
         if code is Code.UNAUTHORIZED:
-            raise Fatal(f"the master refused the bearer token (401): set --auth_token or $FLQ_AUTH_TOKEN to the "
-                        f"master's system.auth_token")
+            raise Fatal("the master refused the bearer token (401): set --auth_token or $FLQ_AUTH_TOKEN to the "
+                        "master's system.auth_token")
         if code is Code.INTERNAL or (code is None and r.status_code >= 500):  # None: a code of a newer master
             raise Fatal(f"the master failed on {method} {url} ({r.status_code}): {detail}", outcome.ERROR)
         if code is Code.SESSION_REPLACED:
