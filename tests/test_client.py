@@ -253,3 +253,31 @@ def test_second_process_with_the_same_id_replaces_the_first(tmp_path, fmnist_ava
         assert len(logs) == 2  # not the same file (before: both wrote one log)
     finally:
         cluster.kill_all()
+
+
+def test_https_against_a_plain_server_is_fatal_by_its_tls_reason():
+    """In-process: the client tells a peer that does not speak TLS by
+    ``ssl.SSLError.reason`` (WRONG_VERSION_NUMBER, RECORD_LAYER_FAILURE ...),
+    not by the error's text, and ends at once instead of retrying."""
+    import http.server
+    import socketserver
+    import threading
+
+    from flq.transport.client import Fatal, MasterClient
+
+    class Plain(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = socketserver.TCPServer(("127.0.0.1", 0), Plain)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = MasterClient(f"https://127.0.0.1:{server.server_address[1]}", 0, give_up_s=5)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Fatal, match=r"does not speak HTTPS \([A-Z_]+\); drop --tls/--cafile"):
+            client.config()
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+    assert time.monotonic() - t0 < 5

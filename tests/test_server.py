@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import ssl
 import struct
 import subprocess
@@ -21,7 +22,8 @@ from flq.algorithm import packing
 from flq.cluster import ClusterMaster
 from flq.config import load_config
 from flq.master import Master
-from flq.model import CNN, FlatModel, glorot_init, state_dict_from_flat
+from flq.model import CNN, FlatModel, build_model, glorot_init, state_dict_from_flat
+from flq.protocol import Code
 from flq.transport.server import create_app
 from flq.worker import Worker
 
@@ -51,11 +53,12 @@ def state_hash(master: Master, wire: bool = True) -> str:
 
 class Server:
     def __init__(self, cfg, ssl=None):
-        theta0 = glorot_init(CNN(), cfg.seed)
-        self.master = Master(cfg, tuple(p.numel() for p in CNN().parameters()), theta0)
+        model = build_model(cfg.model)
+        self.master = Master(cfg, tuple(p.numel() for p in model.parameters()), glorot_init(model, cfg.seed))
         self.cluster = ClusterMaster(self.master, cfg)
-        app = create_app(self.cluster, lambda t: state_dict_from_flat("cnn", t), self.master.max_upload_bytes,
+        app = create_app(self.cluster, lambda t: state_dict_from_flat(cfg.model, t), self.master.max_upload_bytes,
                          auth_token=cfg.auth_token)
+        self.openapi = app.openapi()
         self.port = free_port()
         kw = dict(ssl_certfile=ssl[0], ssl_keyfile=ssl[1]) if ssl else {}
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
@@ -96,6 +99,27 @@ def one_line(r: httpx.Response) -> str:
     return detail
 
 
+def refusal_code(r: httpx.Response, openapi=None) -> Code:
+    """The refusal's code: one of flq.protocol.Code, whose status is the
+    answer's; and, given the app's OpenAPI document, the status and code are
+    documented on the route (what schemathesis checks)."""
+    code = Code(r.json()["code"])
+    assert code.status == r.status_code, (code, r.status_code)
+    if openapi is not None:
+        path = r.request.url.path
+        (route,) = [ops for template, ops in openapi["paths"].items()
+                    if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path)]
+        documented = route[r.request.method.lower()]["responses"]
+        assert str(r.status_code) in documented, (r.request.method, path, r.status_code)
+        assert f"`{code}`" in documented[str(r.status_code)]["description"], (path, code)
+    return code
+
+
+def wire(offer) -> dict:
+    """An offer as it travels: its round 1-based."""
+    return {**offer.to_dict(), "round": offer.round + 1}
+
+
 def test_bad_input_is_refused_and_state_untouched(server):
     H = {"Authorization": f"Bearer {TOKEN}"}
     c = httpx.Client(base_url=server.url, headers=H, timeout=60)
@@ -110,22 +134,23 @@ def test_bad_input_is_refused_and_state_untouched(server):
         r = c.request(method, url, **kw)
         assert r.status_code == expected, (label, r.status_code, r.text)
         detail = one_line(r)
+        refusal_code(r, server.openapi)
         assert state_hash(server.master) == before, label
         table.append((label, r.status_code, detail))
 
-    # ---- round 0, offers phase ------------------------------------------
+    # ---- round 1, offers phase ------------------------------------------
     got = {}
     for w in workers:
         r = c.get("/round/model", params={"worker_id": w.worker_id, "wait": 30})
-        assert r.status_code == 200
-        got[w.worker_id] = (int(r.headers["X-FLQ-Round"]), float(r.headers["X-FLQ-MeK"]), r.content)
+        assert r.status_code == 200 and r.headers["X-FLQ-Round"] == "1"
+        got[w.worker_id] = (0, float(r.headers["X-FLQ-MeK"]), r.content)  # the worker's k is 0-based
     offers = {w.worker_id: workers[w.worker_id].offer(*got[w.worker_id]) for w in workers}
-    o0 = offers[0].to_dict()
+    o0 = wire(offers[0])
     # a second fetch of the same round (a retry): the same bytes; the mirror moved once, the bits counted once
     again = c.get("/round/model", params={"worker_id": 0, "wait": 0})
     assert again.status_code == 200 and again.content == got[0][2]
     assert server.master.bits_down_cum == 2 * 8 * N and server.master.down_version[0] == 1
-    assert c.get("/round/model", params={"worker_id": 0, "wait": 0, "after": 0}).status_code == 204  # nothing newer
+    assert c.get("/round/model", params={"worker_id": 0, "wait": 0, "after": 1}).status_code == 204  # nothing newer
     refused("model fetch with wait over 120 s", 422, "GET", "/round/model", params={"worker_id": 0, "wait": 1e6})
     refused("model fetch by unknown worker", 404, "GET", "/round/model", params={"worker_id": 50, "wait": 0})
     refused("register unknown worker id", 404, "POST", "/workers/register", json={"worker_id": 99})
@@ -141,7 +166,7 @@ def test_bad_input_is_refused_and_state_untouched(server):
     refused("offer, malformed JSON", 422, "POST", "/round/offer", content=b"{not json",
             headers={"Content-Type": "application/json"})
     refused("offer missing a field", 422, "POST", "/round/offer", json={k: v for k, v in o0.items() if k != "gain"})
-    refused("upload before selection", 409, "POST", "/round/upload", params={"worker_id": 0, "round": 0},
+    refused("upload before selection", 409, "POST", "/round/upload", params={"worker_id": 0, "round": 1},
             content=b"x" * 100)
 
     with ThreadPoolExecutor(3) as pool:  # the offers wait for the selection
@@ -152,15 +177,15 @@ def test_bad_input_is_refused_and_state_untouched(server):
         assert undecided.status_code == 200 and undecided.json()["decided"] is False
         assert list(server.master.offers) == [0] and server.cluster.workers[0].rounds_offered == 1
         repeat = pool.submit(c.post, "/round/offer", json=o0)
-        second = pool.submit(c.post, "/round/offer", json=offers[1].to_dict())
+        second = pool.submit(c.post, "/round/offer", json=wire(offers[1]))
         answers = [f.result().json() for f in (first, repeat, second)]
         assert all(a["decided"] and a["selected"] for a in answers), answers
     refused("offer after the selection", 409, "POST", "/round/offer", json={**o0, "gain": 1.0})
 
-    # ---- round 0, uploads phase -----------------------------------------
+    # ---- round 1, uploads phase -----------------------------------------
     good = workers[0].upload(0)
     assert len(good) <= 1.01 * packing.packed_size(N, 4)
-    up = {"worker_id": 0, "round": 0}
+    up = {"worker_id": 0, "round": 1}
     refused("truncated body (header only)", 400, "POST", "/round/upload", params=up, content=good[:16])
     refused("truncated body (data cut)", 400, "POST", "/round/upload", params=up, content=good[:-1])
     refused("empty body", 400, "POST", "/round/upload", params=up, content=b"")
@@ -181,10 +206,12 @@ def test_bad_input_is_refused_and_state_untouched(server):
     b = bytearray(good)
     b[-1] = 0xFF  # codes 15 > 2L = 14 at 4 bits
     refused("code out of range", 400, "POST", "/round/upload", params=up, content=bytes(b))
-    refused("upload for wrong round", 409, "POST", "/round/upload", params={"worker_id": 0, "round": 1}, content=good)
-    refused("upload from unknown worker id", 404, "POST", "/round/upload", params={"worker_id": 9, "round": 0},
+    refused("upload for wrong round", 409, "POST", "/round/upload", params={"worker_id": 0, "round": 2}, content=good)
+    refused("upload for round 0 (rounds count from 1)", 422, "POST", "/round/upload",
+            params={"worker_id": 0, "round": 0}, content=good)
+    refused("upload from unknown worker id", 404, "POST", "/round/upload", params={"worker_id": 9, "round": 1},
             content=good)
-    refused("upload with negative id", 422, "POST", "/round/upload", params={"worker_id": -2, "round": 0}, content=good)
+    refused("upload with negative id", 422, "POST", "/round/upload", params={"worker_id": -2, "round": 1}, content=good)
     r = c.post("/round/upload", params=up, content=good)
     assert r.status_code == 200
     before = state_hash(server.master, wire=False)  # the same upload again (its answer was lost): counted once
@@ -193,7 +220,7 @@ def test_bad_input_is_refused_and_state_untouched(server):
     other = bytearray(good)
     other[-1] ^= 0x01
     refused("second upload with other bytes", 409, "POST", "/round/upload", params=up, content=bytes(other))
-    assert c.post("/round/upload", params={"worker_id": 1, "round": 0}, content=workers[1].upload(0)).status_code == 200
+    assert c.post("/round/upload", params={"worker_id": 1, "round": 1}, content=workers[1].upload(0)).status_code == 200
 
     deadline = time.monotonic() + 30
     while server.master.round < 1:
@@ -219,13 +246,14 @@ def test_token_required_except_status(server):
         for method, url, kw in (("POST", "/workers/register", {"json": {"worker_id": 0}}),
                                 ("GET", "/round/model", {"params": {"worker_id": 0, "wait": 0}}),
                                 ("POST", "/round/offer", {"json": {}}),
-                                ("POST", "/round/upload", {"params": {"worker_id": 0, "round": 0}, "content": b"x"}),
+                                ("POST", "/round/upload", {"params": {"worker_id": 0, "round": 1}, "content": b"x"}),
                                 ("GET", "/workers/0/mirrors", {}),
                                 ("GET", "/get_global_model", {}),
                                 ("POST", "/stop", {})):
             r = client.request(method, url, **kw)
             assert r.status_code == 401, (method, url, r.status_code)
             one_line(r)
+            assert refusal_code(r, server.openapi) == Code.UNAUTHORIZED
     assert no.get("/status").status_code == 200
     assert state_hash(server.master) == before and not server.cluster.stop_requested
     ok = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
@@ -256,12 +284,13 @@ def test_json_bodies_are_size_limited(server):
     big = b'{"worker_id": 0, "pad": "' + b"x" * 70_000 + b'"}'
     r = c.post("/workers/register", content=big, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "exceeds the limit" in one_line(r)
+    assert refusal_code(r, server.openapi) == Code.TOO_LARGE
 
     def chunks():  # no Content-Length: the limit applies while streaming
         for _ in range(20):
             yield b" " * 8192
     r = c.post("/round/offer", content=chunks(), headers={"Content-Type": "application/json"})
-    assert r.status_code == 413
+    assert r.status_code == 413 and refusal_code(r, server.openapi) == Code.TOO_LARGE
     assert state_hash(server.master) == before
     assert not server.cluster.workers
 
@@ -273,10 +302,11 @@ def test_newest_registration_of_an_id_wins(server):
     assert old != new
     r = c.get("/round/model", params={"worker_id": 0, "wait": 0}, headers={"X-FLQ-Session": old})
     assert r.status_code == 409 and "session replaced" in one_line(r)
+    assert refusal_code(r, server.openapi) == Code.SESSION_REPLACED
     r = c.get("/round/model", params={"worker_id": 0, "wait": 0}, headers={"X-FLQ-Session": new})
     assert r.status_code in (200, 204)
     r = c.post("/workers/register", json={"worker_id": True})  # a bool is not an id
-    assert r.status_code == 422
+    assert r.status_code == 422 and refusal_code(r, server.openapi) == Code.INVALID_REQUEST
 
 
 def test_lost_upload_is_detected_and_mirrors_resync(tmp_path):
@@ -363,7 +393,7 @@ def test_a_request_cut_mid_body_leaves_no_error_and_no_trace(server, caplog):
 
     before = state_hash(server.master)
     with caplog.at_level("ERROR"):
-        for path in ("/workers/heartbeat", "/round/upload?worker_id=0&round=0"):
+        for path in ("/workers/heartbeat", "/round/upload?worker_id=0&round=1"):
             with socket.create_connection(("127.0.0.1", server.port)) as s:
                 s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
                           f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"worker_id\": 0".encode())
@@ -371,3 +401,115 @@ def test_a_request_cut_mid_body_leaves_no_error_and_no_trace(server, caplog):
         assert httpx.get(f"{server.url}/status", timeout=10).status_code == 200
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
     assert state_hash(server.master) == before
+
+
+def test_every_refusal_carries_a_documented_code(server, monkeypatch):
+    """Each status a route can answer is in the OpenAPI document with the
+    ErrorResponse body and its codes (schemathesis: no undocumented status);
+    the master's own refusals outside the routes (no such path or method, an
+    error inside it) carry a code too, and a worker hearing an internal error
+    ends with reason ``error`` (before: 'no FLQ error code: is it the FLQ
+    master?')."""
+    from flq.transport.client import Fatal, MasterClient
+
+    doc = server.openapi
+    assert set(doc["components"]["schemas"]["Code"]["enum"]) == {c.value for c in Code}
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            for status, answer in op["responses"].items():
+                if int(status) >= 400:
+                    assert answer["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/ErrorResponse"}, (method, path, status)
+                    assert all(f"`{c}`" in answer["description"] for c in Code if c.status == int(status)
+                               and c in _ROUTE_CODES.get((method, path), ())), (method, path, status)
+            assert {"401", "500"} <= set(op["responses"]), (method, path)
+    c = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert refusal_code(c.get("/no/such/path")) == Code.NOT_FOUND
+    assert refusal_code(c.delete("/status")) == Code.METHOD_NOT_ALLOWED
+    with monkeypatch.context() as patch:  # an error inside the master
+        patch.setattr(ClusterMaster, "round_number", property(lambda self: 1 / 0))
+        r = c.get("/config")
+        assert refusal_code(r, doc) == Code.INTERNAL and "ZeroDivisionError" in one_line(r)
+        client = MasterClient(server.url, 0, auth_token=TOKEN, give_up_s=5)
+        with pytest.raises(Fatal) as fatal:
+            client.config()
+        client.close()
+    assert fatal.value.reason == "error" and "the master failed on GET /config (500)" in str(fatal.value)
+
+
+#: Codes that only some routes answer, per (method, path) (the rest answer 401 and 500 everywhere).
+_ROUTE_CODES = {
+    ("post", "/round/offer"): (Code.MALFORMED, Code.LATE, Code.MIRROR_MISMATCH, Code.CONFLICT, Code.RUN_OVER,
+                               Code.UNKNOWN_WORKER, Code.NOT_REGISTERED, Code.SESSION_REPLACED, Code.TOO_LARGE,
+                               Code.TIMEOUT, Code.INVALID_REQUEST),
+    ("post", "/round/upload"): (Code.MALFORMED, Code.LATE, Code.CONFLICT, Code.UNKNOWN_WORKER, Code.NOT_REGISTERED,
+                                Code.SESSION_REPLACED, Code.TOO_LARGE, Code.TIMEOUT, Code.INVALID_REQUEST),
+    ("get", "/round/model"): (Code.RUN_OVER, Code.UNKNOWN_WORKER, Code.NOT_REGISTERED, Code.SESSION_REPLACED,
+                              Code.INVALID_REQUEST),
+    ("post", "/workers/register"): (Code.RUN_OVER, Code.UNKNOWN_WORKER, Code.TOO_LARGE, Code.TIMEOUT,
+                                    Code.INVALID_REQUEST),
+}
+
+
+def test_rounds_count_from_1_on_the_wire():
+    """One convention (flq.protocol): every round number a user or a worker
+    sees counts from 1 like the spreadsheet's iter and the log lines; the
+    worker's and the master's algorithm keep their 0-based k. Before: 0-based
+    in the headers, parameters, registration and offers, 1-based in /status."""
+    from flq.transport.client import MasterClient
+
+    cfg = load_config(str(PAPER_CONFIG), {"total_workers": 1, "max_rounds": 2, "threads": 1, "model": "mlp",
+                                          "eval_every": 1000, "round_timeout_s": 60})
+    s = Server(cfg)
+    exchanges = []  # (request, response) of the worker's calls
+    try:
+        c = httpx.Client(base_url=s.url, timeout=30)
+
+        def global_model():  # its round: header, safetensors metadata, file name
+            r = c.get("/get_global_model")
+            (n,) = struct.unpack_from("<Q", r.content)
+            meta = json.loads(r.content[8:8 + n])["__metadata__"]["round"]
+            return r.headers["X-FLQ-Round"], meta, r.headers["Content-Disposition"]
+
+        assert c.get("/config").json()["round"] == 1
+        assert c.get("/status").json()["round"] == 1
+        assert global_model() == ("0", "0", 'attachment; filename="flq_global_round0.safetensors"')  # initial
+        client = MasterClient(s.url, 0, give_up_s=30, poll_s=5)
+        client.http.event_hooks["response"].append(lambda r: exchanges.append((r.request, r)))
+        rng = np.random.default_rng(0)
+        worker = Worker(0, cfg, FlatModel(build_model("mlp")), rng.random((64, 1, 28, 28), dtype=np.float32),
+                        rng.integers(0, 10, 64), np.arange(64))
+        assert client.register(worker.up_version, worker.down_version)["round"] == 1
+        after = -1
+        for number in (1, 2):
+            k, me_k, payload = client.next_round(after)
+            request, response = exchanges[-1]
+            assert k == number - 1 and response.headers["X-FLQ-Round"] == str(number)  # the first download: 1
+            assert request.url.params["after"] == str(number - 1)
+            st = c.get("/status").json()
+            assert (st["round"], st["rounds_done"], st["phase"]) == (number, number - 1, "offers")
+            offer = worker.offer(k, me_k, payload)
+            assert offer.round == k
+            assert client.offer(offer) is True
+            request, response = exchanges[-1]
+            assert json.loads(request.content)["round"] == number and response.json()["round"] == number
+            client.upload(k, worker.upload(k))
+            assert exchanges[-1][0].url.params["round"] == str(number)
+            deadline = time.monotonic() + 30
+            while len(s.master.records) < number:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            assert s.master.records[-1]["iter"] == number
+            assert global_model() == (str(number), str(number),
+                                      f'attachment; filename="flq_global_round{number}.safetensors"')
+            after = k
+        deadline = time.monotonic() + 30
+        while (st := c.get("/status").json())["state"] != "finished":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert (st["round"], st["rounds_done"], st["last_metrics"]["iter"]) == (2, 2, 2)
+        assert c.post("/stop").json()["round"] == 2
+        client.close()
+    finally:
+        s.stop()

@@ -8,7 +8,19 @@ offered or ``round_timeout_s`` after the round opened, uploads only from the
 selected, late or absent workers counted as not selected, mirror versions
 checked on every offer, and a stop that takes effect after the current round.
 Its coroutines wait on one asyncio condition; the HTTP layer
-(:mod:`flq.transport.server`) only maps requests onto them.
+(:mod:`flq.transport.server`) only maps requests onto them. All round timing
+(deadlines, last seen, timeouts, absence) reads one injected monotonic clock,
+so the round loop runs under a fake clock in tests (``tests/test_protocol.py``),
+without sockets or real waiting; :meth:`ClusterMaster.run` is its phases in
+order (:meth:`~ClusterMaster.wait_for_workers`, :meth:`~ClusterMaster.open_round`,
+:meth:`~ClusterMaster.close_offers`, :meth:`~ClusterMaster.select`,
+:meth:`~ClusterMaster.collect_uploads`, :meth:`~ClusterMaster.close_round`).
+
+Rounds: the documents it returns (:meth:`~ClusterMaster.status`,
+:meth:`~ClusterMaster.register`, :meth:`~ClusterMaster.heartbeat`) count them
+from 1 like every user-facing number (:mod:`flq.protocol`); the arguments and
+results that carry the algorithm's messages (``Offer.round``, ``after``,
+``round_index``, :attr:`RoundView.round`) are the algorithm's 0-based ``k``.
 
 Every wait has a bound (all in seconds, from the config's ``system``
 section):
@@ -38,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -48,6 +61,7 @@ from .config import Config
 from .master import Master, MasterError, payload_digest
 from .messages import Offer
 from .outputs import one_line
+from .protocol import Code, round_number
 from .summary import log_round, round_timings
 
 log = logging.getLogger(__name__)
@@ -60,6 +74,12 @@ LOG_EVERY_S = 15.0
 #: means the master itself was not running (SIGSTOP, a suspended VM, a
 #: starved machine): every running timeout is extended by the gap.
 PAUSE_S = 3.0
+#: Seconds between two checks of the round loop's conditions when nothing
+#: notifies it (a worker going absent changes them without a message).
+POLL_S = 0.2
+
+#: How a run ends: ``(reason, detail)``, ``reason`` from :mod:`flq.outcome`.
+Ending = Tuple[str, str]
 
 
 class RunFinished(Exception):
@@ -107,20 +127,31 @@ class ClusterMaster:
             ``max_rounds``).
         on_round: called (in a thread) after each round with its record.
         on_finish: called (in a thread) once when the run ends, with the reason.
-        clock: time source in seconds for ``last_seen`` (tests may replace it).
+        clock: monotonic time in seconds for all round timing: deadlines, last
+            seen, timeouts, absence (tests pass a fake one). A wait with a
+            deadline waits at most the clock's seconds left, and re-checks the
+            clock whenever it is woken (:meth:`wake`).
+        pause_s: a gap this long (clock seconds) between two ticks of the
+            round loop is a pause of the master itself; its timeouts are
+            extended by it (``math.inf``: never).
+        poll_s: real seconds between two checks of the round loop's
+            conditions when nothing wakes it.
         run_id: the run's id (the stamp of its checkpoint), told to workers
             by ``GET /config`` so that they can tell their saved state's run.
     """
 
     def __init__(self, master: Master, cfg: Config, on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
                  on_finish: Optional[Callable[[str], None]] = None,
-                 clock: Callable[[], float] = time.time, run_id: str = "") -> None:
+                 clock: Callable[[], float] = time.monotonic, pause_s: float = PAUSE_S,
+                 poll_s: float = POLL_S, run_id: str = "") -> None:
         self.master = master
         self.cfg = cfg
         self.run_id = run_id
         self.on_round = on_round
         self.on_finish = on_finish
         self.clock = clock
+        self.pause_s = pause_s
+        self.poll_s = poll_s
         self.workers: Dict[int, WorkerInfo] = {}
         self.state = WAITING
         self.phase = PHASE_IDLE
@@ -135,8 +166,8 @@ class ClusterMaster:
         #: worker -> (round, digest) of its last counted upload: a retry after the round closed is answered OK
         self.counted_uploads: Dict[int, Tuple[int, str]] = {}
         self.heartbeat_s = max(1.0, cfg.worker_timeout_s / 3)
-        self.waiting_since = self.uploads_opened_at = time.monotonic()
-        self._last_tick = time.monotonic()
+        self.waiting_since = self.uploads_opened_at = self._last_tick = clock()
+        self._absent: set = set()  # workers whose absence was logged
         self._cond: Optional[asyncio.Condition] = None
 
     # ----- helpers --------------------------------------------------------
@@ -150,10 +181,22 @@ class ClusterMaster:
         async with self.cond:
             self.cond.notify_all()
 
+    async def wake(self) -> None:
+        """Wake every waiter to re-check its condition and the clock (after a
+        stop request, or after a test moved its fake clock)."""
+        await self._notify()
+
+    @property
+    def round_number(self) -> int:
+        """The round shown to users and workers (1-based): the one in
+        progress, or the next to open; the last one once all are done."""
+        m = self.master
+        return round_number(m.round) if not m.finished else m.round
+
     async def _notified_before(self, deadline: float) -> bool:
         """Inside ``async with self.cond``: wait for a notification until the
-        monotonic ``deadline``; False when the deadline passed first."""
-        left = deadline - time.monotonic()
+        clock's ``deadline``; False when the deadline passed first."""
+        left = deadline - self.clock()
         if left <= 0:
             return False
         try:
@@ -164,15 +207,15 @@ class ClusterMaster:
 
     def _check_session(self, info: WorkerInfo, session: Optional[str]) -> None:
         if info.left:
-            raise MasterError(f"worker {info.worker_id} has left: register again", 404, "not_registered")
+            raise MasterError(f"worker {info.worker_id} has left: register again", Code.NOT_REGISTERED)
         if session is not None and session != info.session:
             raise MasterError(f"worker {info.worker_id} session replaced: another process registered with this id"
-                              f" from {info.address or '?'}", 409, "session_replaced")
+                              f" from {info.address or '?'}", Code.SESSION_REPLACED)
 
     def _seen(self, worker_id: int, state: Optional[str] = None, session: Optional[str] = None) -> WorkerInfo:
         info = self.workers.get(worker_id)
         if info is None:
-            raise MasterError(f"worker {worker_id} is not registered", 404, "not_registered")
+            raise MasterError(f"worker {worker_id} is not registered", Code.NOT_REGISTERED)
         self._check_session(info, session)
         info.last_seen = self.clock()
         if state:
@@ -183,9 +226,9 @@ class ClusterMaster:
         """Notice a pause of the master itself and extend every running
         timeout by it: workers cannot have been heard while it did not run,
         and the round's clocks stop with it (see :data:`PAUSE_S`)."""
-        now = time.monotonic()
+        now = self.clock()
         gap, self._last_tick = now - self._last_tick, now
-        if gap < PAUSE_S:
+        if gap < self.pause_s:
             return
         self.round_opened_at += gap
         self.uploads_opened_at += gap
@@ -229,10 +272,12 @@ class ClusterMaster:
         Returns:
             ``{"resync", "round", "state", "session", "heartbeat_s"}``;
             resync is True when the worker's mirror versions differ from the
-            master's.
+            master's; round is :attr:`round_number` (1-based); heartbeat_s
+            in seconds.
 
         Raises:
-            MasterError: unknown id (404); RunFinished when the run is over.
+            MasterError: unknown id (404 ``unknown_worker``).
+            RunFinished: the run is over.
         """
         self.master.check_worker(worker_id)
         self._finished()
@@ -254,22 +299,30 @@ class ClusterMaster:
         resync = (up_version, down_version) != (self.master.up_version[worker_id],
                                                  self.master.down_version[worker_id])
         await self._notify()
-        return {"resync": resync, "round": self.master.round, "state": self.state, "session": info.session,
+        return {"resync": resync, "round": self.round_number, "state": self.state, "session": info.session,
                 "heartbeat_s": self.heartbeat_s}
 
     def heartbeat(self, worker_id: int, session: Optional[str] = None) -> Dict[str, Any]:
         """A live worker's periodic sign of life (every ``heartbeat_s``).
 
+        Returns:
+            ``{"state", "round", "phase"}``, round 1-based (:attr:`round_number`).
+
         Raises:
-            MasterError: not registered (404), replaced (409); RunFinished.
+            MasterError: not registered (404 ``not_registered``), replaced (409 ``session_replaced``).
+            RunFinished: the run is over.
         """
         self._finished()
         self._seen(worker_id, session=session)
-        return {"state": self.state, "round": self.master.round + 1, "phase": self.phase}
+        return {"state": self.state, "round": self.round_number, "phase": self.phase}
 
     async def leave(self, worker_id: int, session: Optional[str] = None) -> None:
         """Worker m exits on purpose (Ctrl-C, SIGTERM): no round waits for it
-        any more; it may register again later."""
+        any more; it may register again later.
+
+        Raises:
+            MasterError: not registered (404 ``not_registered``), replaced (409 ``session_replaced``).
+        """
         info = self._seen(worker_id, session=session)
         info.left, info.session = True, ""
         if self.phase == PHASE_OFFERS:
@@ -279,7 +332,11 @@ class ClusterMaster:
 
     def mirrors(self, worker_id: int, session: Optional[str] = None) -> Tuple[Any, Any, int, int]:
         """The master's ``ref_up[m]``, ``ref_down[m]`` and their versions (for a
-        resync); the worker then fetches the open round's model afresh."""
+        resync); the worker then fetches the open round's model afresh.
+
+        Raises:
+            MasterError: not registered (404 ``not_registered``), replaced (409 ``session_replaced``).
+        """
         self._seen(worker_id, session=session)
         m = self.master
         if self.phase == PHASE_OFFERS:
@@ -290,8 +347,8 @@ class ClusterMaster:
 
     async def fetch_round(self, worker_id: int, wait_s: float, session: Optional[str] = None,
                           after: int = -1) -> Optional[RoundView]:
-        """Wait up to ``wait_s`` for a round after round ``after`` (0-based; -1
-        for any) that is open to offers and that this worker has not offered
+        """Wait up to ``wait_s`` seconds for a round after round ``after`` (the
+        algorithm's 0-based k; -1 for any) that is open to offers and that this worker has not offered
         in, and return this worker's downlink for it. Asked again for the
         same round (a download cut short and retried), it returns the same
         bytes: the mirror moves once and the bits are counted once (the
@@ -302,10 +359,10 @@ class ClusterMaster:
 
         Raises:
             RunFinished: the run is over.
-            MasterError: unknown or replaced worker (404, 409).
+            MasterError: not registered (404 ``not_registered``), replaced (409 ``session_replaced``).
         """
         info = self._seen(worker_id, session=session)
-        deadline = time.monotonic() + max(wait_s, 0.0)
+        deadline = self.clock() + max(wait_s, 0.0)
         m = self.master
         async with self.cond:
             while True:
@@ -325,7 +382,8 @@ class ClusterMaster:
             return RoundView(m.round, m.me_k, payload, m.down_version[worker_id])
 
     async def offer(self, offer: Offer, session: Optional[str] = None, wait_s: float = 20.0) -> Optional[bool]:
-        """Record an offer and wait up to ``wait_s`` for the selection.
+        """Record an offer (its round is the algorithm's 0-based k) and wait up
+        to ``wait_s`` seconds for the selection.
 
         The same offer sent again (its answer was lost, or the selection took
         longer than ``wait_s``) is not recorded twice: it waits for, or
@@ -337,7 +395,10 @@ class ClusterMaster:
 
         Raises:
             MasterError: late (409 ``late``: the round's offers closed or the
-                round is over), mirror mismatch (409), malformed (400).
+                round is over), mirror mismatch (409 ``mirror_mismatch``),
+                a different second offer or none of the round's model (409
+                ``conflict``), malformed (400 ``malformed``), not registered
+                (404), replaced (409 ``session_replaced``).
             RunFinished: the run is over.
         """
         m = offer.worker_id
@@ -345,11 +406,11 @@ class ClusterMaster:
         self._finished()
         if self.phase not in (PHASE_OFFERS, PHASE_UPLOADS) or offer.round != self.master.round:
             raise MasterError(f"offer for round {offer.round + 1} is late (round {self.master.round + 1}, phase "
-                              f"{self.phase})", 409, "late")
+                              f"{self.phase})", Code.LATE)
         if self.master.add_offer(offer):
             info.state, info.rounds_offered = "offered", info.rounds_offered + 1
             await self._notify()
-        deadline = time.monotonic() + max(wait_s, 0.0)
+        deadline = self.clock() + max(wait_s, 0.0)
         async with self.cond:
             while offer.round == self.master.round and m not in self.decided and self.state != FINISHED:
                 self._check_session(info, session)
@@ -358,19 +419,21 @@ class ClusterMaster:
         self._finished()
         if offer.round != self.master.round:
             raise MasterError(f"round {offer.round + 1} closed before its selection reached worker {m}: not "
-                              f"selected", 409, "late")
+                              f"selected", Code.LATE)
         selected = self.decided[m]
         info.state = "uploading" if selected else "idle"
         return selected
 
     async def upload(self, worker_id: int, round_index: int, payload: bytes, session: Optional[str] = None) -> None:
-        """Accept a selected worker's payload for round k (the same bytes again
-        are accepted and counted once, also after the round closed).
+        """Accept a selected worker's payload for round ``round_index`` (the
+        algorithm's 0-based k; the same bytes again are accepted and counted
+        once, also after the round closed).
 
         Raises:
-            MasterError: wrong round or phase (409), not selected (409), other
-                bytes than the counted upload (409), malformed payload (400);
-                state unchanged.
+            MasterError: wrong round or phase (409 ``late``), not selected or
+                other bytes than the counted upload (409 ``conflict``),
+                malformed payload (400 ``malformed``), not registered (404),
+                replaced (409 ``session_replaced``); state unchanged.
         """
         info = self._seen(worker_id, session=session)
         if self.phase == PHASE_UPLOADS and round_index == self.master.round:
@@ -382,7 +445,7 @@ class ClusterMaster:
         if self.counted_uploads.get(worker_id) == (round_index, payload_digest(payload)):
             return  # a retry of an upload counted before its round closed
         raise MasterError(f"upload for round {round_index + 1} is late (round {self.master.round + 1}, phase "
-                          f"{self.phase})", 409, "late")
+                          f"{self.phase})", Code.LATE)
 
     def abort(self, reason: str) -> None:
         """Exit now (a second signal): from here on every call is answered
@@ -408,17 +471,22 @@ class ClusterMaster:
             log.info("stop requested (%s) at round %d", reason, self.master.round + 1)
 
     # ----- the round loop -------------------------------------------------
-    async def _wait_until(self, predicate: Callable[[], bool], deadline: Optional[float] = None) -> bool:
-        """Wait until predicate() (re-checked every notify and at least every
-        0.2 s) or the monotonic ``deadline``; return whether it holds."""
+    async def _wait_until(self, predicate: Callable[[], bool],
+                          deadline: Optional[Callable[[], float]] = None) -> bool:
+        """Wait until predicate() (re-checked on every notification and at
+        least every ``poll_s`` real seconds) or the clock reaches
+        ``deadline()`` (asked afresh each time: a pause of the master moves
+        it, see :meth:`_tick`); return whether the predicate holds."""
         async with self.cond:
             while True:
                 self._tick()
                 if predicate():
                     break
-                if deadline is not None and time.monotonic() >= deadline:
+                now = self.clock()
+                until = deadline() if deadline is not None else None
+                if until is not None and now >= until:
                     return False
-                timeout = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+                timeout = self.poll_s if until is None else max(0.0, min(self.poll_s, until - now))
                 try:
                     await asyncio.wait_for(self.cond.wait(), timeout=timeout)
                 except asyncio.TimeoutError:
@@ -440,6 +508,11 @@ class ClusterMaster:
             log.exception("the round loop failed in round %d; the run stops", self.master.round + 1)
         finally:
             watcher.cancel()
+        await self.end_run(reason, detail)
+
+    async def end_run(self, reason: str, detail: str = "") -> None:
+        """End the run: the finish callback (which writes the results), then
+        state ``finished``, every waiter woken (their calls answer 410)."""
         self.finish_reason, self.finish_detail = reason, detail
         self.phase = PHASE_IDLE
         if self.on_finish is not None:
@@ -454,97 +527,198 @@ class ClusterMaster:
                  f": {detail}" if detail else "")
 
     async def _watch_liveness(self) -> None:
-        """Log each worker going absent (not heard from for ``worker_timeout_s``) and coming back."""
-        absent: set = set()
+        """Every second: :meth:`check_liveness`."""
         while True:
             await asyncio.sleep(1.0)
             self._tick()
-            for w in list(self.workers.values()):
-                gone = not w.left and not self.is_live(w)
-                if gone and w.worker_id not in absent:
-                    absent.add(w.worker_id)
-                    log.warning("worker %d absent: not heard from for %.0f s (system.worker_timeout_s)",
-                                w.worker_id, self.clock() - w.last_seen)
-                elif not gone and w.worker_id in absent:
-                    absent.discard(w.worker_id)
-                    if not w.left:
-                        log.info("worker %d is back", w.worker_id)
+            self.check_liveness()
+
+    def check_liveness(self) -> List[int]:
+        """Log each worker going absent (not heard from for ``worker_timeout_s``
+        by the clock) and coming back; return the workers absent now."""
+        for w in list(self.workers.values()):
+            gone = not w.left and not self.is_live(w)
+            if gone and w.worker_id not in self._absent:
+                self._absent.add(w.worker_id)
+                log.warning("worker %d absent: not heard from for %.0f s (system.worker_timeout_s)",
+                            w.worker_id, self.clock() - w.last_seen)
+            elif not gone and w.worker_id in self._absent:
+                self._absent.discard(w.worker_id)
+                if not w.left:
+                    log.info("worker %d is back", w.worker_id)
+        return sorted(self._absent)
 
     def _missing(self, have) -> List[int]:
         return [m for m in range(self.cfg.total_workers) if m not in have]
 
-    async def _train(self) -> Tuple[str, str]:
-        cfg, m = self.cfg, self.master
+    async def _train(self) -> Ending:
+        """The rounds, phase by phase, until the run ends; how it ended.
+
+        Raises:
+            Diverged: a round diverged (it is recorded first).
+        """
+        m = self.master
+        ended = await self.wait_for_workers()
+        if ended is not None:
+            return ended
+        while not m.finished:
+            if self.stop_requested:
+                return self.stop_reason, f"{self.stop_reason} after {len(m.records)} rounds"
+            await self.open_round()
+            ended = await self.close_offers()
+            if ended is not None:
+                return ended
+            await self.select()
+            await self.collect_uploads()
+            await self.close_round()
+        return outcome.COMPLETED, ""
+
+    async def wait_for_workers(self) -> Optional[Ending]:
+        """Before round 1: wait for ``min_workers`` live workers, at most
+        ``start_timeout_s`` seconds (by the clock), saying every
+        :data:`LOG_EVERY_S` seconds whom it still waits for.
+
+        Returns:
+            None when they are present (the state becomes ``training``);
+            else how the run ends: ``quorum_lost`` after ``start_timeout_s``,
+            or the stop's reason when a stop was requested meanwhile.
+        """
+        cfg = self.cfg
         need = cfg.needed_workers
         log.info("waiting for %d of %d workers (system.min_workers), at most %.0f s (system.start_timeout_s)",
                  need, cfg.total_workers, cfg.start_timeout_s)
-        self.waiting_since = self._last_tick = time.monotonic()
+        self.waiting_since = self._last_tick = self.clock()
+        log_at = LOG_EVERY_S  # seconds after waiting_since: the next "still waiting" line
         while not await self._wait_until(lambda: len(self.connected) >= need or self.stop_requested,
-                                         min(self.waiting_since + cfg.start_timeout_s,
-                                             time.monotonic() + LOG_EVERY_S)):
+                                         lambda: self.waiting_since + min(log_at, cfg.start_timeout_s)):
             missing = self._missing(self.connected)
-            give_up = self.waiting_since + cfg.start_timeout_s
-            if time.monotonic() >= give_up:
+            waited = self.clock() - self.waiting_since
+            if waited >= cfg.start_timeout_s:
                 return outcome.QUORUM_LOST, (f"only {len(self.connected)} of the {need} workers needed were present "
                                              f"within start_timeout_s ({cfg.start_timeout_s:.0f} s); missing "
                                              f"{missing}")
             log.info("still waiting: %d of the %d workers needed are present; missing %s (start them or lower "
                      "system.min_workers); the run ends in %.0f s", len(self.connected), need, missing,
-                     give_up - time.monotonic())
+                     cfg.start_timeout_s - waited)
+            log_at = waited + LOG_EVERY_S
         if self.stop_requested:
             return self.stop_reason, "stopped before round 1"
         self.state = TRAINING
-        while not m.finished:
-            if self.stop_requested:
-                return self.stop_reason, f"{self.stop_reason} after {len(m.records)} rounds"
-            async with self.cond:  # step 1, and open the round to offers
-                m.begin_round()
-                self.decided, self.selected = {}, []
-                self.phase = PHASE_OFFERS
-                self.round_opened_at = time.monotonic()
-                self.cond.notify_all()
-            k = m.round
-            log.debug("round %d open (me_k %.6g)", k + 1, m.me_k)
-            closed = await self._collect_offers(k, need)
-            if closed != "closed":
+        return None
+
+    async def open_round(self) -> int:
+        """Step 1, and open the round to offers (phase ``offers``): the
+        waiting model fetches get its downlink. Returns its k (0-based)."""
+        m = self.master
+        async with self.cond:
+            m.begin_round()
+            self.decided, self.selected = {}, []
+            self.phase = PHASE_OFFERS
+            self.round_opened_at = self.clock()
+            self.cond.notify_all()
+        log.debug("round %d open (me_k %.6g)", m.round + 1, m.me_k)
+        return m.round
+
+    async def close_offers(self) -> Optional[Ending]:
+        """Wait until the open round's offers close: every live worker has
+        offered, or ``round_timeout_s`` seconds (by the clock) passed since
+        the round opened; either way once at least ``min_workers`` offered.
+        Short of them, it keeps waiting ``quorum_timeout_s`` more, saying
+        every :data:`LOG_EVERY_S` seconds whom it waits for. After a stop
+        request the round still closes if its live workers can complete it
+        within ``round_timeout_s``. Live workers without an offer are then
+        ``late``: not selected this round.
+
+        Returns:
+            None when the offers closed; else how the run ends: ``quorum_lost``
+            (the quorum never came), or the stop's reason (the round was
+            abandoned: it could not close).
+        """
+        cfg, m = self.cfg, self.master
+        k, need = m.round, cfg.needed_workers
+        give_up = cfg.round_timeout_s + cfg.quorum_timeout_s  # seconds after the round opened
+        log_at = cfg.round_timeout_s  # the next "waiting for" line, seconds after the round opened
+        while True:
+            if await self._wait_until(lambda: self._offers_closed(need) or self._stop_now(need),
+                                      lambda: self.round_opened_at + min(log_at, give_up)):
+                break
+            open_s = self.clock() - self.round_opened_at
+            if open_s >= give_up:
                 self.phase = PHASE_IDLE
-                if closed == outcome.QUORUM_LOST:
-                    return outcome.QUORUM_LOST, (f"round {k + 1}: {len(m.offers)} of the {need} offers needed "
-                                                 f"(system.min_workers) after round_timeout_s + quorum_timeout_s "
-                                                 f"({cfg.round_timeout_s + cfg.quorum_timeout_s:.0f} s); missing "
-                                                 f"{self._missing(m.offers)}")
-                log.warning("round %d abandoned by the stop request before it could close", k + 1)
-                return self.stop_reason, f"{self.stop_reason} after {len(m.records)} rounds (round {k + 1} abandoned)"
-            for w in self._missing(m.offers):
-                info = self.workers.get(w)
-                if info is not None and self.is_live(info):
-                    info.state = "late"
-                    log.info("worker %d late in round %d: no offer within round_timeout_s; not selected", w, k + 1)
-                elif info is not None:  # going absent was logged once, when it happened
-                    log.debug("worker %d absent in round %d", w, k + 1)
-            async with self.cond:
-                self.selected = m.select()
-                self.decided = {w: (w in self.selected) for w in m.offers}
-                self.phase = PHASE_UPLOADS
-                self.cond.notify_all()
-            self.uploads_opened_at = time.monotonic()
-            await self._wait_until(lambda: not self._uploads_awaited()
-                                   or time.monotonic() - self.uploads_opened_at >= cfg.round_timeout_s)
-            if self._uploads_awaited():
-                log.warning("round %d: uploads from %s never arrived; counted as not selected", k + 1,
-                            self._uploads_awaited())
-            self.phase = PHASE_CLOSING
-            record = await asyncio.to_thread(m.end_round)  # Diverged: recorded, then the run stops
-            record.update(round_timings(m.stopwatch))
+                return outcome.QUORUM_LOST, (f"round {k + 1}: {len(m.offers)} of the {need} offers needed "
+                                             f"(system.min_workers) after round_timeout_s + quorum_timeout_s "
+                                             f"({cfg.round_timeout_s + cfg.quorum_timeout_s:.0f} s); missing "
+                                             f"{self._missing(m.offers)}")
+            waiting = self.waiting_for()
+            log.warning("round %d: %d of the %d offers needed (system.min_workers) after %.0f s; waiting for "
+                        "worker(s) %s (%s); the run ends in %.0f s unless they offer (system.quorum_timeout_s)",
+                        k + 1, len(m.offers), need, open_s, waiting,
+                        ", ".join(f"{w}: {self._describe(w)}" for w in waiting), give_up - open_s)
+            log_at = open_s + LOG_EVERY_S
+        if not self._offers_closed(need):
             self.phase = PHASE_IDLE
-            log_round(record)
-            if self.on_round is not None:
-                await asyncio.to_thread(self.on_round, record)
-        return outcome.COMPLETED, ""
+            log.warning("round %d abandoned by the stop request before it could close", k + 1)
+            return self.stop_reason, f"{self.stop_reason} after {len(m.records)} rounds (round {k + 1} abandoned)"
+        for w in self._missing(m.offers):
+            info = self.workers.get(w)
+            if info is not None and self.is_live(info):
+                info.state = "late"
+                log.info("worker %d late in round %d: no offer within round_timeout_s; not selected", w, k + 1)
+            elif info is not None:  # going absent was logged once, when it happened
+                log.debug("worker %d absent in round %d", w, k + 1)
+        return None
+
+    async def select(self) -> List[int]:
+        """Step 6 among the round's offers, and open the uploads (phase
+        ``uploads``): the offers waiting for the selection get their answer.
+        Returns the selected workers."""
+        async with self.cond:
+            self.selected = self.master.select()
+            self.decided = {w: (w in self.selected) for w in self.master.offers}
+            self.phase = PHASE_UPLOADS
+            self.uploads_opened_at = self.clock()
+            self.cond.notify_all()
+        return list(self.selected)
+
+    async def collect_uploads(self) -> List[int]:
+        """Wait for the selected live workers' uploads, at most
+        ``round_timeout_s`` seconds (by the clock) after the selection.
+
+        Returns:
+            The selected workers whose upload never arrived (absent ones
+            included): they count as not selected.
+        """
+        cfg, m = self.cfg, self.master
+        await self._wait_until(lambda: not self._uploads_awaited()
+                               or self.clock() - self.uploads_opened_at >= cfg.round_timeout_s)
+        missing = [w for w in self.selected if w not in m.received]
+        if missing:
+            log.warning("round %d: uploads from %s never arrived; counted as not selected", m.round + 1, missing)
+        return missing
+
+    async def close_round(self) -> Dict[str, Any]:
+        """Steps 8-10 (in a thread: aggregation and evaluation take time),
+        then the ``on_round`` callback (in a thread); phase ``idle`` again.
+
+        Returns:
+            The round's record.
+
+        Raises:
+            Diverged: the round diverged; it is recorded first.
+        """
+        m = self.master
+        self.phase = PHASE_CLOSING
+        record = await asyncio.to_thread(m.end_round)  # Diverged: recorded, then the run stops
+        record.update(round_timings(m.stopwatch))
+        self.phase = PHASE_IDLE
+        log_round(record)
+        if self.on_round is not None:
+            await asyncio.to_thread(self.on_round, record)
+        return record
 
     def _round_late(self) -> bool:
-        """round_timeout_s has passed since the open round opened."""
-        return time.monotonic() - self.round_opened_at >= self.cfg.round_timeout_s
+        """round_timeout_s has passed (by the clock) since the open round opened."""
+        return self.clock() - self.round_opened_at >= self.cfg.round_timeout_s
 
     def _offers_closed(self, need: int) -> bool:
         offered = set(self.master.offers)
@@ -564,27 +738,6 @@ class ClusterMaster:
         offered = set(self.master.offers)
         pending = [w for w in self.connected if w not in offered]
         return self._round_late() or len(offered) + len(pending) < need or not pending
-
-    async def _collect_offers(self, k: int, need: int) -> str:
-        """Wait for round k's offers to close; ``"closed"``, ``"stop"`` or
-        ``"quorum_lost"``. After a stop request the round still closes if its
-        live workers can complete it within round_timeout_s."""
-        cfg = self.cfg
-        next_log = self.round_opened_at + cfg.round_timeout_s
-        while True:
-            give_up = self.round_opened_at + cfg.round_timeout_s + cfg.quorum_timeout_s
-            if await self._wait_until(lambda: self._offers_closed(need) or self._stop_now(need),
-                                      min(next_log, give_up)):
-                return "closed" if self._offers_closed(need) else "stop"
-            now = time.monotonic()
-            if now >= self.round_opened_at + cfg.round_timeout_s + cfg.quorum_timeout_s:
-                return outcome.QUORUM_LOST
-            waiting = self.waiting_for()
-            log.warning("round %d: %d of the %d offers needed (system.min_workers) after %.0f s; waiting for "
-                        "worker(s) %s (%s); the run ends in %.0f s unless they offer (system.quorum_timeout_s)",
-                        k + 1, len(self.master.offers), need, now - self.round_opened_at, waiting,
-                        ", ".join(f"{w}: {self._describe(w)}" for w in waiting), give_up - now)
-            next_log = now + LOG_EVERY_S
 
     def _describe(self, worker_id: int) -> str:
         info = self.workers.get(worker_id)
@@ -610,17 +763,18 @@ class ClusterMaster:
 
     # ----- monitoring -----------------------------------------------------
     def status(self) -> Dict[str, Any]:
-        """The ``GET /status`` document (JSON-able)."""
-        now = self.clock()
+        """The ``GET /status`` document (JSON-able; rounds 1-based, times in
+        seconds, ``last_seen`` as Unix time for people to read)."""
+        now, unix_now = self.clock(), time.time()  # the wall clock only to display last_seen
         m = self.master
         last = m.records[-1] if m.records else None
         last_eval = next((r for r in reversed(m.records) if r["acc"] == r["acc"]), None)
         return {
             "state": self.state,
             "phase": self.phase,
-            "round": m.round + 1 if not m.finished else m.round,  # 1-based like iter: in progress (or next, or last)
+            "round": self.round_number,  # 1-based like iter: in progress (or next, or last)
             "rounds_done": len(m.records),
-            "round_open_s": (round(time.monotonic() - self.round_opened_at, 3)
+            "round_open_s": (round(now - self.round_opened_at, 3)
                              if self.phase in (PHASE_OFFERS, PHASE_UPLOADS) else None),
             "waiting_for": self.waiting_for() if self.state != FINISHED else [],
             "live_workers": len(self.connected),
@@ -634,7 +788,7 @@ class ClusterMaster:
                            "start": self.cfg.start_timeout_s, "quorum": self.cfg.quorum_timeout_s,
                            "heartbeat": self.heartbeat_s},
             "workers": [
-                {"worker_id": w.worker_id, "state": self.shown_state(w), "last_seen": w.last_seen,
+                {"worker_id": w.worker_id, "state": self.shown_state(w), "last_seen": unix_now - (now - w.last_seen),
                  "seconds_since_seen": round(now - w.last_seen, 3), "rounds_offered": w.rounds_offered,
                  "rounds_uploaded": w.rounds_uploaded, "address": w.address, "threads": w.threads,
                  "device": w.device}
@@ -657,7 +811,7 @@ def _jsonable(record: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         return None
     out = {}
     for k, v in record.items():
-        if isinstance(v, float) and v != v:
+        if isinstance(v, float) and not math.isfinite(v):  # JSON has no NaN or Inf (a diverged round's loss)
             v = None
         out[k] = v
     return out

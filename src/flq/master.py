@@ -41,6 +41,7 @@ from .algorithm.selection import Candidate, select
 from .config import Config
 from .messages import Offer
 from .outcome import Diverged
+from .protocol import Code
 from .streams import STREAM_DOWNLINK, stream_rng
 from .timing import NullStopwatch, Stopwatch
 
@@ -54,17 +55,20 @@ class MasterError(ValueError):
     """A message the master refuses (one-line reason); its state is unchanged.
 
     Attributes:
-        status: the HTTP-like status class the transport should answer with
-            (400 malformed, 404 unknown worker, 409 conflict with the round).
-        code: what went wrong, for a program to act on: ``malformed``,
-            ``unknown_worker``, ``not_registered``, ``session_replaced``,
-            ``late``, ``mirror_mismatch`` or ``conflict``.
+        code: what went wrong, for a program to act on: a
+            :class:`~flq.protocol.Code` (``malformed``, ``unknown_worker``,
+            ``late``, ``mirror_mismatch``, ``conflict`` ...).
+        status: the code's status (400 malformed, 404 unknown worker, 409
+            conflict with the round), which the transport answers with.
     """
 
-    def __init__(self, message: str, status: int = 400, code: str = "") -> None:
+    def __init__(self, message: str, code: Code) -> None:
         super().__init__(message)
-        self.status = status
-        self.code = code or {400: "malformed", 404: "unknown_worker", 409: "conflict"}.get(status, "malformed")
+        self.code = code
+
+    @property
+    def status(self) -> int:
+        return self.code.status
 
 
 class Master:
@@ -194,26 +198,27 @@ class Master:
         m = offer.worker_id
         self.check_worker(m)
         if offer.round != self.round:
-            raise MasterError(f"offer for round {offer.round + 1}, but round {self.round + 1} is open", 409, "late")
+            raise MasterError(f"offer for round {offer.round + 1}, but round {self.round + 1} is open", Code.LATE)
         if m not in self.downlinks:
-            raise MasterError(f"worker {m} offered without receiving round {self.round + 1}'s model", 409)
+            raise MasterError(f"worker {m} offered without receiving round {self.round + 1}'s model", Code.CONFLICT)
         if m in self.offers:
             if _same(self.offers[m], offer):
                 return False
-            raise MasterError(f"worker {m} already made a different offer in round {self.round + 1}", 409)
+            raise MasterError(f"worker {m} already made a different offer in round {self.round + 1}", Code.CONFLICT)
         if self.selection_made:
-            raise MasterError(f"offer for round {self.round + 1} is late: the selection is made", 409, "late")
+            raise MasterError(f"offer for round {self.round + 1} is late: the selection is made", Code.LATE)
         if not (math.isfinite(offer.gain) and math.isfinite(offer.cost)) or offer.cost <= 0:
-            raise MasterError("offer has a non-finite gain or cost, or a cost <= 0")
+            raise MasterError("offer has a non-finite gain or cost, or a cost <= 0", Code.MALFORMED)
         if offer.candidate and not math.isfinite(offer.loss):
-            raise MasterError("offer is a candidate with a non-finite loss")
+            raise MasterError("offer is a candidate with a non-finite loss", Code.MALFORMED)
         expected_cost = float(self.upload_cost)
         if offer.cost != expected_cost:
-            raise MasterError(f"offer cost {offer.cost:g} bits, expected {expected_cost:g} for mode {self.cfg.mode}")
+            raise MasterError(f"offer cost {offer.cost:g} bits, expected {expected_cost:g} for mode {self.cfg.mode}",
+                              Code.MALFORMED)
         if (offer.up_version, offer.down_version) != (self.up_version[m], self.down_version[m]):
             raise MasterError(f"worker {m} mirror versions (up {offer.up_version}, down {offer.down_version}) "
                               f"differ from the master's (up {self.up_version[m]}, down {self.down_version[m]})",
-                              409, "mirror_mismatch")
+                              Code.MIRROR_MISMATCH)
         self.offers[m] = offer
         return True
 
@@ -240,25 +245,27 @@ class Master:
         """
         self.check_worker(worker_id)
         if worker_id not in self.selected:
-            raise MasterError(f"worker {worker_id} was not selected in round {self.round + 1}", 409)
+            raise MasterError(f"worker {worker_id} was not selected in round {self.round + 1}", Code.CONFLICT)
         digest = payload_digest(payload)
         if worker_id in self.received:
             if self.received_digest[worker_id] == digest:
                 return False
-            raise MasterError(f"worker {worker_id} already uploaded other bytes in round {self.round + 1}", 409)
+            raise MasterError(f"worker {worker_id} already uploaded other bytes in round {self.round + 1}",
+                              Code.CONFLICT)
         scheme, bits = self.up_scheme, self.cfg.uplink_bits
         with self.stopwatch.section("quantize"):
             try:
                 qv = packing.decode(payload, expected_n=self.n, expected_bits=bits,
                                     expected_segments=scheme.segments(self.segments))
             except packing.PayloadError as exc:
-                raise MasterError(f"upload from worker {worker_id}: {exc}") from None
+                raise MasterError(f"upload from worker {worker_id}: {exc}", Code.MALFORMED) from None
             q = scheme.decode_update(qv, self.ref_up[worker_id])
             if not np.isfinite(q).all():
-                raise MasterError(f"upload from worker {worker_id} decodes to non-finite values")
+                raise MasterError(f"upload from worker {worker_id} decodes to non-finite values", Code.MALFORMED)
             if q.size and float(np.abs(q).max()) >= MAX_UPDATE_MAGNITUDE:
                 raise MasterError(f"upload from worker {worker_id} has values of magnitude >= "
-                                  f"{MAX_UPDATE_MAGNITUDE:g}: their squares would overflow float32 in Adam")
+                                  f"{MAX_UPDATE_MAGNITUDE:g}: their squares would overflow float32 in Adam",
+                                  Code.MALFORMED)
         if scheme.relative:
             self.ref_up[worker_id] = q
             self.up_version[worker_id] += 1
@@ -360,7 +367,8 @@ class Master:
     def check_worker(self, worker_id: int) -> None:
         """Raise MasterError (404) unless ``worker_id`` is one of this run's ids."""
         if not isinstance(worker_id, int) or not 0 <= worker_id < self.cfg.total_workers:
-            raise MasterError(f"unknown worker id {worker_id!r} (0..{self.cfg.total_workers - 1})", 404)
+            raise MasterError(f"unknown worker id {worker_id!r} (0..{self.cfg.total_workers - 1})",
+                              Code.UNKNOWN_WORKER)
 
     # ----- checkpointing ------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

@@ -10,7 +10,10 @@ run does not have, a run that is already over, a newer process registered
 with the same id, an error inside the master (500). :class:`RunOver` is the
 master saying the run ended (410), with its reason. Every call has a bounded
 read time (20 s, or a long-poll's ``poll_s`` + 20 s): a frozen master is
-detected, not waited for.
+detected, not waited for. What follows a refusal depends on its code alone
+(:class:`flq.protocol.Code`), and rounds travel 1-based: the methods of
+:class:`MasterClient` take and return the algorithm's 0-based ``k`` and
+convert (:mod:`flq.protocol`).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import httpx
 
 from .. import outcome
 from ..messages import Offer
+from ..protocol import Code, round_index, round_number
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,10 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9]
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 #: Status codes of proxies and gateways: the network, not the master, failed.
 _RETRY_STATUS = (502, 503, 504)
+#: OpenSSL's reasons (``ssl.SSLError.reason``) for a peer that answered a TLS
+#: handshake with something else than TLS: the master speaks plain HTTP.
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST",
+                              "PACKET_LENGTH_TOO_LONG"})
 
 
 class RunOver(Exception):
@@ -65,7 +73,9 @@ class Unreachable(Exception):
 
 class Refused(Exception):
     """The master refused one message with a 4xx the worker can act on
-    (``code``: ``late``, ``mirror_mismatch``, ``not_registered`` ...)."""
+    (``code``, compared with :class:`flq.protocol.Code`: ``late``,
+    ``mirror_mismatch``, ``not_registered`` ...; a code this version does not
+    know stays a plain string)."""
 
     def __init__(self, status: int, detail: str, code: str = "") -> None:
         super().__init__(f"{status}: {detail}")
@@ -208,8 +218,7 @@ class MasterClient:
                 what = f"--cafile {self.cafile}" if self.cafile else "the system's CA certificates"
                 return (f"TLS: the master's certificate at {u.netloc} does not verify against {what} "
                         f"({e.verify_message or e.reason})")
-            if isinstance(e, ssl.SSLError) and any(s in str(e) for s in ("WRONG_VERSION_NUMBER", "record layer",
-                                                                          "HTTP_REQUEST", "packet length")):
+            if isinstance(e, ssl.SSLError) and e.reason in _NOT_TLS_REASONS:
                 return (f"TLS: {u.netloc} does not speak HTTPS ({e.reason or e}); drop --tls/--cafile or use an "
                         f"http:// address")
         if (u.scheme == "http" and not self.answered
@@ -263,28 +272,25 @@ class MasterClient:
         if r.status_code < 400:
             self.answered = True
             return r
-        try:
-            body = r.json()
-            detail, code = str(body.get("detail", "")), str(body.get("code", ""))
-        except (ValueError, AttributeError):
-            body, detail, code = {}, "", ""
-        if not code:  # every refusal of an FLQ master carries a code
+        body, detail, code_text = _refusal(r)
+        if not code_text:  # every refusal of an FLQ master carries a code
             first = (r.text.strip().splitlines() or [""])[0][:80]
             raise Fatal(f"{self.base_url} answered {method} {url} with HTTP {r.status_code} and no FLQ error "
                         f"code: is it the FLQ master? ({first!r})")
         self.answered = True
-        if r.status_code == 410:
+        code = Code.parse(code_text)
+        if code is Code.RUN_OVER:
             raise RunOver(str(body.get("reason", outcome.COMPLETED)), detail)
-        if r.status_code == 401:
-            raise Fatal(f"the master refused the bearer token (401): set --auth_token or $FLQ_AUTH_TOKEN to the "
-                        f"master's system.auth_token")
-        if r.status_code >= 500:
+        if code is Code.UNAUTHORIZED:
+            raise Fatal("the master refused the bearer token (401): set --auth_token or $FLQ_AUTH_TOKEN to the "
+                        "master's system.auth_token")
+        if code is Code.INTERNAL or (code is None and r.status_code >= 500):  # None: a code of a newer master
             raise Fatal(f"the master failed on {method} {url} ({r.status_code}): {detail}", outcome.ERROR)
-        if code == "session_replaced":
+        if code is Code.SESSION_REPLACED:
             raise Fatal(f"{detail}: this process stops, the newer one trains", replaced=True)
-        if code == "unknown_worker":
+        if code is Code.UNKNOWN_WORKER:
             raise Fatal(detail)
-        raise Refused(r.status_code, detail, code)
+        raise Refused(r.status_code, detail, code_text)
 
     # ----- protocol -------------------------------------------------------
     def config(self) -> Dict[str, Any]:
@@ -324,19 +330,22 @@ class MasterClient:
         return tensors["ref_up"], tensors["ref_down"], int(meta["up_version"]), int(meta["down_version"])
 
     def next_round(self, after: int = -1) -> Optional[Tuple[int, float, bytes]]:
-        """Long-poll ``GET /round/model`` for a round after ``after``:
-        (k, me_k, downlink bytes) or None."""
+        """Long-poll ``GET /round/model`` for a round after round ``after`` (k,
+        0-based; -1 for any): (k, me_k, downlink bytes) or None. The wire
+        counts rounds from 1 (``after``, ``X-FLQ-Round``)."""
         r = self._call("GET", "/round/model", params={"worker_id": self.worker_id, "wait": self.poll_s,
-                                                      "after": after}, timeout=self.poll_timeout)
+                                                      "after": round_number(after)}, timeout=self.poll_timeout)
         if r.status_code == 204:
             return None
-        return int(r.headers["X-FLQ-Round"]), float(r.headers["X-FLQ-MeK"]), r.content
+        return round_index(int(r.headers["X-FLQ-Round"])), float(r.headers["X-FLQ-MeK"]), r.content
 
     def offer(self, offer: Offer) -> bool:
         """``POST /round/offer`` until the selection is made (the same offer
         each time; the master records it once); True when selected. A
-        non-finite loss (a diverged worker) travels as ``null``: JSON has no NaN."""
+        non-finite loss (a diverged worker) travels as ``null``: JSON has no NaN.
+        The round travels 1-based."""
         body = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in offer.to_dict().items()}
+        body["round"] = round_number(offer.round)
         while True:
             r = self._call("POST", "/round/offer", params={"wait": self.poll_s}, json=body, timeout=self.poll_timeout)
             self.bytes_sent += len(r.request.content)
@@ -345,8 +354,9 @@ class MasterClient:
                 return bool(answer["selected"])
 
     def upload(self, round_index: int, payload: bytes) -> None:
-        """``POST /round/upload`` with the encoded update (a retry is counted once)."""
-        self._call("POST", "/round/upload", params={"worker_id": self.worker_id, "round": round_index},
+        """``POST /round/upload`` with the encoded update for round ``round_index``
+        (k, 0-based; 1-based on the wire; a retry is counted once)."""
+        self._call("POST", "/round/upload", params={"worker_id": self.worker_id, "round": round_number(round_index)},
                    content=payload, headers={"Content-Type": "application/octet-stream"})
         self.bytes_sent += len(payload)
 
@@ -366,9 +376,10 @@ class MasterClient:
         except httpx.HTTPError as exc:
             log.debug("heartbeat failed: %s", exc)
             return True
-        if r.status_code >= 400:
-            log.debug("heartbeat refused (%d): %s", r.status_code, r.text[:200])
-        return r.status_code != 410
+        if r.status_code < 400:
+            return True
+        log.debug("heartbeat refused (%d): %s", r.status_code, r.text[:200])
+        return _refusal(r)[2] != Code.RUN_OVER
 
     def leave(self) -> None:
         """Tell the master this worker exits on purpose (best effort, 5 s; a
@@ -406,6 +417,15 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _refusal(r: httpx.Response) -> Tuple[Dict[str, Any], str, str]:
+    """A refusal's JSON body, ``detail`` and ``code`` ('' when absent: not an FLQ master's refusal)."""
+    try:
+        body = r.json()
+        return body, str(body.get("detail", "")), str(body.get("code", ""))
+    except (ValueError, AttributeError):
+        return {}, "", ""
 
 
 def _safetensors_metadata(blob: bytes) -> Dict[str, str]:
@@ -478,7 +498,7 @@ def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any
             try:
                 got = client.next_round(after)
             except Refused as exc:
-                if exc.code == "not_registered":  # the master restarted (maybe from an older checkpoint)
+                if exc.code == Code.NOT_REGISTERED:  # the master restarted (maybe from an older checkpoint)
                     _register(client, worker, describe)
                     after = -1  # whatever round it is at now
                     continue
@@ -497,7 +517,7 @@ def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any
             except Refused as exc:
                 log.warning("worker %d: offer for round %d refused: %s", client.worker_id, k + 1, exc.detail)
                 worker.skip(k)
-                if exc.code == "mirror_mismatch":
+                if exc.code == Code.MIRROR_MISMATCH:
                     _resync(client, worker)
                     after = k - 1  # fetch this round's model again, against the resynchronized mirror
                 continue
