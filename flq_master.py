@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The original entry point: ``python flq_master.py --config flq_config.json [--verbose]``
 (same as ``flq master ...``)."""
+
 import os
 import sys
 

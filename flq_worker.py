@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The original entry point: ``python flq_worker.py --worker_id N --master_ip IP``
 (same as ``flq worker ...``)."""
+
 import os
 import sys
 

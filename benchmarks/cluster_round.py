@@ -17,6 +17,7 @@ spreadsheet:
 The first round is left out (process warm-up). Caveat: on a 2-core machine
 the 4 workers share 2 cores, so their compute overlaps and stretches.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,13 @@ def main() -> None:
     ap.add_argument("--mode", default="bbit")
     ap.add_argument("--b_up", type=int, default=4)
     ap.add_argument("--b_down", type=int, default=8)
-    ap.add_argument("--eval_every", type=int, default=1, help="test-set evaluation every N rounds (default 1, "
-                    "as in the original; the figures are also given without it)")
+    ap.add_argument(
+        "--eval_every",
+        type=int,
+        default=1,
+        help="test-set evaluation every N rounds (default 1, "
+        "as in the original; the figures are also given without it)",
+    )
     args = ap.parse_args()
 
     from flq.results import read_results
@@ -53,26 +59,75 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="flq_cluster_bench_"))
     py = sys.executable
     master = subprocess.Popen(
-        [py, "-m", "flq", "master", "--config", str(REPO / "configs" / "paper_fmnist.json"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", str(args.workers), "--rounds", str(args.rounds), "--mode", args.mode,
-         "--b_up", str(args.b_up), "--b_down", str(args.b_down), "--threads", "1", "--eval_every",
-         str(args.eval_every), "--results_dir", str(work / "results"), "--log_dir", str(work / "logs")],
-        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        [
+            py,
+            "-m",
+            "flq",
+            "master",
+            "--config",
+            str(REPO / "configs" / "paper_fmnist.json"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(args.workers),
+            "--rounds",
+            str(args.rounds),
+            "--mode",
+            args.mode,
+            "--b_up",
+            str(args.b_up),
+            "--b_down",
+            str(args.b_down),
+            "--threads",
+            "1",
+            "--eval_every",
+            str(args.eval_every),
+            "--results_dir",
+            str(work / "results"),
+            "--log_dir",
+            str(work / "logs"),
+        ],
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     for _ in range(300):
         try:
             httpx.get(f"http://127.0.0.1:{port}/status", timeout=2)
             break
         except httpx.HTTPError:
             time.sleep(0.2)
-    workers = [subprocess.Popen([py, "-m", "flq", "worker", "--worker_id", str(m), "--master_port", str(port),
-                                 "--threads", "1", "--log_dir", str(work / "logs")], cwd=work,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for m in range(args.workers)]
+    workers = [
+        subprocess.Popen(
+            [
+                py,
+                "-m",
+                "flq",
+                "worker",
+                "--worker_id",
+                str(m),
+                "--master_port",
+                str(port),
+                "--threads",
+                "1",
+                "--log_dir",
+                str(work / "logs"),
+            ],
+            cwd=work,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        for m in range(args.workers)
+    ]
     master.wait(timeout=3600)
     for w in workers:
         w.wait(timeout=60)
     (xlsx,) = (work / "results").glob("*.xlsx")
     curve = read_results(xlsx).curve.iloc[1:]
     master_cols = [c for c in curve.columns if c.startswith("master_") and c.endswith("_s")]
+
     def val(r, c):
         return float(r[c]) if c in r and r[c] == r[c] else 0.0
 
@@ -82,23 +137,37 @@ def main() -> None:
         master = sum(val(r, c) for c in master_cols) - evaluation
         worker = val(r, "worker_compute_max_s")
         total = val(r, "round_time_s")
-        rows.append(dict(total=total, worker=worker, master=master, evaluation=evaluation,
-                         protocol=total - worker - master - evaluation,
-                         up=int(r["wire_bytes_up"]), down=int(r["wire_bytes_down"])))
+        rows.append(
+            dict(
+                total=total,
+                worker=worker,
+                master=master,
+                evaluation=evaluation,
+                protocol=total - worker - master - evaluation,
+                up=int(r["wire_bytes_up"]),
+                down=int(r["wire_bytes_down"]),
+            )
+        )
 
     def mean(key):
         return statistics.fmean(x[key] for x in rows)
 
     total, protocol = mean("total"), mean("protocol")
-    print(f"cluster: master + {args.workers} workers on loopback, mode {args.mode} (b_up {args.b_up}, "
-          f"b_down {args.b_down}), eval every {args.eval_every}, {len(rows)} timed rounds (first excluded), "
-          f"1 thread per process, {os.cpu_count()} cores")
+    print(
+        f"cluster: master + {args.workers} workers on loopback, mode {args.mode} (b_up {args.b_up}, "
+        f"b_down {args.b_down}), eval every {args.eval_every}, {len(rows)} timed rounds (first excluded), "
+        f"1 thread per process, {os.cpu_count()} cores"
+    )
     print(f"  round (wall)                      {total:.3f} s/round")
     print(f"  compute: slowest worker           {mean('worker'):.3f} s  (decode, local training, quantize)")
-    print(f"  compute: master                   {mean('master'):.3f} s  (downlink quantization, decode, aggregate+Adam)")
+    print(
+        f"  compute: master                   {mean('master'):.3f} s  (downlink quantization, decode, aggregate+Adam)"
+    )
     print(f"  compute: evaluation (10k images)  {mean('evaluation'):.3f} s")
-    print(f"  protocol (serialize, HTTP, wait)  {protocol:.3f} s  = {100 * protocol / total:.1f}% of the round; "
-          f"{100 * protocol / (total - mean('evaluation')):.1f}% of the round without evaluation")
+    print(
+        f"  protocol (serialize, HTTP, wait)  {protocol:.3f} s  = {100 * protocol / total:.1f}% of the round; "
+        f"{100 * protocol / (total - mean('evaluation')):.1f}% of the round without evaluation"
+    )
     print(f"  bytes per round: up {mean('up'):,.0f}, down {mean('down'):,.0f}")
     print(f"  spreadsheet: {xlsx}")
 

@@ -13,6 +13,7 @@ hang. Prints s/round (first round excluded), peak CUDA memory
 (torch.cuda.max_memory_allocated) and the final test accuracy of each.
 Exits 2 on a machine without CUDA.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,16 +32,21 @@ def one(args, label: str, overrides: dict) -> None:
     from flq.config import load_config
     from flq.simulate import simulate
 
-    cfg = load_config(os.path.join(HERE, "..", "configs", "paper_fmnist.json"),
-                      dict(max_rounds=args.rounds, device="cuda", eval_every=1, **overrides))
+    cfg = load_config(
+        os.path.join(HERE, "..", "configs", "paper_fmnist.json"),
+        dict(max_rounds=args.rounds, device="cuda", eval_every=1, **overrides),
+    )
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     res = simulate(cfg, write=False, progress=False)
     wall = time.perf_counter() - t0
     per_round = statistics.fmean(r["round_time_s"] for r in res.records[1:])
     peak = torch.cuda.max_memory_allocated() / 2**20
-    print(f"{label:<34} {per_round:7.3f} s/round  peak CUDA memory {peak:8.1f} MiB  "
-          f"final acc {res.records[-1]['acc']:.4f}  (wall {wall:.1f} s, start-up {res.startup_s:.1f} s)", flush=True)
+    print(
+        f"{label:<34} {per_round:7.3f} s/round  peak CUDA memory {peak:8.1f} MiB  "
+        f"final acc {res.records[-1]['acc']:.4f}  (wall {wall:.1f} s, start-up {res.startup_s:.1f} s)",
+        flush=True,
+    )
 
 
 def main() -> int:
@@ -67,8 +73,10 @@ def main() -> int:
         one(args, "float32, cap 8 MiB", {"gpu_memory_limit_mb": 8})
         return 0
     props = torch.cuda.get_device_properties(0)
-    print(f"device: {props.name}, {props.total_memory / 2**30:.1f} GiB, torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}; {args.rounds} rounds each")
+    print(
+        f"device: {props.name}, {props.total_memory / 2**30:.1f} GiB, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}; {args.rounds} rounds each"
+    )
     base = [sys.executable, os.path.abspath(__file__), "--rounds", str(args.rounds), "--cap_mb", str(args.cap_mb)]
     for what in ("fp32", "amp", "cap"):  # a fresh process each, so caps and peaks do not mix
         subprocess.run([*base, "--only", what], check=False)

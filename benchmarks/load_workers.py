@@ -11,6 +11,7 @@ end. Prints rounds completed, offers per round, errors (worker exceptions and
 master log lines at WARNING or above), seconds per round, and the master's
 peak resident memory (VmHWM).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,12 +45,44 @@ def run(workers: int = 50, rounds: int = 20, model: str = "mlp", mode: str = "bb
         port = s.getsockname()[1]
     work = Path(tempfile.mkdtemp(prefix="flq_load_"))
     master = subprocess.Popen(
-        [sys.executable, "-m", "flq", "master", "--config", str(REPO / "configs" / "paper_fmnist.json"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--rounds", str(rounds),
-         "--model", model, "--mode", mode, "--partition", "iid", "--eval_every", "1000", "--threads", "1",
-         "--round_timeout_s", "120", "--checkpoint_every", "0",
-         "--results_dir", str(work / "results"), "--log_dir", str(work / "logs")],
-        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "flq",
+            "master",
+            "--config",
+            str(REPO / "configs" / "paper_fmnist.json"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--rounds",
+            str(rounds),
+            "--model",
+            model,
+            "--mode",
+            mode,
+            "--partition",
+            "iid",
+            "--eval_every",
+            "1000",
+            "--threads",
+            "1",
+            "--round_timeout_s",
+            "120",
+            "--checkpoint_every",
+            "0",
+            "--results_dir",
+            str(work / "results"),
+            "--log_dir",
+            str(work / "logs"),
+        ],
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -66,9 +99,12 @@ def run(workers: int = 50, rounds: int = 20, model: str = "mlp", mode: str = "bb
 
         client = MasterClient(url, m, give_up_s=60)
         try:
+
             def make(_sections):
-                return Worker(m, cfg, FlatModel(build_model(cfg.model)), rt.data.train_x, rt.data.train_y,
-                              rt.partitions[m])
+                return Worker(
+                    m, cfg, FlatModel(build_model(cfg.model)), rt.data.train_x, rt.data.train_y, rt.partitions[m]
+                )
+
             end = run_worker(client, make)
             with lock:
                 offered.append(end.rounds)
@@ -100,12 +136,18 @@ def run(workers: int = 50, rounds: int = 20, model: str = "mlp", mode: str = "bb
     xlsx = next((work / "results").glob("*.xlsx"))
     curve = read_results(xlsx).curve
     return {
-        "workers": workers, "rounds_done": len(curve), "rounds": rounds,
+        "workers": workers,
+        "rounds_done": len(curve),
+        "rounds": rounds,
         "offers_per_round": sorted(set(int(v) for v in curve["offers"])),
         "selected_per_round": sorted(set(int(v) for v in curve["selcnt"])),
-        "worker_errors": errors, "master_warnings": bad_lines, "master_exit": master.returncode,
+        "worker_errors": errors,
+        "master_warnings": bad_lines,
+        "master_exit": master.returncode,
         "round_s_median": statistics.median([float(v) for v in curve["round_time_s"]][1:] or [float("nan")]),
-        "wall_s": wall, "master_peak_rss_mib": peak_kb / 1024, "workers_finished": len(offered),
+        "wall_s": wall,
+        "master_peak_rss_mib": peak_kb / 1024,
+        "workers_finished": len(offered),
         "results": str(xlsx),
     }
 
@@ -118,10 +160,14 @@ def main() -> None:
     ap.add_argument("--mode", default="bbit")
     args = ap.parse_args()
     r = run(args.workers, args.rounds, args.model, args.mode)
-    print(f"{r['workers']} workers, model {args.model}, mode {args.mode}: {r['rounds_done']}/{r['rounds']} rounds, "
-          f"offers per round {r['offers_per_round']}, uploads per round {r['selected_per_round']}")
-    print(f"  errors: {len(r['worker_errors'])} worker exceptions, {len(r['master_warnings'])} master warnings; "
-          f"master exit code {r['master_exit']}; {r['workers_finished']} workers exited cleanly")
+    print(
+        f"{r['workers']} workers, model {args.model}, mode {args.mode}: {r['rounds_done']}/{r['rounds']} rounds, "
+        f"offers per round {r['offers_per_round']}, uploads per round {r['selected_per_round']}"
+    )
+    print(
+        f"  errors: {len(r['worker_errors'])} worker exceptions, {len(r['master_warnings'])} master warnings; "
+        f"master exit code {r['master_exit']}; {r['workers_finished']} workers exited cleanly"
+    )
     print(f"  round median {r['round_s_median']:.3f} s, wall {r['wall_s']:.1f} s")
     print(f"  master peak resident memory (VmHWM): {r['master_peak_rss_mib']:.0f} MiB")
     for line in (r["worker_errors"] + r["master_warnings"])[:10]:

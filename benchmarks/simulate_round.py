@@ -13,6 +13,7 @@ per round of: local computation (forward/backward of every worker),
 quantization and packing (downlink and uplink encode/decode), aggregation
 (aggregate + Adam step), evaluation, and the whole round.
 """
+
 from __future__ import annotations
 
 import time
@@ -50,8 +51,15 @@ def main() -> None:
     from flq.config import load_config
     from flq.simulate import simulate
 
-    overrides = {"max_rounds": args.rounds, "mode": args.mode, "b_up": args.b_up, "b_down": args.b_down,
-                 "threads": args.threads, "eval_every": 1, "eval_batch_size": args.eval_batch_size}
+    overrides = {
+        "max_rounds": args.rounds,
+        "mode": args.mode,
+        "b_up": args.b_up,
+        "b_down": args.b_down,
+        "threads": args.threads,
+        "eval_every": 1,
+        "eval_batch_size": args.eval_batch_size,
+    }
     cfg = load_config(args.config, overrides)
     first_round = {}
 
@@ -65,19 +73,25 @@ def main() -> None:
     def mean(*keys):
         return statistics.fmean(sum(r.get(key, 0.0) for key in keys) for r in recs)
 
-    print(f"settings: {cfg.dataset}, {cfg.total_workers} workers, batch {cfg.batch_size}, mode {cfg.mode} "
-          f"(b_up {cfg.uplink_bits}, b_down {cfg.downlink_bits}), threads {cfg.threads}, "
-          f"eval batch {cfg.eval_batch_size}, {len(recs)} timed rounds (first round excluded)")
+    print(
+        f"settings: {cfg.dataset}, {cfg.total_workers} workers, batch {cfg.batch_size}, mode {cfg.mode} "
+        f"(b_up {cfg.uplink_bits}, b_down {cfg.downlink_bits}), threads {cfg.threads}, "
+        f"eval batch {cfg.eval_batch_size}, {len(recs)} timed rounds (first round excluded)"
+    )
     print(f"start-up (process start -> first round): {startup:.2f} s")
-    for label, keys in (("local computation", ("workers_compute_s",)),
-                        ("quantization + packing", ("workers_quantize_s", "master_quantize_s")),
-                        ("aggregation + Adam", ("master_aggregate_s",)),
-                        ("evaluation (10k test images)", ("master_evaluate_s",))):
+    for label, keys in (
+        ("local computation", ("workers_compute_s",)),
+        ("quantization + packing", ("workers_quantize_s", "master_quantize_s")),
+        ("aggregation + Adam", ("master_aggregate_s",)),
+        ("evaluation (10k test images)", ("master_evaluate_s",)),
+    ):
         print(f"  {label:<30} {mean(*keys):.3f} s/round")
     total = mean("round_time_s")
     print(f"  {'round (total)':<30} {total:.3f} s/round  (original TF script: ~2.7 s/round -> {2.7 / total:.2f}x)")
-    print(f"  rounds min/median/max: {min(r['round_time_s'] for r in recs):.3f} / "
-          f"{statistics.median(r['round_time_s'] for r in recs):.3f} / {max(r['round_time_s'] for r in recs):.3f} s")
+    print(
+        f"  rounds min/median/max: {min(r['round_time_s'] for r in recs):.3f} / "
+        f"{statistics.median(r['round_time_s'] for r in recs):.3f} / {max(r['round_time_s'] for r in recs):.3f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ cluster bit for bit only at the same ``threads``.
 Prints, after each run pair, the largest difference in the global model's
 weights and in the recorded losses, and whether the models are identical.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper_fmnist.json"
 
 def run(threads: int, rounds: int, workers: int):
     torch.set_num_threads(threads)
-    cfg = load_config(str(CONFIG), {"total_workers": workers, "max_rounds": rounds, "threads": threads,
-                                    "eval_every": 1000})
+    cfg = load_config(
+        str(CONFIG), {"total_workers": workers, "max_rounds": rounds, "threads": threads, "eval_every": 1000}
+    )
     return simulate(cfg, write=False, progress=False)
 
 
@@ -36,12 +38,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs=2, default=[1, 2])
     args = p.parse_args()
     a, b, a2 = (run(t, args.rounds, args.workers) for t in (*args.threads, args.threads[0]))
-    for label, x, y in ((f"threads {args.threads[0]} vs {args.threads[1]}", a, b),
-                        (f"threads {args.threads[0]} vs {args.threads[0]}", a, a2)):
+    for label, x, y in (
+        (f"threads {args.threads[0]} vs {args.threads[1]}", a, b),
+        (f"threads {args.threads[0]} vs {args.threads[0]}", a, a2),
+    ):
         loss = max(abs(r["loss"] - s["loss"]) for r, s in zip(x.records, y.records))
-        print(f"{label}: {args.rounds} rounds, {args.workers} workers: max |weight difference| "
-              f"{float(np.abs(x.theta - y.theta).max()):.3g}, max |loss difference| {loss:.3g}, "
-              f"identical: {np.array_equal(x.theta, y.theta)}")
+        print(
+            f"{label}: {args.rounds} rounds, {args.workers} workers: max |weight difference| "
+            f"{float(np.abs(x.theta - y.theta).max()):.3g}, max |loss difference| {loss:.3g}, "
+            f"identical: {np.array_equal(x.theta, y.theta)}"
+        )
 
 
 if __name__ == "__main__":

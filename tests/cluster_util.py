@@ -1,4 +1,5 @@
 """Start a real master and real worker processes on loopback for tests."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import httpx
-
 from conftest import PAPER_CONFIG
 
 
@@ -54,15 +54,28 @@ class Cluster:
         verify = ssl.create_default_context(cafile=self.cafile) if self.cafile else True
         return httpx.get(f"{self.url}/status", timeout=10, verify=verify).json()
 
-    def start_worker(self, m: int, *extra: str, address: Optional[Sequence[str]] = None,
-                     out_name: str = "") -> subprocess.Popen:
+    def start_worker(
+        self, m: int, *extra: str, address: Optional[Sequence[str]] = None, out_name: str = ""
+    ) -> subprocess.Popen:
         """Worker m (``--master_ip 127.0.0.1 --master_port PORT`` unless
         ``address`` gives other address flags); its output in ``worker<m>.out``."""
         where = list(address) if address is not None else ["--master_ip", self.host, "--master_port", str(self.port)]
         if self.cafile and address is None:
             where += ["--cafile", self.cafile]
-        cmd = [sys.executable, "-m", "flq", "worker", "--worker_id", str(m), *where, "--threads", "1",
-               "--log_dir", str(self.root / "logs"), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flq",
+            "worker",
+            "--worker_id",
+            str(m),
+            *where,
+            "--threads",
+            "1",
+            "--log_dir",
+            str(self.root / "logs"),
+            *extra,
+        ]
         out = open(self.root / (out_name or f"worker{m}.out"), "ab")
         p = subprocess.Popen(cmd, cwd=self.root, stdout=out, stderr=subprocess.STDOUT, env=self.env)
         self.workers[m] = p
@@ -70,8 +83,9 @@ class Cluster:
 
     def restart_master(self, *extra: str) -> subprocess.Popen:
         out = open(self.root / "master.out", "ab")
-        self.master = subprocess.Popen([*self.master_cmd, *extra], cwd=self.root, stdout=out,
-                                       stderr=subprocess.STDOUT, env=self.env)
+        self.master = subprocess.Popen(
+            [*self.master_cmd, *extra], cwd=self.root, stdout=out, stderr=subprocess.STDOUT, env=self.env
+        )
         return self.master
 
     def wait_status(self, predicate, timeout: float = 180.0, what: str = "") -> dict:
@@ -106,10 +120,18 @@ class Cluster:
         return (self.root / f"{name}.out").read_text(errors="replace")
 
 
-def start_cluster(root: Path, workers: int, overrides: Dict[str, object], start_workers: bool = True,
-                  env: Optional[Dict[str, str]] = None, config: Optional[Path] = None, host: str = "127.0.0.1",
-                  cafile: Optional[str] = None, preexec: Optional[Callable[[], None]] = None,
-                  master_args: Sequence[str] = ()) -> Cluster:
+def start_cluster(
+    root: Path,
+    workers: int,
+    overrides: Dict[str, object],
+    start_workers: bool = True,
+    env: Optional[Dict[str, str]] = None,
+    config: Optional[Path] = None,
+    host: str = "127.0.0.1",
+    cafile: Optional[str] = None,
+    preexec: Optional[Callable[[], None]] = None,
+    master_args: Sequence[str] = (),
+) -> Cluster:
     """A master (``flq master`` with the paper config, or ``config``, and
     ``overrides``) and ``workers`` worker processes, one thread each; waits
     until /status answers. ``cafile``: the master serves HTTPS (pass its
@@ -117,9 +139,27 @@ def start_cluster(root: Path, workers: int, overrides: Dict[str, object], start_
     port = free_port(host)
     if "--linger_s" not in master_args:  # on loopback the workers hear the end at once; 5 s would only add up
         master_args = [*master_args, "--linger_s", "1"]
-    cmd = [sys.executable, "-m", "flq", "master", "--config", str(config or PAPER_CONFIG), "--host", host,
-           "--port", str(port), "--workers", str(workers), "--threads", "1",
-           "--results_dir", str(root / "results"), "--log_dir", str(root / "logs"), *master_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flq",
+        "master",
+        "--config",
+        str(config or PAPER_CONFIG),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--threads",
+        "1",
+        "--results_dir",
+        str(root / "results"),
+        "--log_dir",
+        str(root / "logs"),
+        *master_args,
+    ]
     for k, v in overrides.items():
         cmd += [f"--{k}", str(v)]
     full_env = dict(os.environ, **(env or {}))
@@ -133,7 +173,7 @@ def start_cluster(root: Path, workers: int, overrides: Dict[str, object], start_
             break
         except httpx.HTTPError:
             if master.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"master did not start:\n{cluster.output()}")
+                raise RuntimeError(f"master did not start:\n{cluster.output()}") from None
             time.sleep(0.2)
     if start_workers:
         for m in range(workers):
@@ -144,9 +184,28 @@ def start_cluster(root: Path, workers: int, overrides: Dict[str, object], start_
 def self_signed(folder: Path, name: str = "master") -> Tuple[str, str]:
     """A self-signed certificate for 127.0.0.1: (cert.pem, key.pem)."""
     key, cert = folder / f"{name}-key.pem", folder / f"{name}-cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return str(cert), str(key)
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: real Fashion-MNIST (Debian's dataset-fashion-mnist), small configs."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@ fails: a tmpfs of a few KiB when this process may mount (root, as in CI),
 otherwise a file-size limit (RLIMIT_FSIZE: a write past it fails with
 EFBIG, as a write to a full disk fails with ENOSPC) for this process while
 inside, and for the processes started with :attr:`Disk.preexec`."""
+
 from __future__ import annotations
 
 import contextlib

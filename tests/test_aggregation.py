@@ -116,8 +116,8 @@ def _adam_reference(theta0, grads, lr, b1=0.9, b2=0.999, eps=1e-7):
         g = np.asarray(g, np.float64)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        mh = m / (1 - b1 ** t)
-        vh = v / (1 - b2 ** t)
+        mh = m / (1 - b1**t)
+        vh = v / (1 - b2**t)
         theta = theta - lr * mh / (np.sqrt(vh) + eps)
     return theta
 
@@ -145,7 +145,7 @@ def test_adam_two_steps_hand():
     # step = 0.1 * 0.289474 / (0.360472 + 1e-7) = 0.0803041 -> theta0 = -0.0999999800 - 0.0803041
     m0 = 0.9 * 0.05 + 0.1 * 0.1
     v0 = 0.999 * 0.00025 + 0.001 * 0.01
-    step0 = lr * (m0 / 0.19) / (math.sqrt(v0 / (1 - 0.999 ** 2)) + 1e-7)
+    step0 = lr * (m0 / 0.19) / (math.sqrt(v0 / (1 - 0.999**2)) + 1e-7)
     assert step0 == pytest.approx(0.08030408, rel=1e-6)
     assert theta[0] == pytest.approx(want1[0] - step0, rel=1e-6)
     np.testing.assert_allclose(theta, _adam_reference([0, 0, 0], [g1, g2], lr), rtol=1e-6)
@@ -224,7 +224,7 @@ def test_adam_state_dict_survives_plain_types():
     opt.step(theta, f32(0.5, -0.5))
     # t=2: m = 0.9*0.5 + 0.1*0.5 = 0.5, v = 0.999*0.25 + 0.001*0.25 = 0.25
     # m_hat = 0.5/0.19, v_hat = 0.25/0.001999 -> step = 0.1 * m_hat / (sqrt(v_hat) + 1e-7)
-    step = 0.1 * (0.5 / 0.19) / (math.sqrt(0.25 / (1 - 0.999 ** 2)) + 1e-7)
+    step = 0.1 * (0.5 / 0.19) / (math.sqrt(0.25 / (1 - 0.999**2)) + 1e-7)
     np.testing.assert_allclose(theta, [-step, step], rtol=1e-6)
 
 

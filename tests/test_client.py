@@ -1,6 +1,7 @@
 """The worker's client: which addresses it accepts, and which conditions end
 it at once (one line, a non-zero status) instead of being retried; real
 worker processes against real masters on loopback."""
+
 from __future__ import annotations
 
 import signal
@@ -9,10 +10,9 @@ import sys
 import time
 
 import pytest
+from cluster_util import free_port, self_signed, start_cluster
 
 from flq.transport.client import master_url
-
-from cluster_util import free_port, self_signed, start_cluster
 
 MLP = {"model": "mlp", "eval_every": 1000}
 #: "Within seconds": a process start (importing PyTorch) on a loaded 2-core
@@ -20,44 +20,50 @@ MLP = {"model": "mlp", "eval_every": 1000}
 SECONDS = 60
 
 
-@pytest.mark.parametrize("address,port,tls,url", [
-    ("127.0.0.1", None, False, "http://127.0.0.1:5000"),
-    ("127.0.0.1", "5001", False, "http://127.0.0.1:5001"),
-    ("127.0.0.1:5002", None, False, "http://127.0.0.1:5002"),
-    ("127.0.0.1:5002", "5002", False, "http://127.0.0.1:5002"),
-    ("master.local", "6000", True, "https://master.local:6000"),
-    ("jetson-01", None, False, "http://jetson-01:5000"),
-    ("::1", None, False, "http://[::1]:5000"),
-    ("::1", "5003", False, "http://[::1]:5003"),
-    ("[::1]", None, False, "http://[::1]:5000"),
-    ("[::1]:5004", None, False, "http://[::1]:5004"),
-    ("fe80:0:0:0:0:0:0:1", None, False, "http://[fe80::1]:5000"),
-    ("http://127.0.0.1", None, False, "http://127.0.0.1:5000"),
-    ("http://127.0.0.1", "5005", False, "http://127.0.0.1:5005"),
-    ("http://127.0.0.1:5006/", None, False, "http://127.0.0.1:5006"),
-    ("https://10.0.0.2:7000", None, False, "https://10.0.0.2:7000"),
-    ("HTTPS://[::1]:7001", None, True, "https://[::1]:7001"),
-    ("  192.168.1.100 ", None, False, "http://192.168.1.100:5000"),
-])
+@pytest.mark.parametrize(
+    "address,port,tls,url",
+    [
+        ("127.0.0.1", None, False, "http://127.0.0.1:5000"),
+        ("127.0.0.1", "5001", False, "http://127.0.0.1:5001"),
+        ("127.0.0.1:5002", None, False, "http://127.0.0.1:5002"),
+        ("127.0.0.1:5002", "5002", False, "http://127.0.0.1:5002"),
+        ("master.local", "6000", True, "https://master.local:6000"),
+        ("jetson-01", None, False, "http://jetson-01:5000"),
+        ("::1", None, False, "http://[::1]:5000"),
+        ("::1", "5003", False, "http://[::1]:5003"),
+        ("[::1]", None, False, "http://[::1]:5000"),
+        ("[::1]:5004", None, False, "http://[::1]:5004"),
+        ("fe80:0:0:0:0:0:0:1", None, False, "http://[fe80::1]:5000"),
+        ("http://127.0.0.1", None, False, "http://127.0.0.1:5000"),
+        ("http://127.0.0.1", "5005", False, "http://127.0.0.1:5005"),
+        ("http://127.0.0.1:5006/", None, False, "http://127.0.0.1:5006"),
+        ("https://10.0.0.2:7000", None, False, "https://10.0.0.2:7000"),
+        ("HTTPS://[::1]:7001", None, True, "https://[::1]:7001"),
+        ("  192.168.1.100 ", None, False, "http://192.168.1.100:5000"),
+    ],
+)
 def test_master_address_forms_accepted(address, port, tls, url):
     assert master_url(address, port, tls) == url
 
 
-@pytest.mark.parametrize("address,port,tls,says", [
-    ("127.0.0.1/", None, False, "expected a host name"),
-    ("", None, False, "expected a host name"),
-    ("127.0.0.1:abc", None, False, "port 'abc' is not a number"),
-    ("127.0.0.1:5000", "5001", False, "port 5000 in the address but --master_port 5001"),
-    ("127.0.0.1:70000", None, False, "port 70000: expected 1..65535"),
-    ("ftp://127.0.0.1", None, False, "scheme 'ftp' is not http or https"),
-    ("http://127.0.0.1/api", None, False, "no path"),
-    ("http://user@127.0.0.1", None, False, "no path, query or user"),
-    ("http://127.0.0.1", None, True, "an http:// URL with --tls/--cafile"),
-    ("999.1.1.1", None, False, "expected a host name"),
-    ("[::1", None, False, "expected a host name"),
-    ("::zz", None, False, "expected a host name"),
-    ("host name", None, False, "expected a host name"),
-])
+@pytest.mark.parametrize(
+    "address,port,tls,says",
+    [
+        ("127.0.0.1/", None, False, "expected a host name"),
+        ("", None, False, "expected a host name"),
+        ("127.0.0.1:abc", None, False, "port 'abc' is not a number"),
+        ("127.0.0.1:5000", "5001", False, "port 5000 in the address but --master_port 5001"),
+        ("127.0.0.1:70000", None, False, "port 70000: expected 1..65535"),
+        ("ftp://127.0.0.1", None, False, "scheme 'ftp' is not http or https"),
+        ("http://127.0.0.1/api", None, False, "no path"),
+        ("http://user@127.0.0.1", None, False, "no path, query or user"),
+        ("http://127.0.0.1", None, True, "an http:// URL with --tls/--cafile"),
+        ("999.1.1.1", None, False, "expected a host name"),
+        ("[::1", None, False, "expected a host name"),
+        ("::zz", None, False, "expected a host name"),
+        ("host name", None, False, "expected a host name"),
+    ],
+)
 def test_master_address_refused_in_one_line(address, port, tls, says):
     with pytest.raises(ValueError) as err:
         master_url(address, port, tls)
@@ -68,9 +74,16 @@ def _workers(tmp_path, *arg_lists, timeout=60):
     """Run ``flq worker ARGS`` for each list of arguments, all at once, to
     their ends: [(status, stderr, seconds)]."""
     t0 = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-m", "flq", "worker", "--threads", "1", "--log_dir",
-                               str(tmp_path / "logs"), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for args in arg_lists]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flq", "worker", "--threads", "1", "--log_dir", str(tmp_path / "logs"), *args],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in arg_lists
+    ]
     out = []
     for p in procs:
         _, err = p.communicate(timeout=timeout)
@@ -93,12 +106,14 @@ def _last_line(stderr: str) -> str:
 def test_bad_worker_arguments_are_one_line_and_exit_2(tmp_path):
     """Before: -1 gave a traceback, a 300-digit id 'File name too long', bare
     IPv6 a traceback, '127.0.0.1/' five minutes of retries."""
-    cases = ((["--worker_id", "-1"], "--worker_id -1: expected an integer 0..999"),
-             (["--worker_id", "9" * 300], "expected an integer 0..999"),
-             (["--worker_id", "0", "--master_ip", "127.0.0.1/"], "--master_ip '127.0.0.1/': expected"),
-             (["--worker_id", "0", "--master_ip", "127.0.0.1:1", "--master_port", "2"], "port 1 in the"),
-             (["--worker_id", "0", "--cafile", str(tmp_path / "none.pem")], "--cafile: no such file"),
-             (["--worker_id", "0", "--give_up_s", "nan"], "--give_up_s nan: expected seconds > 0"))
+    cases = (
+        (["--worker_id", "-1"], "--worker_id -1: expected an integer 0..999"),
+        (["--worker_id", "9" * 300], "expected an integer 0..999"),
+        (["--worker_id", "0", "--master_ip", "127.0.0.1/"], "--master_ip '127.0.0.1/': expected"),
+        (["--worker_id", "0", "--master_ip", "127.0.0.1:1", "--master_port", "2"], "port 1 in the"),
+        (["--worker_id", "0", "--cafile", str(tmp_path / "none.pem")], "--cafile: no such file"),
+        (["--worker_id", "0", "--give_up_s", "nan"], "--give_up_s nan: expected seconds > 0"),
+    )
     for (args, says), (status, err, took) in zip(cases, _workers(tmp_path, *(c[0] for c in cases))):
         assert status == 2, (args, err)
         assert _last_line(err).startswith("flq: config error: ") and says in _last_line(err), err
@@ -123,8 +138,14 @@ def test_tls_mismatches_end_the_worker_in_seconds(tmp_path, fmnist_available):
     300 s of retries)."""
     cert, key = self_signed(tmp_path)
     other, _ = self_signed(tmp_path, "stranger")
-    tls = start_cluster(tmp_path, 1, {**MLP, "rounds": 2}, start_workers=False, cafile=cert,
-                        master_args=["--certfile", cert, "--keyfile", key])
+    tls = start_cluster(
+        tmp_path,
+        1,
+        {**MLP, "rounds": 2},
+        start_workers=False,
+        cafile=cert,
+        master_args=["--certfile", cert, "--keyfile", key],
+    )
     plain_root = tmp_path / "plain"
     plain_root.mkdir()
     plain = start_cluster(plain_root, 1, {**MLP, "rounds": 2}, start_workers=False)
@@ -144,8 +165,9 @@ def test_tls_mismatches_end_the_worker_in_seconds(tmp_path, fmnist_available):
             assert took < SECONDS, (args, took)
             print(f"\n| worker {' '.join(args)} | exit {status} after {took:.1f} s |")
         # and the right way in works: the run completes
-        status, err, _ = _worker(tmp_path, "--worker_id", "0", "--master_port", str(tls.port), "--cafile", cert,
-                                 timeout=300)
+        status, err, _ = _worker(
+            tmp_path, "--worker_id", "0", "--master_port", str(tls.port), "--cafile", cert, timeout=300
+        )
         assert status == 0, err
         assert tls.master.wait(timeout=60) == 0
     finally:
@@ -170,14 +192,20 @@ def test_worker_after_the_run_is_over_exits_8_at_once(tmp_path, fmnist_available
 
 def test_a_wrong_token_an_id_not_in_the_run_or_not_a_master_is_fatal(tmp_path, fmnist_available):
     cluster = start_cluster(tmp_path, 1, {**MLP, "rounds": 2, "auth_token": "right"}, start_workers=False)
-    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port := free_port()), "--bind", "127.0.0.1"],
-                           cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    web = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port := free_port()), "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(1)  # the web server is up
         (status, err, took), (status5, err5, _), (status_web, err_web, _) = _workers(
-            tmp_path, ["--worker_id", "0", "--master_port", str(cluster.port), "--auth_token", "wrong"],
+            tmp_path,
+            ["--worker_id", "0", "--master_port", str(cluster.port), "--auth_token", "wrong"],
             ["--worker_id", "5", "--master_port", str(cluster.port), "--auth_token", "right"],
-            ["--worker_id", "0", "--master_port", str(port)])
+            ["--worker_id", "0", "--master_port", str(port)],
+        )
         assert status == 8 and "refused the bearer token (401)" in _last_line(err)
         assert took < SECONDS
         print(f"\n| worker after the run ended | exit {status} after {took:.1f} s |")
@@ -197,8 +225,9 @@ def test_frozen_master_is_given_up_within_the_bound(tmp_path, fmnist_available):
     cluster = start_cluster(tmp_path, 1, {**MLP, "rounds": 2}, start_workers=False)
     cluster.master.send_signal(signal.SIGSTOP)
     try:
-        status, err, took = _worker(tmp_path, "--worker_id", "0", "--master_port", str(cluster.port),
-                                    "--give_up_s", "5", timeout=120)
+        status, err, took = _worker(
+            tmp_path, "--worker_id", "0", "--master_port", str(cluster.port), "--give_up_s", "5", timeout=120
+        )
         assert status == 7, err
         assert "did not answer for 2" in _last_line(err) and "(--give_up_s 5;" in _last_line(err)
         assert took < 20 + SECONDS, took  # the read time, then at once

@@ -1,6 +1,7 @@
 """The real cluster: a master process and worker processes on loopback.
 
 Same numbers as the simulation, monitoring and stop, bytes on the wire."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +11,8 @@ import time
 import httpx
 import numpy as np
 import pytest
+from cluster_util import CuttingProxy, start_cluster
+from conftest import small_config
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
@@ -18,13 +21,18 @@ from flq.model import CNN, flatten
 from flq.results import read_results
 from flq.simulate import simulate
 
-from cluster_util import CuttingProxy, start_cluster
-from conftest import small_config
-
 N = 467_818
 # 4 workers at 4 bits cost 1,871,272 bits each: a 5e6 budget takes 2 of 4.
-SETTINGS = {"rounds": 10, "mode": "bbit", "b_up": 4, "b_down": 8, "up_budget_bits": 5e6, "eval_every": 5,
-            "min_workers": 0, "seed": 3}
+SETTINGS = {
+    "rounds": 10,
+    "mode": "bbit",
+    "b_up": 4,
+    "b_down": 8,
+    "up_budget_bits": 5e6,
+    "eval_every": 5,
+    "min_workers": 0,
+    "seed": 3,
+}
 
 
 def _sha(theta: np.ndarray) -> str:
@@ -52,8 +60,9 @@ def distributed_run(tmp_path_factory, fmnist_available):
 def test_distributed_equals_simulation(distributed_run):
     cluster, xlsx = distributed_run
     run = read_results(xlsx)
-    cfg = small_config(total_workers=4, max_rounds=10, mode="bbit", b_up=4, b_down=8, up_budget_bits=5e6,
-                       eval_every=5, seed=3)
+    cfg = small_config(
+        total_workers=4, max_rounds=10, mode="bbit", b_up=4, b_down=8, up_budget_bits=5e6, eval_every=5, seed=3
+    )
     sim = simulate(cfg, write=False, progress=False)
     assert len(run.curve) == 10 and list(run.curve["iter"]) == list(range(1, 11))
     for rec, (_, row) in zip(sim.records, run.curve.iterrows()):
@@ -89,8 +98,12 @@ def test_logs_and_results_written(distributed_run):
     cluster, xlsx = distributed_run
     logs = cluster.root / "logs"
     assert len(list(logs.glob("master_*.log"))) == 1
-    assert sorted(p.name.split("_")[0] for p in logs.glob("worker*_*.log")) == ["worker0", "worker1", "worker2",
-                                                                                 "worker3"]
+    assert sorted(p.name.split("_")[0] for p in logs.glob("worker*_*.log")) == [
+        "worker0",
+        "worker1",
+        "worker2",
+        "worker3",
+    ]
     text = next(logs.glob("master_*.log")).read_text()
     assert "round 10:" in text and "results (completed, 10 rounds)" in text
     assert all(p.returncode == 0 for p in cluster.workers.values())
@@ -136,8 +149,17 @@ def test_status_model_and_stop(tmp_path, fmnist_available):
 # retries that succeed, and succeed once: the cut exchange is retried and the
 # run still equals the simulation bit for bit
 
-RETRY_SETTINGS = {"rounds": 4, "model": "mlp", "mode": "bbit", "b_up": 4, "b_down": 8, "eval_every": 1000,
-                  "min_workers": 0, "seed": 11, "round_timeout_s": 60}
+RETRY_SETTINGS = {
+    "rounds": 4,
+    "model": "mlp",
+    "mode": "bbit",
+    "b_up": 4,
+    "b_down": 8,
+    "eval_every": 1000,
+    "min_workers": 0,
+    "seed": 11,
+    "round_timeout_s": 60,
+}
 
 
 def _through_proxy(tmp_path, rules):
@@ -151,8 +173,11 @@ def _through_proxy(tmp_path, rules):
     finally:
         proxy.close()
         cluster.kill_all()
-    sim = simulate(small_config(total_workers=2, max_rounds=4, model="mlp", mode="bbit", b_up=4, b_down=8, seed=11),
-                   write=False, progress=False)
+    sim = simulate(
+        small_config(total_workers=2, max_rounds=4, model="mlp", mode="bbit", b_up=4, b_down=8, seed=11),
+        write=False,
+        progress=False,
+    )
     (xlsx,) = cluster.results()
     model = xlsx.with_suffix(".safetensors")
     from flq.model import build_model

@@ -19,17 +19,22 @@ N = sum(SIZES)
 
 def test_table_facts():
     # name: (bits at b_up 4, per tensor, relative, error feedback, lazy)
-    want = {"fedavg": (32, False, False, False, False), "laq8": (8, False, False, False, False),
-            "bbit": (4, True, True, True, True), "bin": (1, True, True, True, True)}
-    got = {s.name: (s.bits(4), s.per_tensor, s.relative, s.error_feedback, s.lazy)
-           for s in compressors.UPLINK.values()}
+    want = {
+        "fedavg": (32, False, False, False, False),
+        "laq8": (8, False, False, False, False),
+        "bbit": (4, True, True, True, True),
+        "bin": (1, True, True, True, True),
+    }
+    got = {s.name: (s.bits(4), s.per_tensor, s.relative, s.error_feedback, s.lazy) for s in compressors.UPLINK.values()}
     assert got == want
     assert MODES == ("fedavg", "laq8", "bbit", "bin")
     assert compressors.DEFAULT_MODE in compressors.UPLINK
 
 
-@pytest.mark.parametrize("b_down,scheme,bits", [(0, "exact", 32), (32, "exact", 32), (8, "quantized", 8),
-                                                (1, "quantized", 1), (16, "quantized", 16)])
+@pytest.mark.parametrize(
+    "b_down,scheme,bits",
+    [(0, "exact", 32), (32, "exact", 32), (8, "quantized", 8), (1, "quantized", 1), (16, "quantized", 16)],
+)
 def test_downlink_schemes(b_down, scheme, bits):
     assert compressors.downlink(b_down).name == scheme
     assert compressors.downlink_bits(b_down) == bits
@@ -41,8 +46,7 @@ def test_segments_per_tensor_or_whole_vector():
     assert compressors.uplink("fedavg").segments(SIZES) == (N,)
 
 
-@pytest.mark.parametrize("mode,kind", [("fedavg", KIND_RAW), ("laq8", KIND_INT), ("bbit", KIND_INT),
-                                       ("bin", KIND_BIN)])
+@pytest.mark.parametrize("mode,kind", [("fedavg", KIND_RAW), ("laq8", KIND_INT), ("bbit", KIND_INT), ("bin", KIND_BIN)])
 def test_receiver_decodes_what_sender_keeps(mode, kind):
     """The value the sender keeps (``q``) equals, bit for bit, what the
     receiver reconstructs from the encoded bytes against its own mirror."""
@@ -71,8 +75,10 @@ def test_relative_scheme_sends_the_innovation():
     assert q.tobytes() == ref.tobytes()
 
 
-@pytest.mark.parametrize("mode,b_up,problem", [("bbit", 1, "mode bbit needs 2..16 bits"), ("bbit", 2, None),
-                                               ("bin", 8, None), ("laq8", 16, None)])
+@pytest.mark.parametrize(
+    "mode,b_up,problem",
+    [("bbit", 1, "mode bbit needs 2..16 bits"), ("bbit", 2, None), ("bin", 8, None), ("laq8", 16, None)],
+)
 def test_check_bits(mode, b_up, problem):
     assert compressors.uplink(mode).check_bits(b_up) == problem
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flq.config import ConfigError, Config, build, coerce, load_config, parse_mapping
+from flq.config import Config, ConfigError, build, coerce, load_config, parse_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_CONFIG = ROOT / "flq_config.json"
@@ -107,11 +107,11 @@ def test_flat_keys_named_like_sections(tmp_path):
 
 
 def test_flat_file_of_the_original_readme(tmp_path):
-    path = _write(tmp_path, {"total_workers": 2, "min_workers": 2, "max_rounds": 100,
-                             "batch_size": 16, "local_epochs": 1})
+    path = _write(
+        tmp_path, {"total_workers": 2, "min_workers": 2, "max_rounds": 100, "batch_size": 16, "local_epochs": 1}
+    )
     cfg = load_config(str(path))
-    assert (cfg.total_workers, cfg.min_workers, cfg.max_rounds, cfg.batch_size, cfg.local_epochs) == \
-        (2, 2, 100, 16, 1)
+    assert (cfg.total_workers, cfg.min_workers, cfg.max_rounds, cfg.batch_size, cfg.local_epochs) == (2, 2, 100, 16, 1)
     # everything else at its default
     assert cfg.lr == 1e-3 and cfg.mode == "bbit" and cfg.local_steps == 0
     # local_epochs 1, partition 100, batch 16 -> ceil(100/16) = 7 steps
@@ -142,50 +142,56 @@ def test_unknown_flat_key(tmp_path):
     assert "bogus_knob" in msg
 
 
-@pytest.mark.parametrize("section,key,value", [
-    ("system", "total_workers", "many"),
-    ("system", "total_workers", 2.5),
-    ("system", "total_workers", True),
-    ("system", "total_workers", [2]),
-    ("system", "max_rounds", None),
-    ("model", "lr", "fast"),
-    ("model", "lr", None),
-    ("model", "lr", [0.1]),
-    ("model", "lr", True),
-    ("flq_algorithm", "mode", 3),
-    ("flq_algorithm", "mode", "qsgd"),
-    ("flq_algorithm", "scale_by_selected", 2),
-    ("flq_algorithm", "scale_by_selected", "maybe"),
-    ("dataset", "name", "cifar10"),
-    ("system", "device", "tpu"),
-])
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("system", "total_workers", "many"),
+        ("system", "total_workers", 2.5),
+        ("system", "total_workers", True),
+        ("system", "total_workers", [2]),
+        ("system", "max_rounds", None),
+        ("model", "lr", "fast"),
+        ("model", "lr", None),
+        ("model", "lr", [0.1]),
+        ("model", "lr", True),
+        ("flq_algorithm", "mode", 3),
+        ("flq_algorithm", "mode", "qsgd"),
+        ("flq_algorithm", "scale_by_selected", 2),
+        ("flq_algorithm", "scale_by_selected", "maybe"),
+        ("dataset", "name", "cifar10"),
+        ("system", "device", "tpu"),
+    ],
+)
 def test_wrong_type_or_choice(tmp_path, section, key, value):
     msg = _error(tmp_path, {section: {key: value}})
     assert f"{section}.{key}" in msg
 
 
-@pytest.mark.parametrize("section,key,value", [
-    ("system", "total_workers", 0),
-    ("system", "max_rounds", -1),
-    ("system", "master_port", 70000),
-    ("system", "round_timeout_s", 0),
-    ("system", "worker_timeout_s", 1e12),
-    ("system", "worker_timeout_s", 2),
-    ("system", "quorum_timeout_s", 0),
-    ("system", "start_timeout_s", -1),
-    ("dataset", "batch_size", 0),
-    ("dataset", "dir_alpha", 0.0),
-    ("model", "lr", 0),
-    ("model", "lr", -1e-3),
-    ("model", "l2", -1),
-    ("flq_algorithm", "b_up", 17),
-    ("flq_algorithm", "b_up", 0),
-    ("flq_algorithm", "b_down", 20),
-    ("flq_algorithm", "sel_ref", 0.5),
-    ("lazy_selection", "ck", -0.1),
-    ("budget_selection", "up_budget_bits", -1),
-    ("budget_selection", "sel_clients", -2),
-])
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("system", "total_workers", 0),
+        ("system", "max_rounds", -1),
+        ("system", "master_port", 70000),
+        ("system", "round_timeout_s", 0),
+        ("system", "worker_timeout_s", 1e12),
+        ("system", "worker_timeout_s", 2),
+        ("system", "quorum_timeout_s", 0),
+        ("system", "start_timeout_s", -1),
+        ("dataset", "batch_size", 0),
+        ("dataset", "dir_alpha", 0.0),
+        ("model", "lr", 0),
+        ("model", "lr", -1e-3),
+        ("model", "l2", -1),
+        ("flq_algorithm", "b_up", 17),
+        ("flq_algorithm", "b_up", 0),
+        ("flq_algorithm", "b_down", 20),
+        ("flq_algorithm", "sel_ref", 0.5),
+        ("lazy_selection", "ck", -0.1),
+        ("budget_selection", "up_budget_bits", -1),
+        ("budget_selection", "sel_clients", -2),
+    ],
+)
 def test_out_of_range(tmp_path, section, key, value):
     msg = _error(tmp_path, {section: {key: value}})
     assert f"{section}.{key}" in msg
@@ -193,7 +199,7 @@ def test_out_of_range(tmp_path, section, key, value):
 
 @pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_float(tmp_path, text):
-    msg = _error(tmp_path, '{"model": {"lr": %s}}' % text)
+    msg = _error(tmp_path, f'{{"model": {{"lr": {text}}}}}')
     assert "model.lr" in msg
 
 
@@ -241,8 +247,10 @@ def test_bad_override_value_names_flag():
 
 
 def test_overrides_win_over_file():
-    cfg = load_config(str(PAPER_CONFIG), {"b_up": 2, "max_rounds": "5", "mode": "laq8", "lr": "0.01",
-                                          "scale_by_selected": "false", "seed": None})
+    cfg = load_config(
+        str(PAPER_CONFIG),
+        {"b_up": 2, "max_rounds": "5", "mode": "laq8", "lr": "0.01", "scale_by_selected": "false", "seed": None},
+    )
     assert (cfg.b_up, cfg.max_rounds, cfg.mode, cfg.lr, cfg.scale_by_selected) == (2, 5, "laq8", 0.01, False)
     assert cfg.seed == 42  # None = not given
     assert cfg.total_workers == 20  # untouched keys from the file
@@ -286,9 +294,21 @@ def test_min_workers_above_total(tmp_path):
     assert load_config(str(_write(tmp_path, {"total_workers": 3, "min_workers": 0}))).needed_workers == 3
 
 
-@pytest.mark.parametrize("value,want", [(True, True), (False, False), (1, True), (0, False),
-                                        ("true", True), ("false", False), ("1", True), ("0", False),
-                                        ("True", True), ("FALSE", False)])
+@pytest.mark.parametrize(
+    "value,want",
+    [
+        (True, True),
+        (False, False),
+        (1, True),
+        (0, False),
+        ("true", True),
+        ("false", False),
+        ("1", True),
+        ("0", False),
+        ("True", True),
+        ("FALSE", False),
+    ],
+)
 def test_bool_values(tmp_path, value, want):
     cfg = load_config(str(_write(tmp_path, {"flq_algorithm": {"scale_by_selected": value}})))
     assert cfg.scale_by_selected is want
@@ -305,14 +325,16 @@ def test_same_setting_twice(tmp_path):
 
 
 def test_int_accepts_integral_numbers(tmp_path):
-    cfg = load_config(str(_write(tmp_path, {"system": {"max_rounds": 100.0, "seed": "7"},
-                                            "dataset": {"batch_size": 32}})))
+    cfg = load_config(
+        str(_write(tmp_path, {"system": {"max_rounds": 100.0, "seed": "7"}, "dataset": {"batch_size": 32}}))
+    )
     assert cfg.max_rounds == 100 and type(cfg.max_rounds) is int and cfg.seed == 7
 
 
 def test_string_choices_normalized(tmp_path):
-    cfg = load_config(str(_write(tmp_path, {"dataset": {"name": "fmnist", "partition": "non-iid"},
-                                            "logging": {"level": "debug"}})))
+    cfg = load_config(
+        str(_write(tmp_path, {"dataset": {"name": "fmnist", "partition": "non-iid"}, "logging": {"level": "debug"}}))
+    )
     assert cfg.dataset == "fashion_mnist" and cfg.partition == "non_iid" and cfg.log_level == "DEBUG"
 
 
@@ -320,8 +342,10 @@ def test_string_choices_normalized(tmp_path):
 # derived values
 
 
-@pytest.mark.parametrize("mode,b_up,want", [("fedavg", 4, 32), ("laq8", 4, 8), ("bbit", 4, 4),
-                                            ("bbit", 2, 2), ("bbit", 16, 16), ("bin", 1, 1)])
+@pytest.mark.parametrize(
+    "mode,b_up,want",
+    [("fedavg", 4, 32), ("laq8", 4, 8), ("bbit", 4, 4), ("bbit", 2, 2), ("bbit", 16, 16), ("bin", 1, 1)],
+)
 def test_uplink_bits(mode, b_up, want):
     assert load_config(None, {"mode": mode, "b_up": b_up}).uplink_bits == want
 
@@ -346,16 +370,27 @@ def test_steps_per_round():
 # the real CLI stops on a bad config before doing work
 
 
-@pytest.mark.parametrize("data,extra,key", [
-    ({"system": {"total_workers": 2}, "budget_selection": {"up_budget_bitz": 1}}, [],
-     "budget_selection.up_budget_bitz"),
-    ({"total_workers": 2, "batch_size": "sixteen"}, [], "batch_size"),
-    ({"total_workers": 2}, ["--b_up", "99"], "--b_up"),
-])
+@pytest.mark.parametrize(
+    "data,extra,key",
+    [
+        (
+            {"system": {"total_workers": 2}, "budget_selection": {"up_budget_bitz": 1}},
+            [],
+            "budget_selection.up_budget_bitz",
+        ),
+        ({"total_workers": 2, "batch_size": "sixteen"}, [], "batch_size"),
+        ({"total_workers": 2}, ["--b_up", "99"], "--b_up"),
+    ],
+)
 def test_cli_bad_config_exits_2_before_work(tmp_path, data, extra, key):
     bad = _write(tmp_path, data, "bad.json")
-    proc = subprocess.run([sys.executable, "-m", "flq", "simulate", "--config", str(bad), "--no-progress"] + extra,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flq", "simulate", "--config", str(bad), "--no-progress"] + extra,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

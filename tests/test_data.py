@@ -80,8 +80,16 @@ def touch_all(folder: Path, files=FILES) -> Path:
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch):
     """Keep every test away from the real cache, env, system folders, proxies."""
-    for var in ("FLQ_DATA_DIR", "FLQ_NO_DOWNLOAD", "http_proxy", "HTTP_PROXY",
-                "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    for var in (
+        "FLQ_DATA_DIR",
+        "FLQ_NO_DOWNLOAD",
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setattr(datasets, "SYSTEM_DIRS", ())
@@ -105,12 +113,8 @@ def http_server(tmp_path):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
-    )
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield root, f"http://127.0.0.1:{server.server_address[1]}/", requested
@@ -339,9 +343,7 @@ def test_load_synthetic_dataset(tmp_path):
     assert ds.test_x.shape == (5, 1, 28, 28) and ds.test_x.dtype == np.float32
     assert ds.train_y.shape == (12,) and ds.train_y.dtype == np.int64
     assert ds.test_y.shape == (5,) and ds.test_y.dtype == np.int64
-    np.testing.assert_array_equal(
-        ds.train_x[:, 0], arrays[datasets.TRAIN_IMAGES].astype(np.float32) / np.float32(255)
-    )
+    np.testing.assert_array_equal(ds.train_x[:, 0], arrays[datasets.TRAIN_IMAGES].astype(np.float32) / np.float32(255))
     assert ds.train_x[0, 0, 0, 0] == 0.0 and ds.train_x[0, 0, 0, 1] == 1.0
     np.testing.assert_array_equal(ds.train_y, arrays[datasets.TRAIN_LABELS])
     np.testing.assert_array_equal(ds.test_y, arrays[datasets.TEST_LABELS])
@@ -360,9 +362,7 @@ def test_load_rejects_bad_shapes(tmp_path):
     with pytest.raises(DatasetError, match="t10k-images"):
         load_dataset("mnist", data_dir=folder, download=False)
     write_dataset(folder)
-    (folder / datasets.TRAIN_LABELS).write_bytes(
-        gzip.compress(idx_bytes(np.zeros(11, dtype=np.uint8)))
-    )
+    (folder / datasets.TRAIN_LABELS).write_bytes(gzip.compress(idx_bytes(np.zeros(11, dtype=np.uint8))))
     with pytest.raises(DatasetError, match="11 labels for 12 images"):
         load_dataset("mnist", data_dir=folder, download=False)
 
@@ -385,7 +385,8 @@ def test_not_found_without_download_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError) as info:
         load_dataset("fashion_mnist", data_dir=tmp_path / "empty", download=False)
     _assert_not_found_message(
-        str(info.value), "download=False",
+        str(info.value),
+        "download=False",
         [tmp_path / "empty", tmp_path / "xdg-cache" / "flq" / "fashion_mnist"],
     )
     monkeypatch.setenv("FLQ_NO_DOWNLOAD", "1")
@@ -399,7 +400,8 @@ def test_not_found_when_download_fails_is_one_line(tmp_path, monkeypatch, http_s
     _, url, requested = http_server  # serves nothing: every file is a 404
     info = datasets.DATASETS["fashion_mnist"]
     monkeypatch.setitem(
-        datasets.DATASETS, "fashion_mnist",
+        datasets.DATASETS,
+        "fashion_mnist",
         datasets.DatasetInfo(**{**info.__dict__, "base_urls": (url,)}),
     )
     with pytest.raises(DatasetNotFoundError) as err:
@@ -412,11 +414,13 @@ def test_load_downloads_into_user_cache(tmp_path, monkeypatch, http_server):
     root, url, requested = http_server
     arrays = write_dataset(root, n_train=20, n_test=10, seed=3)
     info = datasets.DATASETS["mnist"]
-    fake = datasets.DatasetInfo(**{
-        **info.__dict__,
-        "base_urls": (url,),
-        "sha256": {f: sha256_of(root / f) for f in FILES},
-    })
+    fake = datasets.DatasetInfo(
+        **{
+            **info.__dict__,
+            "base_urls": (url,),
+            "sha256": {f: sha256_of(root / f) for f in FILES},
+        }
+    )
     monkeypatch.setitem(datasets.DATASETS, "mnist", fake)
     ds = load_dataset("mnist")
     cache = tmp_path / "xdg-cache" / "flq" / "mnist"
@@ -432,8 +436,7 @@ def test_load_downloads_into_user_cache(tmp_path, monkeypatch, http_server):
 
 def test_real_fashion_mnist(monkeypatch):
     if not all((REAL_FASHION_DIR / f).is_file() for f in FILES):
-        msg = (f"{REAL_FASHION_DIR} lacks the Fashion-MNIST files "
-               "(apt-get install dataset-fashion-mnist)")
+        msg = f"{REAL_FASHION_DIR} lacks the Fashion-MNIST files (apt-get install dataset-fashion-mnist)"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
@@ -496,7 +499,8 @@ def test_dirichlet_tiny_example_pinned():
     ]
     assert all(p.dtype == np.int64 for p in parts)
     assert [np.bincount(TINY_LABELS[p], minlength=3).tolist() for p in parts] == [
-        [2, 7, 1], [5, 0, 5],
+        [2, 7, 1],
+        [5, 0, 5],
     ]
 
 
@@ -595,7 +599,7 @@ def test_dirichlet_pads_short_workers_after_100_tries(monkeypatch):
     for p, share in zip(parts, last):
         np.testing.assert_array_equal(p[: len(share)], share)
         assert len(p) == max(4, len(share))
-        assert len(np.unique(p[len(share):])) == len(p) - len(share)
+        assert len(np.unique(p[len(share) :])) == len(p) - len(share)
 
 
 @pytest.mark.parametrize(
@@ -613,8 +617,7 @@ def test_dirichlet_pads_short_workers_after_100_tries(monkeypatch):
     ],
 )
 def test_partition_bad_arguments(kwargs, word):
-    args = dict(labels=TINY_LABELS, num_workers=2, scheme="non_iid", alpha=0.5, seed=0,
-                batch_size=2)
+    args = dict(labels=TINY_LABELS, num_workers=2, scheme="non_iid", alpha=0.5, seed=0, batch_size=2)
     args.update(kwargs)
     with pytest.raises(ValueError) as info:
         partition(**args)
@@ -636,14 +639,18 @@ def test_batch_stream_order_and_drop_remainder():
         for b in range(3):
             got = s.next_indices()
             assert got.dtype == np.int64 and got.shape == (3,)
-            np.testing.assert_array_equal(got, perm[3 * b: 3 * b + 3])
+            np.testing.assert_array_equal(got, perm[3 * b : 3 * b + 3])
 
 
 def test_batch_stream_determinism_per_worker():
     idx = np.arange(50)
     first = BatchStream(idx, 5, 0, 0).next_indices()
-    s1, s2, s3, s4 = (BatchStream(idx, 5, 0, 0), BatchStream(idx, 5, 0, 0),
-                      BatchStream(idx, 5, 0, 1), BatchStream(idx, 5, 1, 0))
+    s1, s2, s3, s4 = (
+        BatchStream(idx, 5, 0, 0),
+        BatchStream(idx, 5, 0, 0),
+        BatchStream(idx, 5, 0, 1),
+        BatchStream(idx, 5, 1, 0),
+    )
     seq = [np.concatenate([s.next_indices() for _ in range(25)]) for s in (s1, s2, s3, s4)]
     np.testing.assert_array_equal(seq[0], seq[1])
     np.testing.assert_array_equal(seq[0][:5], first)
@@ -651,7 +658,7 @@ def test_batch_stream_determinism_per_worker():
     assert not np.array_equal(seq[0], seq[3])
     # Each pass of 10 batches is a permutation of the 50 indices.
     for k in range(2):
-        np.testing.assert_array_equal(np.sort(seq[0][50 * k: 50 * (k + 1)]), idx)
+        np.testing.assert_array_equal(np.sort(seq[0][50 * k : 50 * (k + 1)]), idx)
 
 
 @pytest.mark.parametrize("advance", [0, 1, 3, 4, 7])

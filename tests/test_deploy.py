@@ -6,6 +6,7 @@ workers), so it copies, starts, waits and stops for real without training.
 Needs openssh-server, openssh-client, rsync and curl; without them the tests
 skip, or fail when $CI is set.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,12 +58,14 @@ def alive(pid: int) -> bool:
 
 
 def run_deploy(*args, env=None, timeout=120):
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+    )
 
 
 # ---------------------------------------------------------------------------
 # a real sshd on loopback
+
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
@@ -73,8 +76,11 @@ def sshd(tmp_path_factory):
         unavailable(f"{SSHD} not found")
     d = tmp_path_factory.mktemp("sshd")
     for name in ("host_key", "id_client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "flq-test", "-f", str(d / name)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "flq-test", "-f", str(d / name)],
+            check=True,
+            capture_output=True,
+        )
     shutil.copy(d / "id_client.pub", d / "authorized_keys")
     port = free_port()
     (d / "sshd_config").write_text(
@@ -82,12 +88,14 @@ def sshd(tmp_path_factory):
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
         "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         "StrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n"
-        "PermitUserEnvironment no\nMaxStartups 50\nMaxSessions 50\n")
+        "PermitUserEnvironment no\nMaxStartups 50\nMaxSessions 50\n"
+    )
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
     log = open(d / "sshd.log", "w")
-    proc = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-e"],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [SSHD, "-D", "-f", str(d / "sshd_config"), "-e"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 15
     while True:
         if proc.poll() is not None:
@@ -105,16 +113,35 @@ def sshd(tmp_path_factory):
     env.pop("FLQ_PYTHON", None)
     env.update(
         SSH_OPTS=f"-F none -o UserKnownHostsFile={d / 'known_hosts'} -o IdentitiesOnly=yes",
-        SSH_KEY=str(d / "id_client"), SSH_PORT=str(port), SSH_USER=USER,
+        SSH_KEY=str(d / "id_client"),
+        SSH_PORT=str(port),
+        SSH_USER=USER,
     )
     # The client side works (key, known_hosts, BatchMode) before the script uses it.
-    probe = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new",
-                            "-p", str(port), "-i", env["SSH_KEY"], *env["SSH_OPTS"].split(),
-                            f"{USER}@127.0.0.1", "echo ok"], capture_output=True, text=True, timeout=30)
+    probe = subprocess.run(
+        [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-p",
+            str(port),
+            "-i",
+            env["SSH_KEY"],
+            *env["SSH_OPTS"].split(),
+            f"{USER}@127.0.0.1",
+            "echo ok",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if probe.stdout.strip() != "ok":
         proc.kill()
-        unavailable(f"cannot log in to the test sshd: {probe.stderr.strip()[-300:]} "
-                    f"{(d / 'sshd.log').read_text()[-300:]}")
+        unavailable(
+            f"cannot log in to the test sshd: {probe.stderr.strip()[-300:]} {(d / 'sshd.log').read_text()[-300:]}"
+        )
     yield {"port": port, "env": env, "dir": d}
     proc.terminate()
     try:
@@ -136,9 +163,11 @@ def stand_ins(env: dict, d: Path, master_port: int) -> dict:
     env = dict(env)
     env["FLQ_DEPLOY_START_CMD_MASTER"] = (
         f'printf "%s\\n" "$*" > {marks}/master_args; '
-        f'cd {www} && exec {py} -m http.server "$FLQ_MASTER_PORT" --bind 127.0.0.1')
+        f'cd {www} && exec {py} -m http.server "$FLQ_MASTER_PORT" --bind 127.0.0.1'
+    )
     env["FLQ_DEPLOY_START_CMD_WORKER"] = (
-        f'printf "%s\\n" "$FLQ_WORKER_ID $FLQ_MASTER_IP" "$*" "$PWD" > {marks}/worker$FLQ_WORKER_ID; exec sleep 600')
+        f'printf "%s\\n" "$FLQ_WORKER_ID $FLQ_MASTER_IP" "$*" "$PWD" > {marks}/worker$FLQ_WORKER_ID; exec sleep 600'
+    )
     return env
 
 
@@ -162,6 +191,7 @@ def kill_leftovers(remote: Path):
 # ---------------------------------------------------------------------------
 # (a) dry run: every command printed, none run
 
+
 @pytest.fixture()
 def shim_path(tmp_path):
     """A PATH whose ssh, rsync, scp and curl only log that they were called."""
@@ -177,16 +207,35 @@ def shim_path(tmp_path):
 def test_help():
     r = run_deploy("--help")
     assert r.returncode == 0
-    for flag in ("--master-ip", "--worker-ips", "--user", "--ssh-port", "--ssh-key", "--remote-dir",
-                 "--config", "--master-port", "--dry-run", "--stop", "--no-install"):
+    for flag in (
+        "--master-ip",
+        "--worker-ips",
+        "--user",
+        "--ssh-port",
+        "--ssh-key",
+        "--remote-dir",
+        "--config",
+        "--master-port",
+        "--dry-run",
+        "--stop",
+        "--no-install",
+    ):
         assert flag in r.stdout
 
 
 def test_dry_run_prints_commands_and_runs_none(shim_path):
     path, called = shim_path
     env = {**os.environ, "PATH": path, "SSH_OPTS": ""}
-    for k in ("MASTER_IP", "WORKER_IPS", "SSH_KEY", "SSH_PORT", "REMOTE_DIR", "FLQ_PYTHON",
-              "FLQ_DEPLOY_START_CMD_MASTER", "FLQ_DEPLOY_START_CMD_WORKER"):
+    for k in (
+        "MASTER_IP",
+        "WORKER_IPS",
+        "SSH_KEY",
+        "SSH_PORT",
+        "REMOTE_DIR",
+        "FLQ_PYTHON",
+        "FLQ_DEPLOY_START_CMD_MASTER",
+        "FLQ_DEPLOY_START_CMD_WORKER",
+    ):
         env.pop(k, None)
     r = run_deploy("--dry-run", "--user", "nvidia", env=env)
     assert r.returncode == 0, r.stderr
@@ -200,16 +249,17 @@ def test_dry_run_prints_commands_and_runs_none(shim_path):
             assert f"--exclude={ex}" in rsync[0]
         assert "-o BatchMode=yes -o StrictHostKeyChecking=accept-new" in rsync[0]
         assert "+ ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new" in out
-        assert f"nvidia@{ip} 'cd \"$HOME\"/flq-fed && PY=$(bash scripts/bootstrap.sh)" in out
-    assert ("nohup ./start_master.sh --config flq_config.json --port 5000 > logs/deploy_master.out 2>&1"
-            in out)
+        assert f'nvidia@{ip} \'cd "$HOME"/flq-fed && PY=$(bash scripts/bootstrap.sh)' in out
+    assert "nohup ./start_master.sh --config flq_config.json --port 5000 > logs/deploy_master.out 2>&1" in out
     assert "echo $! > logs/master.pid" in out
     assert "curl -fsS --max-time 3 -o /dev/null http://192.168.1.100:5000/status" in out
     for i, ip in enumerate(workers):
         line = next(ln for ln in out.splitlines() if f"--worker_id {i} " in ln)
         assert f"nvidia@{ip} " in line
-        assert (f"nohup ./start_worker.sh --worker_id {i} --master_ip 192.168.1.100 --master_port 5000"
-                f" > logs/deploy_worker{i}.out 2>&1") in line
+        assert (
+            f"nohup ./start_worker.sh --worker_id {i} --master_ip 192.168.1.100 --master_port 5000"
+            f" > logs/deploy_worker{i}.out 2>&1"
+        ) in line
         assert f"echo $! > logs/worker{i}.pid" in line
     # the master starts before any worker, after the wait for /status
     assert out.index("start_master.sh") < out.index("/status") < out.index("start_worker.sh")
@@ -219,10 +269,29 @@ def test_dry_run_env_and_flag_overrides(shim_path, tmp_path):
     path, called = shim_path
     key = tmp_path / "key"
     key.write_text("not a real key")
-    env = {**os.environ, "PATH": path, "MASTER_IP": "10.0.0.1", "WORKER_IPS": "10.0.0.2 10.0.0.2 10.0.0.1",
-           "SSH_OPTS": "", "FLQ_PYTHON": "/opt/conda/envs/fed/bin/python"}
-    r = run_deploy("--dry-run", "--user", "pi", "--ssh-port", "2222", "--ssh-key", str(key),
-                   "--master-port", "6000", "--remote-dir", "/opt/flq", "--no-rsync", env=env)
+    env = {
+        **os.environ,
+        "PATH": path,
+        "MASTER_IP": "10.0.0.1",
+        "WORKER_IPS": "10.0.0.2 10.0.0.2 10.0.0.1",
+        "SSH_OPTS": "",
+        "FLQ_PYTHON": "/opt/conda/envs/fed/bin/python",
+    }
+    r = run_deploy(
+        "--dry-run",
+        "--user",
+        "pi",
+        "--ssh-port",
+        "2222",
+        "--ssh-key",
+        str(key),
+        "--master-port",
+        "6000",
+        "--remote-dir",
+        "/opt/flq",
+        "--no-rsync",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert not called.exists()
@@ -242,18 +311,22 @@ def test_dry_run_env_and_flag_overrides(shim_path, tmp_path):
     assert "--worker_id 0 --master_ip 10.9.9.9" in r.stdout and "--worker_id 1 " not in r.stdout
     assert not called.exists()
     # flq_config.json's run needs its 4 workers: one host is too few, and it says so before deploying
-    assert ("warning: the run needs 4 workers (system.min_workers; 0 = total_workers) but WORKER_IPS has 1"
-            in r.stdout + r.stderr)
+    assert (
+        "warning: the run needs 4 workers (system.min_workers; 0 = total_workers) but WORKER_IPS has 1"
+        in r.stdout + r.stderr
+    )
 
 
 # ---------------------------------------------------------------------------
 # (d) clear one-line errors
 
+
 def test_bad_config_is_a_one_line_error(shim_path):
     path, called = shim_path
     env = {**os.environ, "PATH": path}
-    r = run_deploy("--master-ip", "127.0.0.1", "--worker-ips", "127.0.0.1", "--config", "/nonexistent/cfg.json",
-                   env=env)
+    r = run_deploy(
+        "--master-ip", "127.0.0.1", "--worker-ips", "127.0.0.1", "--config", "/nonexistent/cfg.json", env=env
+    )
     assert r.returncode != 0
     assert r.stderr.strip() == "deploy_jetson.sh: error: config file not found: /nonexistent/cfg.json"
     assert not called.exists()
@@ -282,6 +355,7 @@ def test_unreachable_host_is_a_one_line_error(sshd):
 # ---------------------------------------------------------------------------
 # (b) a real deploy over loopback, (c) --stop
 
+
 @pytest.fixture(scope="module")
 def deployed(sshd, tmp_path_factory):
     d = tmp_path_factory.mktemp("deploy")
@@ -289,8 +363,17 @@ def deployed(sshd, tmp_path_factory):
     mport = free_port()
     env = stand_ins(sshd["env"], d, mport)
     env["REMOTE_DIR"] = str(remote)
-    args = ["--master-ip", "127.0.0.1", "--worker-ips", "127.0.0.1 127.0.0.1", "--master-port", str(mport),
-            "--no-install", "--timeout", "30"]
+    args = [
+        "--master-ip",
+        "127.0.0.1",
+        "--worker-ips",
+        "127.0.0.1 127.0.0.1",
+        "--master-port",
+        str(mport),
+        "--no-install",
+        "--timeout",
+        "30",
+    ]
     r = run_deploy(*args, env=env)
     yield {"r": r, "remote": remote, "marks": d / "marks", "port": mport, "env": env, "args": args}
     kill_leftovers(remote)
@@ -309,7 +392,13 @@ def test_deploy_copies_starts_master_then_workers(deployed):
         assert not (remote / gone).exists(), gone
     assert not list(remote.rglob("__pycache__"))
     assert sorted(p.name for p in (remote / "logs").iterdir()) == [
-        "deploy_master.out", "deploy_worker0.out", "deploy_worker1.out", "master.pid", "worker0.pid", "worker1.pid"]
+        "deploy_master.out",
+        "deploy_worker0.out",
+        "deploy_worker1.out",
+        "master.pid",
+        "worker0.pid",
+        "worker1.pid",
+    ]
     # the master got the standard arguments and answers /status
     assert wait_for(marks / "master_args").strip() == f"--config flq_config.json --port {mport}"
     with urllib.request.urlopen(f"http://127.0.0.1:{mport}/status", timeout=5) as resp:
@@ -317,8 +406,7 @@ def test_deploy_copies_starts_master_then_workers(deployed):
     # each worker got its id (its position in WORKER_IPS), the master's address, and runs in REMOTE_DIR
     for i in (0, 1):
         lines = wait_for(marks / f"worker{i}").splitlines()
-        assert lines == [f"{i} 127.0.0.1", f"--worker_id {i} --master_ip 127.0.0.1 --master_port {mport}",
-                         str(remote)]
+        assert lines == [f"{i} 127.0.0.1", f"--worker_id {i} --master_ip 127.0.0.1 --master_port {mport}", str(remote)]
     for name in ("master", "worker0", "worker1"):
         pid = int((remote / "logs" / f"{name}.pid").read_text())
         assert alive(pid), name
@@ -349,14 +437,26 @@ def test_stop_kills_master_and_workers(deployed):
 
 
 def test_deploy_with_tar_and_a_config_outside_the_project(sshd, tmp_path):
-    remote = tmp_path / "remote dir"          # a space in the path, too
+    remote = tmp_path / "remote dir"  # a space in the path, too
     cfg = tmp_path / "cluster.json"
     cfg.write_text(json.dumps({"total_workers": 1, "min_workers": 1, "max_rounds": 2}))
     mport = free_port()
     env = stand_ins(sshd["env"], tmp_path, mport)
     env["REMOTE_DIR"] = str(remote)
-    args = ["--master-ip", "127.0.0.1", "--worker-ips", "127.0.0.1", "--master-port", str(mport),
-            "--config", str(cfg), "--no-install", "--no-rsync", "--timeout", "30"]
+    args = [
+        "--master-ip",
+        "127.0.0.1",
+        "--worker-ips",
+        "127.0.0.1",
+        "--master-port",
+        str(mport),
+        "--config",
+        str(cfg),
+        "--no-install",
+        "--no-rsync",
+        "--timeout",
+        "30",
+    ]
     try:
         r = run_deploy(*args, env=env)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -435,26 +535,53 @@ def test_default_start_commands_and_install_with_flq_python(sshd, tmp_path):
 
 def test_master_that_never_answers_times_out(sshd, tmp_path):
     remote = tmp_path / "remote"
-    env = {**sshd["env"], "REMOTE_DIR": str(remote),
-           "FLQ_DEPLOY_START_CMD_MASTER": "exec sleep 600", "FLQ_DEPLOY_START_CMD_WORKER": "exec sleep 600"}
+    env = {
+        **sshd["env"],
+        "REMOTE_DIR": str(remote),
+        "FLQ_DEPLOY_START_CMD_MASTER": "exec sleep 600",
+        "FLQ_DEPLOY_START_CMD_WORKER": "exec sleep 600",
+    }
     try:
-        r = run_deploy("--master-ip", "127.0.0.1", "--worker-ips", "127.0.0.1", "--master-port", str(free_port()),
-                       "--no-install", "--timeout", "2", env=env)
+        r = run_deploy(
+            "--master-ip",
+            "127.0.0.1",
+            "--worker-ips",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "--no-install",
+            "--timeout",
+            "2",
+            env=env,
+        )
         assert r.returncode != 0
         assert r.stderr.strip().splitlines()[-1].startswith("deploy_jetson.sh: error: the master did not answer")
-        assert not (remote / "logs" / "worker0.pid").exists()   # no worker started
+        assert not (remote / "logs" / "worker0.pid").exists()  # no worker started
     finally:
         kill_leftovers(remote)
 
 
 def test_master_that_dies_is_reported(sshd, tmp_path):
     remote = tmp_path / "remote"
-    env = {**sshd["env"], "REMOTE_DIR": str(remote),
-           "FLQ_DEPLOY_START_CMD_MASTER": "echo 'boom: no dataset'; exit 3",
-           "FLQ_DEPLOY_START_CMD_WORKER": "exec sleep 600"}
+    env = {
+        **sshd["env"],
+        "REMOTE_DIR": str(remote),
+        "FLQ_DEPLOY_START_CMD_MASTER": "echo 'boom: no dataset'; exit 3",
+        "FLQ_DEPLOY_START_CMD_WORKER": "exec sleep 600",
+    }
     try:
-        r = run_deploy("--master-ip", "127.0.0.1", "--worker-ips", "127.0.0.1", "--master-port", str(free_port()),
-                       "--no-install", "--timeout", "20", env=env)
+        r = run_deploy(
+            "--master-ip",
+            "127.0.0.1",
+            "--worker-ips",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "--no-install",
+            "--timeout",
+            "20",
+            env=env,
+        )
         assert r.returncode != 0
         assert "boom: no dataset" in r.stderr
         assert "exited before answering" in r.stderr.strip().splitlines()[-1]
@@ -464,6 +591,7 @@ def test_master_that_dies_is_reported(sshd, tmp_path):
 
 # ---------------------------------------------------------------------------
 # environment.yml matches pyproject.toml
+
 
 def test_environment_yml_matches_pyproject():
     try:

@@ -1,5 +1,6 @@
 """Tests for ``flq doctor`` (flq.doctor): real checks on this machine, the real
 dataset, real config files and real HTTP servers on 127.0.0.1."""
+
 from __future__ import annotations
 
 import argparse
@@ -177,8 +178,9 @@ def test_default_config_is_found_in_the_working_folder(capsys, tmp_path, monkeyp
 
 def test_master_not_reachable(capsys, no_proxy, fmnist_available):
     port = free_port()
-    rc, out = run_doctor(capsys, "--config", str(CONFIG), "--device", "cpu",
-                         "--master_ip", "127.0.0.1", "--master_port", str(port))
+    rc, out = run_doctor(
+        capsys, "--config", str(CONFIG), "--device", "cpu", "--master_ip", "127.0.0.1", "--master_port", str(port)
+    )
     assert rc == 1
     line, after = lines_of(out, "master")
     assert line.startswith("[FAIL]") and f"master at 127.0.0.1:{port} not reachable: " in line
@@ -187,8 +189,9 @@ def test_master_not_reachable(capsys, no_proxy, fmnist_available):
 
 def test_master_status_ok(capsys, status_server, fmnist_available):
     port = status_server.server_address[1]
-    rc, out = run_doctor(capsys, "--config", str(CONFIG), "--device", "cpu",
-                         "--master_ip", "127.0.0.1", "--master_port", str(port))
+    rc, out = run_doctor(
+        capsys, "--config", str(CONFIG), "--device", "cpu", "--master_ip", "127.0.0.1", "--master_port", str(port)
+    )
     assert rc == 0, out
     line = lines_of(out, "master")[0]
     assert line.startswith("[ok]")
@@ -230,8 +233,14 @@ def test_json_output(capsys, fmnist_available):
 
 def test_module_entry_point(tmp_path, fmnist_available):
     env = dict(os.environ, FLQ_NO_DOWNLOAD="1")
-    proc = subprocess.run([sys.executable, "-m", "flq.doctor", "--config", str(CONFIG), "--json"],
-                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flq.doctor", "--config", str(CONFIG), "--json"],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     checks = json.loads(proc.stdout)
     assert [c["check"] for c in checks][:4] == ["python", "torch", "numpy", "config"]
@@ -259,8 +268,14 @@ def test_cuda_reporting_logic(monkeypatch):
     """The CUDA branch's memory and mixed-precision verdicts. Only the device
     query is faked; the autocast matmul runs for real, so on a machine without
     CUDA it fails (warn when mixed precision is off, FAIL when on)."""
-    fake = SimpleNamespace(cuda=_FakeCuda(), device=torch.device, full=torch.full,
-                           autocast=torch.autocast, float16=torch.float16, version=torch.version)
+    fake = SimpleNamespace(
+        cuda=_FakeCuda(),
+        device=torch.device,
+        full=torch.full,
+        autocast=torch.autocast,
+        float16=torch.float16,
+        version=torch.version,
+    )
     dev = torch.device("cuda")
     checks = doctor._check_cuda(fake, Config(gpu_memory_limit_mb=8192), dev, "auto")
     by_name = {c.check: c for c in checks}

@@ -2,6 +2,7 @@
 interrupted and restarted, a master killed and resumed, paused, signalled,
 on a full disk; every wait ends within its bound, every end keeps its
 results and exits with the status that says which."""
+
 from __future__ import annotations
 
 import math
@@ -10,27 +11,38 @@ import subprocess
 import time
 
 import httpx
-
-from flq.results import read_results
-from flq.simulate import simulate
-
 from cluster_util import port_is_free, start_cluster
 from conftest import small_config
 from disk_util import disk
+
+from flq.results import read_results
+from flq.simulate import simulate
 
 MLP = {"model": "mlp", "eval_every": 1000}
 
 
 def test_worker_killed_then_rejoins(tmp_path, fmnist_available):
     # bin under 17e6 bits: every candidate uploads, so the bin_ sheet shows who took part
-    cluster = start_cluster(tmp_path, 4, {"rounds": 40, "mode": "bin", "b_down": 8, "round_timeout_s": 3,
-                                          "min_workers": 3, "eval_every": 1000, "worker_timeout_s": 5})
+    cluster = start_cluster(
+        tmp_path,
+        4,
+        {
+            "rounds": 40,
+            "mode": "bin",
+            "b_down": 8,
+            "round_timeout_s": 3,
+            "min_workers": 3,
+            "eval_every": 1000,
+            "worker_timeout_s": 5,
+        },
+    )
     try:
         cluster.wait_status(lambda s: s["rounds_done"] >= 3, what="round 3")
         cluster.workers[2].kill()
         cluster.workers[2].wait()
-        st = cluster.wait_status(lambda s: s["rounds_done"] >= 6 and s["workers"][2]["state"] == "absent",
-                                 what="worker 2 absent and round 6")
+        st = cluster.wait_status(
+            lambda s: s["rounds_done"] >= 6 and s["workers"][2]["state"] == "absent", what="worker 2 absent and round 6"
+        )
         assert st["state"] == "training"
         assert [w["state"] == "absent" for w in st["workers"]] == [False, False, True, False]
         killed_at = st["rounds_done"]
@@ -53,8 +65,14 @@ def test_worker_killed_then_rejoins(tmp_path, fmnist_available):
 
 
 def test_master_killed_then_resumes_from_checkpoint(tmp_path, fmnist_available):
-    settings = {"rounds": 12, "checkpoint_every": 2, "checkpoint_dir": str(tmp_path / "ckpt"),
-                "eval_every": 1000, "round_timeout_s": 10, "seed": 5}
+    settings = {
+        "rounds": 12,
+        "checkpoint_every": 2,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "eval_every": 1000,
+        "round_timeout_s": 10,
+        "seed": 5,
+    }
     cluster = start_cluster(tmp_path, 3, settings)
     try:
         cluster.wait_status(lambda s: s["rounds_done"] >= 5, what="round 5")
@@ -123,8 +141,9 @@ def test_straggler_never_blocks_a_round_and_joins_again(tmp_path, fmnist_availab
     """A worker frozen (SIGSTOP) for longer than round_timeout_s: the rounds go
     on without it (late offer or upload refused), and after SIGCONT it takes
     part again."""
-    cluster = start_cluster(tmp_path, 3, {**MLP, "rounds": 60, "mode": "bin", "b_down": 8, "round_timeout_s": 2,
-                                          "min_workers": 2})
+    cluster = start_cluster(
+        tmp_path, 3, {**MLP, "rounds": 60, "mode": "bin", "b_down": 8, "round_timeout_s": 2, "min_workers": 2}
+    )
     try:
         cluster.wait_status(lambda s: s["rounds_done"] >= 3, what="round 3")
         cluster.workers[1].send_signal(signal.SIGSTOP)
@@ -142,7 +161,7 @@ def test_straggler_never_blocks_a_round_and_joins_again(tmp_path, fmnist_availab
     run = read_results(xlsx)
     assert list(run.curve["iter"]) == list(range(1, 61))
     w1 = list(run.binary["w1"])
-    assert 0 in w1[frozen_at:frozen_at + 4]  # rounds closed without the frozen worker
+    assert 0 in w1[frozen_at : frozen_at + 4]  # rounds closed without the frozen worker
     assert w1[-1] == 1  # ... and it uploads again at the end
 
 
@@ -190,8 +209,10 @@ def test_stalled_worker_with_all_required_ends_the_run_after_the_quorum_wait(tmp
 
     state, _ = load_checkpoint(find_resumable(str(tmp_path / "checkpoints"), "fashion_mnist", "bbit"))
     assert state["round"] == len(run.curve)  # a last checkpoint: --resume continues from this very round
-    print(f"\n| stalled worker, all required | absent after {absent_after:.1f} s | exit 5 after "
-          f"{ended_after:.1f} s | results kept: {len(run.curve)} rounds |")
+    print(
+        f"\n| stalled worker, all required | absent after {absent_after:.1f} s | exit 5 after "
+        f"{ended_after:.1f} s | results kept: {len(run.curve)} rounds |"
+    )
 
 
 def test_workers_that_die_mid_round_show_absent_and_the_port_is_released(tmp_path, fmnist_available):
@@ -204,8 +225,9 @@ def test_workers_that_die_mid_round_show_absent_and_the_port_is_released(tmp_pat
         for p in cluster.workers.values():
             p.kill()
         t0 = time.monotonic()
-        cluster.wait_status(lambda s: [w["state"] for w in s["workers"]] == ["absent", "absent"], timeout=60,
-                            what="both absent")
+        cluster.wait_status(
+            lambda s: [w["state"] for w in s["workers"]] == ["absent", "absent"], timeout=60, what="both absent"
+        )
         absent_after = time.monotonic() - t0
         assert absent_after < 6 + 20
         assert cluster.master.wait(timeout=120) == 5, cluster.output()
@@ -216,8 +238,10 @@ def test_workers_that_die_mid_round_show_absent_and_the_port_is_released(tmp_pat
         cluster.kill_all()
     run = read_results(cluster.results()[0])
     assert len(run.curve) >= 2 and run.config["run.end"] == "quorum_lost"
-    print(f"\n| both workers killed | absent after {absent_after:.1f} s | exit 5 after {ended_after:.1f} s, "
-          f"port free | results kept: {len(run.curve)} rounds |")
+    print(
+        f"\n| both workers killed | absent after {absent_after:.1f} s | exit 5 after {ended_after:.1f} s, "
+        f"port free | results kept: {len(run.curve)} rounds |"
+    )
 
 
 def test_worker_interrupted_tells_the_master_it_leaves(tmp_path, fmnist_available):
@@ -226,8 +250,10 @@ def test_worker_interrupted_tells_the_master_it_leaves(tmp_path, fmnist_availabl
     may come back (before: the master waited for it)."""
     cluster = start_cluster(tmp_path, 2, {**MLP, "rounds": 100000, "min_workers": 1, "round_timeout_s": 60})
     try:
-        cluster.wait_status(lambda s: len(s["workers"]) == 2 and all(w["rounds_offered"] >= 2 for w in s["workers"]),
-                            what="both workers in the rounds")
+        cluster.wait_status(
+            lambda s: len(s["workers"]) == 2 and all(w["rounds_offered"] >= 2 for w in s["workers"]),
+            what="both workers in the rounds",
+        )
         cluster.workers[1].send_signal(signal.SIGINT)
         time.sleep(0.01)
         cluster.workers[1].send_signal(signal.SIGINT)  # an impatient second Ctrl-C: still tells the master
@@ -239,8 +265,9 @@ def test_worker_interrupted_tells_the_master_it_leaves(tmp_path, fmnist_availabl
         cluster.wait_status(lambda s: s["rounds_done"] >= done + 5, timeout=30, what="5 rounds without it")
         assert time.monotonic() - t0 < 45  # less than one round_timeout_s of 60 s
         cluster.start_worker(1, out_name="worker1-again.out")  # it may come back
-        cluster.wait_status(lambda s: s["workers"][1]["state"] != "left" and
-                            s["workers"][1]["rounds_offered"] > 0, what="worker 1 back")
+        cluster.wait_status(
+            lambda s: s["workers"][1]["state"] != "left" and s["workers"][1]["rounds_offered"] > 0, what="worker 1 back"
+        )
         assert httpx.post(f"{cluster.url}/stop", timeout=10).status_code == 200
         assert cluster.master.wait(timeout=120) == 4
     finally:
@@ -257,8 +284,9 @@ def test_full_checkpoint_disk_is_logged_and_training_goes_on(tmp_path, fmnist_av
     1. Before: the round loop died silently, /status said "training" forever
     and neither /stop nor SIGTERM ended it."""
     with disk(tmp_path / "ckpt", kib=256) as d:  # an mlp checkpoint of 2 workers is ~1.4 MB
-        cluster = start_cluster(tmp_path, 2, {**MLP, "rounds": 6, "checkpoint_every": 1,
-                                              "checkpoint_dir": str(d.path)}, preexec=d.preexec)
+        cluster = start_cluster(
+            tmp_path, 2, {**MLP, "rounds": 6, "checkpoint_every": 1, "checkpoint_dir": str(d.path)}, preexec=d.preexec
+        )
         try:
             st = cluster.wait_status(lambda s: s["checkpoint_error"] != "", what="a checkpoint error")
             assert st["state"] == "training"
@@ -274,8 +302,9 @@ def test_full_checkpoint_disk_is_logged_and_training_goes_on(tmp_path, fmnist_av
 
 def test_full_results_disk_is_one_line_and_exit_6(tmp_path, fmnist_available):
     with disk(tmp_path / "res", kib=64) as d:  # the spreadsheet fits, the mlp model (~200 KB) does not
-        cluster = start_cluster(tmp_path, 1, {**MLP, "rounds": 2, "checkpoint_every": 0,
-                                              "results_dir": str(d.path)}, preexec=d.preexec)
+        cluster = start_cluster(
+            tmp_path, 1, {**MLP, "rounds": 2, "checkpoint_every": 0, "results_dir": str(d.path)}, preexec=d.preexec
+        )
         try:
             assert cluster.master.wait(timeout=300) == 6, cluster.output()
         finally:
@@ -295,8 +324,9 @@ def test_two_masters_sharing_a_checkpoint_dir_keep_their_own_checkpoints(tmp_pat
         for name in ("a", "b"):
             root = tmp_path / name
             root.mkdir()
-            clusters.append(start_cluster(root, 1, {**MLP, "rounds": 3, "checkpoint_every": 1,
-                                                    "checkpoint_dir": str(shared)}))
+            clusters.append(
+                start_cluster(root, 1, {**MLP, "rounds": 3, "checkpoint_every": 1, "checkpoint_dir": str(shared)})
+            )
         assert [c.wait(timeout=300) for c in clusters] == [0, 0]
     finally:
         for c in clusters:
@@ -318,8 +348,7 @@ def test_diverging_cluster_run_ends_diverged_everywhere(tmp_path, fmnist_availab
     finally:
         cluster.kill_all()
     assert "Traceback" not in cluster.output("worker0") + cluster.output()
-    assert "run ended (diverged): round 2 diverged: worker(s) [0, 1] report a diverged local model" in \
-        cluster.output()
+    assert "run ended (diverged): round 2 diverged: worker(s) [0, 1] report a diverged local model" in cluster.output()
     run = read_results(cluster.results()[0])
     assert list(run.curve["iter"]) == [1, 2] and run.config["run.end"] == "diverged"
 
@@ -328,8 +357,9 @@ def test_a_paused_master_extends_its_timeouts_instead_of_losing_the_quorum(tmp_p
     """SIGSTOP on the master for longer than round_timeout_s + quorum_timeout_s:
     its workers were alive all along, so after SIGCONT training goes on
     (before: quorum_lost within a second of SIGCONT)."""
-    cluster = start_cluster(tmp_path, 2, {**MLP, "rounds": 100000, "round_timeout_s": 2, "worker_timeout_s": 3,
-                                          "quorum_timeout_s": 5})
+    cluster = start_cluster(
+        tmp_path, 2, {**MLP, "rounds": 100000, "round_timeout_s": 2, "worker_timeout_s": 3, "quorum_timeout_s": 5}
+    )
     try:
         cluster.wait_status(lambda s: s["rounds_done"] >= 3, what="round 3")
         cluster.master.send_signal(signal.SIGSTOP)
@@ -373,8 +403,11 @@ def test_second_master_on_a_taken_port_is_refused_at_once(tmp_path, fmnist_avail
         t0 = time.monotonic()
         out = subprocess.run(cluster.master_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2, out.stderr  # before: exit 3 ("diverged") after its start-up
-        assert out.stderr.strip().splitlines()[-1].startswith(f"flq: config error: cannot listen on 127.0.0.1:"
-                                                             f"{cluster.port}")
+        assert (
+            out.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"flq: config error: cannot listen on 127.0.0.1:{cluster.port}")
+        )
         assert time.monotonic() - t0 < 60
     finally:
         cluster.kill_all()

@@ -44,8 +44,19 @@ def test_lazy_threshold_hand_example():
 
 
 def _cand(innovation_sq, thr_scale=1.0, k=5, warmup=0, clock=0, C=1e9):
-    return is_candidate(innovation_sq, HAND["me_k"], HAND["lr"], HAND["num_workers"], HAND["e"],
-                        HAND["e_hat"], thr_scale, k, warmup, clock, C)
+    return is_candidate(
+        innovation_sq,
+        HAND["me_k"],
+        HAND["lr"],
+        HAND["num_workers"],
+        HAND["e"],
+        HAND["e_hat"],
+        thr_scale,
+        k,
+        warmup,
+        clock,
+        C,
+    )
 
 
 def test_is_candidate_skips_below_threshold():

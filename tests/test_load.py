@@ -1,5 +1,6 @@
 """Load: 50 workers (HTTP clients on loopback) and a real master process,
 small test model, 20 rounds: no errors (benchmarks/load_workers.py)."""
+
 from __future__ import annotations
 
 import sys

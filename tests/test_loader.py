@@ -1,4 +1,5 @@
 """Prefetching loader and device handling on this CPU machine."""
+
 from __future__ import annotations
 
 import numpy as np

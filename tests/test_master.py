@@ -1,11 +1,13 @@
 """The master's round phases against messages sent twice and against
 updates whose aggregate would overflow (docs/algorithm.md, "One round")."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+from conftest import small_config
 
 from flq.algorithm import packing
 from flq.algorithm.quantize import raw
@@ -13,8 +15,6 @@ from flq.master import Master, MasterError
 from flq.messages import Offer
 from flq.model import build_model, glorot_init
 from flq.outcome import Diverged
-
-from conftest import small_config
 
 
 def _master(**overrides):
@@ -24,8 +24,16 @@ def _master(**overrides):
 
 
 def _offer(master, m, k=0, gain=1.0, loss=0.5, candidate=True):
-    return Offer(worker_id=m, round=k, candidate=candidate, gain=gain, cost=float(master.upload_cost), loss=loss,
-                 up_version=master.up_version[m], down_version=master.down_version[m])
+    return Offer(
+        worker_id=m,
+        round=k,
+        candidate=candidate,
+        gain=gain,
+        cost=float(master.upload_cost),
+        loss=loss,
+        up_version=master.up_version[m],
+        down_version=master.down_version[m],
+    )
 
 
 def test_twenty_uploads_of_9_9e17_stop_the_run_instead_of_freezing_the_model():
@@ -90,8 +98,9 @@ def test_downlink_offer_and_upload_sent_twice_are_counted_once():
     rng = np.random.default_rng(0)
     from flq.algorithm.quantize import quantize_relative
 
-    qv, _ = quantize_relative(rng.standard_normal(master.n).astype(np.float32), master.ref_up[0], cfg.b_up, rng,
-                              master.segments)
+    qv, _ = quantize_relative(
+        rng.standard_normal(master.n).astype(np.float32), master.ref_up[0], cfg.b_up, rng, master.segments
+    )
     body = packing.encode(qv)
     assert master.receive_upload(0, body) is True
     wire, version = master.wire_up, master.up_version[0]

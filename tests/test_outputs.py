@@ -1,5 +1,6 @@
 """Output files: unique names, atomic writes, temporaries of killed writers
 removed, checkpoint locks, and one line when a disk is full."""
+
 from __future__ import annotations
 
 import os
@@ -11,27 +12,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from disk_util import tiny_disk
 
 from flq.checkpoint import CheckpointError, find_resumable, lock_checkpoint
-from flq.outputs import (FileLock, atomic_write, claim_unique, publish_unique, remove_stale_temporaries,
-                         save_run, temporary_for)
-
-from disk_util import tiny_disk
+from flq.outputs import (
+    FileLock,
+    atomic_write,
+    claim_unique,
+    publish_unique,
+    remove_stale_temporaries,
+    save_run,
+    temporary_for,
+)
 
 
 def test_claim_unique_gives_each_caller_its_own_file(tmp_path):
     target = tmp_path / "sub" / "run_20261130_120000.log"
     got = [claim_unique(target) for _ in range(3)]
-    assert [p.name for p in got] == ["run_20261130_120000.log", "run_20261130_120000_2.log",
-                                     "run_20261130_120000_3.log"]
+    assert [p.name for p in got] == [
+        "run_20261130_120000.log",
+        "run_20261130_120000_2.log",
+        "run_20261130_120000_3.log",
+    ]
     assert all(p.is_file() and p.stat().st_size == 0 for p in got)
 
 
 def test_claim_unique_across_processes_started_together(tmp_path):
-    code = ("import sys; from pathlib import Path; from flq.outputs import claim_unique; "
-            "print(claim_unique(Path(sys.argv[1])).name)")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "r.xlsx")], stdout=subprocess.PIPE,
-                              text=True) for _ in range(6)]
+    code = (
+        "import sys; from pathlib import Path; from flq.outputs import claim_unique; "
+        "print(claim_unique(Path(sys.argv[1])).name)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "r.xlsx")], stdout=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
     names = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert sorted(names) == sorted(["r.xlsx"] + [f"r_{n}.xlsx" for n in range(2, 7)])
 
@@ -55,9 +69,11 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 def test_temporaries_of_a_killed_writer_are_removed_at_the_next_start(tmp_path):
     """A writer SIGKILLed in the middle of atomic_write leaves .NAME.<pid>.tmp;
     remove_stale_temporaries deletes it (and leaves a live writer's alone)."""
-    code = ("import sys, time; from pathlib import Path; from flq.outputs import atomic_write\n"
-            "def slow(tmp):\n    tmp.write_bytes(b'x' * 1000); print('writing', flush=True); time.sleep(60)\n"
-            "atomic_write(Path(sys.argv[1]), slow)")
+    code = (
+        "import sys, time; from pathlib import Path; from flq.outputs import atomic_write\n"
+        "def slow(tmp):\n    tmp.write_bytes(b'x' * 1000); print('writing', flush=True); time.sleep(60)\n"
+        "atomic_write(Path(sys.argv[1]), slow)"
+    )
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ckpt.npz")], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "writing"
     os.kill(p.pid, signal.SIGKILL)
@@ -79,9 +95,11 @@ def test_publish_unique_never_shows_a_partial_or_empty_file(tmp_path):
     second = publish_unique(target, lambda tmp: tmp.write_bytes(b"two"))
     assert (first.name, second.name) == ("flq_results_x.xlsx", "flq_results_x_2.xlsx")
     assert first.read_bytes() == b"one" and second.read_bytes() == b"two"
-    code = ("import sys, time; from pathlib import Path; from flq.outputs import publish_unique\n"
-            "def slow(tmp):\n    tmp.write_bytes(b'x'); print('writing', flush=True); time.sleep(60)\n"
-            "publish_unique(Path(sys.argv[1]), slow)")
+    code = (
+        "import sys, time; from pathlib import Path; from flq.outputs import publish_unique\n"
+        "def slow(tmp):\n    tmp.write_bytes(b'x'); print('writing', flush=True); time.sleep(60)\n"
+        "publish_unique(Path(sys.argv[1]), slow)"
+    )
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "other.xlsx")], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "writing"
     os.kill(p.pid, signal.SIGKILL)
@@ -98,8 +116,10 @@ def test_checkpoint_lock_keeps_resume_off_a_running_masters_file(tmp_path):
     b.write_bytes(b"b")
     os.utime(a, (time.time() - 100, time.time() - 100))
     assert find_resumable(str(tmp_path), "fashion_mnist", "bbit") == b  # the newest
-    code = ("import sys, time; from flq.checkpoint import lock_checkpoint; lock_checkpoint(sys.argv[1]); "
-            "print('locked', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from flq.checkpoint import lock_checkpoint; lock_checkpoint(sys.argv[1]); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(b)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -120,14 +140,30 @@ def test_checkpoint_lock_keeps_resume_off_a_running_masters_file(tmp_path):
 
 
 def test_save_run_on_a_full_disk_says_so_in_one_line_and_leaves_nothing_partial(tmp_path):
-    records = [{"iter": 1, "loss": 1.0, "acc": 0.5, "entropy": 1.2, "selcnt": 1, "bits_up_cum": 8,
-                "bits_down_cum": 8, "cum_bits_total": 16, "wire_bytes_up": 1, "wire_bytes_down": 1,
-                "wire_bytes_up_cum": 1, "wire_bytes_down_cum": 1, "round_time_s": 0.1}]
-    theta = np.zeros(sum(p.numel() for p in __import__("flq.model", fromlist=["x"]).build_model("cnn")
-                         .parameters()), np.float32)
+    records = [
+        {
+            "iter": 1,
+            "loss": 1.0,
+            "acc": 0.5,
+            "entropy": 1.2,
+            "selcnt": 1,
+            "bits_up_cum": 8,
+            "bits_down_cum": 8,
+            "cum_bits_total": 16,
+            "wire_bytes_up": 1,
+            "wire_bytes_down": 1,
+            "wire_bytes_up_cum": 1,
+            "wire_bytes_down_cum": 1,
+            "round_time_s": 0.1,
+        }
+    ]
+    theta = np.zeros(
+        sum(p.numel() for p in __import__("flq.model", fromlist=["x"]).build_model("cnn").parameters()), np.float32
+    )
     with tiny_disk(tmp_path / "disk", kib=64) as folder:  # the spreadsheet fits, the 1.9 MB model does not
-        path, problem = save_run(folder / "flq_results_x.xlsx", "bbit", records, {"system": {}}, [[0]], 1, theta,
-                                 "cnn", 1)
+        path, problem = save_run(
+            folder / "flq_results_x.xlsx", "bbit", records, {"system": {}}, [[0]], 1, theta, "cnn", 1
+        )
         assert path is not None and path.is_file()
         assert problem.startswith("final model not written beside flq_results_x.xlsx: ")
         assert "\n" not in problem and ("No space left" in problem or "too large" in problem)

@@ -50,8 +50,9 @@ def _codes(n: int, bits: int, seed: int) -> np.ndarray:
     return c.astype(np.uint8 if bits <= 8 else np.uint16)
 
 
-def _body(kind_code=0, bits=4, n=3, segs=(3,), scales=(1.0,), data=None, magic=MAGIC,
-          version=FORMAT_VERSION, nseg=None) -> bytes:
+def _body(
+    kind_code=0, bits=4, n=3, segs=(3,), scales=(1.0,), data=None, magic=MAGIC, version=FORMAT_VERSION, nseg=None
+) -> bytes:
     """Hand-build an encoded body (independent of encode())."""
     nseg = len(segs) if nseg is None else nseg
     head = HEADER.pack(magic, version, kind_code, bits, 0, n, nseg)
@@ -166,8 +167,9 @@ def _int_qv(bits, segs, seed=0):
 
 def _assert_qv_equal(a: QuantizedVector, b: QuantizedVector):
     assert a.kind == b.kind and a.bits == b.bits and a.segments == b.segments
-    np.testing.assert_array_equal(a.scales.view(np.uint32) if a.scales.size else a.scales,
-                                  b.scales.view(np.uint32) if b.scales.size else b.scales)
+    np.testing.assert_array_equal(
+        a.scales.view(np.uint32) if a.scales.size else a.scales, b.scales.view(np.uint32) if b.scales.size else b.scales
+    )
     np.testing.assert_array_equal(a.codes, b.codes)
 
 
@@ -189,8 +191,14 @@ def test_encode_decode_int(bits):
 def test_encode_layout_exact_bytes():
     # b=4, codes [1,2,3], one segment of 3, scale 0.5
     qv = QuantizedVector(KIND_INT, 4, (3,), np.array([0.5], np.float32), np.array([1, 2, 3], np.uint8))
-    want = (b"FLQV" + bytes([1, 0, 4, 0]) + struct.pack("<II", 3, 1) + struct.pack("<I", 3)
-            + struct.pack("<f", 0.5) + b"\x21\x03")
+    want = (
+        b"FLQV"
+        + bytes([1, 0, 4, 0])
+        + struct.pack("<II", 3, 1)
+        + struct.pack("<I", 3)
+        + struct.pack("<f", 0.5)
+        + b"\x21\x03"
+    )
     assert encode(qv) == want
     assert len(want) == encoded_size(3, 4, 1) == 16 + 4 + 4 + 2
 
@@ -259,8 +267,9 @@ def test_model_header_overhead():
 
 
 def _good_int_body():
-    return encode(QuantizedVector(KIND_INT, 4, (2, 3), np.array([0.5, 2.0], np.float32),
-                                  np.array([0, 14, 7, 3, 1], np.uint8)))
+    return encode(
+        QuantizedVector(KIND_INT, 4, (2, 3), np.array([0.5, 2.0], np.float32), np.array([0, 14, 7, 3, 1], np.uint8))
+    )
 
 
 def test_good_reference_body_decodes():
@@ -284,7 +293,7 @@ def test_decode_truncated_header():
 def test_decode_truncated_data():
     body = _good_int_body()
     _rejects(body[:-1])
-    _rejects(body[:16 + 8])  # header + segments only
+    _rejects(body[: 16 + 8])  # header + segments only
 
 
 def test_decode_extra_bytes():
@@ -309,15 +318,13 @@ def test_decode_unknown_kind():
     assert "kind" in _rejects(bytes(body))
 
 
-@pytest.mark.parametrize("kind_code,bits", [(0, 1), (0, 17), (0, 32), (0, 0), (1, 2), (1, 0),
-                                            (2, 16), (2, 1)])
+@pytest.mark.parametrize("kind_code,bits", [(0, 1), (0, 17), (0, 32), (0, 0), (1, 2), (1, 0), (2, 16), (2, 1)])
 def test_decode_bits_out_of_range_for_kind(kind_code, bits):
     n = 3
     if kind_code == 2:
         body = _body(kind_code, bits, n, segs=(3,), scales=(), data=bytes(4 * n))
     else:
-        body = _body(kind_code, bits, n, segs=(3,), scales=(1.0,),
-                     data=bytes(max(packed_size(n, max(bits, 1)), 1)))
+        body = _body(kind_code, bits, n, segs=(3,), scales=(1.0,), data=bytes(max(packed_size(n, max(bits, 1)), 1)))
     assert "bits" in _rejects(body)
 
 
@@ -385,8 +392,7 @@ def test_decode_b4_code_15_hand_bytes():
     body = _body(0, 4, 2, segs=(2,), scales=(1.0,), data=b"\x0f")
     _rejects(body)
     # [14, 0] -> 0x0E is accepted
-    np.testing.assert_array_equal(decode(_body(0, 4, 2, segs=(2,), scales=(1.0,), data=b"\x0e")).codes,
-                                  [14, 0])
+    np.testing.assert_array_equal(decode(_body(0, 4, 2, segs=(2,), scales=(1.0,), data=b"\x0e")).codes, [14, 0])
 
 
 def test_decode_accepts_bytearray_and_memoryview():

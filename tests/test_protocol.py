@@ -1,6 +1,7 @@
 """The round protocol object (:class:`flq.cluster.ClusterMaster`) without
 HTTP, sockets or real waiting: a fake monotonic clock drives every timeout,
 the test moves it and wakes the waiters. Each test takes milliseconds."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import small_config
 
 from flq import outcome
 from flq.algorithm import packing
@@ -17,8 +19,6 @@ from flq.master import Master, MasterError
 from flq.messages import Offer
 from flq.model import build_model, glorot_init
 from flq.protocol import Code
-
-from conftest import small_config
 
 #: Seconds (of the fake clock).
 ROUND_S, WORKER_S, START_S, QUORUM_S = 10.0, 30.0, 60.0, 20.0
@@ -42,9 +42,20 @@ class FakeClock:
 def make(total_workers=3, min_workers=0, max_rounds=3, pause_s=math.inf, **cfg):
     """A ClusterMaster on a fake clock: the mlp model, fedavg (uploads are raw
     float32, every candidate is selected), no evaluation."""
-    config = small_config(model="mlp", mode="fedavg", b_down=32, up_budget_bits=0, total_workers=total_workers,
-                          min_workers=min_workers, max_rounds=max_rounds, round_timeout_s=ROUND_S,
-                          worker_timeout_s=WORKER_S, start_timeout_s=START_S, quorum_timeout_s=QUORUM_S, **cfg)
+    config = small_config(
+        model="mlp",
+        mode="fedavg",
+        b_down=32,
+        up_budget_bits=0,
+        total_workers=total_workers,
+        min_workers=min_workers,
+        max_rounds=max_rounds,
+        round_timeout_s=ROUND_S,
+        worker_timeout_s=WORKER_S,
+        start_timeout_s=START_S,
+        quorum_timeout_s=QUORUM_S,
+        **cfg,
+    )
     model = build_model("mlp")
     master = Master(config, tuple(p.numel() for p in model.parameters()), glorot_init(model, config.seed))
     clock = FakeClock()
@@ -73,8 +84,16 @@ async def register(cm: ClusterMaster, *ids: int) -> dict:
 
 def offer_of(cm: ClusterMaster, m: int, k: int) -> Offer:
     master = cm.master
-    return Offer(worker_id=m, round=k, candidate=True, gain=1.0, cost=float(master.upload_cost), loss=0.5,
-                 up_version=master.up_version[m], down_version=master.down_version[m])
+    return Offer(
+        worker_id=m,
+        round=k,
+        candidate=True,
+        gain=1.0,
+        cost=float(master.upload_cost),
+        loss=0.5,
+        up_version=master.up_version[m],
+        down_version=master.down_version[m],
+    )
 
 
 def update(cm: ClusterMaster, m: int) -> bytes:
@@ -239,16 +258,20 @@ def test_a_round_short_of_its_quorum_ends_the_run_after_quorum_timeout_s(caplog)
         await tick(cm, clock, QUORUM_S)
         await asyncio.wait_for(running, GUARD_S)
         assert (cm.state, cm.finish_reason) == ("finished", outcome.QUORUM_LOST)
-        assert cm.finish_detail.startswith("round 1: 1 of the 2 offers needed (system.min_workers) after "
-                                           "round_timeout_s + quorum_timeout_s (30 s); missing [1]")
+        assert cm.finish_detail.startswith(
+            "round 1: 1 of the 2 offers needed (system.min_workers) after "
+            "round_timeout_s + quorum_timeout_s (30 s); missing [1]"
+        )
         assert cm.master.records == []
 
     with caplog.at_level("WARNING", logger="flq.cluster"):
         asyncio.run(scenario())
     assert ended == [outcome.QUORUM_LOST]
     (line,) = [r.getMessage() for r in caplog.records if "offers needed" in r.getMessage()]
-    assert line.startswith("round 1: 1 of the 2 offers needed (system.min_workers) after 10 s; waiting for "
-                           "worker(s) [1] (1: training, last seen 10 s ago); the run ends in 20 s")
+    assert line.startswith(
+        "round 1: 1 of the 2 offers needed (system.min_workers) after 10 s; waiting for "
+        "worker(s) [1] (1: training, last seen 10 s ago); the run ends in 20 s"
+    )
 
 
 def test_a_pause_of_the_master_itself_extends_its_timeouts(caplog):
@@ -275,8 +298,9 @@ def test_a_pause_of_the_master_itself_extends_its_timeouts(caplog):
     with caplog.at_level("WARNING", logger="flq.cluster"):
         asyncio.run(scenario())
     said = [r.getMessage() for r in caplog.records]
-    assert said == ["the master did not run for 100 s (stopped, suspended or starved): its timeouts are extended "
-                    "by as much"]
+    assert said == [
+        "the master did not run for 100 s (stopped, suspended or starved): its timeouts are extended by as much"
+    ]
 
 
 def test_the_whole_run_under_the_fake_clock():
@@ -335,8 +359,10 @@ def test_a_stop_closes_a_round_that_can_close_and_abandons_one_that_cannot():
         await fetch_and_offer(cm, sessions, 0)
         closing = asyncio.ensure_future(cm.close_offers())
         await tick(cm, clock, ROUND_S)
-        assert await asyncio.wait_for(closing, GUARD_S) == (outcome.STOPPED, "stopped after 1 rounds (round 2 "
-                                                                             "abandoned)")
+        assert await asyncio.wait_for(closing, GUARD_S) == (
+            outcome.STOPPED,
+            "stopped after 1 rounds (round 2 abandoned)",
+        )
         assert cm.phase == "idle"
 
     asyncio.run(scenario())

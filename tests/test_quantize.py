@@ -32,7 +32,7 @@ def _x(seed=0, n=N, scale=1.0):
 def _split(v, segs):
     out, start = [], 0
     for s in segs:
-        out.append(v[start:start + s])
+        out.append(v[start : start + s])
         start += s
     return out
 
@@ -49,7 +49,7 @@ def test_levels():
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8, 12, 16])
 def test_codes_and_bounds_per_segment(bits):
     x = _x(bits, scale=3.0)
-    x[SEGS[0]:SEGS[0] + 1] = -5.0  # the 1-element segment
+    x[SEGS[0] : SEGS[0] + 1] = -5.0  # the 1-element segment
     qv = quantize_stochastic(x, bits, np.random.default_rng(1), SEGS)
     L = levels(bits)
     assert qv.kind == KIND_INT and qv.bits == bits and qv.segments == SEGS and qv.n == N
@@ -66,7 +66,7 @@ def test_codes_and_bounds_per_segment(bits):
         np.testing.assert_array_equal(vs, (cs.astype(np.float32) - np.float32(L)) * s)
         # |value| <= L s, and L s is max|x| up to float32 rounding (2 ulp)
         assert np.abs(vs).max() <= np.float32(L) * s
-        assert np.float32(L) * s <= m * (1 + 2.0 ** -22)
+        assert np.float32(L) * s <= m * (1 + 2.0**-22)
         # each value is one of the two grid points around x: |v - x| <= s
         assert np.all(np.abs(vs.astype(np.float64) - xs) <= s * (1 + 1e-6))
     # the element with the largest magnitude in the 1-element segment is exact

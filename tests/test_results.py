@@ -86,16 +86,24 @@ def sheet_names(path: Path):
 # --------------------------------------------------------------------------- #
 def test_curve_columns_exact_order():
     assert CURVE_COLUMNS == [
-        "iter", "loss", "acc", "entropy", "selcnt",
-        "bits_up_cum", "bits_down_cum", "cum_bits_total",
-        "wire_bytes_up", "wire_bytes_down", "wire_bytes_up_cum", "wire_bytes_down_cum",
+        "iter",
+        "loss",
+        "acc",
+        "entropy",
+        "selcnt",
+        "bits_up_cum",
+        "bits_down_cum",
+        "cum_bits_total",
+        "wire_bytes_up",
+        "wire_bytes_down",
+        "wire_bytes_up_cum",
+        "wire_bytes_down_cum",
         "round_time_s",
     ]
 
 
 def test_default_results_path_with_datetime(tmp_path):
-    p = default_results_path(tmp_path / "results", "mnist", "bbit",
-                             timestamp=datetime(2024, 3, 5, 7, 8, 9))
+    p = default_results_path(tmp_path / "results", "mnist", "bbit", timestamp=datetime(2024, 3, 5, 7, 8, 9))
     assert p == tmp_path / "results" / "flq_results_mnist_bbit_20240305_070809.xlsx"
     assert not p.parent.exists()  # nothing created
 
@@ -106,7 +114,7 @@ def test_default_results_path_string_and_now():
     )
     p = default_results_path("results", "mnist", "bin")
     assert p.parent == Path("results")
-    stamp = p.name[len("flq_results_mnist_bin_"):-len(".xlsx")]
+    stamp = p.name[len("flq_results_mnist_bin_") : -len(".xlsx")]
     datetime.strptime(stamp, "%Y%m%d_%H%M%S")  # raises if malformed
 
 
@@ -115,8 +123,7 @@ def test_default_results_path_string_and_now():
 # --------------------------------------------------------------------------- #
 def test_bin_run_sheets_columns_and_cells(tmp_path):
     path = tmp_path / "nested" / "dir" / "run_bin.xlsx"
-    out = write_results(path, "bin", make_records(), CONFIG,
-                        selected=SELECTED, num_workers=NUM_WORKERS)
+    out = write_results(path, "bin", make_records(), CONFIG, selected=SELECTED, num_workers=NUM_WORKERS)
     assert out == path and path.is_file()
     assert sheet_names(path) == ["curve_bin", "bin_bin", "config"]
 
@@ -140,8 +147,7 @@ def test_non_bin_run_has_no_binary_sheet(tmp_path):
     for mode in ("bbit", "laq", "full"):
         path = tmp_path / f"run_{mode}.xlsx"
         # `selected` is ignored for non-bin modes
-        write_results(path, mode, make_records(), {"b_up": 2}, selected=SELECTED,
-                      num_workers=NUM_WORKERS)
+        write_results(path, mode, make_records(), {"b_up": 2}, selected=SELECTED, num_workers=NUM_WORKERS)
         names = sheet_names(path)
         assert names == [f"curve_{mode}", "config"]
         assert not any(n.startswith("bin_") for n in names)
@@ -199,8 +205,7 @@ def test_extra_record_keys_follow_curve_columns(tmp_path):
     assert rows[0] == CURVE_COLUMNS + ["alpha", "zeta", "late"]
     assert rows[1][-3:] == ["r0", 0, None]
     assert rows[3][-3:] == ["r2", 20, 1.5]
-    assert rows[1][: len(CURVE_COLUMNS)] == [1, 2.5, 0.25, 2.0, 1, 100, 200, 300, 13, 26, 13, 26,
-                                             0.125]
+    assert rows[1][: len(CURVE_COLUMNS)] == [1, 2.5, 0.25, 2.0, 1, 100, 200, 300, 13, 26, 13, 26, 0.125]
 
 
 def test_numpy_scalars_in_records(tmp_path):
@@ -240,8 +245,7 @@ def test_config_sheet_flattening_cells(tmp_path):
 
 def test_config_read_back_parsed(tmp_path):
     path = tmp_path / "cfg.xlsx"
-    config = dict(CONFIG, extra={"tuple": (1, 2), "empty_dict": {}, "inf": float("inf"),
-                                 "words": "plain text"})
+    config = dict(CONFIG, extra={"tuple": (1, 2), "empty_dict": {}, "inf": float("inf"), "words": "plain text"})
     write_results(path, "bin", make_records(), config, selected=SELECTED, num_workers=NUM_WORKERS)
     cfg = read_results(path).config
     assert cfg == {
@@ -316,8 +320,7 @@ def test_bad_mode_raises(tmp_path, mode):
 def test_read_results_without_curve_sheet(tmp_path):
     path = tmp_path / "nocurve.xlsx"
     with pd.ExcelWriter(path, engine="openpyxl") as writer:
-        pd.DataFrame({"key": ["a"], "value": [1]}).to_excel(writer, sheet_name="config",
-                                                            index=False)
+        pd.DataFrame({"key": ["a"], "value": [1]}).to_excel(writer, sheet_name="config", index=False)
         pd.DataFrame({"x": [1]}).to_excel(writer, sheet_name="other", index=False)
     with pytest.raises(ValueError) as exc:
         read_results(path)
@@ -340,8 +343,7 @@ def test_atomic_write_leaves_no_temp_file(tmp_path):
     write_results(path, "bbit", make_records(), {"a": 1})
     assert sorted(p.name for p in path.parent.iterdir()) == ["run.xlsx"]
     # overwrite in place
-    write_results(path, "bin", make_records(), {"a": 2}, selected=SELECTED,
-                  num_workers=NUM_WORKERS)
+    write_results(path, "bin", make_records(), {"a": 2}, selected=SELECTED, num_workers=NUM_WORKERS)
     assert sorted(p.name for p in path.parent.iterdir()) == ["run.xlsx"]
     run = read_results(path)
     assert run.mode == "bin" and run.config == {"a": 2}
@@ -382,9 +384,10 @@ def _assert_png(path: Path):
 
 def test_run_label():
     curve = pd.DataFrame(columns=CURVE_COLUMNS)
-    assert run_label(RunResults(Path("x"), "bbit", curve, None,
-                                {"quant.b_up": 4, "quant.b_down": 8})) == \
-        "bbit (b_up 4, b_down 8)"
+    assert (
+        run_label(RunResults(Path("x"), "bbit", curve, None, {"quant.b_up": 4, "quant.b_down": 8}))
+        == "bbit (b_up 4, b_down 8)"
+    )
     assert run_label(RunResults(Path("x"), "bin", curve, None, {"b_up": 2})) == "bin (b_up 1)"  # bin always sends 1 bit
     assert run_label(RunResults(Path("x"), "full", curve, None, {})) == "full"
 
@@ -392,10 +395,10 @@ def test_run_label():
 def test_plot_results_two_runs(tmp_path):
     bin_path = tmp_path / "bin.xlsx"
     bbit_path = tmp_path / "bbit.xlsx"
-    write_results(bin_path, "bin", make_records(), {"quant": {"b_up": 4, "b_down": 8}},
-                  selected=SELECTED, num_workers=NUM_WORKERS)
-    write_results(bbit_path, "bbit", make_records(up_per_round=50, down_per_round=60),
-                  {"b_up": 2, "b_down": 8})
+    write_results(
+        bin_path, "bin", make_records(), {"quant": {"b_up": 4, "b_down": 8}}, selected=SELECTED, num_workers=NUM_WORKERS
+    )
+    write_results(bbit_path, "bbit", make_records(up_per_round=50, down_per_round=60), {"b_up": 2, "b_down": 8})
     out_dir = tmp_path / "plots" / "sub"
     written = plot_results([bin_path, str(bbit_path)], out_dir)
 
@@ -439,8 +442,7 @@ def test_plot_results_axis_labels(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", spy)
     path = tmp_path / "bin.xlsx"
-    write_results(path, "bin", make_records(), {"b_up": 4}, selected=SELECTED,
-                  num_workers=NUM_WORKERS)
+    write_results(path, "bin", make_records(), {"b_up": 4}, selected=SELECTED, num_workers=NUM_WORKERS)
     plot_results([path], tmp_path / "plots")
 
     def ax(name):
@@ -464,7 +466,10 @@ def test_plot_results_axis_labels(tmp_path, monkeypatch):
     # raster: workers on y (4 rows), rounds on x (3 columns)
     image = ax("binary_uploads_bin_b_up_1.png").get_images()[0]
     assert np.asarray(image.get_array()).tolist() == [
-        [1, 0, 0], [0, 1, 0], [0, 0, 0], [0, 1, 0],
+        [1, 0, 0],
+        [0, 1, 0],
+        [0, 0, 0],
+        [0, 1, 0],
     ]
     assert ax("binary_uploads_bin_b_up_1.png").get_ylabel().startswith("worker")
 

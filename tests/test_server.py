@@ -1,6 +1,7 @@
 """The master's HTTP API on a real loopback socket (uvicorn in a thread):
 bad input is refused with a one-line 4xx and leaves the master's state
 bit-identical; bearer-token access control; TLS."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,6 +18,8 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from cluster_util import free_port
+from conftest import PAPER_CONFIG
 
 from flq.algorithm import packing
 from flq.cluster import ClusterMaster
@@ -26,9 +29,6 @@ from flq.model import CNN, FlatModel, build_model, glorot_init, state_dict_from_
 from flq.protocol import Code
 from flq.transport.server import create_app
 from flq.worker import Worker
-
-from cluster_util import free_port
-from conftest import PAPER_CONFIG
 
 TOKEN = "s3cret-token"
 N = 467_818
@@ -41,13 +41,26 @@ def state_hash(master: Master, wire: bool = True) -> str:
     h = hashlib.sha256()
     for a in (master.theta, master.adam.m, master.adam.v, *master.ref_up, *master.ref_down):
         h.update(np.ascontiguousarray(a).tobytes())
-    h.update(json.dumps({
-        "t": master.adam.t, "round": master.round, "up": master.up_version, "down": master.down_version,
-        "rng": [g.bit_generator.state for g in master.down_rng], "records": len(master.records),
-        "offers": sorted(master.offers), "received": sorted(master.received), "selected": master.selected,
-        "downlinked": sorted(master.downlinked), "bits": [master.bits_up_cum, master.bits_down_cum],
-        "wire": [master.wire_up, master.wire_down, master.wire_up_cum, master.wire_down_cum] if wire else None,
-    }, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {
+                "t": master.adam.t,
+                "round": master.round,
+                "up": master.up_version,
+                "down": master.down_version,
+                "rng": [g.bit_generator.state for g in master.down_rng],
+                "records": len(master.records),
+                "offers": sorted(master.offers),
+                "received": sorted(master.received),
+                "selected": master.selected,
+                "downlinked": sorted(master.downlinked),
+                "bits": [master.bits_up_cum, master.bits_down_cum],
+                "wire": [master.wire_up, master.wire_down, master.wire_up_cum, master.wire_down_cum] if wire else None,
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -56,13 +69,16 @@ class Server:
         model = build_model(cfg.model)
         self.master = Master(cfg, tuple(p.numel() for p in model.parameters()), glorot_init(model, cfg.seed))
         self.cluster = ClusterMaster(self.master, cfg)
-        app = create_app(self.cluster, lambda t: state_dict_from_flat(cfg.model, t), self.master.max_upload_bytes,
-                         auth_token=cfg.auth_token)
+        app = create_app(
+            self.cluster,
+            lambda t: state_dict_from_flat(cfg.model, t),
+            self.master.max_upload_bytes,
+            auth_token=cfg.auth_token,
+        )
         self.openapi = app.openapi()
         self.port = free_port()
         kw = dict(ssl_certfile=ssl[0], ssl_keyfile=ssl[1]) if ssl else {}
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    **kw))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", **kw))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -79,8 +95,10 @@ class Server:
 
 @pytest.fixture()
 def server():
-    cfg = load_config(str(PAPER_CONFIG), {"total_workers": 2, "max_rounds": 50, "threads": 1, "auth_token": TOKEN,
-                                          "round_timeout_s": 60})
+    cfg = load_config(
+        str(PAPER_CONFIG),
+        {"total_workers": 2, "max_rounds": 50, "threads": 1, "auth_token": TOKEN, "round_timeout_s": 60},
+    )
     s = Server(cfg)
     yield s
     s.stop()
@@ -107,8 +125,11 @@ def refusal_code(r: httpx.Response, openapi=None) -> Code:
     assert code.status == r.status_code, (code, r.status_code)
     if openapi is not None:
         path = r.request.url.path
-        (route,) = [ops for template, ops in openapi["paths"].items()
-                    if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path)]
+        (route,) = [
+            ops
+            for template, ops in openapi["paths"].items()
+            if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path)
+        ]
         documented = route[r.request.method.lower()]["responses"]
         assert str(r.status_code) in documented, (r.request.method, path, r.status_code)
         assert f"`{code}`" in documented[str(r.status_code)]["description"], (path, code)
@@ -157,17 +178,36 @@ def test_bad_input_is_refused_and_state_untouched(server):
     refused("register negative id", 422, "POST", "/workers/register", json={"worker_id": -1})
     refused("offer from unknown worker", 404, "POST", "/round/offer", json={**o0, "worker_id": 7})
     refused("offer for wrong round", 409, "POST", "/round/offer", json={**o0, "round": 5})
-    refused("offer with NaN gain", 400, "POST", "/round/offer",
-            content=json.dumps({**o0, "gain": float("nan")}), headers={"Content-Type": "application/json"})
-    refused("offer with Inf loss", 400, "POST", "/round/offer",
-            content=json.dumps({**o0, "loss": float("inf")}), headers={"Content-Type": "application/json"})
+    refused(
+        "offer with NaN gain",
+        400,
+        "POST",
+        "/round/offer",
+        content=json.dumps({**o0, "gain": float("nan")}),
+        headers={"Content-Type": "application/json"},
+    )
+    refused(
+        "offer with Inf loss",
+        400,
+        "POST",
+        "/round/offer",
+        content=json.dumps({**o0, "loss": float("inf")}),
+        headers={"Content-Type": "application/json"},
+    )
     refused("offer with wrong cost", 400, "POST", "/round/offer", json={**o0, "cost": 123.0})
     refused("offer with stale mirror version", 409, "POST", "/round/offer", json={**o0, "up_version": 3})
-    refused("offer, malformed JSON", 422, "POST", "/round/offer", content=b"{not json",
-            headers={"Content-Type": "application/json"})
+    refused(
+        "offer, malformed JSON",
+        422,
+        "POST",
+        "/round/offer",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
     refused("offer missing a field", 422, "POST", "/round/offer", json={k: v for k, v in o0.items() if k != "gain"})
-    refused("upload before selection", 409, "POST", "/round/upload", params={"worker_id": 0, "round": 1},
-            content=b"x" * 100)
+    refused(
+        "upload before selection", 409, "POST", "/round/upload", params={"worker_id": 0, "round": 1}, content=b"x" * 100
+    )
 
     with ThreadPoolExecutor(3) as pool:  # the offers wait for the selection
         first = pool.submit(c.post, "/round/offer", json=o0)
@@ -207,10 +247,17 @@ def test_bad_input_is_refused_and_state_untouched(server):
     b[-1] = 0xFF  # codes 15 > 2L = 14 at 4 bits
     refused("code out of range", 400, "POST", "/round/upload", params=up, content=bytes(b))
     refused("upload for wrong round", 409, "POST", "/round/upload", params={"worker_id": 0, "round": 2}, content=good)
-    refused("upload for round 0 (rounds count from 1)", 422, "POST", "/round/upload",
-            params={"worker_id": 0, "round": 0}, content=good)
-    refused("upload from unknown worker id", 404, "POST", "/round/upload", params={"worker_id": 9, "round": 1},
-            content=good)
+    refused(
+        "upload for round 0 (rounds count from 1)",
+        422,
+        "POST",
+        "/round/upload",
+        params={"worker_id": 0, "round": 0},
+        content=good,
+    )
+    refused(
+        "upload from unknown worker id", 404, "POST", "/round/upload", params={"worker_id": 9, "round": 1}, content=good
+    )
     refused("upload with negative id", 422, "POST", "/round/upload", params={"worker_id": -2, "round": 1}, content=good)
     r = c.post("/round/upload", params=up, content=good)
     assert r.status_code == 200
@@ -243,13 +290,15 @@ def test_token_required_except_status(server):
     wrong = httpx.Client(base_url=server.url, headers={"Authorization": "Bearer nope"}, timeout=10)
     before = state_hash(server.master)
     for client in (no, wrong):
-        for method, url, kw in (("POST", "/workers/register", {"json": {"worker_id": 0}}),
-                                ("GET", "/round/model", {"params": {"worker_id": 0, "wait": 0}}),
-                                ("POST", "/round/offer", {"json": {}}),
-                                ("POST", "/round/upload", {"params": {"worker_id": 0, "round": 1}, "content": b"x"}),
-                                ("GET", "/workers/0/mirrors", {}),
-                                ("GET", "/get_global_model", {}),
-                                ("POST", "/stop", {})):
+        for method, url, kw in (
+            ("POST", "/workers/register", {"json": {"worker_id": 0}}),
+            ("GET", "/round/model", {"params": {"worker_id": 0, "wait": 0}}),
+            ("POST", "/round/offer", {"json": {}}),
+            ("POST", "/round/upload", {"params": {"worker_id": 0, "round": 1}, "content": b"x"}),
+            ("GET", "/workers/0/mirrors", {}),
+            ("GET", "/get_global_model", {}),
+            ("POST", "/stop", {}),
+        ):
             r = client.request(method, url, **kw)
             assert r.status_code == 401, (method, url, r.status_code)
             one_line(r)
@@ -262,9 +311,28 @@ def test_token_required_except_status(server):
 
 def test_tls_with_ca_file(tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     cfg = load_config(str(PAPER_CONFIG), {"total_workers": 2, "threads": 1})
     s = Server(cfg, ssl=(str(cert), str(key)))
     try:
@@ -289,6 +357,7 @@ def test_json_bodies_are_size_limited(server):
     def chunks():  # no Content-Length: the limit applies while streaming
         for _ in range(20):
             yield b" " * 8192
+
     r = c.post("/round/offer", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and refusal_code(r, server.openapi) == Code.TOO_LARGE
     assert state_hash(server.master) == before
@@ -327,6 +396,7 @@ def test_lost_upload_is_detected_and_mirrors_resync(tmp_path):
                 dropped.append(k)
                 return False
             return True
+
         return keep
 
     def run(m):
@@ -366,17 +436,23 @@ def test_token_order_is_flag_then_environment_then_file(tmp_path, fmnist_availab
     config["system"]["auth_token"] = "from-file"
     path = tmp_path / "cfg.json"
     path.write_text(_json.dumps(config))
-    cases = (({}, {}, "from-file", "from the config file (system.auth_token)"),
-             ({"FLQ_AUTH_TOKEN": "from-env"}, {}, "from-env", "from $FLQ_AUTH_TOKEN"),
-             ({"FLQ_AUTH_TOKEN": "from-env"}, {"auth_token": "from-flag"}, "from-flag", "from --auth_token"))
+    cases = (
+        ({}, {}, "from-file", "from the config file (system.auth_token)"),
+        ({"FLQ_AUTH_TOKEN": "from-env"}, {}, "from-env", "from $FLQ_AUTH_TOKEN"),
+        ({"FLQ_AUTH_TOKEN": "from-env"}, {"auth_token": "from-flag"}, "from-flag", "from --auth_token"),
+    )
     for i, (env, flags, wins, source) in enumerate(cases):
         root = tmp_path / str(i)
         root.mkdir()
         cluster = start_cluster(root, 1, {"model": "mlp", **flags}, start_workers=False, env=env, config=path)
         try:
             for token in ("from-file", "from-env", "from-flag"):
-                r = httpx.post(f"{cluster.url}/workers/register", json={"worker_id": 0}, timeout=10,
-                               headers={"Authorization": f"Bearer {token}"})
+                r = httpx.post(
+                    f"{cluster.url}/workers/register",
+                    json={"worker_id": 0},
+                    timeout=10,
+                    headers={"Authorization": f"Bearer {token}"},
+                )
                 assert r.status_code == (200 if token == wins else 401), (i, token, r.status_code)
             log = next((root / "logs").glob("master_*.log")).read_text()
             assert f"auth token: {source}" in log
@@ -395,8 +471,10 @@ def test_a_request_cut_mid_body_leaves_no_error_and_no_trace(server, caplog):
     with caplog.at_level("ERROR"):
         for path in ("/workers/heartbeat", "/round/upload?worker_id=0&round=1"):
             with socket.create_connection(("127.0.0.1", server.port)) as s:
-                s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                          f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"worker_id\": 0".encode())
+                s.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                    f'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"worker_id": 0'.encode()
+                )
         time.sleep(1.0)
         assert httpx.get(f"{server.url}/status", timeout=10).status_code == 200
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
@@ -420,9 +498,13 @@ def test_every_refusal_carries_a_documented_code(server, monkeypatch):
             for status, answer in op["responses"].items():
                 if int(status) >= 400:
                     assert answer["content"]["application/json"]["schema"] == {
-                        "$ref": "#/components/schemas/ErrorResponse"}, (method, path, status)
-                    assert all(f"`{c}`" in answer["description"] for c in Code if c.status == int(status)
-                               and c in _ROUTE_CODES.get((method, path), ())), (method, path, status)
+                        "$ref": "#/components/schemas/ErrorResponse"
+                    }, (method, path, status)
+                    assert all(
+                        f"`{c}`" in answer["description"]
+                        for c in Code
+                        if c.status == int(status) and c in _ROUTE_CODES.get((method, path), ())
+                    ), (method, path, status)
             assert {"401", "500"} <= set(op["responses"]), (method, path)
     c = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     assert refusal_code(c.get("/no/such/path")) == Code.NOT_FOUND
@@ -440,15 +522,44 @@ def test_every_refusal_carries_a_documented_code(server, monkeypatch):
 
 #: Codes that only some routes answer, per (method, path) (the rest answer 401 and 500 everywhere).
 _ROUTE_CODES = {
-    ("post", "/round/offer"): (Code.MALFORMED, Code.LATE, Code.MIRROR_MISMATCH, Code.CONFLICT, Code.RUN_OVER,
-                               Code.UNKNOWN_WORKER, Code.NOT_REGISTERED, Code.SESSION_REPLACED, Code.TOO_LARGE,
-                               Code.TIMEOUT, Code.INVALID_REQUEST),
-    ("post", "/round/upload"): (Code.MALFORMED, Code.LATE, Code.CONFLICT, Code.UNKNOWN_WORKER, Code.NOT_REGISTERED,
-                                Code.SESSION_REPLACED, Code.TOO_LARGE, Code.TIMEOUT, Code.INVALID_REQUEST),
-    ("get", "/round/model"): (Code.RUN_OVER, Code.UNKNOWN_WORKER, Code.NOT_REGISTERED, Code.SESSION_REPLACED,
-                              Code.INVALID_REQUEST),
-    ("post", "/workers/register"): (Code.RUN_OVER, Code.UNKNOWN_WORKER, Code.TOO_LARGE, Code.TIMEOUT,
-                                    Code.INVALID_REQUEST),
+    ("post", "/round/offer"): (
+        Code.MALFORMED,
+        Code.LATE,
+        Code.MIRROR_MISMATCH,
+        Code.CONFLICT,
+        Code.RUN_OVER,
+        Code.UNKNOWN_WORKER,
+        Code.NOT_REGISTERED,
+        Code.SESSION_REPLACED,
+        Code.TOO_LARGE,
+        Code.TIMEOUT,
+        Code.INVALID_REQUEST,
+    ),
+    ("post", "/round/upload"): (
+        Code.MALFORMED,
+        Code.LATE,
+        Code.CONFLICT,
+        Code.UNKNOWN_WORKER,
+        Code.NOT_REGISTERED,
+        Code.SESSION_REPLACED,
+        Code.TOO_LARGE,
+        Code.TIMEOUT,
+        Code.INVALID_REQUEST,
+    ),
+    ("get", "/round/model"): (
+        Code.RUN_OVER,
+        Code.UNKNOWN_WORKER,
+        Code.NOT_REGISTERED,
+        Code.SESSION_REPLACED,
+        Code.INVALID_REQUEST,
+    ),
+    ("post", "/workers/register"): (
+        Code.RUN_OVER,
+        Code.UNKNOWN_WORKER,
+        Code.TOO_LARGE,
+        Code.TIMEOUT,
+        Code.INVALID_REQUEST,
+    ),
 }
 
 
@@ -459,8 +570,10 @@ def test_rounds_count_from_1_on_the_wire():
     in the headers, parameters, registration and offers, 1-based in /status."""
     from flq.transport.client import MasterClient
 
-    cfg = load_config(str(PAPER_CONFIG), {"total_workers": 1, "max_rounds": 2, "threads": 1, "model": "mlp",
-                                          "eval_every": 1000, "round_timeout_s": 60})
+    cfg = load_config(
+        str(PAPER_CONFIG),
+        {"total_workers": 1, "max_rounds": 2, "threads": 1, "model": "mlp", "eval_every": 1000, "round_timeout_s": 60},
+    )
     s = Server(cfg)
     exchanges = []  # (request, response) of the worker's calls
     try:
@@ -469,7 +582,7 @@ def test_rounds_count_from_1_on_the_wire():
         def global_model():  # its round: header, safetensors metadata, file name
             r = c.get("/get_global_model")
             (n,) = struct.unpack_from("<Q", r.content)
-            meta = json.loads(r.content[8:8 + n])["__metadata__"]["round"]
+            meta = json.loads(r.content[8 : 8 + n])["__metadata__"]["round"]
             return r.headers["X-FLQ-Round"], meta, r.headers["Content-Disposition"]
 
         assert c.get("/config").json()["round"] == 1
@@ -478,8 +591,14 @@ def test_rounds_count_from_1_on_the_wire():
         client = MasterClient(s.url, 0, give_up_s=30, poll_s=5)
         client.http.event_hooks["response"].append(lambda r: exchanges.append((r.request, r)))
         rng = np.random.default_rng(0)
-        worker = Worker(0, cfg, FlatModel(build_model("mlp")), rng.random((64, 1, 28, 28), dtype=np.float32),
-                        rng.integers(0, 10, 64), np.arange(64))
+        worker = Worker(
+            0,
+            cfg,
+            FlatModel(build_model("mlp")),
+            rng.random((64, 1, 28, 28), dtype=np.float32),
+            rng.integers(0, 10, 64),
+            np.arange(64),
+        )
         assert client.register(worker.up_version, worker.down_version)["round"] == 1
         after = -1
         for number in (1, 2):
@@ -501,8 +620,11 @@ def test_rounds_count_from_1_on_the_wire():
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             assert s.master.records[-1]["iter"] == number
-            assert global_model() == (str(number), str(number),
-                                      f'attachment; filename="flq_global_round{number}.safetensors"')
+            assert global_model() == (
+                str(number),
+                str(number),
+                f'attachment; filename="flq_global_round{number}.safetensors"',
+            )
             after = k
         deadline = time.monotonic() + 30
         while (st := c.get("/status").json())["state"] != "finished":

@@ -1,9 +1,9 @@
 """The simulator on real Fashion-MNIST: selection under the budget, the
 spreadsheet, determinism, learning, and mirrors that never drift."""
+
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +11,9 @@ import time
 
 import numpy as np
 import pytest
+from cluster_util import free_port
+from conftest import REPO, small_config
+from disk_util import disk
 from openpyxl import load_workbook
 
 from flq.algorithm.lazy import next_clock
@@ -19,10 +22,6 @@ from flq.results import CURVE_COLUMNS, read_results
 from flq.runtime import Runtime
 from flq.simulate import simulate
 from flq.worker import Worker
-
-from cluster_util import free_port
-from conftest import REPO, small_config
-from disk_util import disk
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +92,29 @@ def test_learns_above_chance_in_ten_rounds(fmnist_available):
 
 
 def test_cli_simulate_writes_spreadsheet_and_log(fmnist_available, tmp_path):
-    cmd = [sys.executable, "-m", "flq", "simulate", "--config", str(REPO / "configs" / "paper_fmnist.json"),
-           "--mode", "bin", "--b_down", "8", "--rounds", "2", "--workers", "4", "--threads", "1",
-           "--results_dir", str(tmp_path / "results"), "--log_dir", str(tmp_path / "logs"), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flq",
+        "simulate",
+        "--config",
+        str(REPO / "configs" / "paper_fmnist.json"),
+        "--mode",
+        "bin",
+        "--b_down",
+        "8",
+        "--rounds",
+        "2",
+        "--workers",
+        "4",
+        "--threads",
+        "1",
+        "--results_dir",
+        str(tmp_path / "results"),
+        "--log_dir",
+        str(tmp_path / "logs"),
+        "--no-progress",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     (xlsx,) = (tmp_path / "results").glob("flq_results_fashion_mnist_bin_*.xlsx")
@@ -104,7 +123,7 @@ def test_cli_simulate_writes_spreadsheet_and_log(fmnist_available, tmp_path):
     wb = load_workbook(xlsx, read_only=True)
     assert wb.sheetnames == ["curve_bin", "bin_bin", "config"]
     header = [c.value for c in next(wb["curve_bin"].iter_rows(max_row=1))]
-    assert header[:len(CURVE_COLUMNS)] == CURVE_COLUMNS
+    assert header[: len(CURVE_COLUMNS)] == CURVE_COLUMNS
     rows = list(wb["curve_bin"].iter_rows(min_row=2, values_only=True))
     assert [r[0] for r in rows] == [1, 2]
     binary = list(wb["bin_bin"].iter_rows(values_only=True))
@@ -121,16 +140,36 @@ def test_cli_simulate_writes_spreadsheet_and_log(fmnist_available, tmp_path):
 # ---------------------------------------------------------------------------
 # every way a run ends keeps the rounds done, and says which way in its status
 
+
 def _simulate_cmd(root, *extra):
-    return [sys.executable, "-m", "flq", "simulate", "--config", str(REPO / "configs" / "paper_fmnist.json"),
-            "--model", "mlp", "--workers", "4", "--threads", "1", "--eval_every", "1000",
-            "--results_dir", str(root / "results"), "--log_dir", str(root / "logs"), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "flq",
+        "simulate",
+        "--config",
+        str(REPO / "configs" / "paper_fmnist.json"),
+        "--model",
+        "mlp",
+        "--workers",
+        "4",
+        "--threads",
+        "1",
+        "--eval_every",
+        "1000",
+        "--results_dir",
+        str(root / "results"),
+        "--log_dir",
+        str(root / "logs"),
+        *extra,
+    ]
 
 
 def _start(root, *extra, **kw):
     root.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(_simulate_cmd(root, *extra), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
+    return subprocess.Popen(
+        _simulate_cmd(root, *extra), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def _wait_for_round(root, k, proc, timeout=120):
@@ -180,8 +219,9 @@ def test_signal_during_start_up_exits_143_in_one_line(fmnist_available, tmp_path
     assert p.returncode == 143, err
     assert "Traceback" not in err
     if not list((tmp_path / "results").glob("*.xlsx")):
-        assert err.strip().splitlines()[-1] == ("flq simulate: SIGTERM during start-up, before any round: "
-                                                "nothing to write")
+        assert err.strip().splitlines()[-1] == (
+            "flq simulate: SIGTERM during start-up, before any round: nothing to write"
+        )
 
 
 def test_diverging_run_stops_with_a_clear_message_and_its_results(fmnist_available, tmp_path):
@@ -223,8 +263,13 @@ def test_results_that_cannot_be_written_for_any_reason_are_one_line_and_exit_6(f
     root = tmp_path / "run"
     root.mkdir()
     bad = tmp_path / "res\x01ults"
-    out = subprocess.run(_simulate_cmd(root, "--rounds", "2", "--no-progress", "--results_dir", str(bad)), cwd=root,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        _simulate_cmd(root, "--rounds", "2", "--no-progress", "--results_dir", str(bad)),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 6, out.stderr
     assert "Traceback" not in out.stderr
     (line,) = [x for x in out.stderr.splitlines() if "not written" in x]
@@ -248,8 +293,9 @@ def test_progress_to_a_file_is_a_line_every_few_rounds(fmnist_available, tmp_pat
     """Before: tqdm's \\r updates, ~135 KB for 800 rounds in a nohup log."""
     log_file = tmp_path / "run.log"
     with open(log_file, "w") as f:
-        proc = subprocess.run(_simulate_cmd(tmp_path, "--rounds", "40"), cwd=tmp_path, stdout=f,
-                              stderr=subprocess.STDOUT, timeout=300)
+        proc = subprocess.run(
+            _simulate_cmd(tmp_path, "--rounds", "40"), cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, timeout=300
+        )
     assert proc.returncode == 0
     text = log_file.read_text()
     assert "\r" not in text
@@ -265,7 +311,8 @@ def test_settings_that_cannot_train_are_refused_or_warned_at_start(fmnist_availa
     assert p.returncode == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
         "flq: config error: config key 'dataset.batch_size': 5000 is larger than each worker's iid share "
-        "(60000 / 20 = 3000 samples); lower batch_size or total_workers")
+        "(60000 / 20 = 3000 samples); lower batch_size or total_workers"
+    )
     p = _start(tmp_path / "b", "--rounds", "1", "--up_budget_bits", "1e5", "--no-progress")
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0
@@ -290,10 +337,28 @@ def test_an_error_inside_the_round_loop_keeps_the_rounds_done(fmnist_available, 
 
 
 def test_master_refuses_settings_that_cannot_train_before_serving(fmnist_available, tmp_path):
-    cmd = [sys.executable, "-m", "flq", "master", "--config", str(REPO / "configs" / "paper_fmnist.json"),
-           "--workers", "20", "--partition", "iid", "--batch_size", "5000", "--port", str(free_port()),
-           "--log_dir", str(tmp_path / "logs")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flq",
+        "master",
+        "--config",
+        str(REPO / "configs" / "paper_fmnist.json"),
+        "--workers",
+        "20",
+        "--partition",
+        "iid",
+        "--batch_size",
+        "5000",
+        "--port",
+        str(free_port()),
+        "--log_dir",
+        str(tmp_path / "logs"),
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith(
-        "flq: config error: config key 'dataset.batch_size': 5000 is larger than each worker's iid share")
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("flq: config error: config key 'dataset.batch_size': 5000 is larger than each worker's iid share")
+    )

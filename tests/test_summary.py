@@ -1,5 +1,6 @@
 """Tests for flq.summary: the per-round timing columns and log line, and the
 results written at the end, which the simulator and the cluster master share."""
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,11 @@ def test_round_timings_names_and_restarts_the_stopwatches():
     master, workers = Stopwatch(), Stopwatch()
     master.totals.update(quantize=0.5, aggregate=0.25)
     workers.totals.update(compute=2.0)
-    assert round_timings(master, workers) == {"master_quantize_s": 0.5, "master_aggregate_s": 0.25,
-                                              "workers_compute_s": 2.0}
+    assert round_timings(master, workers) == {
+        "master_quantize_s": 0.5,
+        "master_aggregate_s": 0.25,
+        "workers_compute_s": 2.0,
+    }
     assert master.totals == {} and workers.totals == {}
     master.totals["evaluate"] = 1.0
     assert round_timings(master) == {"master_evaluate_s": 1.0}
@@ -34,13 +38,22 @@ def _capture(caplog, monkeypatch):
 
 
 def test_log_round_is_one_line(caplog, monkeypatch):
-    record = {"iter": 3, "loss": 0.5, "acc": float("nan"), "entropy": float("nan"), "selcnt": 2, "offers": 4,
-              "cum_bits_total": 1000, "wire_bytes_up": 10, "wire_bytes_down": 20, "round_time_s": 1.25}
+    record = {
+        "iter": 3,
+        "loss": 0.5,
+        "acc": float("nan"),
+        "entropy": float("nan"),
+        "selcnt": 2,
+        "offers": 4,
+        "cum_bits_total": 1000,
+        "wire_bytes_up": 10,
+        "wire_bytes_down": 20,
+        "round_time_s": 1.25,
+    }
     with _capture(caplog, monkeypatch):
         log_round(record)
     (line,) = [r.getMessage() for r in caplog.records]
-    assert line == ("round 3: loss 0.5000 acc nan entropy nan selected 2/4 bits 1000 wire up 10 down 20 B "
-                    "(1.25 s)")
+    assert line == ("round 3: loss 0.5000 acc nan entropy nan selected 2/4 bits 1000 wire up 10 down 20 B (1.25 s)")
 
 
 def test_simulator_records_the_cluster_timing_columns(fmnist_available, tmp_path, caplog, monkeypatch):
@@ -53,7 +66,7 @@ def test_simulator_records_the_cluster_timing_columns(fmnist_available, tmp_path
     assert set(res.timings) == MASTER_COLUMNS | {"workers_compute_s", "workers_quantize_s"}
     assert math.isclose(res.timings["master_aggregate_s"], sum(r["master_aggregate_s"] for r in res.records))
     curve = read_results(res.results_path).curve
-    assert list(curve.columns[:len(CURVE_COLUMNS)]) == CURVE_COLUMNS and MASTER_COLUMNS <= set(curve.columns)
+    assert list(curve.columns[: len(CURVE_COLUMNS)]) == CURVE_COLUMNS and MASTER_COLUMNS <= set(curve.columns)
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("round 2: ") and "/4 bits " in m and " wire up " in m for m in messages)
     assert any(m.startswith("results (completed, 2 rounds) written to ") for m in messages)

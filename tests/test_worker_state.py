@@ -2,6 +2,7 @@
 saved after every round, loaded at start when it is of the same run and
 worker, refused in one log line otherwise; and with real processes, a worker
 SIGKILLed and restarted goes on with its residual and mirrors, no resync."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,13 @@ import time
 
 import numpy as np
 import pytest
+from cluster_util import start_cluster
+from conftest import small_config
 
 from flq import worker_state
 from flq.model import MLP, FlatModel
 from flq.worker import Worker
 from flq.worker_state import WorkerStateStore, ef_digest, identity, read_state, state_path
-
-from cluster_util import start_cluster
-from conftest import small_config
 
 
 def _worker(m: int = 0, **overrides) -> Worker:
@@ -79,15 +79,18 @@ def test_save_then_load_restores_the_worker_exactly(tmp_path, caplog):
     assert f"ef sha256 {ef_digest(a.ef)}" in line.getMessage() and "round 9" in line.getMessage()
 
 
-@pytest.mark.parametrize("change, why", [
-    ({"run": "run-2"}, "run 'run-1'"),
-    ({"worker_id": 1}, "worker_id 0"),
-    ({"n": 10}, "n "),
-    ({"mode": "bin"}, "mode 'bbit'"),
-    ({"b_up": 2}, "b_up 4"),
-    ({"b_down": 32}, "b_down 8"),
-    ({"seed": 1}, "seed 42"),
-])
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ({"run": "run-2"}, "run 'run-1'"),
+        ({"worker_id": 1}, "worker_id 0"),
+        ({"n": 10}, "n "),
+        ({"mode": "bin"}, "mode 'bbit'"),
+        ({"b_up": 2}, "b_up 4"),
+        ({"b_down": 32}, "b_down 8"),
+        ({"seed": 1}, "seed 42"),
+    ],
+)
 def test_a_state_of_another_run_or_worker_is_not_loaded(tmp_path, caplog, change, why):
     caplog.set_level(logging.INFO, logger="flq")
     a = _busy(_worker())
@@ -147,13 +150,17 @@ def _pickled(p):
     np.savez(p, meta=np.array([{"format": 1}], dtype=object), ef=np.zeros(3, np.float32))
 
 
-@pytest.mark.parametrize("spoil", [
-    _corrupt_middle,
-    lambda p: p.write_bytes(p.read_bytes()[:1000]),  # truncated
-    lambda p: p.write_bytes(b"not a state file"),
-    lambda p: p.write_bytes(b""),
-    _pickled,  # never unpickled
-], ids=["flipped-byte", "truncated", "garbage", "empty", "pickled"])
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        _corrupt_middle,
+        lambda p: p.write_bytes(p.read_bytes()[:1000]),  # truncated
+        lambda p: p.write_bytes(b"not a state file"),
+        lambda p: p.write_bytes(b""),
+        _pickled,  # never unpickled
+    ],
+    ids=["flipped-byte", "truncated", "garbage", "empty", "pickled"],
+)
 def test_an_unreadable_state_is_not_loaded(tmp_path, caplog, spoil):
     caplog.set_level(logging.INFO, logger="flq")
     a = _busy(_worker())
@@ -208,8 +215,9 @@ def test_worker_flags_keep_the_state_by_default_and_turn_it_off():
     assert parser.parse_args(["worker", "--worker_id", "0"]).state_dir == "worker_state"
     assert parser.parse_args(["worker", "--worker_id", "0", "--state_dir", ""]).state_dir == ""
     assert parser.parse_args(["worker", "--worker_id", "0", "--no_state"]).no_state
-    worker_help = next(a for a in parser._subparsers._group_actions[0].choices["worker"]._actions
-                       if a.dest == "state_dir").help
+    worker_help = next(
+        a for a in parser._subparsers._group_actions[0].choices["worker"]._actions if a.dest == "state_dir"
+    ).help
     assert "flq_worker_<id>.npz" in worker_help and "'' = do not keep it" in worker_help
 
 
@@ -245,18 +253,32 @@ def test_a_killed_worker_restarts_with_its_saved_state_and_no_resync(tmp_path, f
     residual (the SHA-256 it logs), registers with the saved versions, and
     neither it nor the master resynchronizes; the run completes."""
     rounds = 10
-    cluster = start_cluster(tmp_path, 2, {"model": "mlp", "eval_every": 1000, "rounds": rounds, "mode": "bbit",
-                                          "b_up": 2, "b_down": 32, "min_workers": 0, "round_timeout_s": 4},
-                            start_workers=False)
+    cluster = start_cluster(
+        tmp_path,
+        2,
+        {
+            "model": "mlp",
+            "eval_every": 1000,
+            "rounds": rounds,
+            "mode": "bbit",
+            "b_up": 2,
+            "b_down": 32,
+            "min_workers": 0,
+            "round_timeout_s": 4,
+        },
+        start_workers=False,
+    )
     path = tmp_path / "worker_state" / "flq_worker_1.npz"  # the default --state_dir, under the worker's folder
     try:
         cluster.start_worker(0, "--no_state")
         cluster.start_worker(1)
         cluster.wait_status(lambda s: s["rounds_done"] >= 2, timeout=120, what="round 2")
         cluster.workers[0].send_signal(signal.SIGSTOP)
-        st = cluster.wait_status(lambda s: s["phase"] == "offers" and s["waiting_for"] == [0]
-                                 and s["workers"][1]["state"] == "offered", timeout=60,
-                                 what="worker 1 waiting for a selection that waits for worker 0")
+        st = cluster.wait_status(
+            lambda s: s["phase"] == "offers" and s["waiting_for"] == [0] and s["workers"][1]["state"] == "offered",
+            timeout=60,
+            what="worker 1 waiting for a selection that waits for worker 0",
+        )
         state, meta = read_state(path)
         assert meta["round"] == st["round"] - 2  # the round before the open one (status counts from 1)
         assert meta["up_version"] >= 1 and meta["down_version"] == 0  # it uploaded: versions a fresh worker lacks
@@ -268,8 +290,10 @@ def test_a_killed_worker_restarts_with_its_saved_state_and_no_resync(tmp_path, f
         cluster.start_worker(1, out_name="worker1-again.out")
         _wait_for(lambda: "ef sha256" in _out(cluster, "worker1-again"), 60, "the restarted worker's state line")
         loaded = _out(cluster, "worker1-again")
-        assert f"state of round {meta['round'] + 1} loaded from worker_state/flq_worker_1.npz " \
-               f"(up v{meta['up_version']}, down v0, clock {meta['clock']}, ef sha256 {digest})" in loaded, loaded
+        assert (
+            f"state of round {meta['round'] + 1} loaded from worker_state/flq_worker_1.npz "
+            f"(up v{meta['up_version']}, down v0, clock {meta['clock']}, ef sha256 {digest})" in loaded
+        ), loaded
         cluster.workers[0].send_signal(signal.SIGCONT)
         assert cluster.wait(timeout=120) == 0, cluster.output()
         assert [p.returncode for p in cluster.workers.values()] == [0, 0]
@@ -284,10 +308,10 @@ def test_a_killed_worker_restarts_with_its_saved_state_and_no_resync(tmp_path, f
     again = _out(cluster, "worker1-again")
     assert "resynchronized" not in _before(again, "refused"), again
     master_log = "".join(p.read_text() for p in (tmp_path / "logs").glob("master_*.log"))
-    after_restart = master_log[master_log.index("worker 1 registered again"):]
+    after_restart = master_log[master_log.index("worker 1 registered again") :]
     assert "worker 1 resynchronizes" not in _before(after_restart, "worker 1 mirror versions"), master_log
     assert [p.name for p in (tmp_path / "worker_state").iterdir()] == [path.name]  # none of --no_state's worker 0
     final = read_state(path)[1]  # the restarted worker went on saving, from the restored versions
     assert final["round"] == rounds - 1 and final["up_version"] >= meta["up_version"]
     (master_file,) = (tmp_path / "logs").glob("master_*.log")
-    assert final["run"] == meta["run"] == master_file.stem[len("master_"):]  # the run id GET /config gives
+    assert final["run"] == meta["run"] == master_file.stem[len("master_") :]  # the run id GET /config gives

@@ -12,6 +12,7 @@ is the master's start time, made unique), and holds a lock on
 never share a checkpoint and ``--resume`` never picks one that a running
 master still writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,7 @@ def run_of(checkpoint: Path, dataset: str, mode: str) -> str:
     """The run a checkpoint belongs to: ``<run>`` of :func:`checkpoint_path`'s
     name (the file's stem when it is named otherwise)."""
     stem, prefix = Path(checkpoint).stem, f"flq_master_{dataset}_{mode}_"
-    return stem[len(prefix):] if stem.startswith(prefix) and len(stem) > len(prefix) else stem
+    return stem[len(prefix) :] if stem.startswith(prefix) and len(stem) > len(prefix) else stem
 
 
 def lock_path(checkpoint: Path) -> Path:
@@ -78,8 +79,11 @@ def find_resumable(checkpoint_dir: str, dataset: str, mode: str, explicit: Optio
             raise CheckpointError(f"{path} is in use by another running master")
         return path
     folder = Path(checkpoint_dir)
-    found = sorted(folder.glob(f"flq_master_{dataset}_{mode}*.npz"), key=lambda p: p.stat().st_mtime,
-                   reverse=True) if folder.is_dir() else []
+    found = (
+        sorted(folder.glob(f"flq_master_{dataset}_{mode}*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if folder.is_dir()
+        else []
+    )
     free = [p for p in found if not FileLock.held(lock_path(p))]
     if free:
         return free[0]
@@ -98,11 +102,13 @@ def save_checkpoint(path: Path, state: Mapping[str, Any], config: Mapping[str, A
             checkpoint at ``path`` is then intact and no temporary is left.
     """
     path = Path(path)
-    arrays = {"theta": np.asarray(state["theta"], np.float32),
-              "ref_up": np.stack(state["ref_up"]).astype(np.float32, copy=False),
-              "ref_down": np.stack(state["ref_down"]).astype(np.float32, copy=False),
-              "adam_m": np.asarray(state["adam"]["m"], np.float32),
-              "adam_v": np.asarray(state["adam"]["v"], np.float32)}
+    arrays = {
+        "theta": np.asarray(state["theta"], np.float32),
+        "ref_up": np.stack(state["ref_up"]).astype(np.float32, copy=False),
+        "ref_down": np.stack(state["ref_down"]).astype(np.float32, copy=False),
+        "adam_m": np.asarray(state["adam"]["m"], np.float32),
+        "adam_v": np.asarray(state["adam"]["v"], np.float32),
+    }
     meta = {k: v for k, v in state.items() if k not in ARRAYS and k != "adam"}
     meta["adam"] = {"t": state["adam"]["t"], "lr": state["adam"]["lr"]}
     meta["format"] = FORMAT

@@ -5,13 +5,14 @@ Every config key is also a flag (``--mode``, ``--b_up``, ``--total_workers``
 the config file. Errors in the config or the data stop the program with one
 line on stderr and exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
-import zipfile
 import logging
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -27,10 +28,9 @@ DEFAULT_STATE_DIR = "worker_state"
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """``--config`` plus one flag per config key (string values are validated later)."""
-    p.add_argument("--config", default=None,
-                   help=f"JSON config file (default: ./{DEFAULT_CONFIG} when it exists)")
+    p.add_argument("--config", default=None, help=f"JSON config file (default: ./{DEFAULT_CONFIG} when it exists)")
     g = p.add_argument_group("config overrides (each is also a key of flq_config.json)")
-    for name, default, kind, help_text in field_specs():
+    for name, _default, kind, help_text in field_specs():
         flags = [f"--{name}"]
         if name == "max_rounds":
             flags += ["--rounds", "--iters"]
@@ -40,8 +40,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             flags += ["--host"]
         if name == "master_port":
             flags += ["--port"]
-        g.add_argument(*flags, dest=f"cfg_{name}", default=None, metavar=kind,
-                       help=help_text)
+        g.add_argument(*flags, dest=f"cfg_{name}", default=None, metavar=kind, help=help_text)
 
 
 def overrides_from(args: argparse.Namespace) -> Dict[str, Any]:
@@ -63,14 +62,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     cfg = config_from(args)
     check_paths(cfg)
-    logfile = setup_logging(cfg.log_dir, f"simulate_{cfg.mode}", cfg.log_level, args.verbose,
-                            console_level="WARNING")
+    logfile = setup_logging(cfg.log_dir, f"simulate_{cfg.mode}", cfg.log_level, args.verbose, console_level="WARNING")
     remove_stale_temporaries(Path(cfg.results_dir))
     result = simulate(cfg, write=True, progress=not args.no_progress)
     last = next((r for r in reversed(result.records) if r["acc"] == r["acc"]), None)
     if last is not None:
-        print(f"final: round {last['iter']} test accuracy {last['acc']:.4f} "
-              f"cross-entropy {last['entropy']:.4f} cumulative bits {last['cum_bits_total']:.4g}")
+        print(
+            f"final: round {last['iter']} test accuracy {last['acc']:.4f} "
+            f"cross-entropy {last['entropy']:.4f} cumulative bits {last['cum_bits_total']:.4g}"
+        )
     if result.results_path is not None:
         print(f"results: {result.results_path}")
         if not result.not_saved:
@@ -139,8 +139,10 @@ def cmd_master(args: argparse.Namespace) -> int:
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.certfile, args.keyfile)
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"--certfile {args.certfile} / --keyfile {args.keyfile}: not a usable certificate "
-                              f"and key ({exc.reason if isinstance(exc, ssl.SSLError) else exc})") from None
+            raise ConfigError(
+                f"--certfile {args.certfile} / --keyfile {args.keyfile}: not a usable certificate "
+                f"and key ({exc.reason if isinstance(exc, ssl.SSLError) else exc})"
+            ) from None
     if not 0 <= args.linger_s <= 3600:
         raise ConfigError(f"--linger_s {args.linger_s}: expected seconds 0..3600")
     sock = listen_on(cfg.master_host, cfg.master_port)  # held from now: a second master on the port is refused at once
@@ -150,15 +152,24 @@ def cmd_master(args: argparse.Namespace) -> int:
     logfile = setup_logging(cfg.log_dir, "master", cfg.log_level, args.verbose)
     log.info("log file %s", logfile)
     log.info("auth token: %s", source)
-    end = run_master(cfg, run_id=logfile.stem[len("master_"):], certfile=args.certfile, keyfile=args.keyfile,
-                     resume=resume, linger_s=args.linger_s, sock=sock)
+    end = run_master(
+        cfg,
+        run_id=logfile.stem[len("master_") :],
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        resume=resume,
+        linger_s=args.linger_s,
+        sock=sock,
+    )
     if end.not_saved:
         print(f"flq master: {end.not_saved}", file=sys.stderr)
     elif end.results_path is None:
         print("flq master: no round finished, so no results were written", file=sys.stderr)
     if end.reason != outcome.COMPLETED:
-        print(f"flq master: run ended ({end.reason}){': ' + end.detail if end.detail else ''} "
-              f"(exit {end.exit_status})", file=sys.stderr)
+        print(
+            f"flq master: run ended ({end.reason}){': ' + end.detail if end.detail else ''} (exit {end.exit_status})",
+            file=sys.stderr,
+        )
     return end.exit_status
 
 
@@ -173,11 +184,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .transport.client import master_url
 
     if not 0 <= args.worker_id <= MAX_WORKER_ID:
-        raise ConfigError(f"--worker_id {args.worker_id}: expected an integer 0..{MAX_WORKER_ID} "
-                          f"(below the run's total_workers)")
-    local = {"device": args.device, "threads": args.threads, "data_dir": args.data_dir, "log_dir": args.log_dir,
-             "enable_mixed_precision": args.enable_mixed_precision,
-             "gpu_memory_limit_mb": args.gpu_memory_limit_mb}
+        raise ConfigError(
+            f"--worker_id {args.worker_id}: expected an integer 0..{MAX_WORKER_ID} (below the run's total_workers)"
+        )
+    local = {
+        "device": args.device,
+        "threads": args.threads,
+        "data_dir": args.data_dir,
+        "log_dir": args.log_dir,
+        "enable_mixed_precision": args.enable_mixed_precision,
+        "gpu_memory_limit_mb": args.gpu_memory_limit_mb,
+    }
     for key, value in local.items():  # validate before any work
         if value is not None:
             coerce(key, value, f"--{key}")
@@ -197,20 +214,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
     token, source = auth_token_source(args.auth_token, "")
     logfile = setup_logging(args.log_dir or "logs", f"worker{args.worker_id}", "INFO", args.verbose)
     log.info("log file %s", logfile)
-    log.info("worker %d joins %s; auth token: %s; state %s", args.worker_id, url, source,
-             f"in {state_dir}" if state_dir else "not saved")
-    end = run_worker(args.worker_id, url, local, auth_token=token, verify=args.cafile or True,
-                     give_up_s=args.give_up_s, state_dir=state_dir)
-    log.info("worker %d done after %d rounds: %s (exit %d)", args.worker_id, end.rounds, end.detail or end.reason,
-             end.exit_status)
+    log.info(
+        "worker %d joins %s; auth token: %s; state %s",
+        args.worker_id,
+        url,
+        source,
+        f"in {state_dir}" if state_dir else "not saved",
+    )
+    end = run_worker(
+        args.worker_id,
+        url,
+        local,
+        auth_token=token,
+        verify=args.cafile or True,
+        give_up_s=args.give_up_s,
+        state_dir=state_dir,
+    )
+    log.info(
+        "worker %d done after %d rounds: %s (exit %d)",
+        args.worker_id,
+        end.rounds,
+        end.detail or end.reason,
+        end.exit_status,
+    )
     if end.reason != outcome.COMPLETED:
         print(f"flq worker {args.worker_id}: {end.detail} (exit {end.exit_status})", file=sys.stderr)
     return end.exit_status
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flq", description="FLQ-Fed: federated learning with low-bit, "
-                                     "lazy, budgeted communication")
+    parser = argparse.ArgumentParser(
+        prog="flq", description="FLQ-Fed: federated learning with low-bit, lazy, budgeted communication"
+    )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"flq-fed {__version__}")
@@ -229,18 +264,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.add_argument("--certfile", default=None, help="TLS certificate (PEM) to serve HTTPS")
     p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue a run from its checkpoint: the newest of this dataset and mode in checkpoint_dir "
-                        "that no running master holds, or the .npz file given")
-    p.add_argument("--linger_s", type=float, default=5.0,
-                   help="after the run ends, keep answering 410 to workers this long (seconds, default 5)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue a run from its checkpoint: the newest of this dataset and mode in checkpoint_dir "
+        "that no running master holds, or the .npz file given",
+    )
+    p.add_argument(
+        "--linger_s",
+        type=float,
+        default=5.0,
+        help="after the run ends, keep answering 410 to workers this long (seconds, default 5)",
+    )
     p.set_defaults(func=cmd_master)
 
     p = sub.add_parser("worker", help="join a master as worker N")
     p.add_argument("--worker_id", type=int, required=True, help="this worker's id, 0..total_workers-1")
-    p.add_argument("--master_ip", default="127.0.0.1",
-                   help="master address: host name, IPv4, IPv6 (brackets optional), HOST:PORT or an http(s):// "
-                        "URL (default 127.0.0.1)")
+    p.add_argument(
+        "--master_ip",
+        default="127.0.0.1",
+        help="master address: host name, IPv4, IPv6 (brackets optional), HOST:PORT or an http(s):// "
+        "URL (default 127.0.0.1)",
+    )
     p.add_argument("--master_port", default=None, help="master port (default: the address's, else 5000)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (this device's own setting)")
     p.add_argument("--threads", default=None, help="PyTorch threads on this device (0 = all cores)")
@@ -248,19 +296,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log_dir", default=None, help="where the worker log goes (default logs)")
     p.add_argument("--enable_mixed_precision", default=None, help="float16 autocast on CUDA (true/false)")
     p.add_argument("--gpu_memory_limit_mb", default=None, help="cap on this process's CUDA memory")
-    p.add_argument("--auth_token", default=None,
-                   help="bearer token (default $FLQ_AUTH_TOKEN; the flag wins over the environment)")
+    p.add_argument(
+        "--auth_token", default=None, help="bearer token (default $FLQ_AUTH_TOKEN; the flag wins over the environment)"
+    )
     p.add_argument("--cafile", default=None, help="CA bundle to verify the master's HTTPS certificate")
     p.add_argument("--tls", action="store_true", help="talk HTTPS with the system CAs")
-    p.add_argument("--give_up_s", type=float, default=300.0,
-                   help="exit (status 7) after the master did not answer this long (seconds, default 300)")
-    p.add_argument("--state_dir", default=DEFAULT_STATE_DIR, metavar="DIR",
-                   help=f"folder where the worker keeps its state (mirrors, error-feedback residual, lazy clock, "
-                        f"random streams) after every round, as flq_worker_<id>.npz, and reloads it when restarted "
-                        f"in the same run (default ./{DEFAULT_STATE_DIR}; '' = do not keep it)")
-    p.add_argument("--no_state", action="store_true",
-                   help="do not keep the worker's state: a restarted worker gets its mirrors from the master and "
-                        "starts its residual and clock afresh (same as --state_dir '')")
+    p.add_argument(
+        "--give_up_s",
+        type=float,
+        default=300.0,
+        help="exit (status 7) after the master did not answer this long (seconds, default 300)",
+    )
+    p.add_argument(
+        "--state_dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"folder where the worker keeps its state (mirrors, error-feedback residual, lazy clock, "
+        f"random streams) after every round, as flq_worker_<id>.npz, and reloads it when restarted "
+        f"in the same run (default ./{DEFAULT_STATE_DIR}; '' = do not keep it)",
+    )
+    p.add_argument(
+        "--no_state",
+        action="store_true",
+        help="do not keep the worker's state: a restarted worker gets its mirrors from the master and "
+        "starts its residual and clock afresh (same as --state_dir '')",
+    )
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_worker)
 
@@ -288,15 +348,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"flq: config error: {exc}", file=sys.stderr)
         return outcome.EXIT_CONFIG
     except outcome.Interrupted as exc:
-        print(f"flq {args.command}: {exc.reason.upper()} during start-up, before any round: nothing to write",
-              file=sys.stderr)
+        print(
+            f"flq {args.command}: {exc.reason.upper()} during start-up, before any round: nothing to write",
+            file=sys.stderr,
+        )
         return outcome.exit_status(exc.reason)
     except KeyboardInterrupt:
         print("flq: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        print("flq: error: out of memory (fewer total_workers, a smaller batch_size or eval_batch_size?)",
-              file=sys.stderr)
+        print(
+            "flq: error: out of memory (fewer total_workers, a smaller batch_size or eval_batch_size?)", file=sys.stderr
+        )
         return 2
     except Exception as exc:  # one line for expected failures (missing data, bad device)
         from .checkpoint import CheckpointError

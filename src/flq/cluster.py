@@ -46,6 +46,7 @@ The same message sent twice (a retry after a lost answer) gets the same
 answer and is counted once: the round's model (same bytes), an offer (same
 selection) and an upload (accepted again, counted once).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -140,10 +141,17 @@ class ClusterMaster:
             by ``GET /config`` so that they can tell their saved state's run.
     """
 
-    def __init__(self, master: Master, cfg: Config, on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
-                 on_finish: Optional[Callable[[str], None]] = None,
-                 clock: Callable[[], float] = time.monotonic, pause_s: float = PAUSE_S,
-                 poll_s: float = POLL_S, run_id: str = "") -> None:
+    def __init__(
+        self,
+        master: Master,
+        cfg: Config,
+        on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
+        on_finish: Optional[Callable[[str], None]] = None,
+        clock: Callable[[], float] = time.monotonic,
+        pause_s: float = PAUSE_S,
+        poll_s: float = POLL_S,
+        run_id: str = "",
+    ) -> None:
         self.master = master
         self.cfg = cfg
         self.run_id = run_id
@@ -209,8 +217,11 @@ class ClusterMaster:
         if info.left:
             raise MasterError(f"worker {info.worker_id} has left: register again", Code.NOT_REGISTERED)
         if session is not None and session != info.session:
-            raise MasterError(f"worker {info.worker_id} session replaced: another process registered with this id"
-                              f" from {info.address or '?'}", Code.SESSION_REPLACED)
+            raise MasterError(
+                f"worker {info.worker_id} session replaced: another process registered with this id"
+                f" from {info.address or '?'}",
+                Code.SESSION_REPLACED,
+            )
 
     def _seen(self, worker_id: int, state: Optional[str] = None, session: Optional[str] = None) -> WorkerInfo:
         info = self.workers.get(worker_id)
@@ -235,8 +246,10 @@ class ClusterMaster:
         self.waiting_since += gap
         for w in self.workers.values():
             w.last_seen += gap
-        log.warning("the master did not run for %.0f s (stopped, suspended or starved): its timeouts are extended by "
-                    "as much", gap)
+        log.warning(
+            "the master did not run for %.0f s (stopped, suspended or starved): its timeouts are extended by as much",
+            gap,
+        )
 
     def is_live(self, info: WorkerInfo) -> bool:
         """Heard from within ``worker_timeout_s`` and not left."""
@@ -259,8 +272,9 @@ class ClusterMaster:
             raise RunFinished(self.finish_reason)
 
     # ----- worker calls ---------------------------------------------------
-    async def register(self, worker_id: int, up_version: int, down_version: int, address: str = "",
-                       threads: int = 0, device: str = "") -> Dict[str, Any]:
+    async def register(
+        self, worker_id: int, up_version: int, down_version: int, address: str = "", threads: int = 0, device: str = ""
+    ) -> Dict[str, Any]:
         """Register (or re-register) worker m.
 
         The newest registration of an id wins: calls that carry an older
@@ -285,22 +299,35 @@ class ClusterMaster:
         info = self.workers.get(worker_id)
         if info is None:
             info = self.workers[worker_id] = WorkerInfo(worker_id, now, now, address=address)
-            log.info("worker %d registered from %s (%d/%d)", worker_id, address or "?", len(self.workers),
-                     self.cfg.total_workers)
+            log.info(
+                "worker %d registered from %s (%d/%d)",
+                worker_id,
+                address or "?",
+                len(self.workers),
+                self.cfg.total_workers,
+            )
         else:
-            log.info("worker %d registered again from %s%s", worker_id, address or "?",
-                     " (the older process with this id is told it was replaced)" if self.is_live(info) else "")
+            log.info(
+                "worker %d registered again from %s%s",
+                worker_id,
+                address or "?",
+                " (the older process with this id is told it was replaced)" if self.is_live(info) else "",
+            )
             info.last_seen, info.state, info.left = now, "registered", False
             info.address = address or info.address
             if self.phase == PHASE_OFFERS:
                 self.master.forget_downlink(worker_id)
         info.threads, info.device = int(threads), str(device)[:64]
         info.session = secrets.token_hex(8)
-        resync = (up_version, down_version) != (self.master.up_version[worker_id],
-                                                 self.master.down_version[worker_id])
+        resync = (up_version, down_version) != (self.master.up_version[worker_id], self.master.down_version[worker_id])
         await self._notify()
-        return {"resync": resync, "round": self.round_number, "state": self.state, "session": info.session,
-                "heartbeat_s": self.heartbeat_s}
+        return {
+            "resync": resync,
+            "round": self.round_number,
+            "state": self.state,
+            "session": info.session,
+            "heartbeat_s": self.heartbeat_s,
+        }
 
     def heartbeat(self, worker_id: int, session: Optional[str] = None) -> Dict[str, Any]:
         """A live worker's periodic sign of life (every ``heartbeat_s``).
@@ -341,12 +368,17 @@ class ClusterMaster:
         m = self.master
         if self.phase == PHASE_OFFERS:
             m.forget_downlink(worker_id)
-        log.info("worker %d resynchronizes its mirrors (up v%d, down v%d)", worker_id, m.up_version[worker_id],
-                 m.down_version[worker_id])
+        log.info(
+            "worker %d resynchronizes its mirrors (up v%d, down v%d)",
+            worker_id,
+            m.up_version[worker_id],
+            m.down_version[worker_id],
+        )
         return m.ref_up[worker_id], m.ref_down[worker_id], m.up_version[worker_id], m.down_version[worker_id]
 
-    async def fetch_round(self, worker_id: int, wait_s: float, session: Optional[str] = None,
-                          after: int = -1) -> Optional[RoundView]:
+    async def fetch_round(
+        self, worker_id: int, wait_s: float, session: Optional[str] = None, after: int = -1
+    ) -> Optional[RoundView]:
         """Wait up to ``wait_s`` seconds for a round after round ``after`` (the
         algorithm's 0-based k; -1 for any) that is open to offers and that this worker has not offered
         in, and return this worker's downlink for it. Asked again for the
@@ -377,8 +409,12 @@ class ClusterMaster:
             payload = m.downlink(worker_id)
             if again:
                 m.add_wire_bytes(down=len(payload))
-                log.info("worker %d fetched round %d's model again (a retry): the same %d bytes", worker_id,
-                         m.round + 1, len(payload))
+                log.info(
+                    "worker %d fetched round %d's model again (a retry): the same %d bytes",
+                    worker_id,
+                    m.round + 1,
+                    len(payload),
+                )
             return RoundView(m.round, m.me_k, payload, m.down_version[worker_id])
 
     async def offer(self, offer: Offer, session: Optional[str] = None, wait_s: float = 20.0) -> Optional[bool]:
@@ -405,8 +441,10 @@ class ClusterMaster:
         info = self._seen(m, session=session)
         self._finished()
         if self.phase not in (PHASE_OFFERS, PHASE_UPLOADS) or offer.round != self.master.round:
-            raise MasterError(f"offer for round {offer.round + 1} is late (round {self.master.round + 1}, phase "
-                              f"{self.phase})", Code.LATE)
+            raise MasterError(
+                f"offer for round {offer.round + 1} is late (round {self.master.round + 1}, phase {self.phase})",
+                Code.LATE,
+            )
         if self.master.add_offer(offer):
             info.state, info.rounds_offered = "offered", info.rounds_offered + 1
             await self._notify()
@@ -418,8 +456,9 @@ class ClusterMaster:
                     return None
         self._finished()
         if offer.round != self.master.round:
-            raise MasterError(f"round {offer.round + 1} closed before its selection reached worker {m}: not "
-                              f"selected", Code.LATE)
+            raise MasterError(
+                f"round {offer.round + 1} closed before its selection reached worker {m}: not selected", Code.LATE
+            )
         selected = self.decided[m]
         info.state = "uploading" if selected else "idle"
         return selected
@@ -444,16 +483,18 @@ class ClusterMaster:
             return
         if self.counted_uploads.get(worker_id) == (round_index, payload_digest(payload)):
             return  # a retry of an upload counted before its round closed
-        raise MasterError(f"upload for round {round_index + 1} is late (round {self.master.round + 1}, phase "
-                          f"{self.phase})", Code.LATE)
+        raise MasterError(
+            f"upload for round {round_index + 1} is late (round {self.master.round + 1}, phase {self.phase})", Code.LATE
+        )
 
     def abort(self, reason: str) -> None:
         """Exit now (a second signal): from here on every call is answered
         410 with the run's end reason, so the workers leave at once."""
         self.stop_reason = self.stop_reason or reason
         self.finish_reason = self.finish_reason or self.stop_reason
-        self.finish_detail = self.finish_detail or (f"{reason} again: exited at once after {len(self.master.records)} "
-                                                    f"rounds")
+        self.finish_detail = self.finish_detail or (
+            f"{reason} again: exited at once after {len(self.master.records)} rounds"
+        )
         self.state = FINISHED
         try:
             asyncio.get_running_loop().create_task(self._notify())
@@ -471,8 +512,7 @@ class ClusterMaster:
             log.info("stop requested (%s) at round %d", reason, self.master.round + 1)
 
     # ----- the round loop -------------------------------------------------
-    async def _wait_until(self, predicate: Callable[[], bool],
-                          deadline: Optional[Callable[[], float]] = None) -> bool:
+    async def _wait_until(self, predicate: Callable[[], bool], deadline: Optional[Callable[[], float]] = None) -> bool:
         """Wait until predicate() (re-checked on every notification and at
         least every ``poll_s`` real seconds) or the clock reaches
         ``deadline()`` (asked afresh each time: a pause of the master moves
@@ -523,8 +563,7 @@ class ClusterMaster:
         async with self.cond:
             self.state = FINISHED
             self.cond.notify_all()
-        log.info("run ended (%s) after %d rounds%s", reason, len(self.master.records),
-                 f": {detail}" if detail else "")
+        log.info("run ended (%s) after %d rounds%s", reason, len(self.master.records), f": {detail}" if detail else "")
 
     async def _watch_liveness(self) -> None:
         """Every second: :meth:`check_liveness`."""
@@ -540,8 +579,11 @@ class ClusterMaster:
             gone = not w.left and not self.is_live(w)
             if gone and w.worker_id not in self._absent:
                 self._absent.add(w.worker_id)
-                log.warning("worker %d absent: not heard from for %.0f s (system.worker_timeout_s)",
-                            w.worker_id, self.clock() - w.last_seen)
+                log.warning(
+                    "worker %d absent: not heard from for %.0f s (system.worker_timeout_s)",
+                    w.worker_id,
+                    self.clock() - w.last_seen,
+                )
             elif not gone and w.worker_id in self._absent:
                 self._absent.discard(w.worker_id)
                 if not w.left:
@@ -585,21 +627,34 @@ class ClusterMaster:
         """
         cfg = self.cfg
         need = cfg.needed_workers
-        log.info("waiting for %d of %d workers (system.min_workers), at most %.0f s (system.start_timeout_s)",
-                 need, cfg.total_workers, cfg.start_timeout_s)
+        log.info(
+            "waiting for %d of %d workers (system.min_workers), at most %.0f s (system.start_timeout_s)",
+            need,
+            cfg.total_workers,
+            cfg.start_timeout_s,
+        )
         self.waiting_since = self._last_tick = self.clock()
         log_at = LOG_EVERY_S  # seconds after waiting_since: the next "still waiting" line
-        while not await self._wait_until(lambda: len(self.connected) >= need or self.stop_requested,
-                                         lambda: self.waiting_since + min(log_at, cfg.start_timeout_s)):
+        while not await self._wait_until(
+            lambda: len(self.connected) >= need or self.stop_requested,
+            lambda: self.waiting_since + min(log_at, cfg.start_timeout_s),  # noqa: B023 (read only while waiting)
+        ):
             missing = self._missing(self.connected)
             waited = self.clock() - self.waiting_since
             if waited >= cfg.start_timeout_s:
-                return outcome.QUORUM_LOST, (f"only {len(self.connected)} of the {need} workers needed were present "
-                                             f"within start_timeout_s ({cfg.start_timeout_s:.0f} s); missing "
-                                             f"{missing}")
-            log.info("still waiting: %d of the %d workers needed are present; missing %s (start them or lower "
-                     "system.min_workers); the run ends in %.0f s", len(self.connected), need, missing,
-                     cfg.start_timeout_s - waited)
+                return outcome.QUORUM_LOST, (
+                    f"only {len(self.connected)} of the {need} workers needed were present "
+                    f"within start_timeout_s ({cfg.start_timeout_s:.0f} s); missing "
+                    f"{missing}"
+                )
+            log.info(
+                "still waiting: %d of the %d workers needed are present; missing %s (start them or lower "
+                "system.min_workers); the run ends in %.0f s",
+                len(self.connected),
+                need,
+                missing,
+                cfg.start_timeout_s - waited,
+            )
             log_at = waited + LOG_EVERY_S
         if self.stop_requested:
             return self.stop_reason, "stopped before round 1"
@@ -639,21 +694,32 @@ class ClusterMaster:
         give_up = cfg.round_timeout_s + cfg.quorum_timeout_s  # seconds after the round opened
         log_at = cfg.round_timeout_s  # the next "waiting for" line, seconds after the round opened
         while True:
-            if await self._wait_until(lambda: self._offers_closed(need) or self._stop_now(need),
-                                      lambda: self.round_opened_at + min(log_at, give_up)):
+            if await self._wait_until(
+                lambda: self._offers_closed(need) or self._stop_now(need),
+                lambda: self.round_opened_at + min(log_at, give_up),  # noqa: B023 (read only while waiting)
+            ):
                 break
             open_s = self.clock() - self.round_opened_at
             if open_s >= give_up:
                 self.phase = PHASE_IDLE
-                return outcome.QUORUM_LOST, (f"round {k + 1}: {len(m.offers)} of the {need} offers needed "
-                                             f"(system.min_workers) after round_timeout_s + quorum_timeout_s "
-                                             f"({cfg.round_timeout_s + cfg.quorum_timeout_s:.0f} s); missing "
-                                             f"{self._missing(m.offers)}")
+                return outcome.QUORUM_LOST, (
+                    f"round {k + 1}: {len(m.offers)} of the {need} offers needed "
+                    f"(system.min_workers) after round_timeout_s + quorum_timeout_s "
+                    f"({cfg.round_timeout_s + cfg.quorum_timeout_s:.0f} s); missing "
+                    f"{self._missing(m.offers)}"
+                )
             waiting = self.waiting_for()
-            log.warning("round %d: %d of the %d offers needed (system.min_workers) after %.0f s; waiting for "
-                        "worker(s) %s (%s); the run ends in %.0f s unless they offer (system.quorum_timeout_s)",
-                        k + 1, len(m.offers), need, open_s, waiting,
-                        ", ".join(f"{w}: {self._describe(w)}" for w in waiting), give_up - open_s)
+            log.warning(
+                "round %d: %d of the %d offers needed (system.min_workers) after %.0f s; waiting for "
+                "worker(s) %s (%s); the run ends in %.0f s unless they offer (system.quorum_timeout_s)",
+                k + 1,
+                len(m.offers),
+                need,
+                open_s,
+                waiting,
+                ", ".join(f"{w}: {self._describe(w)}" for w in waiting),
+                give_up - open_s,
+            )
             log_at = open_s + LOG_EVERY_S
         if not self._offers_closed(need):
             self.phase = PHASE_IDLE
@@ -689,8 +755,9 @@ class ClusterMaster:
             included): they count as not selected.
         """
         cfg, m = self.cfg, self.master
-        await self._wait_until(lambda: not self._uploads_awaited()
-                               or self.clock() - self.uploads_opened_at >= cfg.round_timeout_s)
+        await self._wait_until(
+            lambda: not self._uploads_awaited() or self.clock() - self.uploads_opened_at >= cfg.round_timeout_s
+        )
         missing = [w for w in self.selected if w not in m.received]
         if missing:
             log.warning("round %d: uploads from %s never arrived; counted as not selected", m.round + 1, missing)
@@ -774,8 +841,9 @@ class ClusterMaster:
             "phase": self.phase,
             "round": self.round_number,  # 1-based like iter: in progress (or next, or last)
             "rounds_done": len(m.records),
-            "round_open_s": (round(now - self.round_opened_at, 3)
-                             if self.phase in (PHASE_OFFERS, PHASE_UPLOADS) else None),
+            "round_open_s": (
+                round(now - self.round_opened_at, 3) if self.phase in (PHASE_OFFERS, PHASE_UPLOADS) else None
+            ),
             "waiting_for": self.waiting_for() if self.state != FINISHED else [],
             "live_workers": len(self.connected),
             "max_rounds": self.cfg.max_rounds,
@@ -784,20 +852,34 @@ class ClusterMaster:
             "b_down": self.cfg.downlink_bits,
             "total_workers": self.cfg.total_workers,
             "min_workers": self.cfg.needed_workers,
-            "timeouts_s": {"round": self.cfg.round_timeout_s, "worker": self.cfg.worker_timeout_s,
-                           "start": self.cfg.start_timeout_s, "quorum": self.cfg.quorum_timeout_s,
-                           "heartbeat": self.heartbeat_s},
+            "timeouts_s": {
+                "round": self.cfg.round_timeout_s,
+                "worker": self.cfg.worker_timeout_s,
+                "start": self.cfg.start_timeout_s,
+                "quorum": self.cfg.quorum_timeout_s,
+                "heartbeat": self.heartbeat_s,
+            },
             "workers": [
-                {"worker_id": w.worker_id, "state": self.shown_state(w), "last_seen": unix_now - (now - w.last_seen),
-                 "seconds_since_seen": round(now - w.last_seen, 3), "rounds_offered": w.rounds_offered,
-                 "rounds_uploaded": w.rounds_uploaded, "address": w.address, "threads": w.threads,
-                 "device": w.device}
+                {
+                    "worker_id": w.worker_id,
+                    "state": self.shown_state(w),
+                    "last_seen": unix_now - (now - w.last_seen),
+                    "seconds_since_seen": round(now - w.last_seen, 3),
+                    "rounds_offered": w.rounds_offered,
+                    "rounds_uploaded": w.rounds_uploaded,
+                    "address": w.address,
+                    "threads": w.threads,
+                    "device": w.device,
+                }
                 for w in sorted(self.workers.values(), key=lambda w: w.worker_id)
             ],
             "last_metrics": _jsonable(last),
             "last_evaluation": _jsonable(last_eval),
-            "bits": {"up_cum": m.bits_up_cum, "down_cum": m.bits_down_cum,
-                     "total_cum": m.bits_up_cum + m.bits_down_cum},
+            "bits": {
+                "up_cum": m.bits_up_cum,
+                "down_cum": m.bits_down_cum,
+                "total_cum": m.bits_up_cum + m.bits_down_cum,
+            },
             "wire_bytes": {"up_cum": m.wire_up_cum, "down_cum": m.wire_down_cum},
             "stop_requested": self.stop_requested,
             "finish_reason": self.finish_reason,

@@ -15,11 +15,12 @@ register reply and ``flq simulate --help`` are generated from them. Every key
 is checked: an unknown key or a bad value raises :class:`ConfigError`, one
 line naming the key as it was written and what is allowed.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Type, Callable, Dict, List, Literal, Mapping, Optional, Tuple
+from typing import Annotated, Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple, Type
 
 import annotated_types
 import pydantic
@@ -81,6 +82,7 @@ def _choice(normalize: Callable[[str], str]) -> Callable[[Any], Any]:
         if not isinstance(value, str):
             raise ValueError("not a string")
         return normalize(value)
+
     return read
 
 
@@ -111,40 +113,61 @@ class SystemSection(_Section):
     """``system``: the cluster, its timeouts, threads, checkpoints and auth."""
 
     total_workers: Annotated[int, Int] = _field(20, "number of workers M", ge=1, le=1000)
-    min_workers: Annotated[int, Int] = _field(0, "workers needed to start a round (0 = all)",
-                                              note="0 = all; at most total_workers", ge=0)
+    min_workers: Annotated[int, Int] = _field(
+        0, "workers needed to start a round (0 = all)", note="0 = all; at most total_workers", ge=0
+    )
     max_rounds: Annotated[int, Int] = _field(800, "rounds to train", ge=1)
     seed: Annotated[int, Int] = _field(42, "seed of partition, init and all draws", ge=0, le=2**32 - 1)
     device: Annotated[Literal["auto", "cpu", "cuda"], Choice] = _field("auto", "compute device")
     threads: Annotated[int, Int] = _field(0, "intra-op threads for PyTorch", note="0 = all cores", ge=0, le=1024)
     eval_every: Annotated[int, Int] = _field(1, "evaluate the global model every N rounds (and the last)", ge=1)
     eval_batch_size: Annotated[int, Int] = _field(64, "batch size of test-set evaluation", ge=1)
-    master_host: Annotated[str, Str] = _field("0.0.0.0", "address the master listens on",
-                                              allowed="a host name or address", min_length=1, pattern=r"\S")
+    master_host: Annotated[str, Str] = _field(
+        "0.0.0.0", "address the master listens on", allowed="a host name or address", min_length=1, pattern=r"\S"
+    )
     master_port: Annotated[int, Int] = _field(5000, "master HTTP port", ge=1, le=65535)
     round_timeout_s: Annotated[float, Float] = _field(
-        60.0, "a round closes this long after it opened once min_workers have offered; stragglers count as not "
-        "selected", note="seconds", gt=0, le=WEEK_S)
+        60.0,
+        "a round closes this long after it opened once min_workers have offered; stragglers count as not selected",
+        note="seconds",
+        gt=0,
+        le=WEEK_S,
+    )
     worker_timeout_s: Annotated[float, Float] = _field(
-        30.0, "a worker not heard from this long (it sends a heartbeat every third of it) is shown absent and no "
-        "longer waited for", note="seconds", ge=3, le=WEEK_S)
+        30.0,
+        "a worker not heard from this long (it sends a heartbeat every third of it) is shown absent and no "
+        "longer waited for",
+        note="seconds",
+        ge=3,
+        le=WEEK_S,
+    )
     start_timeout_s: Annotated[float, Float] = _field(
-        600.0, "how long the master waits for min_workers to join before round 1, then ends the run (exit 5)",
-        note="seconds", gt=0, le=WEEK_S)
+        600.0,
+        "how long the master waits for min_workers to join before round 1, then ends the run (exit 5)",
+        note="seconds",
+        gt=0,
+        le=WEEK_S,
+    )
     quorum_timeout_s: Annotated[float, Float] = _field(
-        300.0, "how long a round short of min_workers offers waits past round_timeout_s, then the run ends "
-        "(exit 5)", note="seconds", gt=0, le=WEEK_S)
+        300.0,
+        "how long a round short of min_workers offers waits past round_timeout_s, then the run ends (exit 5)",
+        note="seconds",
+        gt=0,
+        le=WEEK_S,
+    )
     checkpoint_every: Annotated[int, Int] = _field(10, "master checkpoint every N rounds", note="0 = never", ge=0)
     checkpoint_dir: Annotated[str, Str] = _field("checkpoints", "where master checkpoints go", allowed="a folder path")
-    auth_token: Annotated[str, Str] = _field("", "bearer token for worker calls and /stop",
-                                             allowed="a string ('' = no auth; env FLQ_AUTH_TOKEN)")
+    auth_token: Annotated[str, Str] = _field(
+        "", "bearer token for worker calls and /stop", allowed="a string ('' = no auth; env FLQ_AUTH_TOKEN)"
+    )
     status_requires_token: Annotated[bool, Bool] = _field(False, "GET /status needs the token too")
 
     @model_validator(mode="after")
-    def _min_workers_fit(self) -> "SystemSection":
+    def _min_workers_fit(self) -> SystemSection:
         if self.min_workers > self.total_workers:
-            raise ValueError(f"config key 'system.min_workers': {self.min_workers} exceeds total_workers "
-                             f"{self.total_workers}")
+            raise ValueError(
+                f"config key 'system.min_workers': {self.min_workers} exceeds total_workers {self.total_workers}"
+            )
         return self
 
 
@@ -152,8 +175,9 @@ class DatasetSection(_Section):
     """``dataset``: which data, where it is, how it is split among workers."""
 
     dataset: Annotated[Literal["fashion_mnist", "mnist"], Choice] = _field("fashion_mnist", "dataset", alias="name")
-    data_dir: Annotated[str, Str] = _field("", "folder with the IDX files",
-                                           allowed="a folder path ('' = search the defaults)")
+    data_dir: Annotated[str, Str] = _field(
+        "", "folder with the IDX files", allowed="a folder path ('' = search the defaults)"
+    )
     partition: Annotated[Literal["iid", "non_iid"], Choice] = _field("non_iid", "how to split the training set")
     dir_alpha: Annotated[float, Float] = _field(0.1, "Dirichlet concentration of non_iid", gt=0)
     batch_size: Annotated[int, Int] = _field(64, "minibatch size", ge=1)
@@ -165,13 +189,14 @@ class ModelSection(_Section):
     model: Annotated[Literal["cnn", "mlp"], Choice] = _field("cnn", "model (mlp: a small test model)", alias="name")
     lr: Annotated[float, Float] = _field(1e-3, "master Adam step size", gt=0)
     l2: Annotated[float, Float] = _field(5e-4, "L2 coefficient cl", ge=0)
-    local_steps: Annotated[int, Int] = _field(0, "local SGD steps per round (docs/algorithm.md, Local training)",
-                                              note="0 = one gradient", ge=0)
+    local_steps: Annotated[int, Int] = _field(
+        0, "local SGD steps per round (docs/algorithm.md, Local training)", note="0 = one gradient", ge=0
+    )
     local_epochs: Annotated[int, Int] = _field(0, "local epochs per round (sets local_steps)", ge=0)
     local_lr: Annotated[float, Float] = _field(0.0, "local SGD step size", note="0 = lr", ge=0)
 
     @model_validator(mode="after")
-    def _one_local_length(self) -> "ModelSection":
+    def _one_local_length(self) -> ModelSection:
         if self.local_steps > 0 and self.local_epochs > 0:
             raise ValueError("config keys 'model.local_steps' and 'model.local_epochs': set one, not both")
         return self
@@ -181,20 +206,22 @@ class FlqAlgorithmSection(_Section):
     """``flq_algorithm``: the uplink scheme, bit widths and the aggregate's scaling."""
 
     mode: Annotated[Literal[MODES], Choice] = _field(  # type: ignore[valid-type]
-        compressors.DEFAULT_MODE, "uplink scheme: " + "; ".join(f"{s.name}: {s.summary}"
-                                                                for s in compressors.UPLINK.values()))
-    b_up: Annotated[int, Int] = _field(4, "uplink bits of the modes whose width is b_up", ge=1,
-                                       le=compressors.MAX_BITS)
+        compressors.DEFAULT_MODE,
+        "uplink scheme: " + "; ".join(f"{s.name}: {s.summary}" for s in compressors.UPLINK.values()),
+    )
+    b_up: Annotated[int, Int] = _field(4, "uplink bits of the modes whose width is b_up", ge=1, le=compressors.MAX_BITS)
     b_down: Annotated[int, Int] = _field(8, "downlink bits", allowed="0, 32 (exact) or 1..16", ge=0, le=32)
     scale_by_selected: Annotated[bool, Bool] = _field(True, "scale the aggregate by m_sel / sel_ref")
     sel_ref: Annotated[float, Float] = _field(1.0, "reference count of scale_by_selected", ge=1)
     clip_global: Annotated[float, Float] = _field(0.0, "clip the aggregate's norm", note="0 = off", ge=0)
 
     @model_validator(mode="after")
-    def _bits_fit_mode(self) -> "FlqAlgorithmSection":
+    def _bits_fit_mode(self) -> FlqAlgorithmSection:
         if not (self.b_down in (0, 32) or 1 <= self.b_down <= compressors.MAX_BITS):
-            raise ValueError(f"config key 'flq_algorithm.b_down': got {self.b_down}, expected 0, 32 (exact) "
-                             f"or 1..{compressors.MAX_BITS}")
+            raise ValueError(
+                f"config key 'flq_algorithm.b_down': got {self.b_down}, expected 0, 32 (exact) "
+                f"or 1..{compressors.MAX_BITS}"
+            )
         scheme = compressors.uplink(self.mode)
         problem = scheme.check_bits(self.b_up)
         if problem:
@@ -234,17 +261,22 @@ class JetsonOptimizationSection(_Section):
 class LoggingSection(_Section):
     """``logging``: log level and where logs and spreadsheets go."""
 
-    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], pydantic.BeforeValidator(
-        _choice(str.upper))] = _field("INFO", "log level", alias="level")
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], pydantic.BeforeValidator(_choice(str.upper))] = (
+        _field("INFO", "log level", alias="level")
+    )
     log_dir: Annotated[str, Str] = _field("logs", "where logs go", allowed="a folder path")
     results_dir: Annotated[str, Str] = _field("results", "where spreadsheets go", allowed="a folder path")
 
 
 #: The sections of ``flq_config.json``, in file order.
 SECTIONS: Dict[str, Type[_Section]] = {
-    "system": SystemSection, "dataset": DatasetSection, "model": ModelSection,
-    "flq_algorithm": FlqAlgorithmSection, "lazy_selection": LazySelectionSection,
-    "budget_selection": BudgetSelectionSection, "jetson_optimization": JetsonOptimizationSection,
+    "system": SystemSection,
+    "dataset": DatasetSection,
+    "model": ModelSection,
+    "flq_algorithm": FlqAlgorithmSection,
+    "lazy_selection": LazySelectionSection,
+    "budget_selection": BudgetSelectionSection,
+    "jetson_optimization": JetsonOptimizationSection,
     "logging": LoggingSection,
 }
 
@@ -263,8 +295,16 @@ class ConfigFile(_Section):
     logging: LoggingSection = LoggingSection()
 
 
-class Config(LoggingSection, JetsonOptimizationSection, BudgetSelectionSection, LazySelectionSection,
-             FlqAlgorithmSection, ModelSection, DatasetSection, SystemSection):
+class Config(
+    LoggingSection,
+    JetsonOptimizationSection,
+    BudgetSelectionSection,
+    LazySelectionSection,
+    FlqAlgorithmSection,
+    ModelSection,
+    DatasetSection,
+    SystemSection,
+):
     """All knobs of a run, flat: every section's fields (and cross-field
     checks) in one frozen object. Defaults are the original experiments'
     (docs/algorithm.md, "Defaults of the original experiments")."""
@@ -293,7 +333,7 @@ class Config(LoggingSection, JetsonOptimizationSection, BudgetSelectionSection, 
             return self.local_epochs * -(-partition_size // self.batch_size)
         return max(self.local_steps, 1)
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` (flat names), validated like a file.
 
         Raises:
@@ -319,14 +359,22 @@ class Config(LoggingSection, JetsonOptimizationSection, BudgetSelectionSection, 
 
 
 #: ``{section: {key in the file: flat name}}``.
-_KEYS: Dict[str, Dict[str, str]] = {sec: {(f.alias or name): name for name, f in model.model_fields.items()}
-                                    for sec, model in SECTIONS.items()}
-_FIELDS: Dict[str, Tuple[str, str, FieldInfo]] = {name: (sec, key, SECTIONS[sec].model_fields[name])
-                                                  for sec, keys in _KEYS.items() for key, name in keys.items()}
+_KEYS: Dict[str, Dict[str, str]] = {
+    sec: {(f.alias or name): name for name, f in model.model_fields.items()} for sec, model in SECTIONS.items()
+}
+_FIELDS: Dict[str, Tuple[str, str, FieldInfo]] = {
+    name: (sec, key, SECTIONS[sec].model_fields[name]) for sec, keys in _KEYS.items() for key, name in keys.items()
+}
 _ADAPTERS: Dict[str, TypeAdapter] = {}
 #: Flat aliases: the original README's and the paper's other names.
-ALIASES = {"iters": "max_rounds", "rounds": "max_rounds", "workers": "total_workers", "M": "total_workers",
-           "cl": "l2", "b": "b_up"}
+ALIASES = {
+    "iters": "max_rounds",
+    "rounds": "max_rounds",
+    "workers": "total_workers",
+    "M": "total_workers",
+    "cl": "l2",
+    "b": "b_up",
+}
 
 
 def allowed(name: str) -> str:
@@ -354,8 +402,14 @@ def allowed(name: str) -> str:
         if lo is not None and hi is not None and not lo.startswith(">") and ann is int:
             text = f"{kind} {lo}..{hi}"
         else:
-            parts = [p for p in ((f"> {lo[2:]}" if lo and lo.startswith(">") else f">= {lo}") if lo else "",
-                                 f"at most {hi}" if hi else "") if p]
+            parts = [
+                p
+                for p in (
+                    (f"> {lo[2:]}" if lo and lo.startswith(">") else f">= {lo}") if lo else "",
+                    f"at most {hi}" if hi else "",
+                )
+                if p
+            ]
             text = f"{kind}, {' and '.join(parts)}" if parts else kind
     note = extra.get("note")
     return f"{text} ({note})" if note and note != "seconds" else text
@@ -416,14 +470,17 @@ def parse_mapping(data: Mapping[str, Any], source: str = "config") -> Dict[str, 
                     continue
                 name = _KEYS[key].get(sub)
                 if name is None:
-                    raise ConfigError(f"{source}: unknown key {key + '.' + sub!r} "
-                                      f"(allowed in '{key}': {', '.join(_KEYS[key])})")
+                    raise ConfigError(
+                        f"{source}: unknown key {key + '.' + sub!r} (allowed in '{key}': {', '.join(_KEYS[key])})"
+                    )
                 put(name, v, f"{key}.{sub}")
             continue
         name = _resolve_flat(key)
         if name is None:
-            raise ConfigError(f"{source}: unknown key {key!r} (sections: {', '.join(SECTIONS)}; "
-                              f"or a flat key such as total_workers, batch_size, mode)")
+            raise ConfigError(
+                f"{source}: unknown key {key!r} (sections: {', '.join(SECTIONS)}; "
+                f"or a flat key such as total_workers, batch_size, mode)"
+            )
         put(name, value, key)
     return values
 
@@ -492,8 +549,13 @@ def field_specs() -> List[Tuple[str, Any, str, str]]:
     for sec, keys in _KEYS.items():
         for key, name in keys.items():
             f = _FIELDS[name][2]
-            choices = getattr(f.annotation, "__args__", ()) if getattr(f.annotation, "__origin__", None) is Literal else ()
-            kind = "{%s}" % ",".join(choices) if choices else \
-                {int: "INT", float: "FLOAT", bool: "BOOL"}.get(f.annotation, "STR")  # type: ignore[arg-type]
+            choices = (
+                getattr(f.annotation, "__args__", ()) if getattr(f.annotation, "__origin__", None) is Literal else ()
+            )
+            kind = (
+                "{" + ",".join(choices) + "}"
+                if choices
+                else {int: "INT", float: "FLOAT", bool: "BOOL"}.get(f.annotation, "STR")
+            )  # type: ignore[arg-type]
             out.append((name, f.default, kind, f"{f.description} [{sec}.{key}; {allowed(name)}]"))
     return out

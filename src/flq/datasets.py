@@ -236,9 +236,7 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
     if len(data) < 4:
         raise DatasetError(f"{path}: not an IDX file (only {len(data)} bytes)")
     if data[0] != 0 or data[1] != 0:
-        raise DatasetError(
-            f"{path}: not an IDX file (bad magic 0x{data[0]:02x}{data[1]:02x}, expected 0x0000)"
-        )
+        raise DatasetError(f"{path}: not an IDX file (bad magic 0x{data[0]:02x}{data[1]:02x}, expected 0x0000)")
     code, ndim = data[2], data[3]
     if code not in _IDX_DTYPES:
         raise DatasetError(f"{path}: unknown IDX data type code 0x{code:02x}")
@@ -253,8 +251,7 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
     expected = header + count * dtype.itemsize
     if len(data) != expected:
         raise DatasetError(
-            f"{path}: IDX size mismatch (dims {list(dims)} of {dtype.name} need "
-            f"{expected} bytes, found {len(data)})"
+            f"{path}: IDX size mismatch (dims {list(dims)} of {dtype.name} need {expected} bytes, found {len(data)})"
         )
     return np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(dims)
 
@@ -379,16 +376,13 @@ def _fetch(url: str, dest_dir: Path, filename: str, expected: str, timeout: floa
                     break
                 size += len(chunk)
                 if size > MAX_DOWNLOAD_BYTES:
-                    raise DatasetError(
-                        f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes, refusing it"
-                    )
+                    raise DatasetError(f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes, refusing it")
                 h.update(chunk)
                 out.write(chunk)
         digest = h.hexdigest()
         if digest != expected:
             raise DatasetError(
-                f"{url}: SHA-256 mismatch for {filename} (expected {expected}, got {digest}); "
-                "the file was deleted"
+                f"{url}: SHA-256 mismatch for {filename} (expected {expected}, got {digest}); the file was deleted"
             )
         final = dest_dir / filename
         os.replace(tmp, final)
@@ -459,9 +453,7 @@ def download_dataset(
                 reason = getattr(exc, "reason", None) or exc
                 errors.append(f"{url}: {_one_line(reason)}")
         else:
-            raise DatasetError(
-                f"could not download {info.title} file {filename}: " + "; ".join(errors)
-            )
+            raise DatasetError(f"could not download {info.title} file {filename}: " + "; ".join(errors))
     return dest_dir
 
 
@@ -516,9 +508,7 @@ def _load_images(path: Path) -> np.ndarray:
 def _load_labels(path: Path, n_images: int) -> np.ndarray:
     raw = _parse_idx(_read_idx_bytes(path), path)
     if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise DatasetError(
-            f"{path}: expected uint8 labels of shape [N], found {raw.dtype.name} {list(raw.shape)}"
-        )
+        raise DatasetError(f"{path}: expected uint8 labels of shape [N], found {raw.dtype.name} {list(raw.shape)}")
     if raw.shape[0] != n_images:
         raise DatasetError(f"{path}: {raw.shape[0]} labels for {n_images} images")
     if raw.size and int(raw.max()) >= NUM_CLASSES:
@@ -558,9 +548,7 @@ def _download_disabled() -> bool:
 def _not_found_message(info: DatasetInfo, searched: Sequence[Path], reason: str) -> str:
     ways = []
     if info.debian_package:
-        ways.append(
-            f"install Debian's {info.debian_package} (apt-get install {info.debian_package})"
-        )
+        ways.append(f"install Debian's {info.debian_package} (apt-get install {info.debian_package})")
     files = ", ".join(FILES)
     ways.append(f"set {ENV_DATA_DIR} to a folder holding the four IDX .gz files ({files})")
     ways.append(f"or allow the download ({reason})")
@@ -568,9 +556,7 @@ def _not_found_message(info: DatasetInfo, searched: Sequence[Path], reason: str)
     return _one_line(f"{info.title} not found in {where}; " + ", ".join(ways))
 
 
-def load_dataset(
-    name: str, data_dir: Optional[PathLike] = None, download: bool = True
-) -> Dataset:
+def load_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool = True) -> Dataset:
     """Load a dataset's train and test splits (docs/algorithm.md, Data).
 
     The files are looked for with :func:`find_dataset_dir`. When none of the

@@ -16,6 +16,7 @@ of ``{"check", "status", "detail", "fix"}`` instead (``status`` is ``ok``,
 
 Run it as ``flq doctor`` or ``python -m flq.doctor``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,16 +85,18 @@ def _version_tuple(text: str) -> Tuple[int, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the doctor's flags to ``p`` (the ``flq doctor`` sub-parser or a parser of its own)."""
-    p.add_argument("--config", default=None,
-                   help=f"JSON config file (default: ./{DEFAULT_CONFIG} when it exists)")
-    p.add_argument("--master_ip", default=None,
-                   help="also check that the master at this address answers GET /status")
-    p.add_argument("--master_port", default=None,
-                   help="master port (default: the config's system.master_port, 5000)")
-    p.add_argument("--data_dir", default=None,
-                   help="folder with the dataset's IDX files (overrides the config's dataset.data_dir)")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
-                   help="device to check (overrides the config's system.device)")
+    p.add_argument("--config", default=None, help=f"JSON config file (default: ./{DEFAULT_CONFIG} when it exists)")
+    p.add_argument("--master_ip", default=None, help="also check that the master at this address answers GET /status")
+    p.add_argument("--master_port", default=None, help="master port (default: the config's system.master_port, 5000)")
+    p.add_argument(
+        "--data_dir", default=None, help="folder with the dataset's IDX files (overrides the config's dataset.data_dir)"
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=("auto", "cpu", "cuda"),
+        help="device to check (overrides the config's system.device)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list of the checks instead of text")
 
 
@@ -106,8 +109,12 @@ def _check_python() -> Check:
     v = sys.version_info
     text = f"{v.major}.{v.minor}.{v.micro} ({platform.python_implementation()}, {sys.executable})"
     if (v.major, v.minor) < MIN_PYTHON:
-        return Check("python", FAIL, f"{text}: FLQ-Fed needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer",
-                     f"use Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer")
+        return Check(
+            "python",
+            FAIL,
+            f"{text}: FLQ-Fed needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer",
+            f"use Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer",
+        )
     return Check("python", OK, text)
 
 
@@ -115,8 +122,12 @@ def _check_torch() -> Tuple[Check, Any]:
     try:
         import torch
     except Exception as exc:  # ImportError, or a broken install raising something else
-        return Check("torch", FAIL, f"PyTorch cannot be imported: {_one_line(exc)}",
-                     "pip install 'torch>=2.0,<3' (on Jetson: NVIDIA's PyTorch wheel for your JetPack)"), None
+        return Check(
+            "torch",
+            FAIL,
+            f"PyTorch cannot be imported: {_one_line(exc)}",
+            "pip install 'torch>=2.0,<3' (on Jetson: NVIDIA's PyTorch wheel for your JetPack)",
+        ), None
     if torch.version.cuda:
         build = f"CUDA {torch.version.cuda}"
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
@@ -128,8 +139,12 @@ def _check_torch() -> Tuple[Check, Any]:
         build = "CPU build"
     text = f"{torch.__version__} ({build})"
     if _version_tuple(torch.__version__)[:2] < MIN_TORCH:
-        return Check("torch", FAIL, f"{text}: FLQ-Fed needs PyTorch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}",
-                     "pip install 'torch>=2.0,<3'"), torch
+        return Check(
+            "torch",
+            FAIL,
+            f"{text}: FLQ-Fed needs PyTorch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}",
+            "pip install 'torch>=2.0,<3'",
+        ), torch
     return Check("torch", OK, text), torch
 
 
@@ -152,12 +167,23 @@ def _load(args: argparse.Namespace) -> Tuple[Check, Config]:
     try:
         cfg = load_config(path)
     except ConfigError as exc:
-        return (Check("config", FAIL, _one_line(exc),
-                      f"correct {path} (each key's allowed values: flq simulate --help); "
-                      "the checks below use the defaults"),
-                Config())
-    return (Check("config", OK, f"{path}: valid (mode {cfg.mode}, {cfg.total_workers} workers, "
-                                f"dataset {cfg.dataset}, device {cfg.device})"), cfg)
+        return (
+            Check(
+                "config",
+                FAIL,
+                _one_line(exc),
+                f"correct {path} (each key's allowed values: flq simulate --help); the checks below use the defaults",
+            ),
+            Config(),
+        )
+    return (
+        Check(
+            "config",
+            OK,
+            f"{path}: valid (mode {cfg.mode}, {cfg.total_workers} workers, dataset {cfg.dataset}, device {cfg.device})",
+        ),
+        cfg,
+    )
 
 
 def _check_device(torch: Any, cfg: Config, requested: str) -> List[Check]:
@@ -179,8 +205,14 @@ def _check_device(torch: Any, cfg: Config, requested: str) -> List[Check]:
     threads = f"system.threads {cfg.threads}" + (" = all cores" if cfg.threads == 0 else "")
     checks.append(Check("cpu", OK, f"{os.cpu_count()} cores, PyTorch threads {torch.get_num_threads()} ({threads})"))
     if cfg.enable_mixed_precision:
-        checks.append(Check("mixed precision", WARN, "n/a on CPU (enable_mixed_precision needs CUDA)",
-                            "set jetson_optimization.enable_mixed_precision to false, or run on a CUDA device"))
+        checks.append(
+            Check(
+                "mixed precision",
+                WARN,
+                "n/a on CPU (enable_mixed_precision needs CUDA)",
+                "set jetson_optimization.enable_mixed_precision to false, or run on a CUDA device",
+            )
+        )
     else:
         checks.append(Check("mixed precision", OK, "n/a on CPU (enable_mixed_precision is off)"))
     return checks
@@ -191,19 +223,29 @@ def _check_cuda(torch: Any, cfg: Config, dev: Any, requested: str) -> List[Check
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
     except Exception as exc:
-        return [Check("device", FAIL, f"cuda: cannot query the GPU: {_one_line(exc)}",
-                      "check the NVIDIA driver (nvidia-smi), or set system.device to cpu")]
+        return [
+            Check(
+                "device",
+                FAIL,
+                f"cuda: cannot query the GPU: {_one_line(exc)}",
+                "check the NVIDIA driver (nvidia-smi), or set system.device to cpu",
+            )
+        ]
     checks = [Check("device", OK, f"cuda:{index} (requested {requested}; {torch.cuda.device_count()} CUDA device(s))")]
     total_mib = int(props.total_memory) // (1024 * 1024)
-    checks.append(Check("gpu", OK, f"{props.name}, compute capability {props.major}.{props.minor}, "
-                                   f"{total_mib} MiB"))
+    checks.append(Check("gpu", OK, f"{props.name}, compute capability {props.major}.{props.minor}, {total_mib} MiB"))
     limit = cfg.gpu_memory_limit_mb
     if limit == 0:
         checks.append(Check("gpu memory", OK, f"{total_mib} MiB total; gpu_memory_limit_mb 0 (no cap)"))
     elif limit > total_mib:
-        checks.append(Check("gpu memory", WARN, f"gpu_memory_limit_mb {limit} exceeds the GPU's {total_mib} MiB "
-                                                "(the cap has no effect)",
-                            f"set jetson_optimization.gpu_memory_limit_mb to at most {total_mib} (0 = no cap)"))
+        checks.append(
+            Check(
+                "gpu memory",
+                WARN,
+                f"gpu_memory_limit_mb {limit} exceeds the GPU's {total_mib} MiB (the cap has no effect)",
+                f"set jetson_optimization.gpu_memory_limit_mb to at most {total_mib} (0 = no cap)",
+            )
+        )
     else:
         checks.append(Check("gpu memory", OK, f"gpu_memory_limit_mb {limit} of {total_mib} MiB total"))
     checks.append(_check_autocast(torch, cfg, index))
@@ -225,10 +267,12 @@ def _check_autocast(torch: Any, cfg: Config, index: int) -> Check:
             raise RuntimeError(f"autocast matmul gave {value}, expected 4.0")
     except Exception as exc:
         status = FAIL if cfg.enable_mixed_precision else WARN
-        return Check("mixed precision", status,
-                     f"float16 autocast does not work on cuda:{index}: {_one_line(exc)} "
-                     f"(enable_mixed_precision is {state})",
-                     "set jetson_optimization.enable_mixed_precision to false")
+        return Check(
+            "mixed precision",
+            status,
+            f"float16 autocast does not work on cuda:{index}: {_one_line(exc)} (enable_mixed_precision is {state})",
+            "set jetson_optimization.enable_mixed_precision to false",
+        )
     return Check("mixed precision", OK, f"float16 autocast works on cuda:{index} (enable_mixed_precision is {state})")
 
 
@@ -238,8 +282,7 @@ def _dataset_fix(info: Any) -> str:
     ways = []
     if info.debian_package:
         ways.append(f"apt-get install {info.debian_package}")
-    ways.append(f"set {ENV_DATA_DIR}" + ("" if info.debian_package else
-                                         " to a folder holding the four IDX .gz files"))
+    ways.append(f"set {ENV_DATA_DIR}" + ("" if info.debian_package else " to a folder holding the four IDX .gz files"))
     download = "or allow the download"
     if _download_disabled():
         download += f" (unset {ENV_NO_DOWNLOAD})"
@@ -250,8 +293,12 @@ def _check_dataset(cfg: Config, data_dir: Optional[str]) -> Check:
     try:
         from .datasets import DATASETS, DatasetError, canonical_name, find_dataset_dir, search_dirs
     except Exception as exc:
-        return Check("dataset", FAIL, f"flq.datasets cannot be imported: {_one_line(exc)}",
-                     "pip install -e . (with its dependencies)")
+        return Check(
+            "dataset",
+            FAIL,
+            f"flq.datasets cannot be imported: {_one_line(exc)}",
+            "pip install -e . (with its dependencies)",
+        )
     try:
         info = DATASETS[canonical_name(cfg.dataset)]
         found = find_dataset_dir(info.name, data_dir)
@@ -289,23 +336,35 @@ def _check_master(ip: str, port_arg: Any, cfg: Config) -> Check:
         reason = _one_line(exc) or type(exc).__name__
         return Check("master", FAIL, f"master at {where} not reachable: {reason}", fix)
     except Exception as exc:  # a malformed address
-        return Check("master", FAIL, f"master at {where} not reachable: {_one_line(exc) or type(exc).__name__}",
-                     fix)
+        return Check("master", FAIL, f"master at {where} not reachable: {_one_line(exc) or type(exc).__name__}", fix)
     if r.status_code in (401, 403):
-        return Check("master", FAIL, f"master at {where} refused GET /status (HTTP {r.status_code})",
-                     "set FLQ_AUTH_TOKEN to the master's token")
+        return Check(
+            "master",
+            FAIL,
+            f"master at {where} refused GET /status (HTTP {r.status_code})",
+            "set FLQ_AUTH_TOKEN to the master's token",
+        )
     if r.status_code != 200:
-        return Check("master", FAIL, f"master at {where} answered GET /status with HTTP {r.status_code}",
-                     f"check that {where} is the FLQ master ({fix})")
+        return Check(
+            "master",
+            FAIL,
+            f"master at {where} answered GET /status with HTTP {r.status_code}",
+            f"check that {where} is the FLQ master ({fix})",
+        )
     try:
         doc = r.json()
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
     except ValueError:
-        return Check("master", FAIL, f"{where} answered GET /status but not with the FLQ master's JSON",
-                     f"check that {where} is the FLQ master ({fix})")
-    detail = (f"master at {where}: state {doc.get('state', '?')}, round {doc.get('round', '?')}, "
-              f"mode {doc.get('mode', '?')}")
+        return Check(
+            "master",
+            FAIL,
+            f"{where} answered GET /status but not with the FLQ master's JSON",
+            f"check that {where} is the FLQ master ({fix})",
+        )
+    detail = (
+        f"master at {where}: state {doc.get('state', '?')}, round {doc.get('round', '?')}, mode {doc.get('mode', '?')}"
+    )
     if isinstance(doc.get("workers"), list):
         need = doc.get("min_workers", doc.get("total_workers", "?"))
         detail += f", {len(doc['workers'])} workers known (needs {need})"
@@ -360,9 +419,11 @@ def run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """A stand-alone parser with the doctor's flags (for ``python -m flq.doctor``)."""
-    p = argparse.ArgumentParser(prog="flq doctor",
-                                description="Check that this machine can run FLQ-Fed: Python, PyTorch, "
-                                            "device, GPU, dataset, config and (optionally) the master.")
+    p = argparse.ArgumentParser(
+        prog="flq doctor",
+        description="Check that this machine can run FLQ-Fed: Python, PyTorch, "
+        "device, GPU, dataset, config and (optionally) the master.",
+    )
     add_arguments(p)
     return p
 

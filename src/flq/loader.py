@@ -8,6 +8,7 @@ the previous step. The batch order is drawn in the caller's thread from the
 worker's :class:`~flq.partition.BatchStream`, so prefetching never changes which
 samples a round uses.
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,8 +35,15 @@ class BatchLoader:
         pin_memory: True on CUDA, where host batches are pinned for async copies.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, stream: BatchStream, device: torch.device,
-                 prefetch: int = 2, workers: int = 2) -> None:
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        stream: BatchStream,
+        device: torch.device,
+        prefetch: int = 2,
+        workers: int = 2,
+    ) -> None:
         self.x, self.y, self.stream, self.device = x, y, stream, device
         self.prefetch = prefetch if workers > 0 else 0
         self.workers = workers if prefetch > 0 else 0

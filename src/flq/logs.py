@@ -1,5 +1,6 @@
 """Log files of SYSTEM.md: ``logs/<role>_<timestamp>.log`` (``master``,
 ``worker<id>``, ``simulate_<mode>``), plus the console."""
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,9 @@ from .outputs import claim_unique
 FILE_ONLY = {"file_only": True}
 
 
-def setup_logging(log_dir: str, role: str, level: str = "INFO", verbose: bool = False,
-                  console_level: Optional[str] = None) -> Path:
+def setup_logging(
+    log_dir: str, role: str, level: str = "INFO", verbose: bool = False, console_level: Optional[str] = None
+) -> Path:
     """Send the ``flq`` loggers to a new timestamped file in ``log_dir`` and to stderr.
 
     Args:

@@ -20,6 +20,7 @@ a round whose step would make the model or Adam's state non-finite, or whose
 workers report a non-finite loss, is recorded and then raises
 :class:`~flq.outcome.Diverged`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -32,12 +33,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .algorithm import packing
-from .algorithm.vector import squared_norm
+from .algorithm import compressors, packing
 from .algorithm.aggregation import MAX_UPDATE_MAGNITUDE, Adam, aggregate
 from .algorithm.lazy import history_energy
-from .algorithm import compressors
 from .algorithm.selection import Candidate, select
+from .algorithm.vector import squared_norm
 from .config import Config
 from .messages import Offer
 from .outcome import Diverged
@@ -82,8 +82,14 @@ class Master:
         stopwatch: where to account seconds ("quantize", "aggregate", "evaluate").
     """
 
-    def __init__(self, cfg: Config, segments: Sequence[int], theta0: np.ndarray,
-                 evaluate: Optional[Evaluator] = None, stopwatch: Optional[Stopwatch] = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        segments: Sequence[int],
+        theta0: np.ndarray,
+        evaluate: Optional[Evaluator] = None,
+        stopwatch: Optional[Stopwatch] = None,
+    ) -> None:
         self.cfg = cfg
         self.stopwatch = stopwatch or NullStopwatch()
         self.segments = tuple(int(s) for s in segments)
@@ -111,9 +117,14 @@ class Master:
         self.selected_history: List[List[int]] = []
         self._reset_round()
         if cfg.sel_clients == 0 and 0 < cfg.up_budget_bits < self.upload_cost:
-            log.warning("budget_selection.up_budget_bits %.4g is smaller than one upload (%d bits in mode %s): no "
-                        "worker can ever be selected and the model will not train; raise it, or set 0 (no budget) "
-                        "or sel_clients", cfg.up_budget_bits, self.upload_cost, cfg.mode)
+            log.warning(
+                "budget_selection.up_budget_bits %.4g is smaller than one upload (%d bits in mode %s): no "
+                "worker can ever be selected and the model will not train; raise it, or set 0 (no budget) "
+                "or sel_clients",
+                cfg.up_budget_bits,
+                self.upload_cost,
+                cfg.mode,
+            )
 
     def _reset_round(self) -> None:
         self.me_k = 0.0
@@ -132,7 +143,7 @@ class Master:
         """Start round ``self.round``; return ``me_k`` (step 1)."""
         self._reset_round()
         D = self.cfg.D
-        recent = list(self.history)[:min(self.round, D)] if D > 0 else []
+        recent = list(self.history)[: min(self.round, D)] if D > 0 else []
         self.me_k = history_energy(recent, self.cfg.ck)
         return self.me_k
 
@@ -160,8 +171,9 @@ class Master:
         bits = self.cfg.downlink_bits
         scheme = self.down_scheme
         with self.stopwatch.section("quantize"):
-            qv, w = scheme.encode_update(self.theta, self.ref_down[worker_id], bits, self.down_rng[worker_id],
-                                         self.segments)
+            qv, w = scheme.encode_update(
+                self.theta, self.ref_down[worker_id], bits, self.down_rng[worker_id], self.segments
+            )
             payload = packing.encode(qv)
             if scheme.relative:
                 self.ref_down[worker_id] = w
@@ -213,12 +225,15 @@ class Master:
             raise MasterError("offer is a candidate with a non-finite loss", Code.MALFORMED)
         expected_cost = float(self.upload_cost)
         if offer.cost != expected_cost:
-            raise MasterError(f"offer cost {offer.cost:g} bits, expected {expected_cost:g} for mode {self.cfg.mode}",
-                              Code.MALFORMED)
+            raise MasterError(
+                f"offer cost {offer.cost:g} bits, expected {expected_cost:g} for mode {self.cfg.mode}", Code.MALFORMED
+            )
         if (offer.up_version, offer.down_version) != (self.up_version[m], self.down_version[m]):
-            raise MasterError(f"worker {m} mirror versions (up {offer.up_version}, down {offer.down_version}) "
-                              f"differ from the master's (up {self.up_version[m]}, down {self.down_version[m]})",
-                              Code.MIRROR_MISMATCH)
+            raise MasterError(
+                f"worker {m} mirror versions (up {offer.up_version}, down {offer.down_version}) "
+                f"differ from the master's (up {self.up_version[m]}, down {self.down_version[m]})",
+                Code.MIRROR_MISMATCH,
+            )
         self.offers[m] = offer
         return True
 
@@ -250,22 +265,26 @@ class Master:
         if worker_id in self.received:
             if self.received_digest[worker_id] == digest:
                 return False
-            raise MasterError(f"worker {worker_id} already uploaded other bytes in round {self.round + 1}",
-                              Code.CONFLICT)
+            raise MasterError(
+                f"worker {worker_id} already uploaded other bytes in round {self.round + 1}", Code.CONFLICT
+            )
         scheme, bits = self.up_scheme, self.cfg.uplink_bits
         with self.stopwatch.section("quantize"):
             try:
-                qv = packing.decode(payload, expected_n=self.n, expected_bits=bits,
-                                    expected_segments=scheme.segments(self.segments))
+                qv = packing.decode(
+                    payload, expected_n=self.n, expected_bits=bits, expected_segments=scheme.segments(self.segments)
+                )
             except packing.PayloadError as exc:
                 raise MasterError(f"upload from worker {worker_id}: {exc}", Code.MALFORMED) from None
             q = scheme.decode_update(qv, self.ref_up[worker_id])
             if not np.isfinite(q).all():
                 raise MasterError(f"upload from worker {worker_id} decodes to non-finite values", Code.MALFORMED)
             if q.size and float(np.abs(q).max()) >= MAX_UPDATE_MAGNITUDE:
-                raise MasterError(f"upload from worker {worker_id} has values of magnitude >= "
-                                  f"{MAX_UPDATE_MAGNITUDE:g}: their squares would overflow float32 in Adam",
-                                  Code.MALFORMED)
+                raise MasterError(
+                    f"upload from worker {worker_id} has values of magnitude >= "
+                    f"{MAX_UPDATE_MAGNITUDE:g}: their squares would overflow float32 in Adam",
+                    Code.MALFORMED,
+                )
         if scheme.relative:
             self.ref_up[worker_id] = q
             self.up_version[worker_id] += 1
@@ -342,8 +361,10 @@ class Master:
         self.round += 1
         diverging = [m for m in sorted(self.offers) if not math.isfinite(self.offers[m].loss)]
         if diverging and not problem:
-            problem = (f"worker(s) {diverging} report a diverged local model (non-finite loss, or an update "
-                       f"beyond {MAX_UPDATE_MAGNITUDE:g}; is lr {cfg.lr:g} too large?)")
+            problem = (
+                f"worker(s) {diverging} report a diverged local model (non-finite loss, or an update "
+                f"beyond {MAX_UPDATE_MAGNITUDE:g}; is lr {cfg.lr:g} too large?)"
+            )
         if problem:
             raise Diverged(f"round {k + 1} diverged: {problem}")
         return record
@@ -367,21 +388,27 @@ class Master:
     def check_worker(self, worker_id: int) -> None:
         """Raise MasterError (404) unless ``worker_id`` is one of this run's ids."""
         if not isinstance(worker_id, int) or not 0 <= worker_id < self.cfg.total_workers:
-            raise MasterError(f"unknown worker id {worker_id!r} (0..{self.cfg.total_workers - 1})",
-                              Code.UNKNOWN_WORKER)
+            raise MasterError(f"unknown worker id {worker_id!r} (0..{self.cfg.total_workers - 1})", Code.UNKNOWN_WORKER)
 
     # ----- checkpointing ------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume between rounds (arrays are copies)."""
         return {
-            "round": self.round, "theta": self.theta.copy(), "adam": self.adam.state_dict(),
+            "round": self.round,
+            "theta": self.theta.copy(),
+            "adam": self.adam.state_dict(),
             "history": list(self.history),
-            "ref_up": [r.copy() for r in self.ref_up], "ref_down": [r.copy() for r in self.ref_down],
-            "up_version": list(self.up_version), "down_version": list(self.down_version),
+            "ref_up": [r.copy() for r in self.ref_up],
+            "ref_down": [r.copy() for r in self.ref_down],
+            "up_version": list(self.up_version),
+            "down_version": list(self.down_version),
             "down_rng": [g.bit_generator.state for g in self.down_rng],
-            "bits_up_cum": self.bits_up_cum, "bits_down_cum": self.bits_down_cum,
-            "wire_up_cum": self.wire_up_cum, "wire_down_cum": self.wire_down_cum,
-            "records": [dict(r) for r in self.records], "selected_history": [list(s) for s in self.selected_history],
+            "bits_up_cum": self.bits_up_cum,
+            "bits_down_cum": self.bits_down_cum,
+            "wire_up_cum": self.wire_up_cum,
+            "wire_down_cum": self.wire_down_cum,
+            "records": [dict(r) for r in self.records],
+            "selected_history": [list(s) for s in self.selected_history],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

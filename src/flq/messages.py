@@ -5,6 +5,7 @@ The simulator hands them from :class:`flq.master.Master` to
 same messages between processes. Vectors travel as the bytes of
 :mod:`flq.algorithm.packing`.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

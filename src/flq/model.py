@@ -6,6 +6,7 @@ i.e. conv weights as OIHW). :class:`FlatModel` moves between that vector and
 the PyTorch module, and computes the minibatch gradient (docs/algorithm.md, step 3)
 and the test-set metrics (step 10).
 """
+
 from __future__ import annotations
 
 import errno
@@ -87,7 +88,7 @@ def glorot_init(model: nn.Module, seed: int) -> np.ndarray:
     of the initialized model (the round-0 global model)."""
     gen = init_generator(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p, generator=gen)
             else:
@@ -109,8 +110,10 @@ def flatten(model: nn.Module) -> np.ndarray:
 def cuda_oom_error(exc: BaseException) -> RuntimeError:
     """A one-line error for running out of (capped) CUDA memory."""
     first = str(exc).splitlines()[0] if str(exc) else "out of memory"
-    return RuntimeError(f"CUDA out of memory ({first}); lower dataset.batch_size or system.eval_batch_size, "
-                        f"or raise jetson_optimization.gpu_memory_limit_mb")
+    return RuntimeError(
+        f"CUDA out of memory ({first}); lower dataset.batch_size or system.eval_batch_size, "
+        f"or raise jetson_optimization.gpu_memory_limit_mb"
+    )
 
 
 def apply_memory_cap(device: torch.device, limit_mb: int) -> Optional[float]:
@@ -157,11 +160,10 @@ class FlatModel:
         mixed_precision: float16 autocast + loss scaling; ignored on CPU.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device = torch.device("cpu"),
-                 mixed_precision: bool = False) -> None:
-        self.device = device
+    def __init__(self, model: nn.Module, device: Optional[torch.device] = None, mixed_precision: bool = False) -> None:
+        self.device = device if device is not None else torch.device("cpu")
         self.mixed_precision = bool(mixed_precision) and device.type == "cuda"
-        self.loss_scale = 2.0 ** 16
+        self.loss_scale = 2.0**16
         self._clean_steps = 0
         self.model = model.to(device=device, memory_format=torch.channels_last)
         self.params: List[nn.Parameter] = [p for p in self.model.parameters() if p.requires_grad]
@@ -223,8 +225,10 @@ class FlatModel:
                     self.loss_scale, self._clean_steps = self.loss_scale * 2.0, 0
                 return loss.float(), grads
             self.loss_scale, self._clean_steps = max(self.loss_scale / 2.0, 1.0), 0
-        raise RuntimeError("mixed precision: gradient not finite even at loss scale 1 (disable "
-                           "jetson_optimization.enable_mixed_precision)")
+        raise RuntimeError(
+            "mixed precision: gradient not finite even at loss scale 1 (disable "
+            "jetson_optimization.enable_mixed_precision)"
+        )
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Tuple[float, float]:
         """(accuracy in [0, 1], mean cross-entropy in nats) on (x, y).
@@ -240,8 +244,8 @@ class FlatModel:
         try:
             with torch.inference_mode(), amp:
                 for i in range(0, x.shape[0], batch_size):
-                    logits = self.model(x[i:i + batch_size]).float()
-                    yb = y[i:i + batch_size]
+                    logits = self.model(x[i : i + batch_size]).float()
+                    yb = y[i : i + batch_size]
                     ce += float(F.cross_entropy(logits, yb, reduction="sum"))
                     correct += int((logits.argmax(1) == yb).sum())
         except torch.cuda.OutOfMemoryError as exc:
@@ -262,7 +266,7 @@ def l2_loss_and_grad(theta: np.ndarray, grad: np.ndarray, l2: float) -> float:
     return 0.5 * l2 * squared_norm(theta)
 
 
-def state_dict_from_flat(name: str, theta: np.ndarray) -> "dict[str, torch.Tensor]":
+def state_dict_from_flat(name: str, theta: np.ndarray) -> dict[str, torch.Tensor]:
     """``{state_dict key: tensor}`` of model ``name`` holding the flat vector
     ``theta`` (float32, CPU, contiguous): what ``GET /get_global_model`` sends,
     loadable with ``model.load_state_dict(safetensors.torch.load_file(path))``."""
@@ -270,7 +274,7 @@ def state_dict_from_flat(name: str, theta: np.ndarray) -> "dict[str, torch.Tenso
     src = torch.from_numpy(np.array(theta, dtype=np.float32, copy=True))
     out, off = {}, 0
     for key, p in model.state_dict().items():
-        out[key] = src[off:off + p.numel()].view(p.shape).clone()
+        out[key] = src[off : off + p.numel()].view(p.shape).clone()
         off += p.numel()
     if off != src.numel():
         raise ValueError(f"flat vector has {src.numel()} values, model {name!r} needs {off}")

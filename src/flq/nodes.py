@@ -1,5 +1,6 @@
 """The master and worker processes: build the objects, wire them to the
 transport, write logs and results (``flq master`` / ``flq worker``)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,12 +26,13 @@ def check_resumable(saved: Dict[str, Any], cfg: Config) -> None:
     from .checkpoint import CheckpointError
 
     now = cfg.to_sections()
-    keys = [(sec, k) for sec in RESUME_MUST_MATCH for k in now[sec]] + [("system", "total_workers"),
-                                                                         ("system", "seed")]
+    keys = [(sec, k) for sec in RESUME_MUST_MATCH for k in now[sec]] + [("system", "total_workers"), ("system", "seed")]
     for sec, k in keys:
         if saved.get(sec, {}).get(k) != now[sec][k]:
-            raise CheckpointError(f"checkpoint was written with {sec}.{k} = {saved.get(sec, {}).get(k)!r}, "
-                                  f"this run has {now[sec][k]!r}: not the same run")
+            raise CheckpointError(
+                f"checkpoint was written with {sec}.{k} = {saved.get(sec, {}).get(k)!r}, "
+                f"this run has {now[sec][k]!r}: not the same run"
+            )
 
 
 def listen_on(host: str, port: int):
@@ -55,8 +57,9 @@ def listen_on(host: str, port: int):
         sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); another master running? "
-                          f"choose another --port") from None
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); another master running? choose another --port"
+        ) from None
     return sock
 
 
@@ -75,8 +78,10 @@ def load_resume_state(cfg: Config, explicit: Optional[str] = None) -> Tuple[Path
     state, saved_cfg = load_checkpoint(ckpt)
     check_resumable(saved_cfg, cfg)
     if int(state["round"]) >= cfg.max_rounds:
-        raise CheckpointError(f"{ckpt} is already at round {state['round']} of max_rounds {cfg.max_rounds}: "
-                              f"raise --rounds to train further")
+        raise CheckpointError(
+            f"{ckpt} is already at round {state['round']} of max_rounds {cfg.max_rounds}: "
+            f"raise --rounds to train further"
+        )
     return ckpt, state
 
 
@@ -96,9 +101,15 @@ class MasterEnd:
         return outcome.run_status(self.reason, self.not_saved)
 
 
-def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile: Optional[str] = None,
-               linger_s: float = 5.0, resume: Optional[Tuple[Path, Dict[str, Any]]] = None,
-               sock: Any = None) -> MasterEnd:
+def run_master(
+    cfg: Config,
+    run_id: str,
+    certfile: Optional[str] = None,
+    keyfile: Optional[str] = None,
+    linger_s: float = 5.0,
+    resume: Optional[Tuple[Path, Dict[str, Any]]] = None,
+    sock: Any = None,
+) -> MasterEnd:
     """Serve one run on ``cfg.master_host:cfg.master_port`` until it ends
     (all rounds, ``POST /stop``, SIGINT/SIGTERM, a lost quorum, divergence,
     an error); the results of the rounds done are written in every case.
@@ -123,7 +134,7 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
     from .transport.server import create_app, serve
 
     rt = Runtime(cfg)
-    rt.data  # load (or fail on) the dataset before serving anybody
+    _ = rt.data  # load (or fail on) the dataset before serving anybody
     master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=Stopwatch())
     for folder in (cfg.checkpoint_dir, cfg.results_dir):
         remove_stale_temporaries(Path(folder))
@@ -149,8 +160,12 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
             save_checkpoint(ckpt, master.state_dict(), cfg.public_sections())
         except OSError as exc:
             cluster.checkpoint_error = f"round {master.round}: {one_line(exc)}"
-            log.error("checkpoint at round %d not written: %s; the previous one is kept%s", master.round,
-                      one_line(exc), " and training goes on" if record is not None else "")
+            log.error(
+                "checkpoint at round %d not written: %s; the previous one is kept%s",
+                master.round,
+                one_line(exc),
+                " and training goes on" if record is not None else "",
+            )
             return
         cluster.checkpoint_error, written["ckpt"] = "", master.round
         log.info("checkpoint at round %d: %s", master.round, ckpt)
@@ -165,9 +180,17 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
                 log.warning("run ended (%s) before any round finished: no results to write", reason)
                 return
             threads = {w.worker_id: w.threads for w in list(cluster.workers.values())}
-            path, problem = save_results(cfg, reason, cluster.finish_detail, master.records,
-                                         master.selected_history, master.theta.copy(), master.round,
-                                         device=str(rt.device), worker_threads=threads)
+            path, problem = save_results(
+                cfg,
+                reason,
+                cluster.finish_detail,
+                master.records,
+                master.selected_history,
+                master.theta.copy(),
+                master.round,
+                device=str(rt.device),
+                worker_threads=threads,
+            )
             written["path"], written["problem"] = path, problem
             if path is not None:
                 print(f"results: {path}", flush=True)
@@ -176,16 +199,43 @@ def run_master(cfg: Config, run_id: str, certfile: Optional[str] = None, keyfile
         return cluster.finish_reason or cluster.stop_reason or outcome.ERROR
 
     # a resumed run keeps its id (that of its checkpoint): its workers' saved states stay of this run
-    cluster = ClusterMaster(master, cfg, on_round=checkpoint, on_finish=write,
-                            run_id=run_of(ckpt, cfg.dataset, cfg.mode) if resume is not None else run_id)
-    app = create_app(cluster, model_state=lambda theta: state_dict_from_flat(cfg.model, theta),
-                     max_body_bytes=master.max_upload_bytes, on_shutdown=lambda: write(end_reason()),
-                     auth_token=cfg.auth_token, status_token_free=not cfg.status_requires_token)
-    log.info("master listening on %s:%d (%s, %d workers, %d rounds, mode %s)", cfg.master_host, cfg.master_port,
-             cfg.dataset, cfg.total_workers, cfg.max_rounds, cfg.mode)
+    cluster = ClusterMaster(
+        master,
+        cfg,
+        on_round=checkpoint,
+        on_finish=write,
+        run_id=run_of(ckpt, cfg.dataset, cfg.mode) if resume is not None else run_id,
+    )
+    app = create_app(
+        cluster,
+        model_state=lambda theta: state_dict_from_flat(cfg.model, theta),
+        max_body_bytes=master.max_upload_bytes,
+        on_shutdown=lambda: write(end_reason()),
+        auth_token=cfg.auth_token,
+        status_token_free=not cfg.status_requires_token,
+    )
+    log.info(
+        "master listening on %s:%d (%s, %d workers, %d rounds, mode %s)",
+        cfg.master_host,
+        cfg.master_port,
+        cfg.dataset,
+        cfg.total_workers,
+        cfg.max_rounds,
+        cfg.mode,
+    )
     try:
-        asyncio.run(serve(app, cluster, cfg.master_host, cfg.master_port, linger_s=linger_s,
-                          ssl_certfile=certfile, ssl_keyfile=keyfile, sock=sock))
+        asyncio.run(
+            serve(
+                app,
+                cluster,
+                cfg.master_host,
+                cfg.master_port,
+                linger_s=linger_s,
+                ssl_certfile=certfile,
+                ssl_keyfile=keyfile,
+                sock=sock,
+            )
+        )
     finally:
         write(end_reason())
         if ckpt_lock is not None:
@@ -205,8 +255,15 @@ def worker_config(sections: Dict[str, Any], local: Dict[str, Any]) -> Config:
     return build(values)
 
 
-def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_token: str = "",
-               verify: Any = True, give_up_s: float = 300.0, state_dir: str = ""):
+def run_worker(
+    worker_id: int,
+    master_url: str,
+    local: Dict[str, Any],
+    auth_token: str = "",
+    verify: Any = True,
+    give_up_s: float = 300.0,
+    state_dir: str = "",
+):
     """Join the master at ``master_url`` as worker ``worker_id`` and train
     until the run ends. SIGINT/SIGTERM make the worker tell the master it
     leaves, then return.
@@ -224,7 +281,8 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
     Raises:
         ConfigError: the run's config does not fit this worker's own settings or data.
     """
-    from .transport.client import Fatal, MasterClient, run_worker as loop
+    from .transport.client import Fatal, MasterClient
+    from .transport.client import run_worker as loop
 
     client = MasterClient(master_url, worker_id, auth_token=auth_token, verify=verify, give_up_s=give_up_s)
     store = None
@@ -236,14 +294,22 @@ def run_worker(worker_id: int, master_url: str, local: Dict[str, Any], auth_toke
     def make_worker(sections: Dict[str, Any]):
         cfg = worker_config(sections, local)
         if worker_id >= cfg.total_workers:
-            raise Fatal(f"worker_id {worker_id} is not in this run: it has {cfg.total_workers} workers "
-                        f"(0..{cfg.total_workers - 1})")
+            raise Fatal(
+                f"worker_id {worker_id} is not in this run: it has {cfg.total_workers} workers "
+                f"(0..{cfg.total_workers - 1})"
+            )
         from .runtime import Runtime  # PyTorch is imported only now: a master that refuses us is known sooner
         from .worker import Worker
 
         rt = Runtime(cfg)
-        log.info("worker %d: %s partition of %d samples, mode %s, device %s", worker_id, cfg.partition,
-                 len(rt.partitions[worker_id]), cfg.mode, rt.device)
+        log.info(
+            "worker %d: %s partition of %d samples, mode %s, device %s",
+            worker_id,
+            cfg.partition,
+            len(rt.partitions[worker_id]),
+            cfg.mode,
+            rt.device,
+        )
         worker = Worker(worker_id, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[worker_id])
         if store is not None:
             from .worker_state import identity

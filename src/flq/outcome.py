@@ -25,6 +25,7 @@ sigint         130     SIGINT (Ctrl-C), as a shell reports it (128 + 2)
 sigterm        143     SIGTERM (a batch scheduler, ``timeout``, ``kill``)
 =============  ======  ====================================================
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,17 @@ EXIT_CONFIG = 2
 EXIT_NOT_SAVED = 6
 
 #: Exit status of each reason (see the module docstring).
-EXIT_STATUS: Dict[str, int] = {COMPLETED: 0, ERROR: 1, DIVERGED: 3, STOPPED: 4, QUORUM_LOST: 5,
-                               UNREACHABLE: 7, REFUSED: 8, SIGINT: 130, SIGTERM: 143}
+EXIT_STATUS: Dict[str, int] = {
+    COMPLETED: 0,
+    ERROR: 1,
+    DIVERGED: 3,
+    STOPPED: 4,
+    QUORUM_LOST: 5,
+    UNREACHABLE: 7,
+    REFUSED: 8,
+    SIGINT: 130,
+    SIGTERM: 143,
+}
 
 _SIGNAL_REASON = {signal.SIGINT: SIGINT, signal.SIGTERM: SIGTERM}
 #: A process started with SIGINT ignored (``cmd &`` in a script, ``nohup``)

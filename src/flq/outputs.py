@@ -16,6 +16,7 @@ crash leaves half a file behind.
 - :func:`save_run`: a run's spreadsheet and final model, with a one-line
   reason when they cannot be written (a full disk).
 """
+
 from __future__ import annotations
 
 import errno
@@ -222,9 +223,17 @@ def one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def save_run(results_path: Path, mode: str, records: Sequence[Mapping[str, Any]], config: Mapping[str, Any],
-             selected: Sequence[Sequence[int]], num_workers: int, theta: Any, model: str,
-             rounds: int) -> Tuple[Optional[Path], Optional[str]]:
+def save_run(
+    results_path: Path,
+    mode: str,
+    records: Sequence[Mapping[str, Any]],
+    config: Mapping[str, Any],
+    selected: Sequence[Sequence[int]],
+    num_workers: int,
+    theta: Any,
+    model: str,
+    rounds: int,
+) -> Tuple[Optional[Path], Optional[str]]:
     """Write a run's spreadsheet at a unique path derived from ``results_path``
     (:func:`publish_unique`) and its final model beside it (``.safetensors``).
 

@@ -62,9 +62,7 @@ def _dirichlet_try(
         bounds = np.cumsum(counts)[:-1]
         for w, chunk in enumerate(np.split(idx_c, bounds)):
             parts[w].append(chunk)
-    return [
-        rng.permutation(np.concatenate(p).astype(np.int64, copy=False)) for p in parts
-    ]
+    return [rng.permutation(np.concatenate(p).astype(np.int64, copy=False)) for p in parts]
 
 
 def partition(
@@ -124,7 +122,7 @@ def partition(
     if scheme == "iid":
         perm = rng.permutation(n).astype(np.int64, copy=False)
         share = n // num_workers
-        return [perm[w * share:(w + 1) * share].copy() for w in range(num_workers)]
+        return [perm[w * share : (w + 1) * share].copy() for w in range(num_workers)]
 
     if alpha is None or not (float(alpha) > 0) or not math.isfinite(float(alpha)):
         raise ValueError(f"alpha must be a finite number > 0 for non_iid, got {alpha!r}")
@@ -177,14 +175,10 @@ class BatchStream:
     def __init__(self, indices: Any, batch_size: int, seed: int, worker_id: int) -> None:
         idx = np.asarray(indices)
         if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise ValueError(
-                f"indices must be a 1-D integer array, got {idx.dtype} {list(idx.shape)}"
-            )
+            raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} {list(idx.shape)}")
         self.batch_size = _check_int(batch_size, "batch_size", 1)
         if self.batch_size > idx.shape[0]:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) exceeds the worker's {idx.shape[0]} samples"
-            )
+            raise ValueError(f"batch_size ({self.batch_size}) exceeds the worker's {idx.shape[0]} samples")
         self.seed = _check_int(seed, "seed", 0)
         self.worker_id = _check_int(worker_id, "worker_id", 0)
         self._indices = idx.astype(np.int64, copy=True)
@@ -208,7 +202,7 @@ class BatchStream:
         if self._perm is None or self._pos + self.batch_size > self._perm.shape[0]:
             self._perm = self._rng.permutation(self._indices)
             self._pos = 0
-        batch = self._perm[self._pos:self._pos + self.batch_size].copy()
+        batch = self._perm[self._pos : self._pos + self.batch_size].copy()
         self._pos += self.batch_size
         return batch
 
@@ -230,9 +224,7 @@ class BatchStream:
         """
         state = self._rng.bit_generator.state
         return {
-            "bit_generator": {
-                k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()
-            },
+            "bit_generator": {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()},
             "position": int(self._pos),
             "permutation": None if self._perm is None else [int(i) for i in self._perm],
             "batch_size": self.batch_size,
@@ -257,9 +249,7 @@ class BatchStream:
         perm: Optional[np.ndarray] = None
         if perm_in is not None:
             perm = np.asarray(perm_in, dtype=np.int64)
-            if perm.shape != self._indices.shape or not np.array_equal(
-                np.sort(perm), np.sort(self._indices)
-            ):
+            if perm.shape != self._indices.shape or not np.array_equal(np.sort(perm), np.sort(self._indices)):
                 raise ValueError("state permutation is not a permutation of this stream's indices")
             if not 0 <= pos <= perm.shape[0]:
                 raise ValueError(f"state position {pos} outside 0..{perm.shape[0]}")

@@ -174,16 +174,27 @@ def plot_results(paths: Iterable[PathLike | RunResults], out_dir: PathLike) -> l
             ax.legend(loc="best", fontsize="small")
         save(fig, name)
 
-    line_plot("entropy_vs_round.png", "iter", "entropy", X_ROUND_LABEL, Y_ENTROPY_LABEL,
-              "Test cross-entropy per round")
-    line_plot("acc_vs_round.png", "iter", "acc", X_ROUND_LABEL, Y_ACC_LABEL,
-              "Test accuracy per round")
-    line_plot("entropy_vs_bits.png", "cum_bits_total", "entropy", X_BITS_LABEL,
-              Y_ENTROPY_LABEL, "Test cross-entropy vs communicated bits", logx=True)
-    line_plot("acc_vs_bits.png", "cum_bits_total", "acc", X_BITS_LABEL, Y_ACC_LABEL,
-              "Test accuracy vs communicated bits", logx=True)
-    line_plot("selected_per_round.png", "iter", "selcnt", X_ROUND_LABEL, Y_SELECTED_LABEL,
-              "Workers selected per round")
+    line_plot("entropy_vs_round.png", "iter", "entropy", X_ROUND_LABEL, Y_ENTROPY_LABEL, "Test cross-entropy per round")
+    line_plot("acc_vs_round.png", "iter", "acc", X_ROUND_LABEL, Y_ACC_LABEL, "Test accuracy per round")
+    line_plot(
+        "entropy_vs_bits.png",
+        "cum_bits_total",
+        "entropy",
+        X_BITS_LABEL,
+        Y_ENTROPY_LABEL,
+        "Test cross-entropy vs communicated bits",
+        logx=True,
+    )
+    line_plot(
+        "acc_vs_bits.png",
+        "cum_bits_total",
+        "acc",
+        X_BITS_LABEL,
+        Y_ACC_LABEL,
+        "Test accuracy vs communicated bits",
+        logx=True,
+    )
+    line_plot("selected_per_round.png", "iter", "selcnt", X_ROUND_LABEL, Y_SELECTED_LABEL, "Workers selected per round")
 
     used_names: set[str] = set()
     for run, label in zip(runs, labels):

@@ -21,6 +21,7 @@ model's metadata and file name. The algorithm (``Master.round``,
 0-based index ``k``; the transport converts at its boundary with
 :func:`round_number` and :func:`round_index`, and nowhere else.
 """
+
 from __future__ import annotations
 
 from enum import Enum
@@ -37,15 +38,19 @@ class Code(str, Enum):
     status: int
     meaning: str
 
-    def __new__(cls, value: str, status: int, meaning: str) -> "Code":
+    def __new__(cls, value: str, status: int, meaning: str) -> Code:
         obj = str.__new__(cls, value)
         obj._value_ = value
         obj.status = status
         obj.meaning = meaning
         return obj
 
-    MALFORMED = ("malformed", 400, "the message is well-formed but its content is refused: a non-finite gain or "
-                 "cost, a wrong cost, an upload that does not decode")
+    MALFORMED = (
+        "malformed",
+        400,
+        "the message is well-formed but its content is refused: a non-finite gain or "
+        "cost, a wrong cost, an upload that does not decode",
+    )
     UNAUTHORIZED = ("unauthorized", 401, "missing or wrong bearer token")
     UNKNOWN_WORKER = ("unknown_worker", 404, "the worker id is not one of this run's ids")
     NOT_REGISTERED = ("not_registered", 404, "the worker is not registered (or has left): register again")
@@ -55,19 +60,27 @@ class Code(str, Enum):
     SESSION_REPLACED = ("session_replaced", 409, "a newer process registered with this worker id: this one stops")
     LATE = ("late", 409, "the offer or upload is for a round, or a phase, that is over: not selected")
     MIRROR_MISMATCH = ("mirror_mismatch", 409, "the worker's mirror versions differ from the master's: resync")
-    CONFLICT = ("conflict", 409, "the message contradicts one already accepted (a different second offer, "
-                "other upload bytes, an upload from a worker not selected, an offer before the round's model)")
+    CONFLICT = (
+        "conflict",
+        409,
+        "the message contradicts one already accepted (a different second offer, "
+        "other upload bytes, an upload from a worker not selected, an offer before the round's model)",
+    )
     RUN_OVER = ("run_over", 410, "the run is over (the body's reason says why): exit")
     TOO_LARGE = ("too_large", 413, "the request body exceeds its size limit")
-    INVALID_REQUEST = ("invalid_request", 422, "the request does not match the API: a missing, mistyped or "
-                       "out-of-range field or parameter, or a body that is not JSON")
+    INVALID_REQUEST = (
+        "invalid_request",
+        422,
+        "the request does not match the API: a missing, mistyped or "
+        "out-of-range field or parameter, or a body that is not JSON",
+    )
     INTERNAL = ("internal", 500, "an error inside the master")
 
     def __str__(self) -> str:
         return str(self.value)
 
     @classmethod
-    def parse(cls, text: str) -> Optional["Code"]:
+    def parse(cls, text: str) -> Optional[Code]:
         """The code ``text`` names, or None for one this version does not know."""
         try:
             return cls(text)

@@ -131,8 +131,7 @@ def _curve_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         missing = [c for c in CURVE_COLUMNS if c not in rec]
         if missing:
             raise ValueError(
-                f"record {i} (iter={rec.get('iter', '?')}) misses required "
-                f"column(s): {', '.join(missing)}"
+                f"record {i} (iter={rec.get('iter', '?')}) misses required column(s): {', '.join(missing)}"
             )
         for key in rec:
             if key not in seen:
@@ -164,17 +163,13 @@ def _binary_frame(
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if len(selected) != len(iters):
-        raise ValueError(
-            f"`selected` has {len(selected)} rounds but there are {len(iters)} records"
-        )
+        raise ValueError(f"`selected` has {len(selected)} rounds but there are {len(iters)} records")
     matrix = np.zeros((len(iters), num_workers), dtype=np.int64)
     for k, ids in enumerate(selected):
         for w in ids:
             w = int(w)
             if not 0 <= w < num_workers:
-                raise ValueError(
-                    f"selected worker id {w} in round {k + 1} is outside 0..{num_workers - 1}"
-                )
+                raise ValueError(f"selected worker id {w} in round {k + 1} is outside 0..{num_workers - 1}")
             matrix[k, w] = 1
     frame = pd.DataFrame(matrix, columns=[f"w{m}" for m in range(num_workers)])
     frame.insert(0, "iter", np.asarray(list(iters), dtype=np.int64))
@@ -298,9 +293,7 @@ def results_workbook(
     sheets: dict[str, pd.DataFrame] = {f"{CURVE_PREFIX}{mode}": curve}
     scheme = compressors.UPLINK.get(mode)
     if scheme is not None and scheme.upload_sheet:
-        sheets[f"{BIN_PREFIX}{mode}"] = _binary_frame(
-            [int(v) for v in curve["iter"]], selected, num_workers
-        )
+        sheets[f"{BIN_PREFIX}{mode}"] = _binary_frame([int(v) for v in curve["iter"]], selected, num_workers)
     sheets[CONFIG_SHEET] = pd.DataFrame(_flatten_config(config), columns=["key", "value"])
     return _workbook_bytes(sheets)
 
@@ -414,11 +407,9 @@ def read_results(path: PathLike) -> RunResults:
     sheets = pd.read_excel(p, sheet_name=None, engine="openpyxl")
     curve_names = [n for n in sheets if n.startswith(CURVE_PREFIX)]
     if not curve_names:
-        raise ValueError(
-            f"{p}: no '{CURVE_PREFIX}<mode>' sheet (sheets: {', '.join(sheets) or 'none'})"
-        )
+        raise ValueError(f"{p}: no '{CURVE_PREFIX}<mode>' sheet (sheets: {', '.join(sheets) or 'none'})")
     curve_name = curve_names[0]
-    mode = curve_name[len(CURVE_PREFIX):]
+    mode = curve_name[len(CURVE_PREFIX) :]
     curve = sheets[curve_name]
     for col in _FLOAT_COLUMNS:
         if col in curve.columns:

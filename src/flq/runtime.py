@@ -1,6 +1,7 @@
 """What a process needs before its first round: threads, device, data,
 partitions, the model and the test set (shared by the simulator, the
 master and the workers)."""
+
 from __future__ import annotations
 
 import logging
@@ -39,10 +40,15 @@ def check_shares(cfg: Config, train_size: int) -> None:
     ``batch_size <= train_size``)."""
     share = train_size // cfg.total_workers if cfg.partition == "iid" else train_size
     if share < cfg.batch_size:
-        what = (f"each worker's iid share ({train_size} / {cfg.total_workers} = {share} samples)"
-                if cfg.partition == "iid" else f"the training set ({train_size} samples)")
-        raise ConfigError(f"config key 'dataset.batch_size': {cfg.batch_size} is larger than {what}; lower "
-                          f"batch_size or total_workers")
+        what = (
+            f"each worker's iid share ({train_size} / {cfg.total_workers} = {share} samples)"
+            if cfg.partition == "iid"
+            else f"the training set ({train_size} samples)"
+        )
+        raise ConfigError(
+            f"config key 'dataset.batch_size': {cfg.batch_size} is larger than {what}; lower "
+            f"batch_size or total_workers"
+        )
 
 
 class Runtime:
@@ -78,8 +84,7 @@ class Runtime:
     @cached_property
     def partitions(self) -> List[np.ndarray]:
         cfg = self.cfg
-        return partition(self.data.train_y, cfg.total_workers, cfg.partition, cfg.dir_alpha, cfg.seed,
-                         cfg.batch_size)
+        return partition(self.data.train_y, cfg.total_workers, cfg.partition, cfg.dir_alpha, cfg.seed, cfg.batch_size)
 
     @cached_property
     def _eval_set(self) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ The simulator drives the same :class:`~flq.master.Master` and
 encoded bytes between them, so a run here gives the same numbers as the
 distributed run with the same config and seed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,9 +67,13 @@ class SimulationResult:
         return outcome.run_status(self.reason, self.not_saved)
 
 
-def simulate(cfg: Config, write: bool = True, progress: bool = True,
-             on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
-             runtime: Optional[Runtime] = None) -> SimulationResult:
+def simulate(
+    cfg: Config,
+    write: bool = True,
+    progress: bool = True,
+    on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
+    runtime: Optional[Runtime] = None,
+) -> SimulationResult:
     """Run ``cfg.max_rounds`` rounds of FLQ with all workers in this process.
 
     However the round loop ends (all rounds done, SIGINT, SIGTERM, a
@@ -96,12 +101,23 @@ def simulate(cfg: Config, write: bool = True, progress: bool = True,
         rt = runtime or Runtime(cfg)
         master_sw, workers_sw = Stopwatch(), Stopwatch()
         master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=master_sw)
-        workers = [Worker(m, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[m], stopwatch=workers_sw)
-                   for m in range(cfg.total_workers)]
+        workers = [
+            Worker(m, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[m], stopwatch=workers_sw)
+            for m in range(cfg.total_workers)
+        ]
         startup = time.perf_counter() - t0
-        log.info("start: %s, %d workers, n=%d, mode %s (b_up %d, b_down %d), %d rounds, %d threads; start-up "
-                 "%.2f s", cfg.dataset, cfg.total_workers, rt.model.n, cfg.mode, cfg.uplink_bits, cfg.downlink_bits,
-                 cfg.max_rounds, torch.get_num_threads(), startup)
+        log.info(
+            "start: %s, %d workers, n=%d, mode %s (b_up %d, b_down %d), %d rounds, %d threads; start-up %.2f s",
+            cfg.dataset,
+            cfg.total_workers,
+            rt.model.n,
+            cfg.mode,
+            cfg.uplink_bits,
+            cfg.downlink_bits,
+            cfg.max_rounds,
+            torch.get_num_threads(),
+            startup,
+        )
         bar = Progress(cfg.max_rounds) if progress else None
         totals: Dict[str, float] = {}
         done, theta_done = 0, master.theta.copy()  # the last complete round and its model
@@ -109,18 +125,18 @@ def simulate(cfg: Config, write: bool = True, progress: bool = True,
         try:
             while not master.finished:
                 k = master.round
-                me_k = master.begin_round()                                   # step 1
-                for w in workers:                                             # steps 2-5
+                me_k = master.begin_round()  # step 1
+                for w in workers:  # steps 2-5
                     master.add_offer(w.offer(k, me_k, master.downlink(w.worker_id)))
-                chosen = set(master.select())                                 # step 6
-                for w in workers:                                             # steps 7-8
+                chosen = set(master.select())  # step 6
+                for w in workers:  # steps 7-8
                     if w.worker_id in chosen:
                         master.receive_upload(w.worker_id, w.upload(k))
                     else:
                         w.skip(k)
                 with outcome.critical():  # a signal waits until the round is recorded
                     try:
-                        record = master.end_round()                           # steps 9-10
+                        record = master.end_round()  # steps 9-10
                     finally:
                         done, theta_done = len(master.records), master.theta.copy()
                 split = round_timings(master_sw, workers_sw)
@@ -149,8 +165,9 @@ def simulate(cfg: Config, write: bool = True, progress: bool = True,
     path, not_saved = None, ""
     if write and records:
         with outcome.signals_deferred():
-            path, not_saved = save_results(cfg, reason, detail, records, selected, theta_done, done,
-                                           device=str(rt.device))
+            path, not_saved = save_results(
+                cfg, reason, detail, records, selected, theta_done, done, device=str(rt.device)
+            )
     return SimulationResult(records, selected, theta_done, path, totals, startup, reason, detail, not_saved)
 
 
@@ -180,8 +197,12 @@ class Progress:
         if k % self.every == 0 or k == self.total:
             spent = time.perf_counter() - self.t0
             acc_text = f" acc {acc:.4f}" if not np.isnan(acc) else ""
-            print(f"round {k}/{self.total}{acc_text} loss {record['loss']:.4f} selected {record['selcnt']} "
-                  f"({spent:.0f} s, {spent / k:.2f} s/round)", file=sys.stderr, flush=True)
+            print(
+                f"round {k}/{self.total}{acc_text} loss {record['loss']:.4f} selected {record['selcnt']} "
+                f"({spent:.0f} s, {spent / k:.2f} s/round)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -27,6 +27,7 @@ digests that depend on them). Not a stream: the HTTP client's retry jitter
 (``random.random`` in :mod:`flq.transport.client`), which only spaces retries
 in time and never reaches the numbers.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping

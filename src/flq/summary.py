@@ -17,6 +17,7 @@ Per-round timing columns (seconds), besides ``round_time_s`` and
   quantization and encoding). On the cluster each worker reports its round
   as one figure (``worker_compute_max_s``: the slowest worker's).
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,14 +42,31 @@ def round_timings(master: Stopwatch, workers: Optional[Stopwatch] = None) -> Dic
 
 def log_round(record: Mapping[str, Any]) -> None:
     """Log a round's one-line summary (INFO) from its record."""
-    log.info("round %d: loss %.4f acc %.4f entropy %.4f selected %d/%d bits %d wire up %d down %d B (%.2f s)",
-             record["iter"], record["loss"], record["acc"], record["entropy"], record["selcnt"], record["offers"],
-             record["cum_bits_total"], record["wire_bytes_up"], record["wire_bytes_down"], record["round_time_s"])
+    log.info(
+        "round %d: loss %.4f acc %.4f entropy %.4f selected %d/%d bits %d wire up %d down %d B (%.2f s)",
+        record["iter"],
+        record["loss"],
+        record["acc"],
+        record["entropy"],
+        record["selcnt"],
+        record["offers"],
+        record["cum_bits_total"],
+        record["wire_bytes_up"],
+        record["wire_bytes_down"],
+        record["round_time_s"],
+    )
 
 
-def save_results(cfg: Any, reason: str, detail: str, records: Sequence[Mapping[str, Any]],
-                 selected: Sequence[Sequence[int]], theta: Any, rounds: int,
-                 **runtime: Any) -> Tuple[Optional[Path], str]:
+def save_results(
+    cfg: Any,
+    reason: str,
+    detail: str,
+    records: Sequence[Mapping[str, Any]],
+    selected: Sequence[Sequence[int]],
+    theta: Any,
+    rounds: int,
+    **runtime: Any,
+) -> Tuple[Optional[Path], str]:
     """Write a run's results: its spreadsheet, at a new
     ``flq_results_<dataset>_<mode>_<timestamp>.xlsx`` in ``cfg.results_dir``
     (:func:`flq.outputs.save_run`), with the config sheet of
@@ -64,12 +82,21 @@ def save_results(cfg: Any, reason: str, detail: str, records: Sequence[Mapping[s
     from .outputs import results_config, save_run
     from .results import default_results_path
 
-    path, problem = save_run(default_results_path(cfg.results_dir, cfg.dataset, cfg.mode), cfg.mode, list(records),
-                             results_config(cfg, reason, detail, **runtime), list(selected), cfg.total_workers,
-                             theta, cfg.model, rounds)
+    path, problem = save_run(
+        default_results_path(cfg.results_dir, cfg.dataset, cfg.mode),
+        cfg.mode,
+        list(records),
+        results_config(cfg, reason, detail, **runtime),
+        list(selected),
+        cfg.total_workers,
+        theta,
+        cfg.model,
+        rounds,
+    )
     if problem:
         log.error("%s", problem, extra=FILE_ONLY)
     else:
-        log.info("results (%s, %d rounds) written to %s (final model beside it, .safetensors)", reason,
-                 len(records), path)
+        log.info(
+            "results (%s, %d rounds) written to %s (final model beside it, .safetensors)", reason, len(records), path
+        )
     return path, problem or ""

@@ -1,4 +1,5 @@
 """Wall-clock accounting of where a round's time goes (seconds)."""
+
 from __future__ import annotations
 
 import contextlib

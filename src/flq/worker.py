@@ -13,6 +13,7 @@ its error-feedback residual ``ef``, the last committed quantization error
 No I/O here: the simulator calls these methods directly and the HTTP worker
 client carries their inputs and outputs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,11 +23,10 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from .algorithm import packing
+from .algorithm import compressors, packing
 from .algorithm.aggregation import MAX_UPDATE_MAGNITUDE, usable_update
-from .algorithm.vector import squared_norm
 from .algorithm.lazy import is_candidate, next_clock
-from .algorithm import compressors
+from .algorithm.vector import squared_norm
 from .config import Config
 from .loader import BatchLoader
 from .messages import Offer
@@ -54,15 +54,24 @@ class Worker:
         stopwatch: where to account seconds ("compute", "quantize").
     """
 
-    def __init__(self, worker_id: int, cfg: Config, model: FlatModel, train_x: np.ndarray,
-                 train_y: np.ndarray, indices: np.ndarray, stopwatch: Optional[Stopwatch] = None) -> None:
+    def __init__(
+        self,
+        worker_id: int,
+        cfg: Config,
+        model: FlatModel,
+        train_x: np.ndarray,
+        train_y: np.ndarray,
+        indices: np.ndarray,
+        stopwatch: Optional[Stopwatch] = None,
+    ) -> None:
         self.worker_id = worker_id
         self.stopwatch = stopwatch or NullStopwatch()
         self.cfg = cfg
         self.model = model
         self.batches = BatchStream(indices, cfg.batch_size, cfg.seed, worker_id)
-        self.loader = BatchLoader(train_x, train_y, self.batches, model.device, cfg.prefetch_size,
-                                  cfg.num_parallel_calls)
+        self.loader = BatchLoader(
+            train_x, train_y, self.batches, model.device, cfg.prefetch_size, cfg.num_parallel_calls
+        )
         self.steps = cfg.steps_per_round(len(indices))
         self.local_lr = cfg.local_lr or cfg.lr
         self.rng = stream_rng(cfg.seed, worker_id, STREAM_UPLINK)
@@ -94,8 +103,12 @@ class Worker:
             flq.algorithm.packing.PayloadError: malformed bytes.
         """
         scheme = self.down_scheme
-        qv = packing.decode(payload, expected_n=self.model.n, expected_bits=self.cfg.downlink_bits,
-                            expected_segments=scheme.segments(self.model.segments))
+        qv = packing.decode(
+            payload,
+            expected_n=self.model.n,
+            expected_bits=self.cfg.downlink_bits,
+            expected_segments=scheme.segments(self.model.segments),
+        )
         w = scheme.decode_update(qv, self.ref_down)
         if not scheme.relative:
             return w
@@ -147,24 +160,53 @@ class Worker:
         if not usable_update(g, loss):
             # the local model diverged: offer nothing (ef and mirrors stay as
             # they are) and report the loss as NaN, so the master stops the run
-            log.info("worker %d: non-finite loss or an update beyond %g in round %d", self.worker_id,
-                     MAX_UPDATE_MAGNITUDE, round_index + 1)
+            log.info(
+                "worker %d: non-finite loss or an update beyond %g in round %d",
+                self.worker_id,
+                MAX_UPDATE_MAGNITUDE,
+                round_index + 1,
+            )
             self._pending = None
-            return Offer(worker_id=self.worker_id, round=round_index, candidate=False, gain=0.0,
-                         cost=float(cfg.uplink_bits * n), loss=float("nan"),
-                         up_version=self.up_version, down_version=self.down_version)
+            return Offer(
+                worker_id=self.worker_id,
+                round=round_index,
+                candidate=False,
+                gain=0.0,
+                cost=float(cfg.uplink_bits * n),
+                loss=float("nan"),
+                up_version=self.up_version,
+                down_version=self.down_version,
+            )
         scheme = self.up_scheme
         g_eff = g + self.ef if scheme.error_feedback else g
         qv, q = scheme.encode_update(g_eff, self.ref_up, cfg.uplink_bits, self.rng, self.model.segments)
         e = squared_norm(q - g_eff) if scheme.error_feedback else 0.0
         candidate = True
         if scheme.lazy:
-            candidate = is_candidate(squared_norm(q - self.ref_up), me_k, cfg.lr, cfg.total_workers, e, self.e_hat,
-                                     cfg.thr_scale, round_index, cfg.warmup, self.clock, cfg.C)
+            candidate = is_candidate(
+                squared_norm(q - self.ref_up),
+                me_k,
+                cfg.lr,
+                cfg.total_workers,
+                e,
+                self.e_hat,
+                cfg.thr_scale,
+                round_index,
+                cfg.warmup,
+                self.clock,
+                cfg.C,
+            )
         self._pending = dict(round=round_index, qv=qv, q=q, g_eff=g_eff, e=e)
-        return Offer(worker_id=self.worker_id, round=round_index, candidate=candidate, gain=squared_norm(q),
-                     cost=float(cfg.uplink_bits * n), loss=float(loss), up_version=self.up_version,
-                     down_version=self.down_version)
+        return Offer(
+            worker_id=self.worker_id,
+            round=round_index,
+            candidate=candidate,
+            gain=squared_norm(q),
+            cost=float(cfg.uplink_bits * n),
+            loss=float(loss),
+            up_version=self.up_version,
+            down_version=self.down_version,
+        )
 
     # ----- step 7 -----------------------------------------------------
     def upload(self, round_index: int) -> bytes:
@@ -205,10 +247,17 @@ class Worker:
         """Mirrors, residual, clock, versions and generator states (copies).
         The batch order's state includes batches already prefetched, so a
         worker restored from it skips those (at most ``prefetch_size``)."""
-        return {"ref_up": self.ref_up.copy(), "ref_down": self.ref_down.copy(), "ef": self.ef.copy(),
-                "e_hat": self.e_hat, "clock": self.clock, "up_version": self.up_version,
-                "down_version": self.down_version, "rng": self.rng.bit_generator.state,
-                "batches": self.batches.state_dict()}
+        return {
+            "ref_up": self.ref_up.copy(),
+            "ref_down": self.ref_down.copy(),
+            "ef": self.ef.copy(),
+            "e_hat": self.e_hat,
+            "clock": self.clock,
+            "up_version": self.up_version,
+            "down_version": self.down_version,
+            "rng": self.rng.bit_generator.state,
+            "batches": self.batches.state_dict(),
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.ref_up = np.array(state["ref_up"], np.float32, copy=True)

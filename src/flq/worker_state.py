@@ -28,6 +28,7 @@ without a file. The restored mirror versions go to the master at
 registration: equal versions mean equal mirrors (no resync), others make the
 master answer ``resync``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,19 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 #: Metadata that must equal this worker's for a saved state to be used.
-IDENTITY = ("run", "worker_id", "n", "mode", "b_up", "b_down", "seed", "total_workers", "dataset", "model",
-            "batch_size")
+IDENTITY = (
+    "run",
+    "worker_id",
+    "n",
+    "mode",
+    "b_up",
+    "b_down",
+    "seed",
+    "total_workers",
+    "dataset",
+    "model",
+    "batch_size",
+)
 _VECTORS = ("ref_up", "ref_down", "ef")
 
 
@@ -63,9 +75,19 @@ def state_path(state_dir: str, worker_id: int) -> Path:
 def identity(run: str, worker_id: int, cfg: Any, n: int) -> Dict[str, Any]:
     """The :data:`IDENTITY` fields of worker ``worker_id`` in run ``run`` with
     config ``cfg`` (a :class:`flq.config.Config`) and a model of ``n`` parameters."""
-    return {"run": str(run), "worker_id": int(worker_id), "n": int(n), "mode": cfg.mode, "b_up": int(cfg.b_up),
-            "b_down": int(cfg.b_down), "seed": int(cfg.seed), "total_workers": int(cfg.total_workers),
-            "dataset": cfg.dataset, "model": cfg.model, "batch_size": int(cfg.batch_size)}
+    return {
+        "run": str(run),
+        "worker_id": int(worker_id),
+        "n": int(n),
+        "mode": cfg.mode,
+        "b_up": int(cfg.b_up),
+        "b_down": int(cfg.b_down),
+        "seed": int(cfg.seed),
+        "total_workers": int(cfg.total_workers),
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "batch_size": int(cfg.batch_size),
+    }
 
 
 def ef_digest(ef: np.ndarray) -> str:
@@ -86,10 +108,19 @@ def save_state(path: Path, state: Mapping[str, Any], ident: Mapping[str, Any], r
     perm = batches.pop("permutation")
     arrays = {k: np.ascontiguousarray(state[k], dtype=np.float32) for k in _VECTORS}
     arrays["batch_permutation"] = np.asarray(perm if perm is not None else [], dtype=np.int64)
-    meta = {"format": FORMAT, **ident, "round": int(round_index), "e_hat": float(state["e_hat"]),
-            "clock": int(state["clock"]), "up_version": int(state["up_version"]),
-            "down_version": int(state["down_version"]), "rng": state["rng"], "batches": batches,
-            "has_permutation": perm is not None, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        "format": FORMAT,
+        **ident,
+        "round": int(round_index),
+        "e_hat": float(state["e_hat"]),
+        "clock": int(state["clock"]),
+        "up_version": int(state["up_version"]),
+        "down_version": int(state["down_version"]),
+        "rng": state["rng"],
+        "batches": batches,
+        "has_permutation": perm is not None,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
 
     def write(tmp: Path) -> None:
@@ -130,9 +161,15 @@ def read_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         raise StateError("entry batch_permutation is not an int64 vector")
     try:
         batches = dict(meta["batches"], permutation=perm if meta["has_permutation"] else None)
-        state = {**vectors, "e_hat": float(meta["e_hat"]), "clock": int(meta["clock"]),
-                 "up_version": int(meta["up_version"]), "down_version": int(meta["down_version"]),
-                 "rng": dict(meta["rng"]), "batches": batches}
+        state = {
+            **vectors,
+            "e_hat": float(meta["e_hat"]),
+            "clock": int(meta["clock"]),
+            "up_version": int(meta["up_version"]),
+            "down_version": int(meta["down_version"]),
+            "rng": dict(meta["rng"]),
+            "batches": batches,
+        }
     except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"incomplete metadata ({type(exc).__name__}: {one_line(exc)})") from None
     return state, meta
@@ -149,8 +186,10 @@ def mismatch(meta: Mapping[str, Any], ident: Mapping[str, Any], master_round: Op
         if meta.get(key) != ident.get(key):
             return f"it is of {key} {meta.get(key)!r}, this worker's is {ident.get(key)!r}"
     if master_round is not None and int(meta.get("round", 0)) > int(master_round):
-        return (f"it is of round {int(meta['round']) + 1}, after the master's round {int(master_round) + 1} "
-                f"(the master resumed from an older checkpoint?)")
+        return (
+            f"it is of round {int(meta['round']) + 1}, after the master's round {int(master_round) + 1} "
+            f"(the master resumed from an older checkpoint?)"
+        )
     return ""
 
 
@@ -205,12 +244,23 @@ class WorkerStateStore:
             worker.load_state_dict(state)
         except (KeyError, TypeError, ValueError) as exc:
             worker.load_state_dict(before)
-            log.warning("worker %d: saved state %s not used: it does not fit this worker (%s); resynchronizing "
-                        "from the master", m, self.path, one_line(exc))
+            log.warning(
+                "worker %d: saved state %s not used: it does not fit this worker (%s); resynchronizing from the master",
+                m,
+                self.path,
+                one_line(exc),
+            )
             return False
-        log.info("worker %d: state of round %d loaded from %s (up v%d, down v%d, clock %d, ef sha256 %s)", m,
-                 int(meta["round"]) + 1, self.path, worker.up_version, worker.down_version, worker.clock,
-                 ef_digest(worker.ef))
+        log.info(
+            "worker %d: state of round %d loaded from %s (up v%d, down v%d, clock %d, ef sha256 %s)",
+            m,
+            int(meta["round"]) + 1,
+            self.path,
+            worker.up_version,
+            worker.down_version,
+            worker.clock,
+            ef_digest(worker.ef),
+        )
         return True
 
     def save(self, worker: Any, round_index: int) -> bool:
@@ -228,8 +278,13 @@ class WorkerStateStore:
         except OSError as exc:
             reason = one_line(exc)
             if reason != self._last_error:
-                log.error("worker %d: state after round %d not written to %s: %s; the previous one is kept",
-                          self.worker_id, round_index + 1, self.path, reason)
+                log.error(
+                    "worker %d: state after round %d not written to %s: %s; the previous one is kept",
+                    self.worker_id,
+                    round_index + 1,
+                    self.path,
+                    reason,
+                )
             self._last_error = reason
             return False
         if self._last_error:

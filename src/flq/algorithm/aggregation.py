@@ -1,5 +1,6 @@
 """Aggregation of the selected updates and the master's Adam step
 (docs/algorithm.md, "State" and "One round", step 9)."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping
@@ -26,8 +27,9 @@ def usable_update(g: np.ndarray, loss: float) -> bool:
     return bool(np.isfinite(peak)) and peak < MAX_UPDATE_MAGNITUDE
 
 
-def aggregate(updates: Mapping[int, np.ndarray], scale_by_selected: bool, sel_ref: float,
-              clip_global: float) -> np.ndarray:
+def aggregate(
+    updates: Mapping[int, np.ndarray], scale_by_selected: bool, sel_ref: float, clip_global: float
+) -> np.ndarray:
     """``g_hat`` from the selected workers' reconstructed updates ``q``.
 
     ``g_hat = sum(q) / m_sel``; times ``m_sel / sel_ref`` if
@@ -67,8 +69,7 @@ class Adam:
     ``m_hat``, ``v_hat``. Defaults as docs/algorithm.md: beta1 0.9, beta2 0.999, eps 1e-7.
     """
 
-    def __init__(self, n: int, lr: float, beta1: float = 0.9, beta2: float = 0.999,
-                 eps: float = 1e-7) -> None:
+    def __init__(self, n: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-7) -> None:
         self.lr, self.beta1, self.beta2, self.eps = float(lr), beta1, beta2, eps
         self.m = np.zeros(n, np.float32)
         self.v = np.zeros(n, np.float32)
@@ -94,18 +95,28 @@ class Adam:
             m += np.float32(1.0 - self.beta1) * grad
             v = self.v * np.float32(self.beta2)
             v += np.float32(1.0 - self.beta2) * (grad * grad)
-            step = np.float32(self.lr / (1.0 - self.beta1 ** t))
-            denom = np.sqrt(v / np.float32(1.0 - self.beta2 ** t))
+            step = np.float32(self.lr / (1.0 - self.beta1**t))
+            denom = np.sqrt(v / np.float32(1.0 - self.beta2**t))
             denom += np.float32(self.eps)
             new_theta = theta - step * m / denom
-        bad = [name for name, a in (("the gradient", grad), ("the first moment", m), ("the second moment", v),
-                                    ("the model", new_theta)) if not np.isfinite(a).all()]
+        bad = [
+            name
+            for name, a in (
+                ("the gradient", grad),
+                ("the first moment", m),
+                ("the second moment", v),
+                ("the model", new_theta),
+            )
+            if not np.isfinite(a).all()
+        ]
         if bad:
             finite = grad[np.isfinite(grad)]
             peak = float(np.abs(finite).max()) if finite.size else float("nan")
-            raise FloatingPointError(f"Adam step {t} not taken: it would make {', '.join(bad)} non-finite "
-                                     f"(largest finite |gradient| {peak:.3g}; float32 squares overflow "
-                                     f"above 1.8e19)")
+            raise FloatingPointError(
+                f"Adam step {t} not taken: it would make {', '.join(bad)} non-finite "
+                f"(largest finite |gradient| {peak:.3g}; float32 squares overflow "
+                f"above 1.8e19)"
+            )
         self.m, self.v, self.t = m, v, t
         theta[...] = new_theta
 

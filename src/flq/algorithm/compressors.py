@@ -12,6 +12,7 @@ tests): its ``quantize`` may be any function of the signature of
 :func:`~flq.algorithm.quantize.quantize` whose output
 :func:`~flq.algorithm.quantize.dequantize` understands.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,8 +75,9 @@ class Scheme:
         sizes = tuple(int(s) for s in tensor_sizes)
         return sizes if self.per_tensor else (sum(sizes),)
 
-    def encode_update(self, x: np.ndarray, ref: np.ndarray, bits: int, rng: np.random.Generator,
-                      tensor_sizes: Sequence[int]) -> Tuple[QuantizedVector, np.ndarray]:
+    def encode_update(
+        self, x: np.ndarray, ref: np.ndarray, bits: int, rng: np.random.Generator, tensor_sizes: Sequence[int]
+    ) -> Tuple[QuantizedVector, np.ndarray]:
         """Quantize ``x`` (float32, shape (n,)) for sending.
 
         Returns:
@@ -96,26 +98,68 @@ class Scheme:
 
 
 #: The uplink schemes (``flq_algorithm.mode``), in the order ``--help`` lists them.
-UPLINK: Dict[str, Scheme] = {s.name: s for s in (
-    Scheme("fedavg", "FedAvg: exact float32 updates, every worker every round",
-           fixed_bits=32, per_tensor=False, relative=False, error_feedback=False, lazy=False),
-    Scheme("laq8", "8-bit stochastic rounding, one scale for the whole vector, no error feedback",
-           fixed_bits=8, per_tensor=False, relative=False, error_feedback=False, lazy=False),
-    Scheme("bbit", "b_up-bit stochastic rounding of the innovation, per tensor, error feedback, lazy rule",
-           fixed_bits=None, min_bits=2, per_tensor=True, relative=True, error_feedback=True, lazy=True),
-    Scheme("bin", "1-bit sign of the innovation, per tensor, error feedback, lazy rule",
-           fixed_bits=1, sets_b_up=True, upload_sheet=True, per_tensor=True, relative=True, error_feedback=True, lazy=True),
-)}
+UPLINK: Dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme(
+            "fedavg",
+            "FedAvg: exact float32 updates, every worker every round",
+            fixed_bits=32,
+            per_tensor=False,
+            relative=False,
+            error_feedback=False,
+            lazy=False,
+        ),
+        Scheme(
+            "laq8",
+            "8-bit stochastic rounding, one scale for the whole vector, no error feedback",
+            fixed_bits=8,
+            per_tensor=False,
+            relative=False,
+            error_feedback=False,
+            lazy=False,
+        ),
+        Scheme(
+            "bbit",
+            "b_up-bit stochastic rounding of the innovation, per tensor, error feedback, lazy rule",
+            fixed_bits=None,
+            min_bits=2,
+            per_tensor=True,
+            relative=True,
+            error_feedback=True,
+            lazy=True,
+        ),
+        Scheme(
+            "bin",
+            "1-bit sign of the innovation, per tensor, error feedback, lazy rule",
+            fixed_bits=1,
+            sets_b_up=True,
+            upload_sheet=True,
+            per_tensor=True,
+            relative=True,
+            error_feedback=True,
+            lazy=True,
+        ),
+    )
+}
 
 #: The default uplink scheme.
 DEFAULT_MODE = "bbit"
 
 #: The downlink: exact float32 (``b_down`` 0 or 32), or ``b_down``-bit
 #: quantization of ``theta - ref_down[m]`` per tensor against the worker's mirror.
-DOWNLINK_EXACT = Scheme("exact", "exact float32 model", fixed_bits=32, per_tensor=False, relative=False,
-                        error_feedback=False, lazy=False)
-DOWNLINK_QUANTIZED = Scheme("quantized", "b_down-bit quantization of the model's change, per tensor",
-                            fixed_bits=None, per_tensor=True, relative=True, error_feedback=False, lazy=False)
+DOWNLINK_EXACT = Scheme(
+    "exact", "exact float32 model", fixed_bits=32, per_tensor=False, relative=False, error_feedback=False, lazy=False
+)
+DOWNLINK_QUANTIZED = Scheme(
+    "quantized",
+    "b_down-bit quantization of the model's change, per tensor",
+    fixed_bits=None,
+    per_tensor=True,
+    relative=True,
+    error_feedback=False,
+    lazy=False,
+)
 
 
 def uplink(mode: str) -> Scheme:

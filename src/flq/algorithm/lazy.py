@@ -4,6 +4,7 @@ A worker uploads only when its quantized innovation is large compared with
 how much the global model moved recently; otherwise it skips the round and
 keeps what it did not send in its error-feedback residual.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -20,15 +21,24 @@ def history_energy(delta_sq_norms: Sequence[float], ck: float) -> float:
     return float(sum((ck / d) * float(sq) for d, sq in enumerate(delta_sq_norms, start=1)))
 
 
-def lazy_threshold(me_k: float, lr: float, num_workers: int, e: float, e_hat: float,
-                   thr_scale: float) -> float:
+def lazy_threshold(me_k: float, lr: float, num_workers: int, e: float, e_hat: float, thr_scale: float) -> float:
     """``thr_scale * (me_k / (lr^2 M^2) + 3 (e + e_hat))`` (step 4)."""
     return thr_scale * (me_k / (lr * lr * num_workers * num_workers) + 3.0 * (e + e_hat))
 
 
-def is_candidate(innovation_sq: float, me_k: float, lr: float, num_workers: int, e: float,
-                 e_hat: float, thr_scale: float, round_index: int, warmup: int,
-                 clock: int, max_clock: float) -> bool:
+def is_candidate(
+    innovation_sq: float,
+    me_k: float,
+    lr: float,
+    num_workers: int,
+    e: float,
+    e_hat: float,
+    thr_scale: float,
+    round_index: int,
+    warmup: int,
+    clock: int,
+    max_clock: float,
+) -> bool:
     """Whether a bbit/bin worker offers an upload this round (step 4).
 
     Args:

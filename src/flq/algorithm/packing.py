@@ -15,6 +15,7 @@ All integers little-endian. For the default model (12 tensors) the overhead
 beyond ``ceil(b n / 8)`` is 16 + 8 * 12 = 112 bytes. :func:`decode` validates everything and
 raises :class:`PayloadError` (a ``ValueError``) with a one-line reason.
 """
+
 from __future__ import annotations
 
 import struct
@@ -131,9 +132,12 @@ def encoded_size(n: int, bits: int, n_segments: int) -> int:
     return _HEADER.size + 4 * n_segments + scales + data
 
 
-def decode(data: bytes, expected_n: Optional[int] = None,
-           expected_segments: Optional[Sequence[int]] = None,
-           expected_bits: Optional[int] = None) -> QuantizedVector:
+def decode(
+    data: bytes,
+    expected_n: Optional[int] = None,
+    expected_segments: Optional[Sequence[int]] = None,
+    expected_bits: Optional[int] = None,
+) -> QuantizedVector:
     """Parse and validate an encoded vector.
 
     Args:

@@ -11,6 +11,7 @@ the wire, bit-packed by :mod:`flq.algorithm.packing`) plus float32 scales.
 Its value is :func:`dequantize`. Both ends of a link reconstruct values with
 the same function, so the mirrors they keep stay bit-identical.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,8 +74,7 @@ def _code_dtype(bits: int):
     return np.uint8 if bits <= 8 else np.uint16
 
 
-def quantize_stochastic(x: np.ndarray, bits: int, rng: np.random.Generator,
-                        segments: Sequence[int]) -> QuantizedVector:
+def quantize_stochastic(x: np.ndarray, bits: int, rng: np.random.Generator, segments: Sequence[int]) -> QuantizedVector:
     """``Q_b(x)`` per segment, by unbiased stochastic rounding (b >= 2).
 
     ``L = 2^(b-1)-1``, ``s = (max|x| + 1e-12) / L``, ``y = x / s``,
@@ -104,14 +104,14 @@ def quantize_stochastic(x: np.ndarray, bits: int, rng: np.random.Generator,
     scales = np.empty(len(segs), dtype=np.float32)
     start = 0
     for i, size in enumerate(segs):
-        xs = x[start:start + size]
+        xs = x[start : start + size]
         s = (np.abs(xs).max() + _EPS) / np.float32(L)
         y: np.ndarray = xs / s
         fl = np.floor(y)
-        z = fl + (u[start:start + size] < (y - fl))
+        z = fl + (u[start : start + size] < (y - fl))
         np.clip(z, -L, L, out=z)
         z += np.float32(L)
-        codes[start:start + size] = z
+        codes[start : start + size] = z
         scales[i] = s
         start += size
     return QuantizedVector(KIND_INT, bits, segs, scales, codes)
@@ -135,7 +135,7 @@ def binarize(x: np.ndarray, rng: np.random.Generator, segments: Sequence[int]) -
     scales = np.empty(len(segs), dtype=np.float32)
     start = 0
     for i, size in enumerate(segs):
-        scales[i] = np.abs(x[start:start + size]).mean(dtype=np.float64)
+        scales[i] = np.abs(x[start : start + size]).mean(dtype=np.float64)
         start += size
     return QuantizedVector(KIND_BIN, 1, segs, scales, codes)
 
@@ -146,8 +146,7 @@ def raw(x: np.ndarray) -> QuantizedVector:
     return QuantizedVector(KIND_RAW, 32, (x.shape[0],), np.empty(0, np.float32), x)
 
 
-def quantize(x: np.ndarray, bits: int, rng: np.random.Generator,
-             segments: Sequence[int]) -> QuantizedVector:
+def quantize(x: np.ndarray, bits: int, rng: np.random.Generator, segments: Sequence[int]) -> QuantizedVector:
     """``Q_b`` as docs/algorithm.md uses it: ``B`` for b = 1, ``raw`` for b = 32 (or 0),
     stochastic rounding per segment otherwise."""
     if bits == 1:
@@ -175,14 +174,19 @@ def dequantize(qv: QuantizedVector) -> np.ndarray:
         raise ValueError(f"unknown quantized vector kind {qv.kind!r}")
     start = 0
     for s, size in zip(qv.scales, qv.segments):
-        out[start:start + size] *= s
+        out[start : start + size] *= s
         start += size
     return out
 
 
-def quantize_relative(x: np.ndarray, ref: np.ndarray, bits: int, rng: np.random.Generator,
-                      segments: Sequence[int], quantizer: Optional[Quantizer] = None
-                      ) -> Tuple[QuantizedVector, np.ndarray]:
+def quantize_relative(
+    x: np.ndarray,
+    ref: np.ndarray,
+    bits: int,
+    rng: np.random.Generator,
+    segments: Sequence[int],
+    quantizer: Optional[Quantizer] = None,
+) -> Tuple[QuantizedVector, np.ndarray]:
     """Relative quantization ``q = ref + Q_b(x - ref)`` (docs/algorithm.md, Quantizers).
 
     Args:

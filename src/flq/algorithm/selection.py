@@ -1,4 +1,5 @@
 """Budget selection of uploads (docs/algorithm.md, "One round", steps 5-6)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

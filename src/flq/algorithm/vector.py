@@ -1,4 +1,5 @@
 """Small vector helpers shared by the algorithm modules."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -15,6 +15,7 @@ detected, not waited for. What follows a refusal depends on its code alone
 :class:`MasterClient` take and return the algorithm's 0-based ``k`` and
 convert (:mod:`flq.protocol`).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -39,14 +40,15 @@ from ..protocol import Code, round_index, round_number
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 5000
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
 #: Status codes of proxies and gateways: the network, not the master, failed.
 _RETRY_STATUS = (502, 503, 504)
 #: OpenSSL's reasons (``ssl.SSLError.reason``) for a peer that answered a TLS
 #: handshake with something else than TLS: the master speaks plain HTTP.
-_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST",
-                              "PACKET_LENGTH_TOO_LONG"})
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"})
 
 
 class RunOver(Exception):
@@ -96,8 +98,10 @@ def master_url(address: str, port: Optional[str] = None, tls: bool = False, defa
         ValueError: anything else, in one line naming what was wrong.
     """
     text = (address or "").strip()
-    usage = (f"--master_ip {address!r}: expected a host name, an IPv4 or IPv6 address (brackets optional), "
-             f"HOST:PORT or an http(s):// URL")
+    usage = (
+        f"--master_ip {address!r}: expected a host name, an IPv4 or IPv6 address (brackets optional), "
+        f"HOST:PORT or an http(s):// URL"
+    )
     scheme = "https" if tls else "http"
     given_port: Optional[str] = None
     if "://" in text:
@@ -184,8 +188,15 @@ class MasterClient:
         poll_s: long-poll duration asked of the master (seconds).
     """
 
-    def __init__(self, base_url: str, worker_id: int, auth_token: str = "", verify: Any = True,
-                 give_up_s: float = 300.0, poll_s: float = 20.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        worker_id: int,
+        auth_token: str = "",
+        verify: Any = True,
+        give_up_s: float = 300.0,
+        poll_s: float = 20.0,
+    ) -> None:
         self.base_url = base_url
         self.headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
         self.cafile = verify if isinstance(verify, str) else None
@@ -216,16 +227,25 @@ class MasterClient:
         for e in _causes(exc):
             if isinstance(e, ssl.SSLCertVerificationError):
                 what = f"--cafile {self.cafile}" if self.cafile else "the system's CA certificates"
-                return (f"TLS: the master's certificate at {u.netloc} does not verify against {what} "
-                        f"({e.verify_message or e.reason})")
+                return (
+                    f"TLS: the master's certificate at {u.netloc} does not verify against {what} "
+                    f"({e.verify_message or e.reason})"
+                )
             if isinstance(e, ssl.SSLError) and e.reason in _NOT_TLS_REASONS:
-                return (f"TLS: {u.netloc} does not speak HTTPS ({e.reason or e}); drop --tls/--cafile or use an "
-                        f"http:// address")
-        if (u.scheme == "http" and not self.answered
-                and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError))
-                and speaks_tls(u.hostname or "", u.port or DEFAULT_PORT)):
-            return (f"the master at {u.netloc} speaks HTTPS: add --cafile CERT (or --tls for a certificate the "
-                    f"system trusts), or give an https:// address")
+                return (
+                    f"TLS: {u.netloc} does not speak HTTPS ({e.reason or e}); drop --tls/--cafile or use an "
+                    f"http:// address"
+                )
+        if (
+            u.scheme == "http"
+            and not self.answered
+            and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError))
+            and speaks_tls(u.hostname or "", u.port or DEFAULT_PORT)
+        ):
+            return (
+                f"the master at {u.netloc} speaks HTTPS: add --cafile CERT (or --tls for a certificate the "
+                f"system trusts), or give an https:// address"
+            )
         return None
 
     def _call(self, method: str, url: str, **kw) -> httpx.Response:
@@ -247,8 +267,9 @@ class MasterClient:
             kw["timeout"] = limits
             if first_failure is not None:
                 left = max(1.0, first_failure + self.give_up_s - started)
-                kw["timeout"] = httpx.Timeout(connect=min(10.0, left), read=min(limits.read, left),
-                                              write=min(60.0, left), pool=min(10.0, left))
+                kw["timeout"] = httpx.Timeout(
+                    connect=min(10.0, left), read=min(limits.read, left), write=min(60.0, left), pool=min(10.0, left)
+                )
             try:
                 r = self.http.request(method, url, **kw)
             except httpx.TransportError as exc:
@@ -263,8 +284,10 @@ class MasterClient:
             now = time.monotonic()
             first_failure = first_failure or started
             if now - first_failure >= self.give_up_s:
-                raise Unreachable(f"the master at {self.base_url} did not answer for {now - first_failure:.0f} s "
-                                  f"(--give_up_s {self.give_up_s:g}; last: {err})")
+                raise Unreachable(
+                    f"the master at {self.base_url} did not answer for {now - first_failure:.0f} s "
+                    f"(--give_up_s {self.give_up_s:g}; last: {err})"
+                )
             log.warning("master call %s %s failed (%s); retrying in %.1f s", method, url, err, delay)
             time.sleep(min(delay * (0.8 + 0.4 * random.random()), max(0.0, first_failure + self.give_up_s - now)))
             delay = min(delay * 2, 10.0)
@@ -275,15 +298,19 @@ class MasterClient:
         body, detail, code_text = _refusal(r)
         if not code_text:  # every refusal of an FLQ master carries a code
             first = (r.text.strip().splitlines() or [""])[0][:80]
-            raise Fatal(f"{self.base_url} answered {method} {url} with HTTP {r.status_code} and no FLQ error "
-                        f"code: is it the FLQ master? ({first!r})")
+            raise Fatal(
+                f"{self.base_url} answered {method} {url} with HTTP {r.status_code} and no FLQ error "
+                f"code: is it the FLQ master? ({first!r})"
+            )
         self.answered = True
         code = Code.parse(code_text)
         if code is Code.RUN_OVER:
             raise RunOver(str(body.get("reason", outcome.COMPLETED)), detail)
         if code is Code.UNAUTHORIZED:
-            raise Fatal("the master refused the bearer token (401): set --auth_token or $FLQ_AUTH_TOKEN to the "
-                        "master's system.auth_token")
+            raise Fatal(
+                "the master refused the bearer token (401): set --auth_token or $FLQ_AUTH_TOKEN to the "
+                "master's system.auth_token"
+            )
         if code is Code.INTERNAL or (code is None and r.status_code >= 500):  # None: a code of a newer master
             raise Fatal(f"the master failed on {method} {url} ({r.status_code}): {detail}", outcome.ERROR)
         if code is Code.SESSION_REPLACED:
@@ -304,8 +331,10 @@ class MasterClient:
             info = r.json()
             info["config"]["system"]
         except (ValueError, KeyError, TypeError):
-            raise Fatal(f"{self.base_url} answered GET /config with something else than an FLQ run's "
-                        f"configuration: is it the FLQ master?") from None
+            raise Fatal(
+                f"{self.base_url} answered GET /config with something else than an FLQ run's "
+                f"configuration: is it the FLQ master?"
+            ) from None
         if info.get("state") == "finished":
             raise Fatal(f"the run at {self.base_url} is already over: nothing to join")
         self.run_info = info
@@ -333,8 +362,12 @@ class MasterClient:
         """Long-poll ``GET /round/model`` for a round after round ``after`` (k,
         0-based; -1 for any): (k, me_k, downlink bytes) or None. The wire
         counts rounds from 1 (``after``, ``X-FLQ-Round``)."""
-        r = self._call("GET", "/round/model", params={"worker_id": self.worker_id, "wait": self.poll_s,
-                                                      "after": round_number(after)}, timeout=self.poll_timeout)
+        r = self._call(
+            "GET",
+            "/round/model",
+            params={"worker_id": self.worker_id, "wait": self.poll_s, "after": round_number(after)},
+            timeout=self.poll_timeout,
+        )
         if r.status_code == 204:
             return None
         return round_index(int(r.headers["X-FLQ-Round"])), float(r.headers["X-FLQ-MeK"]), r.content
@@ -356,14 +389,18 @@ class MasterClient:
     def upload(self, round_index: int, payload: bytes) -> None:
         """``POST /round/upload`` with the encoded update for round ``round_index``
         (k, 0-based; 1-based on the wire; a retry is counted once)."""
-        self._call("POST", "/round/upload", params={"worker_id": self.worker_id, "round": round_number(round_index)},
-                   content=payload, headers={"Content-Type": "application/octet-stream"})
+        self._call(
+            "POST",
+            "/round/upload",
+            params={"worker_id": self.worker_id, "round": round_number(round_index)},
+            content=payload,
+            headers={"Content-Type": "application/octet-stream"},
+        )
         self.bytes_sent += len(payload)
 
     def _once(self, path: str, timeout: float = 5.0) -> httpx.Response:
         """One POST of ``{worker_id}`` on a fresh connection, not retried (heartbeat, leave)."""
-        with httpx.Client(base_url=self.base_url, headers=self.headers, verify=self.verify,
-                          timeout=timeout) as c:
+        with httpx.Client(base_url=self.base_url, headers=self.headers, verify=self.verify, timeout=timeout) as c:
             return c.post(path, json={"worker_id": self.worker_id}, headers={"X-FLQ-Session": self.session})
 
     def heartbeat(self) -> bool:
@@ -403,7 +440,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{client.worker_id}", daemon=True)
 
-    def start(self) -> "Heartbeat":
+    def start(self) -> Heartbeat:
         self._thread.start()
         return self
 
@@ -433,7 +470,7 @@ def _safetensors_metadata(blob: bytes) -> Dict[str, str]:
     import struct
 
     (n,) = struct.unpack_from("<Q", blob)
-    return json.loads(blob[8:8 + n]).get("__metadata__", {})
+    return json.loads(blob[8 : 8 + n]).get("__metadata__", {})
 
 
 @dataclass
@@ -450,9 +487,12 @@ class WorkerEnd:
         return outcome.exit_status(self.reason)
 
 
-def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any],
-               before_upload: Optional[Callable[[int], bool]] = None,
-               on_round_end: Optional[Callable[[Any, int], Any]] = None) -> WorkerEnd:
+def run_worker(
+    client: MasterClient,
+    make_worker: Callable[[Dict[str, Any]], Any],
+    before_upload: Optional[Callable[[int], bool]] = None,
+    on_round_end: Optional[Callable[[Any, int], Any]] = None,
+) -> WorkerEnd:
     """The worker loop: register, then per round fetch -> offer -> upload or skip,
     with a heartbeat alongside, until the master ends the run.
 
@@ -549,8 +589,9 @@ def run_worker(client: MasterClient, make_worker: Callable[[Dict[str, Any]], Any
         leave = False
         return WorkerEnd(outcome.UNREACHABLE, str(exc), offered)
     except Refused as exc:  # a refusal the loop does not expect: no retry can fix it
-        return WorkerEnd(outcome.REFUSED, f"the master refused this worker ({exc.status}, {exc.code}): {exc.detail}",
-                         offered)
+        return WorkerEnd(
+            outcome.REFUSED, f"the master refused this worker ({exc.status}, {exc.code}): {exc.detail}", offered
+        )
     except outcome.Interrupted as exc:
         return WorkerEnd(exc.reason, f"{exc.reason.upper()}: left the run", offered)
     finally:

@@ -55,6 +55,7 @@ the OpenAPI document (``/openapi.json``) each status it can answer, with its
 codes. This module knows nothing of quantization: vectors are opaque bytes
 that :class:`~flq.cluster.ClusterMaster` hands to the algorithm.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -109,16 +110,16 @@ class BodyLimit:
         limit = self.limits.get(scope["path"], self.default)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_error(send, Code.TOO_LARGE,
-                                     f"request body of {int(declared)} bytes exceeds the limit of {limit}")
+            return await _send_error(
+                send, Code.TOO_LARGE, f"request body of {int(declared)} bytes exceeds the limit of {limit}"
+            )
         chunks, size, more = [], 0, True
         deadline = time.monotonic() + BODY_TIMEOUT_S
         while more:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.01, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                return await _send_error(send, Code.TIMEOUT, f"request body not received within "
-                                                             f"{BODY_TIMEOUT_S:.0f} s")
+                return await _send_error(send, Code.TIMEOUT, f"request body not received within {BODY_TIMEOUT_S:.0f} s")
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -162,9 +163,17 @@ async def _send_error(send, code: Code, detail: str) -> None:
     """Answer a refusal from ASGI middleware (the connection is then closed)."""
     body = json.dumps({"detail": detail, "code": code}).encode()
     log.warning("request refused (%d %s): %s", code.status, code, detail)
-    await send({"type": "http.response.start", "status": code.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": code.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -173,8 +182,9 @@ class ErrorResponse(BaseModel):
     """Every refusal: an HTTP status with this body."""
 
     detail: str = Field(description="what went wrong, in one line, for a person")
-    code: Code = Field(description="what went wrong, for a program to act on (flq.protocol.Code); each code has "
-                                   "one status")
+    code: Code = Field(
+        description="what went wrong, for a program to act on (flq.protocol.Code); each code has one status"
+    )
     reason: Optional[str] = Field(None, description="410 run_over only: the run's end reason (flq.outcome)")
 
 
@@ -215,8 +225,10 @@ class OfferRequest(BaseModel):
     candidate: bool
     gain: float
     cost: float
-    loss: Optional[float] = Field(description="the worker's training loss; null when it is not finite (the "
-                                  "worker's model diverged; it is then not a candidate)")
+    loss: Optional[float] = Field(
+        description="the worker's training loss; null when it is not finite (the "
+        "worker's model diverged; it is then not a candidate)"
+    )
     up_version: int = Field(ge=0, strict=True)
     down_version: int = Field(ge=0, strict=True)
     compute_s: float = Field(0.0, ge=0, le=1e6, allow_inf_nan=False)
@@ -238,14 +250,17 @@ class ConfigResponse(BaseModel):
     config: ConfigFile = Field(description="the run's configuration by section (token masked)")
     state: Literal["waiting", "training", "stopping", "finished"]
     round: int = Field(description="the round in progress, or the next (1-based); the last once the run is over")
-    run: str = Field(description="the run's id (the stamp of its log and checkpoint); a worker's saved state "
-                                 "belongs to one run")
+    run: str = Field(
+        description="the run's id (the stamp of its log and checkpoint); a worker's saved state belongs to one run"
+    )
 
 
 class WorkerStatus(BaseModel):
     worker_id: int
-    state: str = Field(description="registered, training, offered, uploading, idle, late; absent (not heard from "
-                                   "for worker_timeout_s) or left")
+    state: str = Field(
+        description="registered, training, offered, uploading, idle, late; absent (not heard from "
+        "for worker_timeout_s) or left"
+    )
     last_seen: float = Field(description="when the master last heard from it (Unix time, seconds)")
     seconds_since_seen: float
     rounds_offered: int
@@ -279,8 +294,10 @@ class StatusWireBytes(BaseModel):
 class StatusResponse(BaseModel):
     state: Literal["waiting", "training", "stopping", "finished"]
     phase: Literal["idle", "offers", "uploads", "closing"]
-    round: int = Field(description="1-based like the spreadsheet's iter: the round in progress, or the next; the "
-                                   "last once the run is over")
+    round: int = Field(
+        description="1-based like the spreadsheet's iter: the round in progress, or the next; the "
+        "last once the run is over"
+    )
     rounds_done: int
     round_open_s: Optional[float] = Field(description="seconds since the open round opened; null between rounds")
     waiting_for: List[int] = Field(description="the workers the current phase waits for")
@@ -293,8 +310,9 @@ class StatusResponse(BaseModel):
     min_workers: int
     timeouts_s: StatusTimeouts
     workers: List[WorkerStatus]
-    last_metrics: Optional[Dict[str, Any]] = Field(description="the last round's record (a spreadsheet row; "
-                                                               "non-finite numbers as null)")
+    last_metrics: Optional[Dict[str, Any]] = Field(
+        description="the last round's record (a spreadsheet row; non-finite numbers as null)"
+    )
     last_evaluation: Optional[Dict[str, Any]] = Field(description="the last record with a test accuracy")
     bits: StatusBits
     wire_bytes: StatusWireBytes
@@ -311,9 +329,10 @@ def _error(code: Code, detail: str, **extra: Any) -> JSONResponse:
 def _errors(*codes: Code) -> Dict[int, Dict[str, Any]]:
     """OpenAPI ``responses`` for the refusals a route can answer: per status,
     :class:`ErrorResponse` and the codes it may carry."""
-    return {status: {"model": ErrorResponse,
-                     "description": "Refused: " + "; ".join(f"`{c}`: {c.meaning}" for c in group)}
-            for status, group in codes_by_status(codes).items()}
+    return {
+        status: {"model": ErrorResponse, "description": "Refused: " + "; ".join(f"`{c}`: {c.meaning}" for c in group)}
+        for status, group in codes_by_status(codes).items()
+    }
 
 
 #: The refusals of every route (the token; an error inside the master), of
@@ -323,9 +342,14 @@ _BODY = (Code.TIMEOUT, Code.TOO_LARGE, Code.INVALID_REQUEST)
 _WORKER = (Code.UNKNOWN_WORKER, Code.NOT_REGISTERED, Code.SESSION_REPLACED, Code.INVALID_REQUEST)
 
 
-def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
-               status_token_free: bool = True, auth_token: str = "",
-               on_shutdown: Optional[Callable[[], None]] = None) -> FastAPI:
+def create_app(
+    cluster: ClusterMaster,
+    model_state: Any,
+    max_body_bytes: int,
+    status_token_free: bool = True,
+    auth_token: str = "",
+    on_shutdown: Optional[Callable[[], None]] = None,
+) -> FastAPI:
     """The FastAPI application of one master.
 
     Args:
@@ -352,14 +376,18 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
         if on_shutdown is not None:
             await asyncio.to_thread(on_shutdown)
 
-    app = FastAPI(title="FLQ-Fed master", version="1", lifespan=lifespan,
-                  description="Federated learning with low-bit, lazy, budgeted uploads (FLQ). Rounds are counted "
-                              "from 1. A refusal is `{detail, code}`: " +
-                              "; ".join(f"{c.status} `{c}` ({c.meaning})" for c in Code) + ".")
+    app = FastAPI(
+        title="FLQ-Fed master",
+        version="1",
+        lifespan=lifespan,
+        description="Federated learning with low-bit, lazy, budgeted uploads (FLQ). Rounds are counted "
+        "from 1. A refusal is `{detail, code}`: " + "; ".join(f"{c.status} `{c}` ({c.meaning})" for c in Code) + ".",
+    )
     app.state.cluster = cluster
     app.add_middleware(BodyLimit, limits={"/round/upload": max_body_bytes}, default=MAX_JSON_BODY)
-    open_paths = {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"} | ({"/status"} if status_token_free
-                                                                                  else set())
+    open_paths = {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"} | (
+        {"/status"} if status_token_free else set()
+    )
     app.add_middleware(BearerAuth, token=auth_token, open_paths=open_paths)  # outermost: runs first
 
     @app.exception_handler(MasterError)
@@ -386,22 +414,38 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):  # logged by uvicorn with its traceback
-        return _error(Code.INTERNAL, f"{request.method} {request.url.path} failed inside the master: "
-                                     f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500])
+        return _error(
+            Code.INTERNAL,
+            f"{request.method} {request.url.path} failed inside the master: {type(exc).__name__}: {exc}".replace(
+                "\n", " "
+            )[:500],
+        )
 
     def _account(up: int = 0, down: int = 0) -> None:
         cluster.master.add_wire_bytes(up=up, down=down)
 
     # ----- monitoring -----------------------------------------------------
-    @app.get("/status", response_model=StatusResponse, responses=_errors(*_ANY),
-             summary="Run state, workers, last metrics, cumulative bits")
+    @app.get(
+        "/status",
+        response_model=StatusResponse,
+        responses=_errors(*_ANY),
+        summary="Run state, workers, last metrics, cumulative bits",
+    )
     async def status() -> Dict[str, Any]:
         return cluster.status()
 
-    @app.get("/get_global_model", summary="The global model as safetensors", response_class=Response,
-             responses={200: {"content": {OCTET: {}}, "description": "the model after the last round done "
-                                                                      "(X-FLQ-Round; 0: the initial model)"},
-                        **_errors(*_ANY)})
+    @app.get(
+        "/get_global_model",
+        summary="The global model as safetensors",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {OCTET: {}},
+                "description": "the model after the last round done (X-FLQ-Round; 0: the initial model)",
+            },
+            **_errors(*_ANY),
+        },
+    )
     async def get_global_model() -> Response:
         from safetensors.torch import save
 
@@ -410,78 +454,126 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
         tensors = model_state(theta)
         body = save(tensors, metadata={"round": str(done), "mode": cluster.cfg.mode, "format": "pt"})
         name = f"flq_global_round{done}.safetensors"
-        return Response(body, media_type=OCTET, headers={"X-FLQ-Round": str(done),
-                                                         "Content-Disposition": f'attachment; filename="{name}"'})
+        return Response(
+            body,
+            media_type=OCTET,
+            headers={"X-FLQ-Round": str(done), "Content-Disposition": f'attachment; filename="{name}"'},
+        )
 
-    @app.post("/stop", response_model=StopResponse, responses=_errors(*_ANY, Code.TIMEOUT, Code.TOO_LARGE),
-              summary="Stop after the current round")
+    @app.post(
+        "/stop",
+        response_model=StopResponse,
+        responses=_errors(*_ANY, Code.TIMEOUT, Code.TOO_LARGE),
+        summary="Stop after the current round",
+    )
     async def stop() -> StopResponse:
         cluster.request_stop(outcome.STOPPED)
         await cluster.wake()
         return StopResponse(stopping=True, round=cluster.round_number, state=cluster.state)
 
     # ----- worker protocol ------------------------------------------------
-    @app.get("/config", response_model=ConfigResponse, responses=_errors(*_ANY),
-             summary="The run's configuration (a worker reads it before it registers)")
+    @app.get(
+        "/config",
+        response_model=ConfigResponse,
+        responses=_errors(*_ANY),
+        summary="The run's configuration (a worker reads it before it registers)",
+    )
     async def run_config() -> ConfigResponse:
-        return ConfigResponse(config=cluster.cfg.public_sections(), state=cluster.state, round=cluster.round_number,
-                              run=cluster.run_id)
+        return ConfigResponse(
+            config=cluster.cfg.public_sections(), state=cluster.state, round=cluster.round_number, run=cluster.run_id
+        )
 
-    @app.post("/workers/register", response_model=RegisterResponse,
-              responses=_errors(*_ANY, *_BODY, Code.UNKNOWN_WORKER, Code.RUN_OVER))
+    @app.post(
+        "/workers/register",
+        response_model=RegisterResponse,
+        responses=_errors(*_ANY, *_BODY, Code.UNKNOWN_WORKER, Code.RUN_OVER),
+    )
     async def register(req: RegisterRequest, request: Request) -> RegisterResponse:
         host = request.client.host if request.client else ""
-        out = await cluster.register(req.worker_id, req.up_version, req.down_version, address=host,
-                                     threads=req.threads, device=req.device)
+        out = await cluster.register(
+            req.worker_id, req.up_version, req.down_version, address=host, threads=req.threads, device=req.device
+        )
         return RegisterResponse(config=cluster.cfg.public_sections(), **out)
 
-    @app.post("/workers/heartbeat", response_model=HeartbeatResponse,
-              responses=_errors(*_ANY, *_BODY, *_WORKER, Code.RUN_OVER),
-              summary="A worker's sign of life (every heartbeat_s)")
+    @app.post(
+        "/workers/heartbeat",
+        response_model=HeartbeatResponse,
+        responses=_errors(*_ANY, *_BODY, *_WORKER, Code.RUN_OVER),
+        summary="A worker's sign of life (every heartbeat_s)",
+    )
     async def heartbeat(req: WorkerRequest, session: Optional[str] = SESSION) -> Dict[str, Any]:
         cluster.master.check_worker(req.worker_id)
         return cluster.heartbeat(req.worker_id, session)
 
-    @app.post("/workers/leave", response_model=OkResponse, responses=_errors(*_ANY, *_BODY, *_WORKER),
-              summary="The worker exits on purpose; no round waits for it")
+    @app.post(
+        "/workers/leave",
+        response_model=OkResponse,
+        responses=_errors(*_ANY, *_BODY, *_WORKER),
+        summary="The worker exits on purpose; no round waits for it",
+    )
     async def leave(req: WorkerRequest, session: Optional[str] = SESSION) -> Dict[str, Any]:
         cluster.master.check_worker(req.worker_id)
         await cluster.leave(req.worker_id, session)
         return {"ok": True}
 
-    @app.get("/workers/{worker_id}/mirrors", response_class=Response,
-             responses={200: {"content": {OCTET: {}}}, **_errors(*_ANY, *_WORKER)})
+    @app.get(
+        "/workers/{worker_id}/mirrors",
+        response_class=Response,
+        responses={200: {"content": {OCTET: {}}}, **_errors(*_ANY, *_WORKER)},
+    )
     async def mirrors(worker_id: int, session: Optional[str] = SESSION) -> Response:
         from safetensors.numpy import save
 
         cluster.master.check_worker(worker_id)
         ref_up, ref_down, up_v, down_v = cluster.mirrors(worker_id, session)
-        body = save({"ref_up": np.ascontiguousarray(ref_up), "ref_down": np.ascontiguousarray(ref_down)},
-                    metadata={"up_version": str(up_v), "down_version": str(down_v)})
+        body = save(
+            {"ref_up": np.ascontiguousarray(ref_up), "ref_down": np.ascontiguousarray(ref_down)},
+            metadata={"up_version": str(up_v), "down_version": str(down_v)},
+        )
         return Response(body, media_type=OCTET)
 
-    @app.get("/round/model", response_class=Response,
-             responses={200: {"content": {OCTET: {}}, "description": "the round's downlink; X-FLQ-Round: the round "
-                                                                      "(1-based)"},
-                        204: {"description": "no round opened within wait seconds"},
-                        **_errors(*_ANY, *_WORKER, Code.RUN_OVER)})
-    async def round_model(worker_id: int = Query(ge=0), wait: float = Query(20.0, ge=0, le=MAX_WAIT_S),
-                          after: int = Query(0, ge=0, description="the last round (1-based) the worker has done; "
-                                                                  "0 for none"),
-                          session: Optional[str] = SESSION) -> Response:
+    @app.get(
+        "/round/model",
+        response_class=Response,
+        responses={
+            200: {"content": {OCTET: {}}, "description": "the round's downlink; X-FLQ-Round: the round (1-based)"},
+            204: {"description": "no round opened within wait seconds"},
+            **_errors(*_ANY, *_WORKER, Code.RUN_OVER),
+        },
+    )
+    async def round_model(
+        worker_id: int = Query(ge=0),
+        wait: float = Query(20.0, ge=0, le=MAX_WAIT_S),
+        after: int = Query(0, ge=0, description="the last round (1-based) the worker has done; 0 for none"),
+        session: Optional[str] = SESSION,
+    ) -> Response:
         cluster.master.check_worker(worker_id)
         view = await cluster.fetch_round(worker_id, wait, session, after=round_index(after))
         if view is None:
             return Response(status_code=204)
-        return Response(view.payload, media_type=OCTET,
-                        headers={"X-FLQ-Round": str(round_number(view.round)), "X-FLQ-MeK": repr(float(view.me_k)),
-                                 "X-FLQ-Down-Version": str(view.down_version)})
+        return Response(
+            view.payload,
+            media_type=OCTET,
+            headers={
+                "X-FLQ-Round": str(round_number(view.round)),
+                "X-FLQ-MeK": repr(float(view.me_k)),
+                "X-FLQ-Down-Version": str(view.down_version),
+            },
+        )
 
-    @app.post("/round/offer", response_model=OfferResponse,
-              responses=_errors(*_ANY, *_BODY, *_WORKER, Code.MALFORMED, Code.LATE, Code.MIRROR_MISMATCH,
-                                Code.CONFLICT, Code.RUN_OVER))
-    async def round_offer(req: OfferRequest, request: Request, wait: float = Query(20.0, ge=0, le=MAX_WAIT_S),
-                          session: Optional[str] = SESSION) -> Response:
+    @app.post(
+        "/round/offer",
+        response_model=OfferResponse,
+        responses=_errors(
+            *_ANY, *_BODY, *_WORKER, Code.MALFORMED, Code.LATE, Code.MIRROR_MISMATCH, Code.CONFLICT, Code.RUN_OVER
+        ),
+    )
+    async def round_offer(
+        req: OfferRequest,
+        request: Request,
+        wait: float = Query(20.0, ge=0, le=MAX_WAIT_S),
+        session: Optional[str] = SESSION,
+    ) -> Response:
         raw = await request.body()
         fields = req.model_dump()
         fields["loss"] = float("nan") if fields["loss"] is None else fields["loss"]
@@ -491,13 +583,20 @@ def create_app(cluster: ClusterMaster, model_state: Any, max_body_bytes: int,
         _account(up=len(raw), down=len(body))
         return Response(body, media_type="application/json")
 
-    @app.post("/round/upload", response_model=OkResponse,
-              responses=_errors(*_ANY, *_BODY, *_WORKER, Code.MALFORMED, Code.LATE, Code.CONFLICT),
-              openapi_extra={"requestBody": {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
-                                             "required": True}})
-    async def round_upload(request: Request, worker_id: int = Query(ge=0),
-                           round: int = Query(ge=1, description="the round uploaded for (1-based)"),
-                           session: Optional[str] = SESSION) -> Response:
+    @app.post(
+        "/round/upload",
+        response_model=OkResponse,
+        responses=_errors(*_ANY, *_BODY, *_WORKER, Code.MALFORMED, Code.LATE, Code.CONFLICT),
+        openapi_extra={
+            "requestBody": {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}}, "required": True}
+        },
+    )
+    async def round_upload(
+        request: Request,
+        worker_id: int = Query(ge=0),
+        round: int = Query(ge=1, description="the round uploaded for (1-based)"),
+        session: Optional[str] = SESSION,
+    ) -> Response:
         cluster.master.check_worker(worker_id)
         # BodyLimit has already refused bodies over max_body_bytes (413)
         await cluster.upload(worker_id, round_index(round), await request.body(), session)
@@ -551,17 +650,33 @@ def _server_class(cluster: ClusterMaster):
     return Server
 
 
-async def serve(app: FastAPI, cluster: ClusterMaster, host: str, port: int, linger_s: float = 5.0,
-                ssl_certfile: Optional[str] = None, ssl_keyfile: Optional[str] = None, sock: Any = None) -> None:
+async def serve(
+    app: FastAPI,
+    cluster: ClusterMaster,
+    host: str,
+    port: int,
+    linger_s: float = 5.0,
+    ssl_certfile: Optional[str] = None,
+    ssl_keyfile: Optional[str] = None,
+    sock: Any = None,
+) -> None:
     """Run uvicorn (the app's lifespan runs the round loop) until the run
     ends, then ``linger_s`` seconds more, answering 410 to the workers that
     still call (so they learn the run is over), or until SIGINT/SIGTERM.
     ``sock``: an already listening socket to serve on (else ``host:port``)."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_keep_alive=30,
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=5,
+    )
     server = _server_class(cluster)(config)
 
     async def exit_when_finished() -> None:
