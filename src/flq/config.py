@@ -377,6 +377,10 @@ ALIASES = {
 }
 
 
+_KIND_WORDS: Dict[Any, str] = {int: "an integer", float: "a number", bool: "true/false or 1/0"}
+_METAVARS: Dict[Any, str] = {int: "INT", float: "FLOAT", bool: "BOOL"}
+
+
 def allowed(name: str) -> str:
     """What field ``name`` accepts, in words, from its declared type and bounds."""
     sec, key, f = _FIELDS[name]
@@ -396,7 +400,7 @@ def allowed(name: str) -> str:
                 lo = f"> {_num(m.gt)}"
             elif isinstance(m, annotated_types.Le):
                 hi = "a week" if m.le == WEEK_S else _num(m.le)
-        kind = {int: "an integer", float: "a number", bool: "true/false or 1/0"}.get(ann, "a string")  # type: ignore[arg-type]
+        kind = _KIND_WORDS.get(ann, "a string")
         if ann is float and extra.get("note") == "seconds":
             kind = "seconds"
         if lo is not None and hi is not None and not lo.startswith(">") and ann is int:
@@ -552,10 +556,6 @@ def field_specs() -> List[Tuple[str, Any, str, str]]:
             choices = (
                 getattr(f.annotation, "__args__", ()) if getattr(f.annotation, "__origin__", None) is Literal else ()
             )
-            kind = (
-                "{" + ",".join(choices) + "}"
-                if choices
-                else {int: "INT", float: "FLOAT", bool: "BOOL"}.get(f.annotation, "STR")
-            )  # type: ignore[arg-type]
+            kind = "{" + ",".join(choices) + "}" if choices else _METAVARS.get(f.annotation, "STR")
             out.append((name, f.default, kind, f"{f.description} [{sec}.{key}; {allowed(name)}]"))
     return out
