@@ -45,6 +45,13 @@ section):
 The same message sent twice (a retry after a lost answer) gets the same
 answer and is counted once: the round's model (same bytes), an offer (same
 selection) and an upload (accepted again, counted once).
+
+Why one module of this size: :class:`ClusterMaster` is one object because
+the worker calls and the round loop share one state (the open round's phase,
+offers, deadlines, the workers' sessions and liveness) under one
+``asyncio.Condition``; split across modules, every piece would reach into the
+others' state. The request models, middleware and routes are in
+:mod:`flq.transport`; the math in :class:`~flq.master.Master`.
 """
 
 from __future__ import annotations
