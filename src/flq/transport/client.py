@@ -189,6 +189,11 @@ class MasterClient:
         verify: TLS verification (True, False or a CA file path).
         give_up_s: stop retrying after the master was unreachable this long (seconds).
         poll_s: long-poll duration asked of the master (seconds).
+
+    Attributes:
+        bytes_sent: bytes of the offer and upload bodies this worker sent.
+        bytes_received: bytes of the answer bodies it received (models,
+            mirrors, JSON); both are logged when the worker's loop ends.
     """
 
     def __init__(

@@ -330,7 +330,6 @@ def create_app(
             headers={
                 "X-FLQ-Round": str(round_number(view.round)),
                 "X-FLQ-MeK": repr(float(view.me_k)),
-                "X-FLQ-Down-Version": str(view.down_version),
             },
         )
 

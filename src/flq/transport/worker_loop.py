@@ -172,6 +172,12 @@ def run_worker(
             heartbeat.stop()
         if leave and joined:
             client.leave()
+        log.info(
+            "worker %d: %d bytes sent and %d received in HTTP bodies",
+            client.worker_id,
+            client.bytes_sent,
+            client.bytes_received,
+        )
 
 
 def _register(client: MasterClient, worker, describe: Dict[str, Any]) -> None:
