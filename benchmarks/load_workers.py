@@ -36,7 +36,8 @@ def run(workers: int = 50, rounds: int = 20, model: str = "mlp", mode: str = "bb
     from flq.nodes import worker_config
     from flq.results import read_results
     from flq.runtime import Runtime
-    from flq.transport.client import MasterClient, run_worker
+    from flq.transport.client import MasterClient
+    from flq.transport.worker_loop import run_worker
     from flq.worker import Worker
 
     torch.set_num_threads(1)

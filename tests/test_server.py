@@ -383,7 +383,8 @@ def test_lost_upload_is_detected_and_mirrors_resync(tmp_path):
     next offer carries a newer ref_up version, is refused (409), the worker
     resynchronizes and offers again in the same round; the aggregate never
     decodes against the wrong mirror and the run finishes."""
-    from flq.transport.client import MasterClient, run_worker
+    from flq.transport.client import MasterClient
+    from flq.transport.worker_loop import run_worker
 
     cfg = load_config(str(PAPER_CONFIG), {"total_workers": 2, "max_rounds": 4, "threads": 1, "round_timeout_s": 20})
     s = Server(cfg)

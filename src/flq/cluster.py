@@ -45,6 +45,13 @@ section):
 The same message sent twice (a retry after a lost answer) gets the same
 answer and is counted once: the round's model (same bytes), an offer (same
 selection) and an upload (accepted again, counted once).
+
+Why one module of this size: :class:`ClusterMaster` is one object because
+the worker calls and the round loop share one state (the open round's phase,
+offers, deadlines, the workers' sessions and liveness) under one
+``asyncio.Condition``; split across modules, every piece would reach into the
+others' state. The request models, middleware and routes are in
+:mod:`flq.transport`; the math in :class:`~flq.master.Master`.
 """
 
 from __future__ import annotations
@@ -96,7 +103,6 @@ class WorkerInfo:
     """What the master knows of one worker's connection."""
 
     worker_id: int
-    registered_at: float
     last_seen: float
     state: str = "registered"  # registered | training | offered | uploading | idle | late
     rounds_offered: int = 0
@@ -115,7 +121,6 @@ class RoundView:
     round: int
     me_k: float
     payload: bytes
-    down_version: int
 
 
 class ClusterMaster:
@@ -298,7 +303,7 @@ class ClusterMaster:
         now = self.clock()
         info = self.workers.get(worker_id)
         if info is None:
-            info = self.workers[worker_id] = WorkerInfo(worker_id, now, now, address=address)
+            info = self.workers[worker_id] = WorkerInfo(worker_id, now, address=address)
             log.info(
                 "worker %d registered from %s (%d/%d)",
                 worker_id,
@@ -415,7 +420,7 @@ class ClusterMaster:
                     m.round + 1,
                     len(payload),
                 )
-            return RoundView(m.round, m.me_k, payload, m.down_version[worker_id])
+            return RoundView(m.round, m.me_k, payload)
 
     async def offer(self, offer: Offer, session: Optional[str] = None, wait_s: float = 20.0) -> Optional[bool]:
         """Record an offer (its round is the algorithm's 0-based k) and wait up

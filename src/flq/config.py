@@ -14,6 +14,10 @@ here; the command-line flags (:func:`field_specs`), ``/config``, the worker's
 register reply and ``flq simulate --help`` are generated from them. Every key
 is checked: an unknown key or a bad value raises :class:`ConfigError`, one
 line naming the key as it was written and what is allowed.
+
+Why one module of this size: it is the single declaration of every key (type,
+bounds, choices, default, help), which is the point of having one; the
+reading functions below it are short.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ of ``{"check", "status", "detail", "fix"}`` instead (``status`` is ``ok``,
 ``warn`` or ``fail``; ``fix`` is ``null`` when there is none).
 
 Run it as ``flq doctor`` or ``python -m flq.doctor``.
+
+Why one module of this size: one short function per check (Python, PyTorch,
+CUDA, data, config, ports, the master), each independent; splitting them up
+would only add imports.
 """
 
 from __future__ import annotations

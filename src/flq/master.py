@@ -19,6 +19,10 @@ about HTTP. Bad input raises :class:`MasterError` before any state changes;
 a round whose step would make the model or Adam's state non-finite, or whose
 workers report a non-finite loss, is recorded and then raises
 :class:`~flq.outcome.Diverged`.
+
+Why one module of this size: one method per phase of the round and their
+checkpoint state, each with the refusals it documents; about half of it is
+docstrings.
 """
 
 from __future__ import annotations

@@ -276,13 +276,13 @@ def run_worker(
     mirrors from the master, as without a state folder).
 
     Returns:
-        A :class:`flq.transport.client.WorkerEnd` (reason, detail, rounds).
+        A :class:`flq.transport.worker_loop.WorkerEnd` (reason, detail, rounds).
 
     Raises:
         ConfigError: the run's config does not fit this worker's own settings or data.
     """
     from .transport.client import Fatal, MasterClient
-    from .transport.client import run_worker as loop
+    from .transport.worker_loop import run_worker as loop
 
     client = MasterClient(master_url, worker_id, auth_token=auth_token, verify=verify, give_up_s=give_up_s)
     store = None

@@ -50,6 +50,10 @@ or when a ``bin`` run lacks a valid ``selected``/``num_workers``.
 :func:`read_results` raises :class:`ValueError` naming the file when the
 workbook has no ``curve_*`` sheet and :class:`FileNotFoundError` when the file
 does not exist.
+
+Why one module of this size: it writes and reads the same workbook layout, so
+the sheet and column names live in one place for both directions; plotting is
+in :mod:`flq.plots`.
 """
 
 from __future__ import annotations

@@ -54,33 +54,51 @@ status; 410 ``run_over`` adds the run's ``reason``). Every route documents in
 the OpenAPI document (``/openapi.json``) each status it can answer, with its
 codes. This module knows nothing of quantization: vectors are opaque bytes
 that :class:`~flq.cluster.ClusterMaster` hands to the algorithm.
+
+Why one module of this size: it is the routes, one per API call, each with its
+OpenAPI ``responses``; the request and response models are in
+:mod:`flq.transport.schemas` and the middleware in
+:mod:`flq.transport.middleware`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import signal
 import threading
-import time
-from typing import Any, Callable, Dict, List, Literal, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import outcome
 from ..cluster import FINISHED, ClusterMaster, RunFinished
-from ..config import ConfigFile
 from ..master import MasterError
 from ..messages import Offer
-from ..protocol import Code, codes_by_status, round_index, round_number
+from ..protocol import Code, round_index, round_number
+from .middleware import BearerAuth, BodyLimit
+from .schemas import (
+    ANY_ROUTE,
+    BODY,
+    WORKER_CALL,
+    ConfigResponse,
+    HeartbeatResponse,
+    OfferRequest,
+    OfferResponse,
+    OkResponse,
+    RegisterRequest,
+    RegisterResponse,
+    StatusResponse,
+    StopResponse,
+    WorkerRequest,
+    refusals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,257 +107,12 @@ OCTET = "application/octet-stream"
 SESSION = Header(None, alias="X-FLQ-Session", max_length=64)
 #: Largest JSON request body (register, offer): far above any real one.
 MAX_JSON_BODY = 64 * 1024
-#: Seconds a client may take to send its whole request body.
-BODY_TIMEOUT_S = 30.0
 #: Longest long-poll a worker may ask for (``wait``), seconds.
 MAX_WAIT_S = 120.0
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over a per-path size (413
-    ``too_large``) or that take longer than ``BODY_TIMEOUT_S`` seconds to
-    arrive (408 ``timeout``), before any handler reads them; the body is
-    buffered here and replayed to the app."""
-
-    def __init__(self, app, limits: Dict[str, int], default: int) -> None:
-        self.app, self.limits, self.default = app, limits, default
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        limit = self.limits.get(scope["path"], self.default)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_error(
-                send, Code.TOO_LARGE, f"request body of {int(declared)} bytes exceeds the limit of {limit}"
-            )
-        chunks, size, more = [], 0, True
-        deadline = time.monotonic() + BODY_TIMEOUT_S
-        while more:
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(0.01, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                return await _send_error(send, Code.TIMEOUT, f"request body not received within {BODY_TIMEOUT_S:.0f} s")
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return await _send_error(send, Code.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body, sent = b"".join(chunks), False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
-class BearerAuth:
-    """ASGI middleware: without ``Authorization: Bearer <token>`` a request is
-    refused with 401 ``unauthorized`` before anything reads it (``token`` '' =
-    no auth; ``open_paths`` need none). A plain ASGI class, so a client that
-    hangs up mid-request cannot make it fail."""
-
-    def __init__(self, app, token: str, open_paths) -> None:
-        self.app, self.expected, self.open_paths = app, f"Bearer {token}".encode(), frozenset(open_paths)
-        self.token = token
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.token or scope["path"] in self.open_paths:
-            return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
-            return await self.app(scope, receive, send)
-        return await _send_error(send, Code.UNAUTHORIZED, "missing or wrong bearer token")
-
-
-async def _send_error(send, code: Code, detail: str) -> None:
-    """Answer a refusal from ASGI middleware (the connection is then closed)."""
-    body = json.dumps({"detail": detail, "code": code}).encode()
-    log.warning("request refused (%d %s): %s", code.status, code, detail)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": code.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-# ----- documents -------------------------------------------------------------
-class ErrorResponse(BaseModel):
-    """Every refusal: an HTTP status with this body."""
-
-    detail: str = Field(description="what went wrong, in one line, for a person")
-    code: Code = Field(
-        description="what went wrong, for a program to act on (flq.protocol.Code); each code has one status"
-    )
-    reason: Optional[str] = Field(None, description="410 run_over only: the run's end reason (flq.outcome)")
-
-
-class RegisterRequest(BaseModel):
-    worker_id: int = Field(ge=0, strict=True, description="the worker's id m")
-    up_version: int = Field(0, ge=0, strict=True, description="version of the worker's ref_up mirror")
-    down_version: int = Field(0, ge=0, strict=True, description="version of the worker's ref_down mirror")
-    threads: int = Field(0, ge=0, le=4096, strict=True, description="PyTorch threads the worker computes with")
-    device: str = Field("", max_length=64, description="the worker's compute device")
-
-
-class RegisterResponse(BaseModel):
-    resync: bool = Field(description="the worker's mirror versions differ from the master's: fetch its mirrors")
-    round: int = Field(description="the round in progress, or the next to open (1-based)")
-    state: str
-    session: str = Field(description="send back as the X-FLQ-Session header on every later call")
-    heartbeat_s: float = Field(description="send POST /workers/heartbeat this often (seconds)")
-    config: ConfigFile
-
-
-class WorkerRequest(BaseModel):
-    worker_id: int = Field(ge=0, strict=True, description="the worker's id m")
-
-
-class HeartbeatResponse(BaseModel):
-    state: str = Field(description="the run's state: waiting, training, stopping or finished")
-    round: int = Field(description="the round in progress, or the next to open (1-based)")
-    phase: str = Field(description="the round's phase: idle, offers, uploads or closing")
-
-
-class OkResponse(BaseModel):
-    ok: bool
-
-
-class OfferRequest(BaseModel):
-    worker_id: int = Field(ge=0, strict=True)
-    round: int = Field(ge=1, strict=True, description="the round offered in (1-based, as X-FLQ-Round said)")
-    candidate: bool
-    gain: float
-    cost: float
-    loss: Optional[float] = Field(
-        description="the worker's training loss; null when it is not finite (the "
-        "worker's model diverged; it is then not a candidate)"
-    )
-    up_version: int = Field(ge=0, strict=True)
-    down_version: int = Field(ge=0, strict=True)
-    compute_s: float = Field(0.0, ge=0, le=1e6, allow_inf_nan=False)
-
-
-class OfferResponse(BaseModel):
-    decided: bool = Field(description="false: no selection yet, send the same offer again")
-    selected: bool
-    round: int = Field(description="the round offered in (1-based)")
-
-
-class StopResponse(BaseModel):
-    stopping: bool
-    round: int = Field(description="the round in progress, or the next (1-based); the last once the run is over")
-    state: str
-
-
-class ConfigResponse(BaseModel):
-    config: ConfigFile = Field(description="the run's configuration by section (token masked)")
-    state: Literal["waiting", "training", "stopping", "finished"]
-    round: int = Field(description="the round in progress, or the next (1-based); the last once the run is over")
-    run: str = Field(
-        description="the run's id (the stamp of its log and checkpoint); a worker's saved state belongs to one run"
-    )
-
-
-class WorkerStatus(BaseModel):
-    worker_id: int
-    state: str = Field(
-        description="registered, training, offered, uploading, idle, late; absent (not heard from "
-        "for worker_timeout_s) or left"
-    )
-    last_seen: float = Field(description="when the master last heard from it (Unix time, seconds)")
-    seconds_since_seen: float
-    rounds_offered: int
-    rounds_uploaded: int
-    address: str
-    threads: int
-    device: str
-
-
-class StatusTimeouts(BaseModel):
-    """The run's bounds, seconds."""
-
-    round: float
-    worker: float
-    start: float
-    quorum: float
-    heartbeat: float
-
-
-class StatusBits(BaseModel):
-    up_cum: int
-    down_cum: int
-    total_cum: int
-
-
-class StatusWireBytes(BaseModel):
-    up_cum: int
-    down_cum: int
-
-
-class StatusResponse(BaseModel):
-    state: Literal["waiting", "training", "stopping", "finished"]
-    phase: Literal["idle", "offers", "uploads", "closing"]
-    round: int = Field(
-        description="1-based like the spreadsheet's iter: the round in progress, or the next; the "
-        "last once the run is over"
-    )
-    rounds_done: int
-    round_open_s: Optional[float] = Field(description="seconds since the open round opened; null between rounds")
-    waiting_for: List[int] = Field(description="the workers the current phase waits for")
-    live_workers: int
-    max_rounds: int
-    mode: str
-    b_up: int
-    b_down: int
-    total_workers: int
-    min_workers: int
-    timeouts_s: StatusTimeouts
-    workers: List[WorkerStatus]
-    last_metrics: Optional[Dict[str, Any]] = Field(
-        description="the last round's record (a spreadsheet row; non-finite numbers as null)"
-    )
-    last_evaluation: Optional[Dict[str, Any]] = Field(description="the last record with a test accuracy")
-    bits: StatusBits
-    wire_bytes: StatusWireBytes
-    stop_requested: bool
-    finish_reason: str
-    finish_detail: str
-    checkpoint_error: str
-
-
 def _error(code: Code, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, "code": code, **extra}, status_code=code.status)
-
-
-def _errors(*codes: Code) -> Dict[int, Dict[str, Any]]:
-    """OpenAPI ``responses`` for the refusals a route can answer: per status,
-    :class:`ErrorResponse` and the codes it may carry."""
-    return {
-        status: {"model": ErrorResponse, "description": "Refused: " + "; ".join(f"`{c}`: {c.meaning}" for c in group)}
-        for status, group in codes_by_status(codes).items()
-    }
-
-
-#: The refusals of every route (the token; an error inside the master), of
-#: every POST (its body), and of every call that names a registered worker.
-_ANY = (Code.UNAUTHORIZED, Code.INTERNAL)
-_BODY = (Code.TIMEOUT, Code.TOO_LARGE, Code.INVALID_REQUEST)
-_WORKER = (Code.UNKNOWN_WORKER, Code.NOT_REGISTERED, Code.SESSION_REPLACED, Code.INVALID_REQUEST)
 
 
 def create_app(
@@ -428,7 +201,7 @@ def create_app(
     @app.get(
         "/status",
         response_model=StatusResponse,
-        responses=_errors(*_ANY),
+        responses=refusals(*ANY_ROUTE),
         summary="Run state, workers, last metrics, cumulative bits",
     )
     async def status() -> Dict[str, Any]:
@@ -443,7 +216,7 @@ def create_app(
                 "content": {OCTET: {}},
                 "description": "the model after the last round done (X-FLQ-Round; 0: the initial model)",
             },
-            **_errors(*_ANY),
+            **refusals(*ANY_ROUTE),
         },
     )
     async def get_global_model() -> Response:
@@ -463,7 +236,7 @@ def create_app(
     @app.post(
         "/stop",
         response_model=StopResponse,
-        responses=_errors(*_ANY, Code.TIMEOUT, Code.TOO_LARGE),
+        responses=refusals(*ANY_ROUTE, Code.TIMEOUT, Code.TOO_LARGE),
         summary="Stop after the current round",
     )
     async def stop() -> StopResponse:
@@ -475,7 +248,7 @@ def create_app(
     @app.get(
         "/config",
         response_model=ConfigResponse,
-        responses=_errors(*_ANY),
+        responses=refusals(*ANY_ROUTE),
         summary="The run's configuration (a worker reads it before it registers)",
     )
     async def run_config() -> ConfigResponse:
@@ -486,7 +259,7 @@ def create_app(
     @app.post(
         "/workers/register",
         response_model=RegisterResponse,
-        responses=_errors(*_ANY, *_BODY, Code.UNKNOWN_WORKER, Code.RUN_OVER),
+        responses=refusals(*ANY_ROUTE, *BODY, Code.UNKNOWN_WORKER, Code.RUN_OVER),
     )
     async def register(req: RegisterRequest, request: Request) -> RegisterResponse:
         host = request.client.host if request.client else ""
@@ -498,7 +271,7 @@ def create_app(
     @app.post(
         "/workers/heartbeat",
         response_model=HeartbeatResponse,
-        responses=_errors(*_ANY, *_BODY, *_WORKER, Code.RUN_OVER),
+        responses=refusals(*ANY_ROUTE, *BODY, *WORKER_CALL, Code.RUN_OVER),
         summary="A worker's sign of life (every heartbeat_s)",
     )
     async def heartbeat(req: WorkerRequest, session: Optional[str] = SESSION) -> Dict[str, Any]:
@@ -508,7 +281,7 @@ def create_app(
     @app.post(
         "/workers/leave",
         response_model=OkResponse,
-        responses=_errors(*_ANY, *_BODY, *_WORKER),
+        responses=refusals(*ANY_ROUTE, *BODY, *WORKER_CALL),
         summary="The worker exits on purpose; no round waits for it",
     )
     async def leave(req: WorkerRequest, session: Optional[str] = SESSION) -> Dict[str, Any]:
@@ -519,7 +292,7 @@ def create_app(
     @app.get(
         "/workers/{worker_id}/mirrors",
         response_class=Response,
-        responses={200: {"content": {OCTET: {}}}, **_errors(*_ANY, *_WORKER)},
+        responses={200: {"content": {OCTET: {}}}, **refusals(*ANY_ROUTE, *WORKER_CALL)},
     )
     async def mirrors(worker_id: int, session: Optional[str] = SESSION) -> Response:
         from safetensors.numpy import save
@@ -538,7 +311,7 @@ def create_app(
         responses={
             200: {"content": {OCTET: {}}, "description": "the round's downlink; X-FLQ-Round: the round (1-based)"},
             204: {"description": "no round opened within wait seconds"},
-            **_errors(*_ANY, *_WORKER, Code.RUN_OVER),
+            **refusals(*ANY_ROUTE, *WORKER_CALL, Code.RUN_OVER),
         },
     )
     async def round_model(
@@ -557,15 +330,21 @@ def create_app(
             headers={
                 "X-FLQ-Round": str(round_number(view.round)),
                 "X-FLQ-MeK": repr(float(view.me_k)),
-                "X-FLQ-Down-Version": str(view.down_version),
             },
         )
 
     @app.post(
         "/round/offer",
         response_model=OfferResponse,
-        responses=_errors(
-            *_ANY, *_BODY, *_WORKER, Code.MALFORMED, Code.LATE, Code.MIRROR_MISMATCH, Code.CONFLICT, Code.RUN_OVER
+        responses=refusals(
+            *ANY_ROUTE,
+            *BODY,
+            *WORKER_CALL,
+            Code.MALFORMED,
+            Code.LATE,
+            Code.MIRROR_MISMATCH,
+            Code.CONFLICT,
+            Code.RUN_OVER,
         ),
     )
     async def round_offer(
@@ -586,7 +365,7 @@ def create_app(
     @app.post(
         "/round/upload",
         response_model=OkResponse,
-        responses=_errors(*_ANY, *_BODY, *_WORKER, Code.MALFORMED, Code.LATE, Code.CONFLICT),
+        responses=refusals(*ANY_ROUTE, *BODY, *WORKER_CALL, Code.MALFORMED, Code.LATE, Code.CONFLICT),
         openapi_extra={
             "requestBody": {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}}, "required": True}
         },

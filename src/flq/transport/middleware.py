@@ -1,0 +1,105 @@
+"""ASGI middleware of the master's HTTP server: the bearer token and the
+request body's size and time limits. Each refusal is the protocol's JSON error
+(:class:`flq.protocol.Code`), sent before the route runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from typing import Dict
+
+from ..protocol import Code
+
+log = logging.getLogger("flq.transport.server")
+
+#: Seconds a client may take to send its whole request body.
+BODY_TIMEOUT_S = 30.0
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over a per-path size (413
+    ``too_large``) or that take longer than ``BODY_TIMEOUT_S`` seconds to
+    arrive (408 ``timeout``), before any handler reads them; the body is
+    buffered here and replayed to the app."""
+
+    def __init__(self, app, limits: Dict[str, int], default: int) -> None:
+        self.app, self.limits, self.default = app, limits, default
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        limit = self.limits.get(scope["path"], self.default)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_error(
+                send, Code.TOO_LARGE, f"request body of {int(declared)} bytes exceeds the limit of {limit}"
+            )
+        chunks, size, more = [], 0, True
+        deadline = time.monotonic() + BODY_TIMEOUT_S
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return await _send_error(send, Code.TIMEOUT, f"request body not received within {BODY_TIMEOUT_S:.0f} s")
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await _send_error(send, Code.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+class BearerAuth:
+    """ASGI middleware: without ``Authorization: Bearer <token>`` a request is
+    refused with 401 ``unauthorized`` before anything reads it (``token`` '' =
+    no auth; ``open_paths`` need none). A plain ASGI class, so a client that
+    hangs up mid-request cannot make it fail."""
+
+    def __init__(self, app, token: str, open_paths) -> None:
+        self.app, self.expected, self.open_paths = app, f"Bearer {token}".encode(), frozenset(open_paths)
+        self.token = token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.token or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        return await _send_error(send, Code.UNAUTHORIZED, "missing or wrong bearer token")
+
+
+async def _send_error(send, code: Code, detail: str) -> None:
+    """Answer a refusal from ASGI middleware (the connection is then closed)."""
+    body = json.dumps({"detail": detail, "code": code}).encode()
+    log.warning("request refused (%d %s): %s", code.status, code, detail)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": code.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# ----- documents -------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""The documents of the master's HTTP API: request and response models, and
+the refusals each route documents in the OpenAPI document.
+
+The routes themselves are in :mod:`flq.transport.server`; the codes and round
+numbering both ends share are in :mod:`flq.protocol`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+from ..config import ConfigFile
+from ..protocol import Code, codes_by_status
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal: an HTTP status with this body."""
+
+    detail: str = Field(description="what went wrong, in one line, for a person")
+    code: Code = Field(
+        description="what went wrong, for a program to act on (flq.protocol.Code); each code has one status"
+    )
+    reason: Optional[str] = Field(None, description="410 run_over only: the run's end reason (flq.outcome)")
+
+
+class RegisterRequest(BaseModel):
+    worker_id: int = Field(ge=0, strict=True, description="the worker's id m")
+    up_version: int = Field(0, ge=0, strict=True, description="version of the worker's ref_up mirror")
+    down_version: int = Field(0, ge=0, strict=True, description="version of the worker's ref_down mirror")
+    threads: int = Field(0, ge=0, le=4096, strict=True, description="PyTorch threads the worker computes with")
+    device: str = Field("", max_length=64, description="the worker's compute device")
+
+
+class RegisterResponse(BaseModel):
+    resync: bool = Field(description="the worker's mirror versions differ from the master's: fetch its mirrors")
+    round: int = Field(description="the round in progress, or the next to open (1-based)")
+    state: str
+    session: str = Field(description="send back as the X-FLQ-Session header on every later call")
+    heartbeat_s: float = Field(description="send POST /workers/heartbeat this often (seconds)")
+    config: ConfigFile
+
+
+class WorkerRequest(BaseModel):
+    worker_id: int = Field(ge=0, strict=True, description="the worker's id m")
+
+
+class HeartbeatResponse(BaseModel):
+    state: str = Field(description="the run's state: waiting, training, stopping or finished")
+    round: int = Field(description="the round in progress, or the next to open (1-based)")
+    phase: str = Field(description="the round's phase: idle, offers, uploads or closing")
+
+
+class OkResponse(BaseModel):
+    ok: bool
+
+
+class OfferRequest(BaseModel):
+    worker_id: int = Field(ge=0, strict=True)
+    round: int = Field(ge=1, strict=True, description="the round offered in (1-based, as X-FLQ-Round said)")
+    candidate: bool
+    gain: float
+    cost: float
+    loss: Optional[float] = Field(
+        description="the worker's training loss; null when it is not finite (the "
+        "worker's model diverged; it is then not a candidate)"
+    )
+    up_version: int = Field(ge=0, strict=True)
+    down_version: int = Field(ge=0, strict=True)
+    compute_s: float = Field(0.0, ge=0, le=1e6, allow_inf_nan=False)
+
+
+class OfferResponse(BaseModel):
+    decided: bool = Field(description="false: no selection yet, send the same offer again")
+    selected: bool
+    round: int = Field(description="the round offered in (1-based)")
+
+
+class StopResponse(BaseModel):
+    stopping: bool
+    round: int = Field(description="the round in progress, or the next (1-based); the last once the run is over")
+    state: str
+
+
+class ConfigResponse(BaseModel):
+    config: ConfigFile = Field(description="the run's configuration by section (token masked)")
+    state: Literal["waiting", "training", "stopping", "finished"]
+    round: int = Field(description="the round in progress, or the next (1-based); the last once the run is over")
+    run: str = Field(
+        description="the run's id (the stamp of its log and checkpoint); a worker's saved state belongs to one run"
+    )
+
+
+class WorkerStatus(BaseModel):
+    worker_id: int
+    state: str = Field(
+        description="registered, training, offered, uploading, idle, late; absent (not heard from "
+        "for worker_timeout_s) or left"
+    )
+    last_seen: float = Field(description="when the master last heard from it (Unix time, seconds)")
+    seconds_since_seen: float
+    rounds_offered: int
+    rounds_uploaded: int
+    address: str
+    threads: int
+    device: str
+
+
+class StatusTimeouts(BaseModel):
+    """The run's bounds, seconds."""
+
+    round: float
+    worker: float
+    start: float
+    quorum: float
+    heartbeat: float
+
+
+class StatusBits(BaseModel):
+    up_cum: int
+    down_cum: int
+    total_cum: int
+
+
+class StatusWireBytes(BaseModel):
+    up_cum: int
+    down_cum: int
+
+
+class StatusResponse(BaseModel):
+    state: Literal["waiting", "training", "stopping", "finished"]
+    phase: Literal["idle", "offers", "uploads", "closing"]
+    round: int = Field(
+        description="1-based like the spreadsheet's iter: the round in progress, or the next; the "
+        "last once the run is over"
+    )
+    rounds_done: int
+    round_open_s: Optional[float] = Field(description="seconds since the open round opened; null between rounds")
+    waiting_for: List[int] = Field(description="the workers the current phase waits for")
+    live_workers: int
+    max_rounds: int
+    mode: str
+    b_up: int
+    b_down: int
+    total_workers: int
+    min_workers: int
+    timeouts_s: StatusTimeouts
+    workers: List[WorkerStatus]
+    last_metrics: Optional[Dict[str, Any]] = Field(
+        description="the last round's record (a spreadsheet row; non-finite numbers as null)"
+    )
+    last_evaluation: Optional[Dict[str, Any]] = Field(description="the last record with a test accuracy")
+    bits: StatusBits
+    wire_bytes: StatusWireBytes
+    stop_requested: bool
+    finish_reason: str
+    finish_detail: str
+    checkpoint_error: str
+
+
+def refusals(*codes: Code) -> Dict[int, Dict[str, Any]]:
+    """OpenAPI ``responses`` for the refusals a route can answer: per status,
+    :class:`ErrorResponse` and the codes it may carry."""
+    return {
+        status: {"model": ErrorResponse, "description": "Refused: " + "; ".join(f"`{c}`: {c.meaning}" for c in group)}
+        for status, group in codes_by_status(codes).items()
+    }
+
+
+#: The refusals of every route (the token; an error inside the master), of
+#: every POST (its body), and of every call that names a registered worker.
+ANY_ROUTE = (Code.UNAUTHORIZED, Code.INTERNAL)
+BODY = (Code.TIMEOUT, Code.TOO_LARGE, Code.INVALID_REQUEST)
+WORKER_CALL = (Code.UNKNOWN_WORKER, Code.NOT_REGISTERED, Code.SESSION_REPLACED, Code.INVALID_REQUEST)
