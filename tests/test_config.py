@@ -399,3 +399,12 @@ def test_cli_bad_config_exits_2_before_work(tmp_path, data, extra, key):
     assert not (tmp_path / "results").exists()
     assert not (tmp_path / "logs").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
+
+
+def test_a_key_given_twice_in_one_object_is_refused(tmp_path):
+    msg = _error(tmp_path, '{"system": {"total_workers": 2}, "system": {"seed": 1}}')
+    assert "'system' appears twice" in msg
+    msg = _error(tmp_path, '{"seed": 1, "seed": 2}')
+    assert "'seed' appears twice" in msg
+    msg = _error(tmp_path, '{"model": {"lr": 0.1, "lr": 0.2}}')
+    assert "'lr' appears twice" in msg

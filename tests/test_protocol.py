@@ -189,12 +189,53 @@ def test_a_late_offer_gets_the_late_code():
         with pytest.raises(MasterError) as late:  # worker 2 offers after the selection
             await cm.offer(offer_of(cm, 2, 0), sessions[2], wait_s=0.0)
         assert (late.value.code, late.value.status) == (Code.LATE, 409)
-        with pytest.raises(MasterError) as wrong:  # an offer for a round that is not open
+        with pytest.raises(MasterError) as ahead:  # an offer for a round the master has not opened
             await cm.offer(offer_of(cm, 2, 1), sessions[2], wait_s=0.0)
-        assert wrong.value.code == Code.LATE
+        assert (ahead.value.code, ahead.value.status) == (Code.NOT_OPEN, 409)
         assert cm.master.offers.keys() == {0, 1}
 
     asyncio.run(scenario())
+
+
+def test_an_offer_before_the_first_round_opens_is_not_open():
+    async def scenario():
+        cm, _ = make(total_workers=2)
+        sessions = await register(cm, 0, 1)
+        assert await cm.wait_for_workers() is None  # round 1 is not open yet
+        with pytest.raises(MasterError) as early:
+            await cm.offer(offer_of(cm, 0, 0), sessions[0], wait_s=0.0)
+        assert early.value.code == Code.NOT_OPEN and cm.master.offers == {}
+
+    asyncio.run(scenario())
+
+
+def test_a_selected_worker_that_registers_again_is_not_waited_for(caplog):
+    """Worker 1 was selected, then its process restarted (a new registration):
+    its pending update died with the old process, so the round stops waiting
+    for its upload at once instead of after round_timeout_s."""
+
+    async def scenario():
+        cm, clock = make(total_workers=2)
+        sessions = await register(cm, 0, 1)
+        assert await cm.wait_for_workers() is None
+        await cm.open_round()
+        await fetch_and_offer(cm, sessions, 0, 1)
+        assert await asyncio.wait_for(cm.close_offers(), GUARD_S) is None
+        assert await cm.select() == [0, 1]
+        await cm.upload(0, 0, update(cm, 0), sessions[0])
+        collecting = asyncio.ensure_future(cm.collect_uploads())
+        await settle()
+        assert not collecting.done() and cm.waiting_for() == [1]
+        await cm.register(1, 0, 0)  # the restarted process
+        assert await asyncio.wait_for(collecting, GUARD_S) == [1]  # no clock time passed
+        record = await cm.close_round()
+        assert record["selcnt"] == 1 and cm.master.selected_history == [[0]]
+        await cm.open_round()  # the next round waits for it again
+        assert cm.lost_uploads == set()
+
+    with caplog.at_level("INFO", logger="flq.cluster"):
+        asyncio.run(scenario())
+    assert any("its upload will not come" in r.getMessage() for r in caplog.records)
 
 
 def test_a_worker_not_heard_from_for_worker_timeout_s_is_shown_absent(caplog):

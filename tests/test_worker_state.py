@@ -17,8 +17,9 @@ from conftest import small_config
 
 from flq import worker_state
 from flq.model import MLP, FlatModel
+from flq.protocol import round_index
 from flq.worker import Worker
-from flq.worker_state import WorkerStateStore, ef_digest, identity, read_state, state_path
+from flq.worker_state import WorkerStateStore, ef_digest, identity, mismatch, read_state, state_path
 
 
 def _worker(m: int = 0, **overrides) -> Worker:
@@ -138,6 +139,10 @@ def test_a_state_from_after_the_masters_round_is_not_loaded(tmp_path, caplog):
     assert not WorkerStateStore(str(tmp_path), 0).restore(_worker(), ident, master_round=5)
     (line,) = _records(caplog)
     assert "after the master's round 6" in line.getMessage()
+    # the master's /config says round 6 (1-based); the worker compares with its index 5
+    # /config says round 6 (1-based, the one in progress): a state of index 6 (round 7) is after it
+    assert "after the master's round 6" in mismatch({"run": "r", "round": 6}, {"run": "r"}, round_index(6))
+    assert mismatch({"run": "r", "round": 5}, {"run": "r"}, round_index(6)) == ""
 
 
 def _corrupt_middle(p):
@@ -150,6 +155,26 @@ def _pickled(p):
     np.savez(p, meta=np.array([{"format": 1}], dtype=object), ef=np.zeros(3, np.float32))
 
 
+def _plain_npy(p):
+    with open(p, "wb") as f:
+        np.save(f, np.zeros(3))
+
+
+def _with_meta(**changes):
+    """Rewrite the state's metadata with ``changes`` (a valid archive with bad values)."""
+
+    def spoil(p):
+        with np.load(p, allow_pickle=False) as z:
+            entries = {k: z[k] for k in z.files}
+        meta = json.loads(bytes(entries["meta"]).decode())
+        meta.update(changes)
+        entries["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        with open(p, "wb") as f:
+            np.savez(f, **entries)
+
+    return spoil
+
+
 @pytest.mark.parametrize(
     "spoil",
     [
@@ -158,8 +183,28 @@ def _pickled(p):
         lambda p: p.write_bytes(b"not a state file"),
         lambda p: p.write_bytes(b""),
         _pickled,  # never unpickled
+        _plain_npy,  # an .npy, not an .npz archive
+        _with_meta(round="x"),
+        _with_meta(round=None),
+        _with_meta(round=1e400),
+        _with_meta(clock=1e300),
+        _with_meta(up_version=-1),
+        _with_meta(e_hat=float("nan")),
     ],
-    ids=["flipped-byte", "truncated", "garbage", "empty", "pickled"],
+    ids=[
+        "flipped-byte",
+        "truncated",
+        "garbage",
+        "empty",
+        "pickled",
+        "plain-npy",
+        "round-text",
+        "round-null",
+        "round-inf",
+        "clock-huge",
+        "version-negative",
+        "e_hat-nan",
+    ],
 )
 def test_an_unreadable_state_is_not_loaded(tmp_path, caplog, spoil):
     caplog.set_level(logging.INFO, logger="flq")

@@ -62,7 +62,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import outcome
 from .config import Config
@@ -176,6 +176,8 @@ class ClusterMaster:
         self.round_opened_at = 0.0
         self.selected: List[int] = []
         self.decided: Dict[int, bool] = {}
+        #: selected workers of the open round whose process registered again: their upload cannot come
+        self.lost_uploads: Set[int] = set()
         #: worker -> (round, digest) of its last counted upload: a retry after the round closed is answered OK
         self.counted_uploads: Dict[int, Tuple[int, str]] = {}
         self.heartbeat_s = max(1.0, cfg.worker_timeout_s / 3)
@@ -322,6 +324,15 @@ class ClusterMaster:
             info.address = address or info.address
             if self.phase == PHASE_OFFERS:
                 self.master.forget_downlink(worker_id)
+            elif self.phase == PHASE_UPLOADS and worker_id in self.selected and worker_id not in self.master.received:
+                # the process that was selected is gone with its pending update: no upload can come
+                self.lost_uploads.add(worker_id)
+                log.info(
+                    "worker %d registered again after it was selected in round %d: its upload will not come; "
+                    "counted as not selected",
+                    worker_id,
+                    self.round_number,
+                )
         info.threads, info.device = int(threads), str(device)[:64]
         info.session = secrets.token_hex(8)
         resync = (up_version, down_version) != (self.master.up_version[worker_id], self.master.down_version[worker_id])
@@ -446,10 +457,7 @@ class ClusterMaster:
         info = self._seen(m, session=session)
         self._finished()
         if self.phase not in (PHASE_OFFERS, PHASE_UPLOADS) or offer.round != self.master.round:
-            raise MasterError(
-                f"offer for round {offer.round + 1} is late (round {self.master.round + 1}, phase {self.phase})",
-                Code.LATE,
-            )
+            raise self._out_of_round("offer", offer.round)
         if self.master.add_offer(offer):
             info.state, info.rounds_offered = "offered", info.rounds_offered + 1
             await self._notify()
@@ -488,9 +496,20 @@ class ClusterMaster:
             return
         if self.counted_uploads.get(worker_id) == (round_index, payload_digest(payload)):
             return  # a retry of an upload counted before its round closed
-        raise MasterError(
-            f"upload for round {round_index + 1} is late (round {self.master.round + 1}, phase {self.phase})", Code.LATE
-        )
+        raise self._out_of_round("upload", round_index)
+
+    def _out_of_round(self, what: str, k: int) -> MasterError:
+        """The refusal of an offer or upload for round index ``k`` that is not
+        the one taking them: ``late`` when that round is over, ``not_open``
+        when the master has not opened it yet."""
+        m = self.master
+        ahead = k > m.round or (k == m.round and self.phase in (PHASE_IDLE,) and self.state != FINISHED)
+        if ahead:
+            return MasterError(
+                f"{what} for round {k + 1}: the master has not opened it (round {m.round + 1}, phase {self.phase})",
+                Code.NOT_OPEN,
+            )
+        return MasterError(f"{what} for round {k + 1} is late (round {m.round + 1}, phase {self.phase})", Code.LATE)
 
     def abort(self, reason: str) -> None:
         """Exit now (a second signal): from here on every call is answered
@@ -673,6 +692,7 @@ class ClusterMaster:
         async with self.cond:
             m.begin_round()
             self.decided, self.selected = {}, []
+            self.lost_uploads = set()
             self.phase = PHASE_OFFERS
             self.round_opened_at = self.clock()
             self.cond.notify_all()
@@ -800,7 +820,7 @@ class ClusterMaster:
 
     def _uploads_awaited(self) -> List[int]:
         live = set(self.connected)
-        return [w for w in self.selected if w not in self.master.received and w in live]
+        return [w for w in self.selected if w not in self.master.received and w in live and w not in self.lost_uploads]
 
     def _stop_now(self, need: int) -> bool:
         """A stop was requested and the open round cannot close: its live

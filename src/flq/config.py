@@ -381,7 +381,7 @@ ALIASES = {
 }
 
 
-_KIND_WORDS: Dict[Any, str] = {int: "an integer", float: "a number", bool: "true/false or 1/0"}
+_KIND_WORDS: Dict[Any, str] = {int: "an integer", float: "a number", bool: "true/false, 1/0 or yes/no"}
 _METAVARS: Dict[Any, str] = {int: "INT", float: "FLOAT", bool: "BOOL"}
 
 
@@ -515,6 +515,21 @@ def build(values: Mapping[str, Any], base: Optional[Config] = None) -> Config:
         raise ConfigError(msg.splitlines()[0]) from None
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeated_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """``json.loads`` hook: a key given twice in one object is a mistake (the
+    second would silently win), not a setting."""
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> Config:
     """Read ``path`` (JSON; sectioned or flat), apply ``overrides`` (flat keys),
     validate, and return the :class:`Config`.
@@ -533,11 +548,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_repeated_keys)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
         except RecursionError:
             raise ConfigError(f"{p}: JSON nested too deeply") from None
+        except _RepeatedKey as exc:
+            raise ConfigError(f"{p}: key {exc.args[0]!r} appears twice in the same object; keep one") from None
         values = parse_mapping(data, str(p))
     for key, value in (overrides or {}).items():
         if value is None:

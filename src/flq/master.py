@@ -214,7 +214,10 @@ class Master:
         m = offer.worker_id
         self.check_worker(m)
         if offer.round != self.round:
-            raise MasterError(f"offer for round {offer.round + 1}, but round {self.round + 1} is open", Code.LATE)
+            raise MasterError(
+                f"offer for round {offer.round + 1}, but round {self.round + 1} is open",
+                Code.LATE if offer.round < self.round else Code.NOT_OPEN,
+            )
         if m not in self.downlinks:
             raise MasterError(f"worker {m} offered without receiving round {self.round + 1}'s model", Code.CONFLICT)
         if m in self.offers:
@@ -280,7 +283,8 @@ class Master:
                 )
             except packing.PayloadError as exc:
                 raise MasterError(f"upload from worker {worker_id}: {exc}", Code.MALFORMED) from None
-            q = scheme.decode_update(qv, self.ref_up[worker_id])
+            with np.errstate(over="ignore", invalid="ignore"):  # huge scales: refused just below, no warning
+                q = scheme.decode_update(qv, self.ref_up[worker_id])
             if not np.isfinite(q).all():
                 raise MasterError(f"upload from worker {worker_id} decodes to non-finite values", Code.MALFORMED)
             if q.size and float(np.abs(q).max()) >= MAX_UPDATE_MAGNITUDE:

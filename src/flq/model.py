@@ -161,11 +161,11 @@ class FlatModel:
     """
 
     def __init__(self, model: nn.Module, device: Optional[torch.device] = None, mixed_precision: bool = False) -> None:
-        self.device = device if device is not None else torch.device("cpu")
-        self.mixed_precision = bool(mixed_precision) and device.type == "cuda"
+        self.device: torch.device = device if device is not None else torch.device("cpu")
+        self.mixed_precision = bool(mixed_precision) and self.device.type == "cuda"
         self.loss_scale = 2.0**16
         self._clean_steps = 0
-        self.model = model.to(device=device, memory_format=torch.channels_last)
+        self.model = model.to(device=self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.params: List[nn.Parameter] = [p for p in self.model.parameters() if p.requires_grad]
         self.segments = tuple(p.numel() for p in self.params)
         self.n = int(sum(self.segments))

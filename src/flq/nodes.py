@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from . import outcome
 from .config import Config, ConfigError, build, coerce, parse_mapping
+from .protocol import round_index
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,8 @@ def run_worker(
             from .worker_state import identity
 
             run = client.run_info.get("run", "")
-            store.restore(worker, identity(run, worker_id, cfg, rt.model.n), client.run_info.get("round"))
+            shown = client.run_info.get("round")  # 1-based, as everything on the wire
+            store.restore(worker, identity(run, worker_id, cfg, rt.model.n), round_index(shown) if shown else None)
         return worker
 
     try:

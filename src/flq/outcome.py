@@ -52,7 +52,7 @@ EXIT_STATUS: Dict[str, int] = {
     SIGTERM: 143,
 }
 
-_SIGNAL_REASON = {signal.SIGINT: SIGINT, signal.SIGTERM: SIGTERM}
+_SIGNAL_REASON: Dict[int, str] = {int(signal.SIGINT): SIGINT, int(signal.SIGTERM): SIGTERM}
 #: A process started with SIGINT ignored (``cmd &`` in a script, ``nohup``)
 #: keeps ignoring Ctrl-C, as POSIX programs do: the script that started it
 #: decides how to stop it.
@@ -78,7 +78,7 @@ def run_status(reason: str, not_saved: str = "") -> int:
 
 def signal_reason(signum: int) -> str:
     """``"sigint"`` or ``"sigterm"`` for those signals (``"error"`` otherwise)."""
-    return _SIGNAL_REASON.get(signum, ERROR)
+    return _SIGNAL_REASON.get(int(signum), ERROR)
 
 
 class Diverged(ArithmeticError):

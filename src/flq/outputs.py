@@ -87,7 +87,7 @@ def _remove(path: Path) -> None:
         pass
 
 
-def publish_unique(path: Path, write: Callable[[Path], None]) -> Path:
+def publish_unique(path: Path, write: Callable[[Path], Any]) -> Path:
     """Fill a temporary with ``write(tmp)``, then give it the first free name
     of ``path``, ``stem_2.suffix``, ... (a hard link: atomic and exclusive, so
     the file is never seen half written, no empty placeholder is ever left,
@@ -114,7 +114,7 @@ def publish_unique(path: Path, write: Callable[[Path], None]) -> Path:
         _remove(tmp)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], mode: int = 0o644) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], Any], mode: int = 0o644) -> Path:
     """Call ``write(tmp)`` to fill a temporary beside ``path``, fsync it and
     rename it to ``path`` (atomic on POSIX). The parent folder is created.
 

@@ -59,6 +59,7 @@ class Code(str, Enum):
     TIMEOUT = ("timeout", 408, "the request body did not arrive in time")
     SESSION_REPLACED = ("session_replaced", 409, "a newer process registered with this worker id: this one stops")
     LATE = ("late", 409, "the offer or upload is for a round, or a phase, that is over: not selected")
+    NOT_OPEN = ("not_open", 409, "the offer or upload is for a round the master has not opened yet")
     MIRROR_MISMATCH = ("mirror_mismatch", 409, "the worker's mirror versions differ from the master's: resync")
     CONFLICT = (
         "conflict",
@@ -82,10 +83,7 @@ class Code(str, Enum):
     @classmethod
     def parse(cls, text: str) -> Optional[Code]:
         """The code ``text`` names, or None for one this version does not know."""
-        try:
-            return cls(text)
-        except ValueError:
-            return None
+        return next((code for code in cls if code.value == text), None)
 
 
 def codes_by_status(codes) -> Dict[int, List[Code]]:

@@ -34,14 +34,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
 from .outputs import atomic_write, one_line, remove_stale_temporaries
+
+#: The largest round, clock or version a state file may hold (far beyond any run).
+_MAX_COUNT = 2**53
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +154,7 @@ def read_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
             perm = z["batch_permutation"]
     except StateError:
         raise
-    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # any file at all may lie here: whatever it raises, it is not our state
         raise StateError(f"unreadable ({type(exc).__name__}: {one_line(exc)})") from None
     n = meta.get("n")
     for k, v in vectors.items():
@@ -159,14 +162,21 @@ def read_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
             raise StateError(f"entry {k} is not a finite float32 vector of the model's size {n}")
     if perm.dtype != np.int64 or perm.ndim != 1:
         raise StateError("entry batch_permutation is not an int64 vector")
+    for key in ("round", "clock", "up_version", "down_version"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_COUNT:
+            raise StateError(f"metadata {key} {one_line(repr(value))[:40]} is not an integer 0..{_MAX_COUNT}")
+    e_hat = meta.get("e_hat")
+    if not isinstance(e_hat, (int, float)) or isinstance(e_hat, bool) or not math.isfinite(e_hat) or e_hat < 0:
+        raise StateError(f"metadata e_hat {one_line(repr(e_hat))[:40]} is not a finite number >= 0")
     try:
         batches = dict(meta["batches"], permutation=perm if meta["has_permutation"] else None)
         state = {
             **vectors,
-            "e_hat": float(meta["e_hat"]),
-            "clock": int(meta["clock"]),
-            "up_version": int(meta["up_version"]),
-            "down_version": int(meta["down_version"]),
+            "e_hat": float(e_hat),
+            "clock": meta["clock"],
+            "up_version": meta["up_version"],
+            "down_version": meta["down_version"],
             "rng": dict(meta["rng"]),
             "batches": batches,
         }
@@ -185,7 +195,7 @@ def mismatch(meta: Mapping[str, Any], ident: Mapping[str, Any], master_round: Op
     for key in IDENTITY:
         if meta.get(key) != ident.get(key):
             return f"it is of {key} {meta.get(key)!r}, this worker's is {ident.get(key)!r}"
-    if master_round is not None and int(meta.get("round", 0)) > int(master_round):
+    if master_round is not None and meta["round"] > master_round:
         return (
             f"it is of round {int(meta['round']) + 1}, after the master's round {int(master_round) + 1} "
             f"(the master resumed from an older checkpoint?)"
@@ -242,7 +252,7 @@ class WorkerStateStore:
         before = worker.state_dict()
         try:
             worker.load_state_dict(state)
-        except (KeyError, TypeError, ValueError) as exc:
+        except Exception as exc:  # a generator or batch state this build cannot take
             worker.load_state_dict(before)
             log.warning(
                 "worker %d: saved state %s not used: it does not fit this worker (%s); resynchronizing from the master",
@@ -279,11 +289,12 @@ class WorkerStateStore:
             reason = one_line(exc)
             if reason != self._last_error:
                 log.error(
-                    "worker %d: state after round %d not written to %s: %s; the previous one is kept",
+                    "worker %d: state after round %d not written to %s: %s; %s",
                     self.worker_id,
                     round_index + 1,
                     self.path,
                     reason,
+                    "the previous one is kept" if self.path.is_file() else "a restart will resync from the master",
                 )
             self._last_error = reason
             return False

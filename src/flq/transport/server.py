@@ -342,6 +342,7 @@ def create_app(
             *WORKER_CALL,
             Code.MALFORMED,
             Code.LATE,
+            Code.NOT_OPEN,
             Code.MIRROR_MISMATCH,
             Code.CONFLICT,
             Code.RUN_OVER,
@@ -365,7 +366,9 @@ def create_app(
     @app.post(
         "/round/upload",
         response_model=OkResponse,
-        responses=refusals(*ANY_ROUTE, *BODY, *WORKER_CALL, Code.MALFORMED, Code.LATE, Code.CONFLICT),
+        responses=refusals(
+            *ANY_ROUTE, *BODY, *WORKER_CALL, Code.MALFORMED, Code.LATE, Code.NOT_OPEN, Code.CONFLICT, Code.RUN_OVER
+        ),
         openapi_extra={
             "requestBody": {"content": {OCTET: {"schema": {"type": "string", "format": "binary"}}}, "required": True}
         },
