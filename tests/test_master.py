@@ -121,3 +121,25 @@ def test_budget_smaller_than_one_upload_is_warned_at_start(caplog):
     with caplog.at_level("WARNING", logger="flq.master"):
         _master(up_budget_bits=1e5, sel_clients=2)  # selection by count: the budget is not used
     assert not caplog.records
+
+
+def test_a_snapshot_is_never_changed_by_a_later_round():
+    """``snapshot()`` gives (rounds done, theta) together, and a round's
+    close publishes a new array instead of stepping the old one in place: a
+    model download serialized while the next round closes (another thread)
+    reads one whole model, never half of each."""
+    cfg, master = _master(total_workers=2, mode="fedavg", b_down=32, up_budget_bits=0)
+    done, before = master.snapshot()
+    kept = before.copy()
+    master.begin_round()
+    for m in range(2):
+        master.downlink(m)
+        master.add_offer(_offer(master, m))
+    master.select()
+    for m in range(2):
+        master.receive_upload(m, packing.encode(raw(np.full(master.n, 0.01 * (m + 1), np.float32))))
+    master.end_round()
+    after_done, after = master.snapshot()
+    assert (done, after_done) == (0, 1)
+    assert np.array_equal(before, kept)  # the array handed out before the round was not touched
+    assert not np.array_equal(after, kept) and after is master.theta  # the round published a new model

@@ -1,4 +1,4 @@
-"""The master's side of an FLQ round (SPEC.md, "State" and "One round").
+"""The master's side of an FLQ round (docs/algorithm.md, "State" and "One round").
 
 :class:`Master` holds the global model ``theta``, its Adam optimizer, the
 history of model changes, and per worker the mirrors ``ref_up[m]`` and
@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -101,6 +102,8 @@ class Master:
         if theta0.shape != (self.n,):
             raise ValueError(f"theta0 has shape {theta0.shape}, expected ({self.n},)")
         self.theta = np.array(theta0, np.float32, copy=True)
+        #: held while ``theta`` and ``round`` change together (see :meth:`snapshot`)
+        self._published = threading.Lock()
         self.adam = Adam(self.n, cfg.lr)
         self.evaluate = evaluate
         M = cfg.total_workers
@@ -314,7 +317,7 @@ class Master:
         (their payload is simply absent from the aggregate).
 
         Returns:
-            The round's record (SPEC.md step 10 plus measured wire bytes and
+            The round's record (docs/algorithm.md step 10 plus measured wire bytes and
             the round's wall time in seconds).
 
         Raises:
@@ -325,16 +328,16 @@ class Master:
         cfg = self.cfg
         k = self.round
         uploaded = sorted(self.received)
-        old = self.theta.copy()
+        theta = self.theta.copy()  # stepped here, then published whole: self.theta is never changed in place
         problem = ""
         with self.stopwatch.section("aggregate"):
             if uploaded:
                 g_hat = aggregate(self.received, cfg.scale_by_selected, cfg.sel_ref, cfg.clip_global)
                 try:
-                    self.adam.step(self.theta, g_hat)
+                    self.adam.step(theta, g_hat)
                 except FloatingPointError as exc:
                     problem = f"the aggregate of workers {uploaded}: {exc}"
-            self.history.appendleft(squared_norm(self.theta - old))
+            self.history.appendleft(squared_norm(theta - self.theta))
         self.bits_up_cum += len(uploaded) * cfg.uplink_bits * self.n
         self.wire_up_cum += self.wire_up
         self.wire_down_cum += self.wire_down
@@ -342,7 +345,7 @@ class Master:
         acc = ent = float("nan")
         if self.evaluate is not None and ((k + 1) % cfg.eval_every == 0 or last):
             with self.stopwatch.section("evaluate"):
-                acc, ent = self.evaluate(self.theta)
+                acc, ent = self.evaluate(theta)
         losses = [self.offers[m].loss for m in sorted(self.offers)]  # id order: same sum whatever arrived first
         computes = [o.compute_s for o in self.offers.values()]
         record = {
@@ -366,7 +369,8 @@ class Master:
             record.update(extra)
         self.records.append(record)
         self.selected_history.append(uploaded)
-        self.round += 1
+        with self._published:
+            self.theta, self.round = theta, self.round + 1
         diverging = [m for m in sorted(self.offers) if not math.isfinite(self.offers[m].loss)]
         if diverging and not problem:
             problem = (
@@ -379,7 +383,7 @@ class Master:
 
     @property
     def upload_cost(self) -> int:
-        """Bits one upload is charged in this run's mode (SPEC.md, "Modes")."""
+        """Bits one upload is charged in this run's mode (docs/algorithm.md, "Modes")."""
         return int(self.cfg.uplink_bits * self.n)
 
     @property
@@ -387,6 +391,15 @@ class Master:
         """Length in bytes of a valid upload body in this run's mode."""
         segs = len(self.up_scheme.segments(self.segments))
         return packing.encoded_size(self.n, self.cfg.uplink_bits, segs)
+
+    def snapshot(self) -> Tuple[int, np.ndarray]:
+        """``(rounds done, theta)`` read together, safe from another thread
+        while :meth:`end_round` runs: theta is float32 (n,), the model after
+        that many rounds. It is never changed in place (each round publishes
+        a new array), so the caller may read it at leisure but must not
+        modify it."""
+        with self._published:
+            return self.round, self.theta
 
     @property
     def finished(self) -> bool:

@@ -222,8 +222,9 @@ def create_app(
     async def get_global_model() -> Response:
         from safetensors.torch import save
 
-        theta = cluster.master.theta.copy()
-        done = cluster.master.round  # rounds done: the 1-based number of the last round whose update theta holds
+        # rounds done (the 1-based number of the last round theta holds) and theta, read together: a download
+        # during a round's close gets the model before or after it, never a mix
+        done, theta = cluster.master.snapshot()
         tensors = model_state(theta)
         body = save(tensors, metadata={"round": str(done), "mode": cluster.cfg.mode, "format": "pt"})
         name = f"flq_global_round{done}.safetensors"

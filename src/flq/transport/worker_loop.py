@@ -120,7 +120,7 @@ def run_worker(
                 continue
             k, me_k, payload = got
             if last_round is not None:
-                for _ in range(max(0, k - last_round - 1)):  # rounds missed while absent (SPEC.md step 8)
+                for _ in range(max(0, k - last_round - 1)):  # rounds missed while absent (docs/algorithm.md step 8)
                     worker.skip(-1)
             last_round = after = k
             offer = worker.offer(k, me_k, payload)
