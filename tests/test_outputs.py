@@ -172,3 +172,23 @@ def test_save_run_on_a_full_disk_says_so_in_one_line_and_leaves_nothing_partial(
         path, problem = save_run(folder / "r.xlsx", "bbit", records, {"system": {}}, [[0]], 1, theta, "cnn", 1)
         assert path is None and problem.startswith("results not written to ")
         assert list(folder.iterdir()) == []
+
+
+def test_archive_round_trip_and_refusals(tmp_path):
+    """write_archive/read_archive: the arrays and the JSON meta come back
+    exactly; a plain .npy and a pickled archive are refused, never loaded."""
+
+    from flq.outputs import read_archive, write_archive
+
+    arrays = {"a": np.arange(5, dtype=np.float32), "b": np.array([3, -1], np.int64)}
+    path = write_archive(tmp_path / "x.npz", arrays, {"format": 1, "n": 5})
+    meta, back = read_archive(path)
+    assert meta == {"format": 1, "n": 5} and back.keys() == arrays.keys()
+    assert all(back[k].dtype == arrays[k].dtype and np.array_equal(back[k], arrays[k]) for k in arrays)
+    with open(tmp_path / "plain.npz", "wb") as f:
+        np.save(f, np.zeros(3))
+    with pytest.raises(ValueError, match="not an .npz archive"):
+        read_archive(tmp_path / "plain.npz")
+    np.savez(tmp_path / "pickled.npz", meta=np.array([{"format": 1}], dtype=object))
+    with pytest.raises(ValueError):
+        read_archive(tmp_path / "pickled.npz")

@@ -9,7 +9,6 @@ import json
 import re
 import ssl
 import struct
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from cluster_util import free_port
+from cluster_util import free_port, self_signed
 from conftest import PAPER_CONFIG
 
 from flq.algorithm import packing
@@ -310,29 +309,7 @@ def test_token_required_except_status(server):
 
 
 def test_tls_with_ca_file(tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed(tmp_path)
     cfg = load_config(str(PAPER_CONFIG), {"total_workers": 2, "threads": 1})
     s = Server(cfg, ssl=(str(cert), str(key)))
     try:

@@ -15,14 +15,13 @@ master still writes.
 
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .outputs import FileLock, atomic_write
+from .outputs import FileLock, read_archive, write_archive
 
 ARRAYS = ("theta", "ref_up", "ref_down")
 FORMAT = 1
@@ -113,13 +112,7 @@ def save_checkpoint(path: Path, state: Mapping[str, Any], config: Mapping[str, A
     meta["adam"] = {"t": state["adam"]["t"], "lr": state["adam"]["lr"]}
     meta["format"] = FORMAT
     meta["config"] = dict(config)
-    arrays["meta"] = np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    return atomic_write(path, write)
+    return write_archive(path, arrays, meta, default=_json_default)
 
 
 def load_checkpoint(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -132,19 +125,18 @@ def load_checkpoint(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (nothing to resume)")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            if meta.get("format") != FORMAT:
-                raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT}")
-            state = dict(meta)
-            config = state.pop("config")
-            state["theta"] = z["theta"]
-            state["ref_up"] = list(z["ref_up"])
-            state["ref_down"] = list(z["ref_down"])
-            state["adam"] = {"m": z["adam_m"], "v": z["adam_v"], "t": meta["adam"]["t"], "lr": meta["adam"]["lr"]}
+        meta, z = read_archive(path)
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT}")
+        state = dict(meta)
+        config = state.pop("config")
+        state["theta"] = z["theta"]
+        state["ref_up"] = list(z["ref_up"])
+        state["ref_down"] = list(z["ref_down"])
+        state["adam"] = {"m": z["adam_m"], "v": z["adam_v"], "t": meta["adam"]["t"], "lr": meta["adam"]["lr"]}
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
     return state, config
 

@@ -101,6 +101,11 @@ def _field(default: Any, help: str, note: str = "", allowed: str = "", **bounds:
     return Field(default, description=help, json_schema_extra={"note": note, "allowed": allowed}, **bounds)
 
 
+def _seconds(default: float, help: str, **bounds: Any) -> Any:
+    """A timeout field: seconds, at most a week (:data:`WEEK_S`)."""
+    return _field(default, help, note="seconds", le=WEEK_S, **bounds)
+
+
 Int = pydantic.BeforeValidator(_to_int)
 Float = pydantic.BeforeValidator(_to_float)
 Bool = pydantic.BeforeValidator(_to_bool)
@@ -130,34 +135,26 @@ class SystemSection(_Section):
         "0.0.0.0", "address the master listens on", allowed="a host name or address", min_length=1, pattern=r"\S"
     )
     master_port: Annotated[int, Int] = _field(5000, "master HTTP port", ge=1, le=65535)
-    round_timeout_s: Annotated[float, Float] = _field(
+    round_timeout_s: Annotated[float, Float] = _seconds(
         60.0,
         "a round closes this long after it opened once min_workers have offered; stragglers count as not selected",
-        note="seconds",
         gt=0,
-        le=WEEK_S,
     )
-    worker_timeout_s: Annotated[float, Float] = _field(
+    worker_timeout_s: Annotated[float, Float] = _seconds(
         30.0,
         "a worker not heard from this long (it sends a heartbeat every third of it) is shown absent and no "
         "longer waited for",
-        note="seconds",
         ge=3,
-        le=WEEK_S,
     )
-    start_timeout_s: Annotated[float, Float] = _field(
+    start_timeout_s: Annotated[float, Float] = _seconds(
         600.0,
         "how long the master waits for min_workers to join before round 1, then ends the run (exit 5)",
-        note="seconds",
         gt=0,
-        le=WEEK_S,
     )
-    quorum_timeout_s: Annotated[float, Float] = _field(
+    quorum_timeout_s: Annotated[float, Float] = _seconds(
         300.0,
         "how long a round short of min_workers offers waits past round_timeout_s, then the run ends (exit 5)",
-        note="seconds",
         gt=0,
-        le=WEEK_S,
     )
     checkpoint_every: Annotated[int, Int] = _field(10, "master checkpoint every N rounds", note="0 = never", ge=0)
     checkpoint_dir: Annotated[str, Str] = _field("checkpoints", "where master checkpoints go", allowed="a folder path")

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,47 @@ def atomic_write(path: Path, write: Callable[[Path], Any], mode: int = 0o644) ->
         _remove(tmp)
         raise
     return path
+
+
+def write_archive(
+    path: Path, arrays: Mapping[str, Any], meta: Mapping[str, Any], default: Optional[Callable[[Any], Any]] = None
+) -> Path:
+    """Write ``arrays`` and the JSON ``meta`` (its entry ``meta``, UTF-8
+    bytes) as one uncompressed NumPy ``.npz`` at ``path``, atomically
+    (:func:`atomic_write`). ``default`` is :func:`json.dumps`'s.
+
+    Raises:
+        OSError: cannot be written; the previous file stays, no temporary is left.
+    """
+    entries = dict(arrays)
+    entries["meta"] = np.frombuffer(json.dumps(meta, default=default).encode(), dtype=np.uint8)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **entries)
+
+    return atomic_write(Path(path), write)
+
+
+def read_archive(path: Path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    """Read a file of :func:`write_archive`: ``(meta, {name: array})``, with
+    pickles refused.
+
+    Raises:
+        OSError: cannot be read. ValueError (``zipfile.BadZipFile`` too, and
+            JSON errors): not such an archive, truncated or corrupt, or its
+            ``meta`` is not a JSON object. KeyError: no ``meta`` entry.
+    """
+    with open(path, "rb") as f:
+        z = np.load(f, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+    if not isinstance(meta, dict):
+        raise ValueError("its meta is not a JSON object")
+    return meta, arrays
 
 
 def _pid_alive(pid: int) -> bool:

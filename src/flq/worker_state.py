@@ -32,7 +32,6 @@ master answer ``resync``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -41,7 +40,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .outputs import atomic_write, one_line, remove_stale_temporaries
+from .outputs import one_line, read_archive, remove_stale_temporaries, write_archive
 
 #: The largest round, clock or version a state file may hold (far beyond any run).
 _MAX_COUNT = 2**53
@@ -124,13 +123,7 @@ def save_state(path: Path, state: Mapping[str, Any], ident: Mapping[str, Any], r
         "has_permutation": perm is not None,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    return atomic_write(Path(path), write)
+    return write_archive(path, arrays, meta)
 
 
 def read_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -146,12 +139,11 @@ def read_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"no state file at {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise StateError(f"format {meta.get('format') if isinstance(meta, dict) else '?'} is not {FORMAT}")
-            vectors = {k: z[k] for k in _VECTORS}
-            perm = z["batch_permutation"]
+        meta, arrays = read_archive(path)
+        if meta.get("format") != FORMAT:
+            raise StateError(f"format {meta.get('format')} is not {FORMAT}")
+        vectors = {k: arrays[k] for k in _VECTORS}
+        perm = arrays["batch_permutation"]
     except StateError:
         raise
     except Exception as exc:  # any file at all may lie here: whatever it raises, it is not our state
