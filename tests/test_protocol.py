@@ -111,6 +111,19 @@ async def fetch_and_offer(cm: ClusterMaster, sessions: dict, *ids: int) -> dict:
     return {m: await cm.offer(offer_of(cm, m, k), sessions[m], wait_s=0.0) for m in ids}
 
 
+async def both_selected(cm: ClusterMaster) -> dict:
+    """Workers 0 and 1 register, round 1 opens, both offer, the offers close
+    at once (every live worker offered) and both are selected. Returns the
+    sessions."""
+    sessions = await register(cm, 0, 1)
+    assert await cm.wait_for_workers() is None
+    await cm.open_round()
+    await fetch_and_offer(cm, sessions, 0, 1)
+    assert await asyncio.wait_for(cm.close_offers(), GUARD_S) is None
+    assert await cm.select() == [0, 1]
+    return sessions
+
+
 def shown(cm: ClusterMaster) -> dict:
     return {w["worker_id"]: w["state"] for w in cm.status()["workers"]}
 
@@ -154,12 +167,7 @@ def test_a_round_closes_on_time_and_a_straggler_is_not_selected():
 def test_an_upload_that_never_arrives_counts_as_not_selected():
     async def scenario():
         cm, clock = make(total_workers=2)
-        sessions = await register(cm, 0, 1)
-        assert await cm.wait_for_workers() is None
-        await cm.open_round()
-        await fetch_and_offer(cm, sessions, 0, 1)
-        assert await asyncio.wait_for(cm.close_offers(), GUARD_S) is None  # every live worker offered: at once
-        assert await cm.select() == [0, 1]
+        sessions = await both_selected(cm)
         await cm.upload(0, 0, update(cm, 0), sessions[0])
         collecting = asyncio.ensure_future(cm.collect_uploads())
         await tick(cm, clock, ROUND_S / 2)
@@ -216,12 +224,7 @@ def test_a_selected_worker_that_registers_again_is_not_waited_for(caplog):
 
     async def scenario():
         cm, clock = make(total_workers=2)
-        sessions = await register(cm, 0, 1)
-        assert await cm.wait_for_workers() is None
-        await cm.open_round()
-        await fetch_and_offer(cm, sessions, 0, 1)
-        assert await asyncio.wait_for(cm.close_offers(), GUARD_S) is None
-        assert await cm.select() == [0, 1]
+        sessions = await both_selected(cm)
         await cm.upload(0, 0, update(cm, 0), sessions[0])
         collecting = asyncio.ensure_future(cm.collect_uploads())
         await settle()
