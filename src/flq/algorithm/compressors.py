@@ -20,7 +20,16 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .quantize import MAX_BITS, QuantizedVector, Quantizer, dequantize, quantize, quantize_relative, reconstruct
+from .quantize import (
+    KIND_RAW,
+    MAX_BITS,
+    QuantizedVector,
+    Quantizer,
+    dequantize,
+    quantize,
+    quantize_relative,
+    reconstruct,
+)
 
 
 @dataclass(frozen=True)
@@ -89,12 +98,18 @@ class Scheme:
         if self.relative:
             return quantize_relative(x, ref, bits, rng, segs, self.quantize)
         qv = self.quantize(np.asarray(x, np.float32), bits, rng, segs)
-        return qv, dequantize(qv)
+        return qv, _value(qv)
 
     def decode_update(self, qv: QuantizedVector, ref: np.ndarray) -> np.ndarray:
         """The receiver's value of a decoded vector (float32, (n,)): the inverse
         of :meth:`encode_update`'s wire form, bit for bit."""
-        return reconstruct(ref, qv) if self.relative else dequantize(qv)
+        return reconstruct(ref, qv) if self.relative else _value(qv)
+
+
+def _value(qv: QuantizedVector) -> np.ndarray:
+    """The value of a vector sent as is: raw float32 values are their own
+    value (no copy: neither end changes them), others are dequantized."""
+    return qv.codes if qv.kind == KIND_RAW else dequantize(qv)
 
 
 #: The uplink schemes (``flq_algorithm.mode``), in the order ``--help`` lists them.
