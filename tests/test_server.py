@@ -4,7 +4,6 @@ bit-identical; bearer-token access control; TLS."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import ssl
@@ -34,33 +33,7 @@ N = 467_818
 
 
 def state_hash(master: Master, wire: bool = True) -> str:
-    """Everything the master would act on: model, Adam, mirrors, versions,
-    generators, round bookkeeping and counters (the wire-byte counters only
-    with ``wire``: a repeated message is real traffic)."""
-    h = hashlib.sha256()
-    for a in (master.theta, master.adam.m, master.adam.v, *master.ref_up, *master.ref_down):
-        h.update(np.ascontiguousarray(a).tobytes())
-    h.update(
-        json.dumps(
-            {
-                "t": master.adam.t,
-                "round": master.round,
-                "up": master.up_version,
-                "down": master.down_version,
-                "rng": [g.bit_generator.state for g in master.down_rng],
-                "records": len(master.records),
-                "offers": sorted(master.offers),
-                "received": sorted(master.received),
-                "selected": master.selected,
-                "downlinked": sorted(master.downlinked),
-                "bits": [master.bits_up_cum, master.bits_down_cum],
-                "wire": [master.wire_up, master.wire_down, master.wire_up_cum, master.wire_down_cum] if wire else None,
-            },
-            sort_keys=True,
-            default=str,
-        ).encode()
-    )
-    return h.hexdigest()
+    return master.state_digest(wire)
 
 
 class Server:
@@ -110,6 +83,36 @@ def make_workers(cfg):
     return [Worker(m, cfg, FlatModel(CNN()), x, y, np.arange(m * 128, (m + 1) * 128)) for m in range(2)]
 
 
+def worker_client(url: str, **kw) -> httpx.Client:
+    """A client that talks for several workers the way each would: it keeps
+    the session each registration returns and sends it on that worker's later
+    calls (unless the call sets ``X-FLQ-Session`` itself)."""
+    sessions: dict = {}
+
+    def worker_of(request: httpx.Request):
+        m = re.fullmatch(r"/workers/(\d+)/mirrors", request.url.path)
+        if m:
+            return int(m.group(1))
+        if "worker_id" in request.url.params:
+            return int(request.url.params["worker_id"])
+        try:
+            return json.loads(request.content).get("worker_id")
+        except (ValueError, AttributeError):
+            return None
+
+    def add_session(request: httpx.Request) -> None:
+        m = worker_of(request)
+        if "X-FLQ-Session" not in request.headers and m in sessions and request.url.path != "/workers/register":
+            request.headers["X-FLQ-Session"] = sessions[m]
+
+    def keep_session(response: httpx.Response) -> None:
+        if response.request.url.path == "/workers/register" and response.status_code == 200:
+            response.read()
+            sessions[worker_of(response.request)] = response.json()["session"]
+
+    return httpx.Client(base_url=url, event_hooks={"request": [add_session], "response": [keep_session]}, **kw)
+
+
 def one_line(r: httpx.Response) -> str:
     detail = r.json()["detail"]
     assert isinstance(detail, str) and "\n" not in detail and detail
@@ -142,7 +145,7 @@ def wire(offer) -> dict:
 
 def test_bad_input_is_refused_and_state_untouched(server):
     H = {"Authorization": f"Bearer {TOKEN}"}
-    c = httpx.Client(base_url=server.url, headers=H, timeout=60)
+    c = worker_client(server.url, headers=H, timeout=60)
     cfg = server.cluster.cfg
     workers = make_workers(cfg)
     for w in workers:
@@ -613,3 +616,37 @@ def test_rounds_count_from_1_on_the_wire():
         client.close()
     finally:
         s.stop()
+
+
+def test_the_session_header_is_mandatory(server):
+    """With the shared token only: a captured upload sent as another worker
+    without the session header is refused (401 no_session); so is any worker
+    call without it."""
+    c = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert c.post("/workers/register", json={"worker_id": 0}).status_code == 200
+    before = state_hash(server.master)
+    r = c.post("/round/upload", params={"worker_id": 1, "round": 1}, content=b"\0" * 64)
+    assert refusal_code(r, server.openapi) == Code.NO_SESSION and r.status_code == 401
+    for method, path, kw in (
+        ("GET", "/round/model", {"params": {"worker_id": 0, "wait": 0}}),
+        ("POST", "/workers/heartbeat", {"json": {"worker_id": 0}}),
+        ("GET", "/workers/0/mirrors", {}),
+        (
+            "POST",
+            "/round/offer",
+            {
+                "json": {
+                    "worker_id": 0,
+                    "round": 1,
+                    "candidate": True,
+                    "gain": 1.0,
+                    "cost": 1.0,
+                    "loss": 1.0,
+                    "up_version": 0,
+                    "down_version": 0,
+                }
+            },
+        ),
+    ):
+        assert refusal_code(c.request(method, path, **kw), server.openapi) == Code.NO_SESSION, path
+    assert state_hash(server.master) == before

@@ -143,6 +143,24 @@ def cmd_master(args: argparse.Namespace) -> int:
                 f"--certfile {args.certfile} / --keyfile {args.keyfile}: not a usable certificate "
                 f"and key ({exc.reason if isinstance(exc, ssl.SSLError) else exc})"
             ) from None
+    if args.cafile:
+        if not args.certfile:
+            raise ConfigError("--cafile (require client certificates) needs --certfile and --keyfile (serve HTTPS)")
+        _check_ca(args.cafile, "--cafile")
+    if cfg.credentials:
+        from .credentials import CredentialError, load_master_secret, too_open
+
+        try:
+            secret = load_master_secret(Path(cfg.credentials))
+        except CredentialError as exc:
+            raise ConfigError(f"system.credentials: {exc}") from None
+        if secret.workers < cfg.total_workers:
+            raise ConfigError(
+                f"system.credentials {cfg.credentials} was made for {secret.workers} workers, the run has "
+                f"{cfg.total_workers}: run flq credentials --workers {cfg.total_workers} again"
+            )
+        if too_open(Path(cfg.credentials)):
+            print(f"flq master: warning: {cfg.credentials} can be read by other users (chmod 600 it)", file=sys.stderr)
     if not 0 <= args.linger_s <= 3600:
         raise ConfigError(f"--linger_s {args.linger_s}: expected seconds 0..3600")
     sock = listen_on(cfg.master_host, cfg.master_port)  # held from now: a second master on the port is refused at once
@@ -152,11 +170,17 @@ def cmd_master(args: argparse.Namespace) -> int:
     logfile = setup_logging(cfg.log_dir, "master", cfg.log_level, args.verbose)
     log.info("log file %s", logfile)
     log.info("auth token: %s", source)
+    log.info(
+        "worker calls: %s%s",
+        f"signed with per-worker keys ({cfg.credentials})" if cfg.credentials else "the bearer token only",
+        f"; client certificates of {args.cafile} required" if args.cafile else "",
+    )
     end = run_master(
         cfg,
         run_id=logfile.stem[len("master_") :],
         certfile=args.certfile,
         keyfile=args.keyfile,
+        cafile=args.cafile,
         resume=resume,
         linger_s=args.linger_s,
         sock=sock,
@@ -171,6 +195,100 @@ def cmd_master(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return end.exit_status
+
+
+def _check_ca(path: str, label: str) -> None:
+    """A CA bundle that loads, else ConfigError."""
+    import ssl
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{label}: no such file {path}")
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{label} {path}: not a usable CA certificate ({exc})") from None
+
+
+def _worker_security(args: argparse.Namespace):
+    """``(credential or None, (certfile, keyfile) or None)`` from the worker's
+    flags, checked before any work.
+
+    Raises:
+        ConfigError: unreadable or wrong credential, a credential of another
+            id, a certificate without its key, or one that does not load.
+    """
+    credential = None
+    path = args.credential if args.credential is not None else os.environ.get("FLQ_CREDENTIAL", "")
+    if path:
+        from .credentials import CredentialError, load_worker_credential
+
+        try:
+            credential = load_worker_credential(Path(path))
+        except CredentialError as exc:
+            raise ConfigError(str(exc)) from None
+        if credential.worker_id != args.worker_id:
+            raise ConfigError(
+                f"--credential {path} is worker {credential.worker_id}'s, not worker {args.worker_id}'s: "
+                f"each worker uses its own worker_<id>.key"
+            )
+    if bool(args.certfile) != bool(args.keyfile):
+        raise ConfigError("--certfile and --keyfile go together")
+    cert = None
+    if args.certfile:
+        import ssl
+
+        for label, p in (("--certfile", args.certfile), ("--keyfile", args.keyfile)):
+            if not Path(p).is_file():
+                raise ConfigError(f"{label}: no such file {p}")
+        try:
+            ssl.create_default_context().load_cert_chain(args.certfile, args.keyfile)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"--certfile {args.certfile} / --keyfile {args.keyfile}: not a usable certificate and key ({exc})"
+            ) from None
+        cert = (args.certfile, args.keyfile)
+    return credential, cert
+
+
+def cmd_credentials(args: argparse.Namespace) -> int:
+    from .credentials import CredentialError, write_credentials, write_tls
+
+    try:
+        written = write_credentials(Path(args.out), args.workers, force=args.force)
+        if args.tls:
+            written += write_tls(
+                Path(args.out),
+                args.workers,
+                args.master_host or ["127.0.0.1", "localhost"],
+                days=args.days,
+                force=args.force,
+            )
+    except CredentialError as exc:
+        raise ConfigError(str(exc)) from None
+    except ImportError:
+        raise ConfigError("--tls needs the cryptography package (pip install cryptography)") from None
+    for p in written:
+        print(p)
+    out = Path(args.out)
+    print(
+        f"\nmaster:   flq master --credentials {out / 'master.secret'}"
+        + (
+            f" --certfile {out / 'master.pem'} --keyfile {out / 'master-key.pem'} --cafile {out / 'ca.pem'}"
+            if args.tls
+            else ""
+        )
+        + f"\nworker m: flq worker --worker_id m --credential {out / 'worker_m.key'}"
+        + (
+            f" --cafile {out / 'ca.pem'} --certfile {out / 'worker_m.pem'} --keyfile {out / 'worker_m-key.pem'}"
+            if args.tls
+            else ""
+        )
+        + "\neach host gets only its own files; master.secret"
+        + (" and ca-key.pem stay" if args.tls else " stays")
+        + " off the workers (deploy_jetson.sh --credentials DIR does this)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 #: The largest worker id any run can have (``total_workers`` is at most 1000).
@@ -212,13 +330,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if state_dir and Path(state_dir).exists() and not Path(state_dir).is_dir():
         raise ConfigError(f"--state_dir {state_dir}: not a folder")
     token, source = auth_token_source(args.auth_token, "")
+    credential, client_cert = _worker_security(args)
     logfile = setup_logging(args.log_dir or "logs", f"worker{args.worker_id}", "INFO", args.verbose)
     log.info("log file %s", logfile)
     log.info(
-        "worker %d joins %s; auth token: %s; state %s",
+        "worker %d joins %s; auth token: %s; %s; state %s",
         args.worker_id,
         url,
         source,
+        "calls signed with its credential" if credential else "no credential",
         f"in {state_dir}" if state_dir else "not saved",
     )
     end = run_worker(
@@ -229,6 +349,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         verify=args.cafile or True,
         give_up_s=args.give_up_s,
         state_dir=state_dir,
+        credential=credential,
+        client_cert=client_cert,
     )
     log.info(
         "worker %d done after %d rounds: %s (exit %d)",
@@ -264,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.add_argument("--certfile", default=None, help="TLS certificate (PEM) to serve HTTPS")
     p.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
+    p.add_argument(
+        "--cafile",
+        default=None,
+        help="require a client certificate signed by this CA from every client (mutual TLS; needs --certfile)",
+    )
     p.add_argument(
         "--resume",
         nargs="?",
@@ -302,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cafile", default=None, help="CA bundle to verify the master's HTTPS certificate")
     p.add_argument("--tls", action="store_true", help="talk HTTPS with the system CAs")
     p.add_argument(
+        "--credential",
+        default=None,
+        metavar="FILE",
+        help="this worker's key, worker_<id>.key from flq credentials: every call is signed with it "
+        "(default $FLQ_CREDENTIAL)",
+    )
+    p.add_argument("--certfile", default=None, help="client certificate (PEM) for a master that requires one")
+    p.add_argument("--keyfile", default=None, help="the client certificate's private key (PEM)")
+    p.add_argument(
         "--give_up_s",
         type=float,
         default=300.0,
@@ -323,6 +459,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "credentials",
+        help="make per-worker credentials: the master's secret and one key per worker (and, with --tls, "
+        "a CA and certificates)",
+    )
+    p.add_argument("--workers", type=int, required=True, help="worker ids 0..N-1 get a key")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write them to (made 0700)")
+    p.add_argument("--tls", action="store_true", help="also a CA, the master's certificate and one per worker")
+    p.add_argument(
+        "--master-host",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="--tls: a host name or address the master's certificate is valid for (repeat; default "
+        "127.0.0.1 and localhost)",
+    )
+    p.add_argument("--days", type=int, default=365, help="--tls: days the certificates are valid (default 365)")
+    p.add_argument("--force", action="store_true", help="replace existing files (old keys stop working)")
+    p.set_defaults(func=cmd_credentials)
 
     from . import doctor
 

@@ -476,19 +476,36 @@ class ClusterMaster:
         info.state = "uploading" if selected else "idle"
         return selected
 
-    async def upload(self, worker_id: int, round_index: int, payload: bytes, session: Optional[str] = None) -> None:
+    async def upload(
+        self,
+        worker_id: int,
+        round_index: int,
+        payload: bytes,
+        session: Optional[str] = None,
+        versions: Optional[Tuple[int, int]] = None,
+    ) -> None:
         """Accept a selected worker's payload for round ``round_index`` (the
         algorithm's 0-based k; the same bytes again are accepted and counted
-        once, also after the round closed).
+        once, also after the round closed). ``versions``: the worker's
+        ``(up_version, down_version)`` of its offer, before this upload
+        (None: not checked).
 
         Raises:
             MasterError: wrong round or phase (409 ``late``), not selected or
                 other bytes than the counted upload (409 ``conflict``),
-                malformed payload (400 ``malformed``), not registered (404),
-                replaced (409 ``session_replaced``); state unchanged.
+                mirror versions other than the master's (409
+                ``mirror_mismatch``), malformed payload (400 ``malformed``),
+                not registered (404), replaced (409 ``session_replaced``);
+                state unchanged.
         """
         info = self._seen(worker_id, session=session)
         if self.phase == PHASE_UPLOADS and round_index == self.master.round:
+            have = (self.master.up_version[worker_id], self.master.down_version[worker_id])
+            if versions is not None and worker_id not in self.master.received and tuple(versions) != have:
+                raise MasterError(
+                    f"upload of worker {worker_id} with mirror versions {tuple(versions)}, the master's are {have}",
+                    Code.MIRROR_MISMATCH,
+                )
             if self.master.receive_upload(worker_id, payload):
                 info.state, info.rounds_uploaded = "idle", info.rounds_uploaded + 1
                 self.counted_uploads[worker_id] = (round_index, payload_digest(payload))

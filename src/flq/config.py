@@ -162,6 +162,12 @@ class SystemSection(_Section):
         "", "bearer token for worker calls and /stop", allowed="a string ('' = no auth; env FLQ_AUTH_TOKEN)"
     )
     status_requires_token: Annotated[bool, Bool] = _field(False, "GET /status needs the token too")
+    credentials: Annotated[str, Str] = _field(
+        "",
+        "the master's secret made by flq credentials (master.secret): every worker call must then be signed "
+        "with its worker's own key",
+        allowed="a file path ('' = workers need only the token)",
+    )
 
     @model_validator(mode="after")
     def _min_workers_fit(self) -> SystemSection:

@@ -110,6 +110,7 @@ def run_master(
     linger_s: float = 5.0,
     resume: Optional[Tuple[Path, Dict[str, Any]]] = None,
     sock: Any = None,
+    cafile: Optional[str] = None,
 ) -> MasterEnd:
     """Serve one run on ``cfg.master_host:cfg.master_port`` until it ends
     (all rounds, ``POST /stop``, SIGINT/SIGTERM, a lost quorum, divergence,
@@ -122,7 +123,10 @@ def run_master(
     /config`` tells workers for their saved states). After the run, the master
     answers 410 for ``linger_s`` seconds so polling workers learn it ended.
     ``sock``: the listening socket from :func:`listen_on` (else one is
-    opened on ``master_host:master_port`` when serving starts).
+    opened on ``master_host:master_port`` when serving starts). With
+    ``cfg.credentials`` every worker call must be signed by its worker's key
+    (:mod:`flq.credentials`); with ``cafile`` (and ``certfile``) every client
+    must present a certificate that CA signed (mutual TLS).
     """
     from .checkpoint import checkpoint_path, lock_checkpoint, run_of, save_checkpoint
     from .cluster import ClusterMaster
@@ -207,6 +211,15 @@ def run_master(
         on_finish=write,
         run_id=run_of(ckpt, cfg.dataset, cfg.mode) if resume is not None else run_id,
     )
+    verifier = None
+    if cfg.credentials:
+        from .credentials import Verifier, load_master_secret
+
+        def current_session(m: int) -> Optional[str]:
+            info = cluster.workers.get(m)
+            return None if info is None or info.left else info.session
+
+        verifier = Verifier(load_master_secret(Path(cfg.credentials)), cfg.total_workers, current_session)
     app = create_app(
         cluster,
         model_state=lambda theta: state_dict_from_flat(cfg.model, theta),
@@ -214,6 +227,7 @@ def run_master(
         on_shutdown=lambda: write(end_reason()),
         auth_token=cfg.auth_token,
         status_token_free=not cfg.status_requires_token,
+        verifier=verifier,
     )
     log.info(
         "master listening on %s:%d (%s, %d workers, %d rounds, mode %s)",
@@ -234,6 +248,7 @@ def run_master(
                 linger_s=linger_s,
                 ssl_certfile=certfile,
                 ssl_keyfile=keyfile,
+                ssl_cafile=cafile,
                 sock=sock,
             )
         )
@@ -264,6 +279,8 @@ def run_worker(
     verify: Any = True,
     give_up_s: float = 300.0,
     state_dir: str = "",
+    credential: Any = None,
+    client_cert: Optional[Tuple[str, str]] = None,
 ):
     """Join the master at ``master_url`` as worker ``worker_id`` and train
     until the run ends. SIGINT/SIGTERM make the worker tell the master it
@@ -274,7 +291,10 @@ def run_worker(
     ``<state_dir>/flq_worker_<worker_id>.npz`` after every round it
     finished, and at start it is loaded when it is of this run and worker,
     so a restarted worker goes on where it was (else it resynchronizes its
-    mirrors from the master, as without a state folder).
+    mirrors from the master, as without a state folder). ``credential``
+    (:class:`flq.credentials.WorkerCredential`) signs every call;
+    ``client_cert`` is ``(certfile, keyfile)`` for a master that requires
+    client certificates.
 
     Returns:
         A :class:`flq.transport.worker_loop.WorkerEnd` (reason, detail, rounds).
@@ -285,7 +305,15 @@ def run_worker(
     from .transport.client import Fatal, MasterClient
     from .transport.worker_loop import run_worker as loop
 
-    client = MasterClient(master_url, worker_id, auth_token=auth_token, verify=verify, give_up_s=give_up_s)
+    client = MasterClient(
+        master_url,
+        worker_id,
+        auth_token=auth_token,
+        verify=verify,
+        give_up_s=give_up_s,
+        credential=credential,
+        client_cert=client_cert,
+    )
     store = None
     if state_dir:
         from .worker_state import WorkerStateStore

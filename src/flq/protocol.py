@@ -52,6 +52,14 @@ class Code(str, Enum):
         "cost, a wrong cost, an upload that does not decode",
     )
     UNAUTHORIZED = ("unauthorized", 401, "missing or wrong bearer token")
+    BAD_SIGNATURE = (
+        "bad_signature",
+        401,
+        "the worker call's signature is missing or does not verify: not signed with the key of the worker id "
+        "it claims, or changed on the way (per-worker credentials)",
+    )
+    NO_SESSION = ("no_session", 401, "a worker call without the X-FLQ-Session header its registration returned")
+    WRONG_WORKER = ("wrong_worker", 403, "the call acts for a worker id other than the one that signed it")
     UNKNOWN_WORKER = ("unknown_worker", 404, "the worker id is not one of this run's ids")
     NOT_REGISTERED = ("not_registered", 404, "the worker is not registered (or has left): register again")
     NOT_FOUND = ("not_found", 404, "no such path")
@@ -60,6 +68,12 @@ class Code(str, Enum):
     SESSION_REPLACED = ("session_replaced", 409, "a newer process registered with this worker id: this one stops")
     LATE = ("late", 409, "the offer or upload is for a round, or a phase, that is over: not selected")
     NOT_OPEN = ("not_open", 409, "the offer or upload is for a round the master has not opened yet")
+    REPLAYED = (
+        "replayed",
+        409,
+        "a signed request received before (its session's request number, or its registration challenge, "
+        "was used already; or the challenge expired)",
+    )
     MIRROR_MISMATCH = ("mirror_mismatch", 409, "the worker's mirror versions differ from the master's: resync")
     CONFLICT = (
         "conflict",

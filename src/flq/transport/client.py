@@ -5,7 +5,8 @@ Only network failures are retried (connection refused or reset, timeouts,
 502/503/504), with backoff, for at most ``give_up_s`` seconds; then
 :class:`Unreachable`. Everything else that can never succeed ends the worker
 at once with :class:`Fatal`: a TLS certificate that does not verify, plain
-HTTP against an HTTPS master (or the reverse), a wrong token (401), an id the
+HTTP against an HTTPS master (or the reverse), a client certificate the
+master requires or refuses, a wrong token or signature (401), an id the
 run does not have, a run that is already over, a newer process registered
 with the same id, an error inside the master (500). :class:`RunOver` is the
 master saying the run ended (410), with its reason. Every call has a bounded
@@ -37,6 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from .. import outcome
+from ..credentials import HEADER_SESSION, Signer, WorkerCredential
 from ..messages import Offer
 from ..protocol import Code, round_index, round_number
 
@@ -52,6 +54,32 @@ _RETRY_STATUS = (502, 503, 504)
 #: OpenSSL's reasons (``ssl.SSLError.reason``) for a peer that answered a TLS
 #: handshake with something else than TLS: the master speaks plain HTTP.
 _NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"})
+#: OpenSSL's reasons for a master that wants a client certificate (mutual TLS)
+#: and got none, or one its CA did not sign.
+_CLIENT_CERT_REASONS = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    }
+)
+
+
+class _SignedAuth(httpx.Auth):
+    """httpx's hook that signs each request as it is sent (each retry afresh)."""
+
+    requires_request_body = True
+
+    def __init__(self, signer: Signer) -> None:
+        self.signer = signer
+
+    def auth_flow(self, request: httpx.Request):
+        session = request.headers.get(HEADER_SESSION, "")
+        query = request.url.query.decode("ascii") if isinstance(request.url.query, bytes) else request.url.query
+        request.headers.update(self.signer.headers(request.method, request.url.path, query, session, request.content))
+        yield request
 
 
 class RunOver(Exception):
@@ -187,6 +215,9 @@ class MasterClient:
         worker_id: m.
         auth_token: bearer token ('' for none).
         verify: TLS verification (True, False or a CA file path).
+        credential: this worker's key (:mod:`flq.credentials`): every call is signed.
+        client_cert: ``(certfile, keyfile)`` (PEM) for a master that requires
+            client certificates (mutual TLS).
         give_up_s: stop retrying after the master was unreachable this long (seconds).
         poll_s: long-poll duration asked of the master (seconds).
 
@@ -204,17 +235,28 @@ class MasterClient:
         verify: Any = True,
         give_up_s: float = 300.0,
         poll_s: float = 20.0,
+        credential: Optional[WorkerCredential] = None,
+        client_cert: Optional[Tuple[str, str]] = None,
     ) -> None:
         self.base_url = base_url
         self.headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
         self.cafile = verify if isinstance(verify, str) else None
-        if isinstance(verify, str):  # a CA file for the master's certificate
-            verify = ssl.create_default_context(cafile=verify)
+        if isinstance(verify, str) or client_cert:  # a CA file for the master's certificate; our own certificate
+            context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+            if verify is False:
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            if client_cert:
+                context.load_cert_chain(*client_cert)
+            verify = context
         self.verify = verify
+        self.client_cert = client_cert
+        self.auth = _SignedAuth(Signer(credential)) if credential is not None else None
         # a quick call's answer within 20 s; a long-poll's within its wait + 20 s; else it counts as failed
         self.timeout = httpx.Timeout(connect=10.0, read=20.0, write=60.0, pool=10.0)
         self.poll_timeout = httpx.Timeout(connect=10.0, read=poll_s + 20.0, write=60.0, pool=10.0)
-        self.http = httpx.Client(base_url=base_url, headers=self.headers, verify=verify, timeout=self.timeout)
+        self.http = httpx.Client(
+            base_url=base_url, headers=self.headers, verify=verify, timeout=self.timeout, auth=self.auth
+        )
         self.worker_id = worker_id
         self.give_up_s = give_up_s
         self.poll_s = poll_s
@@ -238,6 +280,16 @@ class MasterClient:
                 return (
                     f"TLS: the master's certificate at {u.netloc} does not verify against {what} "
                     f"({e.verify_message or e.reason})"
+                )
+            if isinstance(e, ssl.SSLError) and e.reason in _CLIENT_CERT_REASONS:
+                if self.client_cert:
+                    return (
+                        f"TLS: the master at {u.netloc} refused this worker's certificate --certfile "
+                        f"{self.client_cert[0]} ({e.reason}): is it signed by the master's --cafile?"
+                    )
+                return (
+                    f"TLS: the master at {u.netloc} requires a client certificate ({e.reason}): give --certfile "
+                    f"and --keyfile (flq credentials --tls makes them)"
                 )
             if isinstance(e, ssl.SSLError) and e.reason in _NOT_TLS_REASONS:
                 return (
@@ -269,7 +321,7 @@ class MasterClient:
         delay, first_failure = 0.5, None
         limits = kw.pop("timeout", self.timeout)
         if kw.pop("session", True) and self.session:
-            kw["headers"] = {**kw.get("headers", {}), "X-FLQ-Session": self.session}
+            kw["headers"] = {**kw.get("headers", {}), HEADER_SESSION: self.session}
         while True:
             started = time.monotonic()
             kw["timeout"] = limits
@@ -319,6 +371,13 @@ class MasterClient:
                 "the master refused the bearer token (401): set --auth_token or $FLQ_AUTH_TOKEN to the "
                 "master's system.auth_token"
             )
+        if code is Code.BAD_SIGNATURE:
+            raise Fatal(
+                f"the master refused this worker's signature (401 bad_signature: {detail}); give --credential the "
+                f"worker_{self.worker_id}.key made with the master's secret by flq credentials"
+            )
+        if code is Code.WRONG_WORKER:
+            raise Fatal(f"{detail}: --worker_id and --credential name different workers")
         if code is Code.INTERNAL or (code is None and r.status_code >= 500):  # None: a code of a newer master
             raise Fatal(f"the master failed on {method} {url} ({r.status_code}): {detail}", outcome.ERROR)
         if code is Code.SESSION_REPLACED:
@@ -352,7 +411,26 @@ class MasterClient:
         """``POST /workers/register`` -> ``{resync, round, state, session, heartbeat_s, config}``;
         ``describe`` adds ``threads`` and ``device``."""
         body = {"worker_id": self.worker_id, "up_version": up_version, "down_version": down_version, **describe}
-        info = self._call("POST", "/workers/register", json=body, session=False).json()
+        tries = 3
+        while True:
+            headers = {}
+            if self.auth is not None:  # a one-time challenge: a captured registration cannot be sent again
+                challenge = self._call(
+                    "GET", "/workers/challenge", params={"worker_id": self.worker_id}, session=False
+                ).json()
+                if not challenge.get("required"):
+                    log.warning(
+                        "worker %d: the master does not check per-worker credentials: --credential is not used",
+                        self.worker_id,
+                    )
+                headers = {HEADER_SESSION: challenge.get("challenge", "")}
+            try:
+                info = self._call("POST", "/workers/register", json=body, headers=headers, session=False).json()
+                break
+            except Refused as exc:  # the challenge was used up by a lost attempt, or expired: ask again
+                tries -= 1
+                if exc.code != Code.REPLAYED or tries == 0:
+                    raise
         self.session = info.get("session", "")
         self.heartbeat_s = float(info.get("heartbeat_s", self.heartbeat_s))
         return info
@@ -394,13 +472,17 @@ class MasterClient:
             if answer.get("decided", True):
                 return bool(answer["selected"])
 
-    def upload(self, round_index: int, payload: bytes) -> None:
+    def upload(self, round_index: int, payload: bytes, versions: Optional[Tuple[int, int]] = None) -> None:
         """``POST /round/upload`` with the encoded update for round ``round_index``
-        (k, 0-based; 1-based on the wire; a retry is counted once)."""
+        (k, 0-based; 1-based on the wire; a retry is counted once);
+        ``versions``: the ``(up_version, down_version)`` of its offer."""
+        params = {"worker_id": self.worker_id, "round": round_number(round_index)}
+        if versions is not None:
+            params.update(up_version=versions[0], down_version=versions[1])
         self._call(
             "POST",
             "/round/upload",
-            params={"worker_id": self.worker_id, "round": round_number(round_index)},
+            params=params,
             content=payload,
             headers={"Content-Type": "application/octet-stream"},
         )
@@ -408,8 +490,10 @@ class MasterClient:
 
     def _once(self, path: str, timeout: float = 5.0) -> httpx.Response:
         """One POST of ``{worker_id}`` on a fresh connection, not retried (heartbeat, leave)."""
-        with httpx.Client(base_url=self.base_url, headers=self.headers, verify=self.verify, timeout=timeout) as c:
-            return c.post(path, json={"worker_id": self.worker_id}, headers={"X-FLQ-Session": self.session})
+        with httpx.Client(
+            base_url=self.base_url, headers=self.headers, verify=self.verify, timeout=timeout, auth=self.auth
+        ) as c:
+            return c.post(path, json={"worker_id": self.worker_id}, headers={HEADER_SESSION: self.session})
 
     def heartbeat(self) -> bool:
         """One heartbeat; False once the master says the run is over (410).

@@ -1,5 +1,5 @@
-"""ASGI middleware of the master's HTTP server: the bearer token and the
-request body's size and time limits. Each refusal is the protocol's JSON error
+"""ASGI middleware of the master's HTTP server: the bearer token, the
+per-worker signatures, and the request body's size and time limits. Each refusal is the protocol's JSON error
 (:class:`flq.protocol.Code`), sent before the route runs.
 """
 
@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Dict
 
+from ..credentials import AuthError
 from ..protocol import Code
 
 log = logging.getLogger("flq.transport.server")
@@ -68,20 +69,96 @@ class BodyLimit:
 class BearerAuth:
     """ASGI middleware: without ``Authorization: Bearer <token>`` a request is
     refused with 401 ``unauthorized`` before anything reads it (``token`` '' =
-    no auth; ``open_paths`` need none). A plain ASGI class, so a client that
+    no auth; ``open_paths`` need none; with ``signed_workers`` the worker paths
+    are left to :class:`WorkerAuth`). A plain ASGI class, so a client that
     hangs up mid-request cannot make it fail."""
 
-    def __init__(self, app, token: str, open_paths) -> None:
+    def __init__(self, app, token: str, open_paths, signed_workers: bool = False) -> None:
         self.app, self.expected, self.open_paths = app, f"Bearer {token}".encode(), frozenset(open_paths)
-        self.token = token
+        self.token, self.signed_workers = token, signed_workers
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.token or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        if self.signed_workers and is_worker_path(scope["path"]):  # WorkerAuth checks these
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if hmac.compare_digest(given, self.expected):
             return await self.app(scope, receive, send)
         return await _send_error(send, Code.UNAUTHORIZED, "missing or wrong bearer token")
+
+
+#: The worker protocol's paths (and ``/workers/{id}/mirrors``): with per-worker
+#: credentials each must be signed; the bearer token is not asked for there.
+WORKER_PATHS = frozenset(
+    {
+        "/config",
+        "/workers/challenge",
+        "/workers/register",
+        "/workers/heartbeat",
+        "/workers/leave",
+        "/round/model",
+        "/round/offer",
+        "/round/upload",
+    }
+)
+#: Worker paths that only read what the worker may always read: signed, but
+#: not numbered (asking twice is harmless).
+UNNUMBERED = frozenset({"/config", "/workers/challenge"})
+#: Where the worker id a request proved is kept in the ASGI scope.
+SCOPE_WORKER = "flq.worker"
+
+
+def is_worker_path(path: str) -> bool:
+    return path in WORKER_PATHS or (path.startswith("/workers/") and path.endswith("/mirrors"))
+
+
+class WorkerAuth:
+    """ASGI middleware: per-worker credentials (:mod:`flq.credentials`).
+    Every worker call must carry a valid signature of the worker id it claims;
+    a refusal (401 ``bad_signature``, 409 ``replayed``) is sent before the
+    route runs, so the master's state is untouched. The proved id goes into
+    the scope (``flq.worker``) for the route to compare with the id the call
+    acts for (403 ``wrong_worker``). Sits inside :class:`BodyLimit` (the body
+    is complete and within its limit when it gets here)."""
+
+    def __init__(self, app, verifier) -> None:
+        self.app, self.verifier = app, verifier
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not is_worker_path(scope["path"]):
+            return await self.app(scope, receive, send)
+        chunks, more = [], scope["method"] not in ("GET", "HEAD")
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body, sent = b"".join(chunks), False
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        try:
+            m = self.verifier.check(
+                scope["method"],
+                path,
+                scope.get("query_string", b"").decode("latin-1"),
+                headers,
+                body,
+                sequenced=path not in UNNUMBERED,
+                registration=path == "/workers/register",
+            )
+        except AuthError as exc:
+            return await _send_error(send, exc.code, str(exc))
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app({**scope, SCOPE_WORKER: m}, replay, send)
 
 
 async def _send_error(send, code: Code, detail: str) -> None:

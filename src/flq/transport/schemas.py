@@ -92,6 +92,14 @@ class ConfigResponse(BaseModel):
     )
 
 
+class ChallengeResponse(BaseModel):
+    challenge: str = Field(
+        description="send as the X-FLQ-Session header of the next POST /workers/register (once, within expires_s)"
+    )
+    expires_s: float = Field(description="seconds the challenge stays valid")
+    required: bool = Field(description="the master checks per-worker credentials")
+
+
 class WorkerStatus(BaseModel):
     worker_id: int
     state: str = Field(
@@ -157,6 +165,7 @@ class StatusResponse(BaseModel):
     finish_reason: str
     finish_detail: str
     checkpoint_error: str
+    state_digest: Optional[str] = Field(None, description="with ?digest=true: SHA-256 over the master's whole state")
 
 
 def refusals(*codes: Code) -> Dict[int, Dict[str, Any]]:
@@ -172,4 +181,13 @@ def refusals(*codes: Code) -> Dict[int, Dict[str, Any]]:
 #: every POST (its body), and of every call that names a registered worker.
 ANY_ROUTE = (Code.UNAUTHORIZED, Code.INTERNAL)
 BODY = (Code.TIMEOUT, Code.TOO_LARGE, Code.INVALID_REQUEST)
-WORKER_CALL = (Code.UNKNOWN_WORKER, Code.NOT_REGISTERED, Code.SESSION_REPLACED, Code.INVALID_REQUEST)
+#: With per-worker credentials, every worker call can also meet these.
+SIGNED = (Code.BAD_SIGNATURE, Code.WRONG_WORKER, Code.REPLAYED)
+WORKER_CALL = (
+    Code.UNKNOWN_WORKER,
+    Code.NOT_REGISTERED,
+    Code.SESSION_REPLACED,
+    Code.INVALID_REQUEST,
+    Code.NO_SESSION,
+    *SIGNED,
+)

@@ -79,14 +79,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import outcome
 from ..cluster import FINISHED, ClusterMaster, RunFinished
+from ..credentials import CHALLENGE_TTL_S, Verifier
 from ..master import MasterError
 from ..messages import Offer
 from ..protocol import Code, round_index, round_number
-from .middleware import BearerAuth, BodyLimit
+from .middleware import SCOPE_WORKER, BearerAuth, BodyLimit, WorkerAuth
 from .schemas import (
     ANY_ROUTE,
     BODY,
+    SIGNED,
     WORKER_CALL,
+    ChallengeResponse,
     ConfigResponse,
     HeartbeatResponse,
     OfferRequest,
@@ -103,7 +106,8 @@ from .schemas import (
 log = logging.getLogger(__name__)
 
 OCTET = "application/octet-stream"
-#: The worker's registration session (optional for hand-made calls; workers always send it).
+
+#: The worker's registration session: mandatory on every worker call after registration (checked by ``acting_as``).
 SESSION = Header(None, alias="X-FLQ-Session", max_length=64)
 #: Largest JSON request body (register, offer): far above any real one.
 MAX_JSON_BODY = 64 * 1024
@@ -122,6 +126,7 @@ def create_app(
     status_token_free: bool = True,
     auth_token: str = "",
     on_shutdown: Optional[Callable[[], None]] = None,
+    verifier: Optional[Verifier] = None,
 ) -> FastAPI:
     """The FastAPI application of one master.
 
@@ -133,6 +138,9 @@ def create_app(
         auth_token: bearer token required on worker calls and ``/stop`` ('' = none).
         on_shutdown: called when the server shuts down (SIGINT/SIGTERM included),
             before uvicorn re-raises the signal: where results get written.
+        verifier: per-worker credentials (:class:`flq.credentials.Verifier`):
+            every worker call must be signed by the worker it acts for, and
+            needs no bearer token; None: the bearer token alone.
     """
 
     @contextlib.asynccontextmanager
@@ -157,11 +165,35 @@ def create_app(
         "from 1. A refusal is `{detail, code}`: " + "; ".join(f"{c.status} `{c}` ({c.meaning})" for c in Code) + ".",
     )
     app.state.cluster = cluster
+    if verifier is not None:
+        app.add_middleware(WorkerAuth, verifier=verifier)  # innermost: sees the whole body, within its limit
     app.add_middleware(BodyLimit, limits={"/round/upload": max_body_bytes}, default=MAX_JSON_BODY)
     open_paths = {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"} | (
         {"/status"} if status_token_free else set()
     )
-    app.add_middleware(BearerAuth, token=auth_token, open_paths=open_paths)  # outermost: runs first
+    # outermost: runs first
+    app.add_middleware(BearerAuth, token=auth_token, open_paths=open_paths, signed_workers=verifier is not None)
+
+    def acting_as(request: Request, worker_id: int, session: Optional[str] = "-") -> str:
+        """Check the id a worker call acts for: one of the run's, and (with
+        credentials) the one that signed it; then that the call carries its
+        session (``"-"``: a call made before there is one). Returns the session.
+
+        Raises:
+            MasterError: 404 ``unknown_worker``; 403 ``wrong_worker``; 401 ``no_session``.
+        """
+        cluster.master.check_worker(worker_id)
+        proved = request.scope.get(SCOPE_WORKER)
+        if proved is not None and proved != worker_id:
+            raise MasterError(
+                f"the call is signed by worker {proved} but acts for worker {worker_id}", Code.WRONG_WORKER
+            )
+        if not session:
+            raise MasterError(
+                "a worker call without the X-FLQ-Session header: register, then send the session it returned",
+                Code.NO_SESSION,
+            )
+        return session
 
     @app.exception_handler(MasterError)
     async def _master_error(request: Request, exc: MasterError):
@@ -201,11 +233,20 @@ def create_app(
     @app.get(
         "/status",
         response_model=StatusResponse,
-        responses=refusals(*ANY_ROUTE),
+        responses=refusals(*ANY_ROUTE, Code.INVALID_REQUEST),
         summary="Run state, workers, last metrics, cumulative bits",
     )
-    async def status() -> Dict[str, Any]:
-        return cluster.status()
+    async def status(
+        digest: bool = Query(
+            False,
+            description="add state_digest: SHA-256 over the master's whole state (model, optimizer, mirrors, "
+            "random streams, the round's offers and uploads); equal digests mean nothing changed (costs ~0.1 s)",
+        ),
+    ) -> Dict[str, Any]:
+        out = cluster.status()
+        if digest:
+            out["state_digest"] = cluster.master.state_digest()
+        return out
 
     @app.get(
         "/get_global_model",
@@ -249,7 +290,7 @@ def create_app(
     @app.get(
         "/config",
         response_model=ConfigResponse,
-        responses=refusals(*ANY_ROUTE),
+        responses=refusals(*ANY_ROUTE, Code.BAD_SIGNATURE),
         summary="The run's configuration (a worker reads it before it registers)",
     )
     async def run_config() -> ConfigResponse:
@@ -257,12 +298,29 @@ def create_app(
             config=cluster.cfg.public_sections(), state=cluster.state, round=cluster.round_number, run=cluster.run_id
         )
 
+    @app.get(
+        "/workers/challenge",
+        response_model=ChallengeResponse,
+        responses=refusals(
+            *ANY_ROUTE, Code.BAD_SIGNATURE, Code.WRONG_WORKER, Code.UNKNOWN_WORKER, Code.INVALID_REQUEST
+        ),
+        summary="A one-time challenge for the next registration (per-worker credentials)",
+    )
+    async def challenge(request: Request, worker_id: int = Query(ge=0)) -> ChallengeResponse:
+        acting_as(request, worker_id)
+        if verifier is None:
+            return ChallengeResponse(challenge="", expires_s=0.0, required=False)
+        return ChallengeResponse(
+            challenge=verifier.issue_challenge(worker_id), expires_s=CHALLENGE_TTL_S, required=True
+        )
+
     @app.post(
         "/workers/register",
         response_model=RegisterResponse,
-        responses=refusals(*ANY_ROUTE, *BODY, Code.UNKNOWN_WORKER, Code.RUN_OVER),
+        responses=refusals(*ANY_ROUTE, *BODY, *SIGNED, Code.UNKNOWN_WORKER, Code.RUN_OVER),
     )
     async def register(req: RegisterRequest, request: Request) -> RegisterResponse:
+        acting_as(request, req.worker_id)
         host = request.client.host if request.client else ""
         out = await cluster.register(
             req.worker_id, req.up_version, req.down_version, address=host, threads=req.threads, device=req.device
@@ -275,8 +333,8 @@ def create_app(
         responses=refusals(*ANY_ROUTE, *BODY, *WORKER_CALL, Code.RUN_OVER),
         summary="A worker's sign of life (every heartbeat_s)",
     )
-    async def heartbeat(req: WorkerRequest, session: Optional[str] = SESSION) -> Dict[str, Any]:
-        cluster.master.check_worker(req.worker_id)
+    async def heartbeat(req: WorkerRequest, request: Request, session: Optional[str] = SESSION) -> Dict[str, Any]:
+        session = acting_as(request, req.worker_id, session)
         return cluster.heartbeat(req.worker_id, session)
 
     @app.post(
@@ -285,8 +343,8 @@ def create_app(
         responses=refusals(*ANY_ROUTE, *BODY, *WORKER_CALL),
         summary="The worker exits on purpose; no round waits for it",
     )
-    async def leave(req: WorkerRequest, session: Optional[str] = SESSION) -> Dict[str, Any]:
-        cluster.master.check_worker(req.worker_id)
+    async def leave(req: WorkerRequest, request: Request, session: Optional[str] = SESSION) -> Dict[str, Any]:
+        session = acting_as(request, req.worker_id, session)
         await cluster.leave(req.worker_id, session)
         return {"ok": True}
 
@@ -295,10 +353,10 @@ def create_app(
         response_class=Response,
         responses={200: {"content": {OCTET: {}}}, **refusals(*ANY_ROUTE, *WORKER_CALL)},
     )
-    async def mirrors(worker_id: int, session: Optional[str] = SESSION) -> Response:
+    async def mirrors(worker_id: int, request: Request, session: Optional[str] = SESSION) -> Response:
         from safetensors.numpy import save
 
-        cluster.master.check_worker(worker_id)
+        session = acting_as(request, worker_id, session)
         ref_up, ref_down, up_v, down_v = cluster.mirrors(worker_id, session)
         body = save(
             {"ref_up": np.ascontiguousarray(ref_up), "ref_down": np.ascontiguousarray(ref_down)},
@@ -316,12 +374,13 @@ def create_app(
         },
     )
     async def round_model(
+        request: Request,
         worker_id: int = Query(ge=0),
         wait: float = Query(20.0, ge=0, le=MAX_WAIT_S),
         after: int = Query(0, ge=0, description="the last round (1-based) the worker has done; 0 for none"),
         session: Optional[str] = SESSION,
     ) -> Response:
-        cluster.master.check_worker(worker_id)
+        session = acting_as(request, worker_id, session)
         view = await cluster.fetch_round(worker_id, wait, session, after=round_index(after))
         if view is None:
             return Response(status_code=204)
@@ -355,6 +414,7 @@ def create_app(
         wait: float = Query(20.0, ge=0, le=MAX_WAIT_S),
         session: Optional[str] = SESSION,
     ) -> Response:
+        session = acting_as(request, req.worker_id, session)
         raw = await request.body()
         fields = req.model_dump()
         fields["loss"] = float("nan") if fields["loss"] is None else fields["loss"]
@@ -378,11 +438,14 @@ def create_app(
         request: Request,
         worker_id: int = Query(ge=0),
         round: int = Query(ge=1, description="the round uploaded for (1-based)"),
+        up_version: Optional[int] = Query(None, ge=0, description="the worker's ref_up version (as in its offer)"),
+        down_version: Optional[int] = Query(None, ge=0, description="the worker's ref_down version"),
         session: Optional[str] = SESSION,
     ) -> Response:
-        cluster.master.check_worker(worker_id)
+        session = acting_as(request, worker_id, session)
         # BodyLimit has already refused bodies over max_body_bytes (413)
-        await cluster.upload(worker_id, round_index(round), await request.body(), session)
+        versions = None if up_version is None or down_version is None else (up_version, down_version)
+        await cluster.upload(worker_id, round_index(round), await request.body(), session, versions=versions)
         body = b'{"ok":true}'
         _account(down=len(body))
         return Response(body, media_type="application/json")
@@ -442,11 +505,15 @@ async def serve(
     ssl_certfile: Optional[str] = None,
     ssl_keyfile: Optional[str] = None,
     sock: Any = None,
+    ssl_cafile: Optional[str] = None,
 ) -> None:
     """Run uvicorn (the app's lifespan runs the round loop) until the run
     ends, then ``linger_s`` seconds more, answering 410 to the workers that
     still call (so they learn the run is over), or until SIGINT/SIGTERM.
-    ``sock``: an already listening socket to serve on (else ``host:port``)."""
+    ``sock``: an already listening socket to serve on (else ``host:port``).
+    ``ssl_cafile``: require a client certificate signed by this CA (mutual TLS)."""
+    import ssl
+
     import uvicorn
 
     config = uvicorn.Config(
@@ -457,6 +524,8 @@ async def serve(
         access_log=False,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
+        ssl_ca_certs=ssl_cafile,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if ssl_cafile else ssl.CERT_NONE,
         timeout_keep_alive=30,
         timeout_graceful_shutdown=5,
     )

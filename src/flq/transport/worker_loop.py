@@ -144,7 +144,7 @@ def run_worker(
                 log.warning("worker %d: upload of round %d dropped (test hook)", client.worker_id, k + 1)
                 continue
             try:
-                client.upload(k, body)
+                client.upload(k, body, versions=(offer.up_version, offer.down_version))
             except Refused as exc:
                 log.warning("worker %d: upload for round %d refused: %s", client.worker_id, k + 1, exc.detail)
             log.debug("worker %d: round %d uploaded %d bytes", client.worker_id, k + 1, len(body))
