@@ -44,6 +44,7 @@ class Cluster:
     master_cmd: List[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     cafile: Optional[str] = None  # the master serves HTTPS with this certificate
+    client_cert: Optional[Tuple[str, str]] = None  # (cert, key) when the master requires client certificates
 
     @property
     def url(self) -> str:
@@ -52,6 +53,8 @@ class Cluster:
 
     def status(self) -> dict:
         verify = ssl.create_default_context(cafile=self.cafile) if self.cafile else True
+        if self.client_cert:
+            verify.load_cert_chain(*self.client_cert)
         return httpx.get(f"{self.url}/status", timeout=10, verify=verify).json()
 
     def start_worker(
@@ -131,11 +134,15 @@ def start_cluster(
     cafile: Optional[str] = None,
     preexec: Optional[Callable[[], None]] = None,
     master_args: Sequence[str] = (),
+    client_cert: Optional[Tuple[str, str]] = None,
+    worker_args: Callable[[int], Sequence[str]] = lambda m: (),
 ) -> Cluster:
     """A master (``flq master`` with the paper config, or ``config``, and
     ``overrides``) and ``workers`` worker processes, one thread each; waits
     until /status answers. ``cafile``: the master serves HTTPS (pass its
-    ``--certfile``/``--keyfile`` in ``master_args``)."""
+    ``--certfile``/``--keyfile`` in ``master_args``); ``client_cert``: the
+    certificate the tests' own calls present (mutual TLS); ``worker_args(m)``:
+    worker m's extra flags."""
     port = free_port(host)
     if "--linger_s" not in master_args:  # on loopback the workers hear the end at once; 5 s would only add up
         master_args = [*master_args, "--linger_s", "1"]
@@ -165,7 +172,9 @@ def start_cluster(
     full_env = dict(os.environ, **(env or {}))
     out = open(root / "master.out", "ab")
     master = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec)
-    cluster = Cluster(root, port, master, env=full_env, master_cmd=cmd, host=host, cafile=cafile)
+    cluster = Cluster(
+        root, port, master, env=full_env, master_cmd=cmd, host=host, cafile=cafile, client_cert=client_cert
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -177,7 +186,7 @@ def start_cluster(
             time.sleep(0.2)
     if start_workers:
         for m in range(workers):
-            cluster.start_worker(m)
+            cluster.start_worker(m, *worker_args(m))
     return cluster
 
 

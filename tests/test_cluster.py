@@ -80,6 +80,66 @@ def test_distributed_equals_simulation(distributed_run):
     assert _sha(final) == _sha(sim.theta)
 
 
+@pytest.fixture(scope="module")
+def secured_run(tmp_path_factory, fmnist_available):
+    """The run of ``distributed_run`` with per-worker credentials and mutual TLS."""
+    from flq.credentials import write_credentials, write_tls
+
+    root = tmp_path_factory.mktemp("secured_cluster")
+    c = root / "creds"
+    write_credentials(c, 4)
+    write_tls(c, 4, ["127.0.0.1"])
+    cluster = start_cluster(
+        root,
+        4,
+        {**SETTINGS, "credentials": c / "master.secret"},
+        cafile=str(c / "ca.pem"),
+        master_args=[
+            "--certfile",
+            str(c / "master.pem"),
+            "--keyfile",
+            str(c / "master-key.pem"),
+            "--cafile",
+            str(c / "ca.pem"),
+        ],
+        client_cert=(str(c / "operator.pem"), str(c / "operator-key.pem")),
+        worker_args=lambda m: [
+            "--credential",
+            str(c / f"worker_{m}.key"),
+            "--certfile",
+            str(c / f"worker_{m}.pem"),
+            "--keyfile",
+            str(c / f"worker_{m}-key.pem"),
+        ],
+    )
+    try:
+        assert cluster.wait(timeout=600) == 0, cluster.output()
+    finally:
+        cluster.kill_all()
+    (xlsx,) = cluster.results()
+    return cluster, xlsx
+
+
+def test_credentials_and_mutual_tls_change_no_number(distributed_run, secured_run):
+    """Per-worker credentials and mutual TLS on loopback: every per-round
+    metric, bit count and wire byte count, and the final model, equal the run
+    without them."""
+    plain, secured = read_results(distributed_run[1]).curve, read_results(secured_run[1]).curve
+    assert len(plain) == len(secured) == 10
+    for key in ("loss", "acc", "entropy", "selcnt", "bits_up_cum", "bits_down_cum", "wire_bytes_down"):
+        a, b = plain[key].tolist(), secured[key].tolist()
+        assert all((x != x and y != y) or x == y for x, y in zip(a, b)), key
+    # the offers' JSON carries each worker's measured compute seconds: a few bytes may differ per offer
+    assert (plain["wire_bytes_up"] - secured["wire_bytes_up"]).abs().max() <= 4 * 8
+    assert _sha(_model_file_theta(distributed_run[1].with_suffix(".safetensors"))) == _sha(
+        _model_file_theta(secured_run[1].with_suffix(".safetensors"))
+    )
+    log = next((secured_run[0].root / "logs").glob("master_*.log")).read_text()
+    assert "signed with per-worker keys" in log and "client certificates of" in log
+    p, q = plain["round_time_s"].mean(), secured["round_time_s"].mean()
+    print(f"mean round seconds: plain {p:.2f}, credentials + mTLS {q:.2f}")
+
+
 def test_wire_bytes_upload_is_packed_and_unselected_send_nothing(distributed_run):
     _, xlsx = distributed_run
     curve = read_results(xlsx).curve
