@@ -5,6 +5,7 @@
 #   ./deploy_jetson.sh                          # the IPs below, flq_config.json, port 5000
 #   ./deploy_jetson.sh --master-ip 10.0.0.1 --worker-ips "10.0.0.2 10.0.0.3" --user nvidia
 #   ./deploy_jetson.sh --dry-run                # print every command, run none
+#   ./deploy_jetson.sh --credentials creds      # per-worker keys (flq credentials --workers N --out creds [--tls])
 #   ./deploy_jetson.sh --stop                   # stop master and workers on all hosts
 #
 # For each distinct host (one IP may host the master and several workers):
@@ -13,6 +14,11 @@
 # scripts/bootstrap.sh (FLQ_PYTHON is passed on when set, e.g. the conda env's
 # python on a Jetson); start the master with nohup, wait until its /status
 # answers (asked on the master host itself), then start the workers.
+# With --credentials DIR (made by flq credentials), each host gets only its
+# own files in REMOTE_DIR/credentials (mode 700): the master host
+# master.secret (and master.pem, master-key.pem, operator.pem, operator-key.pem,
+# ca.pem with --tls), worker i's host worker_i.key (and worker_i.pem,
+# worker_i-key.pem, ca.pem); ca-key.pem is never copied.
 # Needs passwordless ssh (keys) to every host; see --help.
 # shellcheck disable=SC2015,SC2016,SC2088  # remote commands are built as text on purpose
 set -euo pipefail
@@ -30,6 +36,7 @@ SSH_KEY="${SSH_KEY:-}"
 SSH_OPTS="${SSH_OPTS:-}"            # extra ssh options, split on spaces (e.g. "-o UserKnownHostsFile=/tmp/kh")
 REMOTE_DIR="${REMOTE_DIR:-~/flq-fed}"
 CONFIG="${CONFIG:-flq_config.json}"
+CREDENTIALS="${FLQ_CREDENTIALS:-}"  # folder made by flq credentials ('' = shared token only)
 MASTER_PORT="${MASTER_PORT:-5000}"
 TIMEOUT="${DEPLOY_TIMEOUT:-180}"    # seconds to wait for the master's /status
 STOP_GRACE="${STOP_GRACE:-30}"      # --stop: seconds to let processes exit after POST /stop
@@ -59,6 +66,9 @@ master, wait for http://MASTER_IP:MASTER_PORT/status, start the workers.
   --ssh-key FILE        ssh private key (env SSH_KEY)
   --remote-dir DIR      where the project goes on each host (env REMOTE_DIR; default ~/flq-fed)
   --config FILE         config for the master (default flq_config.json); copied to each host
+  --credentials DIR     per-worker credentials made by 'flq credentials --workers N --out DIR [--tls]'
+                        (env FLQ_CREDENTIALS): each host gets only its own; with ca.pem in DIR the
+                        master serves HTTPS and requires client certificates
   --master-port N       the master's HTTP port (default 5000)
   --timeout S           how long to wait for the master to answer (env DEPLOY_TIMEOUT; default 180)
   --no-install          skip the remote install (scripts/bootstrap.sh)
@@ -89,6 +99,7 @@ while [ $# -gt 0 ]; do
     --ssh-key)     need_arg "$@"; SSH_KEY=$2; shift 2 ;;
     --remote-dir)  need_arg "$@"; REMOTE_DIR=$2; shift 2 ;;
     --config)      need_arg "$@"; CONFIG=$2; shift 2 ;;
+    --credentials) need_arg "$@"; CREDENTIALS=$2; shift 2 ;;
     --master-port) need_arg "$@"; MASTER_PORT=$2; shift 2 ;;
     --timeout)     need_arg "$@"; TIMEOUT=$2; shift 2 ;;
     --no-install)  INSTALL=0; shift ;;
@@ -156,14 +167,62 @@ for ip in "${WORKER_IPS[@]+"${WORKER_IPS[@]}"}"; do add_host "$ip"; done
 declare -A RDIR RABS   # host -> remote directory as a shell expression / as a plain path
 for h in "${HOSTS[@]}"; do RDIR[$h]=$(rdir_expr "$REMOTE_DIR"); RABS[$h]=$REMOTE_DIR; done
 
-STATUS_URL="http://$MASTER_IP:$MASTER_PORT/status"
+# ---- credentials: which files go to which host --------------------------------
+TLS=0
+CRED_REMOTE=credentials
+if [ -n "$CREDENTIALS" ]; then
+  [ -d "$CREDENTIALS" ] || die "--credentials: no such folder: $CREDENTIALS"
+  CREDENTIALS=$(cd "$CREDENTIALS" && pwd)
+  [ -r "$CREDENTIALS/master.secret" ] || die "--credentials $CREDENTIALS: no master.secret (make it with: flq credentials --workers ${#WORKER_IPS[@]} --out DIR)"
+  for i in "${!WORKER_IPS[@]}"; do
+    [ -r "$CREDENTIALS/worker_$i.key" ] || die "--credentials $CREDENTIALS: no worker_$i.key for worker $i (flq credentials --workers ${#WORKER_IPS[@]})"
+  done
+  if [ -e "$CREDENTIALS/ca.pem" ]; then
+    TLS=1
+    for f in ca.pem master.pem master-key.pem operator.pem operator-key.pem; do
+      [ -r "$CREDENTIALS/$f" ] || die "--credentials $CREDENTIALS: ca.pem but no $f (flq credentials --tls makes it)"
+    done
+    if command -v openssl >/dev/null 2>&1; then   # the workers check the master's certificate against MASTER_IP
+      case $MASTER_IP in *:*) how=-checkip ;; *[!0-9.]*) how=-checkhost ;; *) how=-checkip ;; esac
+      openssl x509 -in "$CREDENTIALS/master.pem" -noout "$how" "$MASTER_IP" 2>/dev/null | grep -q "does match" \
+        || die "--credentials $CREDENTIALS: master.pem is not valid for $MASTER_IP (make it with: flq credentials --tls --master-host $MASTER_IP ...)"
+    fi
+    for i in "${!WORKER_IPS[@]}"; do
+      for f in "worker_$i.pem" "worker_$i-key.pem"; do
+        [ -r "$CREDENTIALS/$f" ] || die "--credentials $CREDENTIALS: ca.pem but no $f (flq credentials --tls)"
+      done
+    done
+  fi
+fi
+declare -A HOST_FILES   # host -> the credential files it gets (space-separated)
+if [ -n "$CREDENTIALS" ]; then
+  HOST_FILES[$MASTER_IP]="master.secret"
+  [ "$TLS" = 0 ] || HOST_FILES[$MASTER_IP]+=" ca.pem master.pem master-key.pem operator.pem operator-key.pem"
+  for i in "${!WORKER_IPS[@]}"; do
+    h=${WORKER_IPS[$i]}
+    HOST_FILES[$h]="${HOST_FILES[$h]:-} worker_$i.key"
+    if [ "$TLS" = 1 ]; then
+      case " ${HOST_FILES[$h]} " in *" ca.pem "*) ;; *) HOST_FILES[$h]+=" ca.pem" ;; esac
+      HOST_FILES[$h]+=" worker_$i.pem worker_$i-key.pem"
+    fi
+  done
+fi
+SCHEME=http
+CURL_TLS=""      # curl's flags to reach the master, run in the master's REMOTE_DIR
+PY_TLS=""        # the same for the python fallback: CA, certificate, key
+if [ "$TLS" = 1 ]; then
+  SCHEME=https
+  CURL_TLS="--cacert $CRED_REMOTE/ca.pem --cert $CRED_REMOTE/operator.pem --key $CRED_REMOTE/operator-key.pem "
+  PY_TLS="$CRED_REMOTE/ca.pem $CRED_REMOTE/operator.pem $CRED_REMOTE/operator-key.pem"
+fi
+STATUS_URL="$SCHEME://$MASTER_IP:$MASTER_PORT/status"
 PY_ENV=""
 [ -z "${FLQ_PYTHON:-}" ] || PY_ENV="FLQ_PYTHON=$(q "$FLQ_PYTHON") "
 
 # ---- stop -------------------------------------------------------------------
 if [ "$STOP" = 1 ]; then
   say "asking the master to stop: POST http://$MASTER_IP:$MASTER_PORT/stop"
-  rssh "$MASTER_IP" "curl -fsS -X POST --max-time 10 -o /dev/null http://$MASTER_IP:$MASTER_PORT/stop" \
+  rssh "$MASTER_IP" "cd ${RDIR[$MASTER_IP]} 2>/dev/null; curl -fsS -X POST --max-time 10 -o /dev/null ${CURL_TLS}$SCHEME://$MASTER_IP:$MASTER_PORT/stop" \
     || say "(the master did not answer /stop; killing the processes)"
   failed=0
   for h in "${HOSTS[@]}"; do
@@ -243,7 +302,9 @@ true"
 done
 
 # ---- 2. copy ----------------------------------------------------------------
-EXCLUDES=(.git .venv __pycache__ .pytest_cache '*.egg-info' /results /logs /checkpoints /worker_state "/$CFG_REL")
+EXCLUDES=(.git .venv __pycache__ .pytest_cache '*.egg-info' /results /logs /checkpoints /worker_state "/$CFG_REL" "/$CRED_REMOTE")
+# credentials inside the project never travel with it: each host gets only its own (below)
+case $CREDENTIALS in "$ROOT"/*) EXCLUDES+=("/${CREDENTIALS#"$ROOT"/}") ;; esac
 local_rsync=0; command -v rsync >/dev/null 2>&1 && local_rsync=1
 for h in "${HOSTS[@]}"; do
   d=${RDIR[$h]}
@@ -275,6 +336,19 @@ for h in "${HOSTS[@]}"; do
     "${SSH[@]}" "$(target "$h")" "$cfg_cmd" < "$cfg_abs" \
       || die "copying the config to $h failed"
   fi
+  if [ -n "$CREDENTIALS" ]; then
+    files=${HOST_FILES[$h]:-}; files=${files# }
+    say "copying to $h only its own credentials: ${files:-none}"
+    rssh "$h" "rm -rf $d/$CRED_REMOTE && mkdir -m 700 $d/$CRED_REMOTE" || die "preparing $h:$d/$CRED_REMOTE failed"
+    for f in $files; do
+      put="umask 077 && cat > $d/$CRED_REMOTE/$f"
+      if [ "$DRY_RUN" = 1 ]; then
+        echo "$(show "${SSH[@]}" "$(target "$h")" "$put") < $(q "$CREDENTIALS/$f")"
+      else
+        "${SSH[@]}" "$(target "$h")" "$put" < "$CREDENTIALS/$f" || die "copying $f to $h failed"
+      fi
+    done
+  fi
 done
 
 # ---- 3. install ---------------------------------------------------------------
@@ -297,6 +371,10 @@ launch() {
 }
 
 m_args="--config $(q "$CFG_REL") --port $MASTER_PORT"
+if [ -n "$CREDENTIALS" ]; then
+  m_args+=" --credentials $CRED_REMOTE/master.secret"
+  [ "$TLS" = 0 ] || m_args+=" --certfile $CRED_REMOTE/master.pem --keyfile $CRED_REMOTE/master-key.pem --cafile $CRED_REMOTE/ca.pem"
+fi
 if [ -n "$START_CMD_MASTER" ]; then
   m_cmd="env FLQ_ROLE=master FLQ_MASTER_IP=$(q "$MASTER_IP") FLQ_MASTER_PORT=$MASTER_PORT FLQ_CONFIG=$(q "$CFG_REL") bash -c $(q "$START_CMD_MASTER") flq-master $m_args"
 else
@@ -311,8 +389,8 @@ wait_script="cd $md || exit 3
 $REMOTE_ALIVE
 i=0
 while [ \$i -lt $TIMEOUT ]; do
-  if command -v curl >/dev/null 2>&1; then curl -fsS --max-time 3 -o /dev/null $STATUS_URL 2>/dev/null && exit 0
-  else python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=3)' $STATUS_URL 2>/dev/null && exit 0; fi
+  if command -v curl >/dev/null 2>&1; then curl -fsS --max-time 3 -o /dev/null ${CURL_TLS}$STATUS_URL 2>/dev/null && exit 0
+  else python3 -c 'import ssl, sys, urllib.request; c = ssl.create_default_context(cafile=sys.argv[2]) if len(sys.argv) > 2 else None; c and c.load_cert_chain(*sys.argv[3:5]); urllib.request.urlopen(sys.argv[1], timeout=3, context=c)' $STATUS_URL $PY_TLS 2>/dev/null && exit 0; fi
   pid=\$(cat logs/master.pid 2>/dev/null)
   if [ -n \"\$pid\" ] && ! alive \"\$pid\"; then tail -n 20 logs/deploy_master.out >&2; exit 2; fi
   sleep 1; i=\$((i+1))
@@ -331,6 +409,10 @@ esac
 for i in "${!WORKER_IPS[@]}"; do
   h=${WORKER_IPS[$i]}
   w_args="--worker_id $i --master_ip $(q "$MASTER_IP") --master_port $MASTER_PORT"
+  if [ -n "$CREDENTIALS" ]; then
+    w_args+=" --credential $CRED_REMOTE/worker_$i.key"
+    [ "$TLS" = 0 ] || w_args+=" --cafile $CRED_REMOTE/ca.pem --certfile $CRED_REMOTE/worker_$i.pem --keyfile $CRED_REMOTE/worker_$i-key.pem"
+  fi
   if [ -n "$START_CMD_WORKER" ]; then
     w_cmd="env FLQ_ROLE=worker FLQ_WORKER_ID=$i FLQ_MASTER_IP=$(q "$MASTER_IP") FLQ_MASTER_PORT=$MASTER_PORT bash -c $(q "$START_CMD_WORKER") flq-worker $w_args"
   else

@@ -13,6 +13,10 @@ spreadsheet:
   waiting on the network and on each other.
 
     python benchmarks/cluster_round.py [--rounds 10] [--workers 4] [--eval_every 1000] [--mode bbit]
+                                       [--credentials] [--mtls]
+
+``--credentials``: every worker call signed with its worker's key
+(``flq credentials``); ``--mtls``: HTTPS with client certificates as well.
 
 The first round is left out (process warm-up). Caveat: on a 2-core machine
 the 4 workers share 2 cores, so their compute overlaps and stretches.
@@ -49,6 +53,8 @@ def main() -> None:
         help="test-set evaluation every N rounds (default 1, "
         "as in the original; the figures are also given without it)",
     )
+    ap.add_argument("--credentials", action="store_true", help="per-worker credentials (signed worker calls)")
+    ap.add_argument("--mtls", action="store_true", help="HTTPS with client certificates (mutual TLS)")
     args = ap.parse_args()
 
     from flq.results import read_results
@@ -58,6 +64,32 @@ def main() -> None:
         port = s.getsockname()[1]
     work = Path(tempfile.mkdtemp(prefix="flq_cluster_bench_"))
     py = sys.executable
+    creds = work / "creds"
+    master_extra: list = []
+    verify, scheme = True, "http"
+    if args.credentials or args.mtls:
+        from flq.credentials import write_credentials, write_tls
+
+        write_credentials(creds, args.workers)
+    if args.credentials:
+        master_extra += ["--credentials", str(creds / "master.secret")]
+    if args.mtls:
+        import ssl
+
+        write_tls(creds, args.workers, ["127.0.0.1"])
+        master_extra += ["--certfile", str(creds / "master.pem"), "--keyfile", str(creds / "master-key.pem")]
+        master_extra += ["--cafile", str(creds / "ca.pem")]
+        verify = ssl.create_default_context(cafile=str(creds / "ca.pem"))
+        verify.load_cert_chain(str(creds / "operator.pem"), str(creds / "operator-key.pem"))
+        scheme = "https"
+
+    def worker_extra(m: int) -> list:
+        extra = ["--credential", str(creds / f"worker_{m}.key")] if args.credentials else []
+        if args.mtls:
+            extra += ["--cafile", str(creds / "ca.pem"), "--certfile", str(creds / f"worker_{m}.pem")]
+            extra += ["--keyfile", str(creds / f"worker_{m}-key.pem")]
+        return extra
+
     master = subprocess.Popen(
         [
             py,
@@ -88,6 +120,7 @@ def main() -> None:
             str(work / "results"),
             "--log_dir",
             str(work / "logs"),
+            *master_extra,
         ],
         cwd=work,
         stdout=subprocess.DEVNULL,
@@ -95,7 +128,7 @@ def main() -> None:
     )
     for _ in range(300):
         try:
-            httpx.get(f"http://127.0.0.1:{port}/status", timeout=2)
+            httpx.get(f"{scheme}://127.0.0.1:{port}/status", timeout=2, verify=verify)
             break
         except httpx.HTTPError:
             time.sleep(0.2)
@@ -114,6 +147,7 @@ def main() -> None:
                 "1",
                 "--log_dir",
                 str(work / "logs"),
+                *worker_extra(m),
             ],
             cwd=work,
             stdout=subprocess.DEVNULL,
@@ -157,6 +191,8 @@ def main() -> None:
         f"cluster: master + {args.workers} workers on loopback, mode {args.mode} (b_up {args.b_up}, "
         f"b_down {args.b_down}), eval every {args.eval_every}, {len(rows)} timed rounds (first excluded), "
         f"1 thread per process, {os.cpu_count()} cores"
+        + (", per-worker credentials" if args.credentials else "")
+        + (", mutual TLS" if args.mtls else "")
     )
     print(f"  round (wall)                      {total:.3f} s/round")
     print(f"  compute: slowest worker           {mean('worker'):.3f} s  (decode, local training, quantize)")

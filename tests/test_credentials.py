@@ -175,10 +175,12 @@ SETTINGS = {
 
 
 class Attacker:
-    """Sends requests it captured, changed or not, with the shared token."""
+    """Sends requests it captured, changed or not, with the shared token (and,
+    the master requiring client certificates, the operator's certificate: the
+    attacker is inside the TLS gate)."""
 
-    def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    def __init__(self, url: str, verify) -> None:
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30, verify=verify)
 
     def send(self, request: httpx.Request, params=None, drop=(), content=None, headers=None) -> httpx.Response:
         url = request.url.copy_with(params=params) if params is not None else request.url
@@ -192,18 +194,48 @@ class Attacker:
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory, fmnist_available):
+    from flq.credentials import write_tls
+
     root = tmp_path_factory.mktemp("secured")
     creds = root / "creds"
     write_credentials(creds, 5)
-    cluster = start_cluster(root, 5, {**SETTINGS, "credentials": creds / "master.secret"}, start_workers=False)
+    write_tls(creds, 5, ["127.0.0.1"])
+    c = {
+        name: str(creds / name)
+        for name in ("master.pem", "master-key.pem", "ca.pem", "operator.pem", "operator-key.pem")
+    }
+    cluster = start_cluster(
+        root,
+        5,
+        {**SETTINGS, "credentials": creds / "master.secret"},
+        start_workers=False,
+        cafile=c["ca.pem"],
+        client_cert=(c["operator.pem"], c["operator-key.pem"]),
+        master_args=["--certfile", c["master.pem"], "--keyfile", c["master-key.pem"], "--cafile", c["ca.pem"]],
+    )
     try:
         yield cluster, creds
     finally:
         cluster.kill_all()
 
 
+def _operator_tls(cluster):
+    import ssl
+
+    context = ssl.create_default_context(cafile=cluster.cafile)
+    context.load_cert_chain(*cluster.client_cert)
+    return context
+
+
 def _client(cluster, creds, m):
-    c = MasterClient(cluster.url, m, credential=load_worker_credential(creds / f"worker_{m}.key"), give_up_s=30)
+    c = MasterClient(
+        cluster.url,
+        m,
+        credential=load_worker_credential(creds / f"worker_{m}.key"),
+        give_up_s=30,
+        verify=cluster.cafile,
+        client_cert=(str(creds / f"worker_{m}.pem"), str(creds / f"worker_{m}-key.pem")),
+    )
     captured = []
     c.http.event_hooks = {"request": [captured.append]}
     return c, captured
@@ -219,12 +251,19 @@ def _workers():
 
 def test_attacks_on_a_master_with_per_worker_credentials(secured):
     cluster, creds = secured
-    attacker = Attacker(cluster.url)
+    attacker = Attacker(cluster.url, _operator_tls(cluster))
     table = []
 
     def digest() -> str:
-        st = httpx.get(f"{cluster.url}/status", params={"digest": "true"}, timeout=30).json()
+        st = attacker.http.get("/status", params={"digest": "true"}).json()
         return st["state_digest"]
+
+    # mutual TLS: a device without a certificate of the run's CA cannot even connect
+    outsider = MasterClient(
+        cluster.url, 0, credential=load_worker_credential(creds / "worker_0.key"), verify=cluster.cafile
+    )
+    with pytest.raises(Fatal, match="requires a client certificate"):
+        outsider.config()
 
     def refused(label, code, response):
         assert response.status_code == code.status and response.json()["code"] == code, (label, response.text)

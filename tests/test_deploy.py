@@ -606,3 +606,74 @@ def test_environment_yml_matches_pyproject():
     assert "python>=3.9" in specs and "-e .[test]" in specs
     for dep in wanted:
         assert dep.replace(" ", "") in specs, dep
+
+
+def test_dry_run_hands_each_host_only_its_own_credentials(shim_path, tmp_path):
+    """--credentials DIR (flq credentials --tls): the master's host gets
+    master.secret and the server and operator certificates, each worker's
+    host only its own key and certificate; ca-key.pem goes nowhere; the
+    project copy leaves the folder out; master and workers start with them."""
+    path, called = shim_path
+    creds = tmp_path / "creds"
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flq",
+            "credentials",
+            "--workers",
+            "3",
+            "--out",
+            str(creds),
+            "--tls",
+            "--master-host",
+            "10.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    env = {**os.environ, "PATH": path, "SSH_OPTS": ""}
+    r = run_deploy(
+        "--dry-run",
+        "--master-ip",
+        "10.0.0.1",
+        "--worker-ips",
+        "10.0.0.2 10.0.0.3 10.0.0.4",
+        "--credentials",
+        str(creds),
+        "--no-install",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert not called.exists()
+    copied = {}  # host -> credential files sent to it
+    for line in r.stdout.splitlines():
+        if "/credentials/" in line and f"< {creds}/" in line:
+            host = line.split("@", 1)[1].split()[0]
+            copied.setdefault(host, []).append(line.rsplit("/", 1)[1])
+    assert copied == {
+        "10.0.0.1": ["master.secret", "ca.pem", "master.pem", "master-key.pem", "operator.pem", "operator-key.pem"],
+        **{
+            f"10.0.0.{i + 2}": [f"worker_{i}.key", "ca.pem", f"worker_{i}.pem", f"worker_{i}-key.pem"] for i in range(3)
+        },
+    }, r.stdout
+    assert "ca-key.pem" not in r.stdout
+    assert all("--exclude=/credentials" in ln for ln in r.stdout.splitlines() if ln.startswith("+ rsync "))
+    assert "--credentials credentials/master.secret --certfile credentials/master.pem" in r.stdout
+    assert "--cafile credentials/ca.pem" in r.stdout and "https://10.0.0.1:5000/status" in r.stdout
+    for i in range(3):
+        line = next(ln for ln in r.stdout.splitlines() if f"--worker_id {i} " in ln)
+        assert f"--credential credentials/worker_{i}.key --cafile credentials/ca.pem" in line
+        assert f"--certfile credentials/worker_{i}.pem --keyfile credentials/worker_{i}-key.pem" in line
+    # a master certificate for another address is refused before anything runs
+    r = run_deploy(
+        "--dry-run", "--master-ip", "10.0.0.9", "--worker-ips", "10.0.0.2", "--credentials", str(creds), env=env
+    )
+    assert r.returncode == 1 and "master.pem is not valid for 10.0.0.9" in r.stderr, r.stderr
+    # and so is a folder without a key for every worker
+    r = run_deploy(
+        "--dry-run", "--master-ip", "10.0.0.1", "--worker-ips", "a b c d", "--credentials", str(creds), env=env
+    )
+    assert r.returncode == 1 and "no worker_3.key for worker 3" in r.stderr, r.stderr

@@ -207,6 +207,34 @@ def speaks_tls(host: str, port: int, timeout: float = 5.0) -> bool:
         return False
 
 
+def client_certificate_refused(
+    host: str, port: int, cert: Optional[Tuple[str, str]] = None, timeout: float = 5.0
+) -> Optional[str]:
+    """OpenSSL's reason when the TLS server at ``host:port`` refuses this
+    client's certificate ``cert`` (``(certfile, keyfile)``; None: no
+    certificate), else None. With TLS 1.3 the server checks the client's
+    certificate after the client finished its handshake, so the refusal
+    arrives only at the first read: this makes one. A server that closes the
+    connection there without a word (uvicorn sends no TLS alert) counts as
+    refusing: a TLS server that accepts the client answers an HTTP request."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        if cert:
+            ctx.load_cert_chain(*cert)
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=None) as s:
+                s.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+                if not s.recv(1):
+                    return "closed the connection without answering"
+    except ssl.SSLError as exc:
+        return exc.reason if exc.reason in _CLIENT_CERT_REASONS else None
+    except OSError:
+        return None
+    return None
+
+
 class MasterClient:
     """HTTP calls of one worker.
 
@@ -295,6 +323,22 @@ class MasterClient:
                 return (
                     f"TLS: {u.netloc} does not speak HTTPS ({e.reason or e}); drop --tls/--cafile or use an "
                     f"http:// address"
+                )
+        if (
+            u.scheme == "https"
+            and not self.answered
+            and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError))
+        ):
+            reason = client_certificate_refused(u.hostname or "", u.port or DEFAULT_PORT, self.client_cert)
+            if reason and self.client_cert:
+                return (
+                    f"TLS: the master at {u.netloc} refused this worker's certificate --certfile "
+                    f"{self.client_cert[0]} ({reason}): is it signed by the master's --cafile?"
+                )
+            if reason:
+                return (
+                    f"TLS: the master at {u.netloc} requires a client certificate ({reason}): give --certfile "
+                    f"and --keyfile (flq credentials --tls makes them)"
                 )
         if (
             u.scheme == "http"
