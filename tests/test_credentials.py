@@ -264,6 +264,27 @@ def test_attacks_on_a_master_with_per_worker_credentials(secured):
     )
     with pytest.raises(Fatal, match="requires a client certificate"):
         outsider.config()
+    # flq doctor on a worker's host: its key, its certificate, and whether the master accepts its signature
+    import argparse
+
+    from flq import doctor
+
+    def doctor_says(m, key_of):
+        args = argparse.Namespace(
+            master_ip=cluster.url,
+            cafile=cluster.cafile,
+            certfile=str(creds / f"worker_{m}.pem"),
+            keyfile=str(creds / f"worker_{m}-key.pem"),
+            credential=str(creds / f"worker_{key_of}.key"),
+            worker_id=m,
+            config=str(PAPER_CONFIG),
+        )
+        return {
+            c.check: c.status for c in doctor.run_checks(args) if c.check in ("credential", "master", "signed call")
+        }
+
+    assert doctor_says(2, 2) == {"credential": "ok", "master": "ok", "signed call": "ok"}
+    assert doctor_says(2, 3) == {"credential": "fail", "master": "ok"}  # the key is worker 3's
 
     def refused(label, code, response):
         assert response.status_code == code.status and response.json()["code"] == code, (label, response.text)

@@ -8,7 +8,11 @@ Checks: Python, PyTorch (version, CUDA or CPU build), NumPy, the config file
 run would use (:func:`flq.model.resolve_device`), on CUDA the GPU, its memory
 against ``gpu_memory_limit_mb`` and whether float16 autocast works, on CPU
 the cores and PyTorch threads, the dataset (:func:`flq.datasets.find_dataset_dir`)
-and, with ``--master_ip``, whether the master answers ``GET /status``.
+and, with ``--master_ip``, whether the master answers ``GET /status``
+(over HTTPS with ``--cafile``, and ``--certfile``/``--keyfile`` for a master
+that requires client certificates). With ``--credential`` (and
+``--worker_id``) the worker's key file is checked, and with ``--master_ip``
+whether the master accepts a call signed with it.
 
 Exit status 0 when nothing FAILed, 1 otherwise. ``--json`` prints a JSON list
 of ``{"check", "status", "detail", "fix"}`` instead (``status`` is ``ok``,
@@ -101,6 +105,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("auto", "cpu", "cuda"),
         help="device to check (overrides the config's system.device)",
     )
+    p.add_argument("--cafile", default=None, help="CA bundle of the master's HTTPS certificate")
+    p.add_argument("--certfile", default=None, help="client certificate, for a master that requires one")
+    p.add_argument("--keyfile", default=None, help="the client certificate's key")
+    p.add_argument(
+        "--credential", default=None, help="a worker's key (worker_<id>.key): check it, and the master's answer"
+    )
+    p.add_argument("--worker_id", type=int, default=None, help="the worker id the --credential should be for")
     p.add_argument("--json", action="store_true", help="print a JSON list of the checks instead of text")
 
 
@@ -314,7 +325,58 @@ def _check_dataset(cfg: Config, data_dir: Optional[str]) -> Check:
     return Check("dataset", FAIL, f"{info.title} not found in {where}", _dataset_fix(info))
 
 
-def _check_master(ip: str, port_arg: Any, cfg: Config) -> Check:
+def _check_credential(path: str, worker_id: Optional[int]) -> Tuple[Check, Any]:
+    """The worker's key file: (check, the credential or None)."""
+    from .credentials import CredentialError, load_worker_credential, too_open
+
+    try:
+        cred = load_worker_credential(Path(path))
+    except CredentialError as exc:
+        return Check("credential", FAIL, _one_line(exc), "give the worker_<id>.key flq credentials made"), None
+    if worker_id is not None and cred.worker_id != worker_id:
+        return (
+            Check(
+                "credential",
+                FAIL,
+                f"{path} is worker {cred.worker_id}'s key, not worker {worker_id}'s",
+                f"use worker_{worker_id}.key",
+            ),
+            None,
+        )
+    if too_open(Path(path)):
+        return Check(
+            "credential", WARN, f"{path}: worker {cred.worker_id}'s key, readable by others", f"chmod 600 {path}"
+        ), cred
+    return Check("credential", OK, f"{path}: worker {cred.worker_id}'s key"), cred
+
+
+def _check_signed(base: str, cred: Any, verify: Any, cert: Any) -> Check:
+    """Whether the master accepts a call signed with ``cred`` (``GET /config``)."""
+    from .transport.client import Fatal, MasterClient, Unreachable
+
+    client = MasterClient(
+        base, cred.worker_id, credential=cred, verify=verify, client_cert=cert, give_up_s=MASTER_TIMEOUT_S
+    )
+    try:
+        required = (
+            client._call("GET", "/workers/challenge", params={"worker_id": cred.worker_id}, session=False)
+            .json()
+            .get("required")
+        )
+    except (Fatal, Unreachable) as exc:
+        return Check("signed call", FAIL, _one_line(exc), "give the key made with the master's master.secret")
+    except Exception as exc:  # noqa: BLE001 - a refusal of another kind
+        return Check("signed call", FAIL, _one_line(exc) or type(exc).__name__, "see the master's log")
+    finally:
+        client.close()
+    if not required:
+        return Check(
+            "signed call", WARN, "the master does not check per-worker credentials", "start it with --credentials"
+        )
+    return Check("signed call", OK, f"the master accepts worker {cred.worker_id}'s signature")
+
+
+def _check_master(ip: str, port_arg: Any, cfg: Config, verify: Any = True, cert: Any = None) -> Check:
     fix = "start it with ./start_master.sh, check the IP/port and the firewall"
     try:
         port = coerce("master_port", port_arg if port_arg is not None else cfg.master_port, "--master_port")
@@ -327,7 +389,7 @@ def _check_master(ip: str, port_arg: Any, cfg: Config) -> Check:
     from .transport.client import master_url
 
     try:
-        base = master_url(ip, port_arg, default_port=port)
+        base = master_url(ip, port_arg, default_port=port, tls=verify is not True)
     except ValueError as exc:
         return Check("master", FAIL, _one_line(exc), "give --master_ip as HOST, HOST:PORT or http(s)://HOST:PORT")
     where = base.split("://", 1)[1]
@@ -335,9 +397,23 @@ def _check_master(ip: str, port_arg: Any, cfg: Config) -> Check:
     token = os.environ.get("FLQ_AUTH_TOKEN", "")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        r = httpx.get(url, timeout=MASTER_TIMEOUT_S, headers=headers)
+        r = httpx.get(url, timeout=MASTER_TIMEOUT_S, headers=headers, verify=verify)
     except httpx.HTTPError as exc:
         reason = _one_line(exc) or type(exc).__name__
+        if base.startswith("https:") and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+            from urllib.parse import urlsplit
+
+            from .transport.client import client_certificate_refused
+
+            u = urlsplit(base)
+            refused = client_certificate_refused(u.hostname or "", u.port or port, cert)
+            if refused:
+                return Check(
+                    "master",
+                    FAIL,
+                    f"master at {where} refused this host's TLS client certificate ({refused})",
+                    "give --certfile/--keyfile a certificate of the master's CA (flq credentials --tls)",
+                )
         return Check("master", FAIL, f"master at {where} not reachable: {reason}", fix)
     except Exception as exc:  # a malformed address
         return Check("master", FAIL, f"master at {where} not reachable: {_one_line(exc) or type(exc).__name__}", fix)
@@ -395,10 +471,45 @@ def run_checks(args: argparse.Namespace) -> List[Check]:
     if data_dir is None:
         data_dir = cfg.data_dir or None
     checks.append(_check_dataset(cfg, data_dir))
+    cred = None
+    if getattr(args, "credential", None):
+        check, cred = _check_credential(args.credential, getattr(args, "worker_id", None))
+        checks.append(check)
     ip = getattr(args, "master_ip", None)
     if ip:
-        checks.append(_check_master(ip, getattr(args, "master_port", None), cfg))
+        verify, cert, tls_check = _tls(args)
+        if tls_check is not None:
+            checks.append(tls_check)
+            return checks
+        master = _check_master(ip, getattr(args, "master_port", None), cfg, verify, cert)
+        checks.append(master)
+        if cred is not None and master.status == OK:
+            from .transport.client import master_url
+
+            base = master_url(
+                ip, getattr(args, "master_port", None), default_port=cfg.master_port, tls=verify is not True
+            )
+            checks.append(_check_signed(base, cred, getattr(args, "cafile", None) or True, cert))
     return checks
+
+
+def _tls(args: argparse.Namespace) -> Tuple[Any, Any, Optional[Check]]:
+    """``(httpx verify, (certfile, keyfile) or None, a FAIL check or None)`` from the TLS flags."""
+    import ssl
+
+    cafile, certfile, keyfile = (getattr(args, k, None) for k in ("cafile", "certfile", "keyfile"))
+    if not (cafile or certfile):
+        return True, None, None
+    fix = "give --cafile the master's CA, --certfile/--keyfile this host's certificate and key"
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+        if certfile or keyfile:
+            if not (certfile and keyfile):
+                return True, None, Check("tls", FAIL, "--certfile and --keyfile go together", fix)
+            context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        return True, None, Check("tls", FAIL, f"cannot load the TLS files: {_one_line(exc)}", fix)
+    return context, (certfile, keyfile) if certfile else None, None
 
 
 def run(args: argparse.Namespace) -> int:
