@@ -221,7 +221,7 @@ PY_ENV=""
 
 # ---- stop -------------------------------------------------------------------
 if [ "$STOP" = 1 ]; then
-  say "asking the master to stop: POST http://$MASTER_IP:$MASTER_PORT/stop"
+  say "asking the master to stop: POST $SCHEME://$MASTER_IP:$MASTER_PORT/stop"
   rssh "$MASTER_IP" "cd ${RDIR[$MASTER_IP]} 2>/dev/null; curl -fsS -X POST --max-time 10 -o /dev/null ${CURL_TLS}$SCHEME://$MASTER_IP:$MASTER_PORT/stop" \
     || say "(the master did not answer /stop; killing the processes)"
   failed=0
@@ -274,6 +274,13 @@ print(int(m) or int(t))' "$cfg_abs" 2>/dev/null || true)
     say "warning: the run needs $need workers (system.min_workers; 0 = total_workers) but WORKER_IPS has" \
         "${#WORKER_IPS[@]}: the master will wait system.start_timeout_s for the others, then end (exit 5)"
   fi
+fi
+if [ -n "$CREDENTIALS" ] && command -v python3 >/dev/null 2>&1; then   # keys for every worker id of the run
+  short=$(python3 -c 'import json, sys
+c = json.load(open(sys.argv[1])); s = c.get("system") if isinstance(c.get("system"), dict) else {}
+t = int(s.get("total_workers", c.get("total_workers", 20))); w = int(json.load(open(sys.argv[2]))["workers"])
+print(f"{w} {t}" if w < t else "")' "$cfg_abs" "$CREDENTIALS/master.secret" 2>/dev/null || true)
+  [ -z "$short" ] || die "--credentials $CREDENTIALS was made for ${short% *} workers but the config's total_workers is ${short#* }: flq credentials --workers ${short#* } --out NEW_DIR"
 fi
 [ "$DRY_RUN" = 1 ] && say "dry run: printing the commands, running none"
 

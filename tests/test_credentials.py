@@ -103,7 +103,11 @@ def test_verifier_checks_id_key_body_number_and_challenge():
     assert refused(h2, query="worker_id=3&round=2") == Code.BAD_SIGNATURE  # round edited
     assert refused({**h2, "x-flq-worker": "4"}) == Code.BAD_SIGNATURE  # 3's key claiming id 4
     assert refused({k: v for k, v in h2.items() if k != "x-flq-signature"}) == Code.BAD_SIGNATURE
-    assert refused(_signed(9, "POST", "/round/upload", "worker_id=3&round=1", "s3", body)) == Code.BAD_SIGNATURE
+    assert refused(
+        _signed(4, "POST", "/round/upload", "worker_id=3&round=1", "s3", body, key=derive_key(SECRET, 3))
+    ) == (Code.BAD_SIGNATURE)
+    # an id beyond the run's: said as such, whoever signed it
+    assert refused(_signed(9, "POST", "/round/upload", "worker_id=9&round=1", "s9", body)) == Code.UNKNOWN_WORKER
     # registration: a challenge of this worker, once, before it expires
     c = v.issue_challenge(3)
     reg = _signed(3, "POST", "/workers/register", "", c, b"{}")

@@ -117,7 +117,7 @@ def auth_token_source(flag: Optional[str], file_value: str) -> tuple:
         return env, "from $FLQ_AUTH_TOKEN"
     if file_value:
         return file_value, "from the config file (system.auth_token)"
-    return "", "none set (no authentication)"
+    return "", "none set"
 
 
 def cmd_master(args: argparse.Namespace) -> int:
@@ -157,7 +157,8 @@ def cmd_master(args: argparse.Namespace) -> int:
         if secret.workers < cfg.total_workers:
             raise ConfigError(
                 f"system.credentials {cfg.credentials} was made for {secret.workers} workers, the run has "
-                f"{cfg.total_workers}: run flq credentials --workers {cfg.total_workers} again"
+                f"{cfg.total_workers}: run flq credentials --workers {cfg.total_workers} --out NEW_DIR (or --force "
+                f"into the same folder) and give every worker its new key"
             )
         if too_open(Path(cfg.credentials)):
             print(f"flq master: warning: {cfg.credentials} can be read by other users (chmod 600 it)", file=sys.stderr)
@@ -169,12 +170,26 @@ def cmd_master(args: argparse.Namespace) -> int:
     cfg = cfg.replace(auth_token=token)
     logfile = setup_logging(cfg.log_dir, "master", cfg.log_level, args.verbose)
     log.info("log file %s", logfile)
-    log.info("auth token: %s", source)
+    log.info(
+        "auth token: %s%s",
+        source,
+        "" if token else ": POST /stop and GET /get_global_model are open to whoever can connect",
+    )
     log.info(
         "worker calls: %s%s",
-        f"signed with per-worker keys ({cfg.credentials})" if cfg.credentials else "the bearer token only",
-        f"; client certificates of {args.cafile} required" if args.cafile else "",
+        f"signed with per-worker keys ({cfg.credentials})"
+        if cfg.credentials
+        else ("the bearer token only" if token else "not authenticated"),
+        f"; HTTPS, client certificates of {args.cafile} required"
+        if args.cafile
+        else ("; HTTPS" if args.certfile else "; plain HTTP"),
     )
+    if cfg.credentials and not token:
+        log.warning(
+            "per-worker credentials but no auth_token: any client that can connect (any worker, with mutual TLS) "
+            "can POST /stop and download the model; set system.auth_token (or $FLQ_AUTH_TOKEN) to keep them to the "
+            "operator"
+        )
     end = run_master(
         cfg,
         run_id=logfile.stem[len("master_") :],
@@ -231,6 +246,10 @@ def _worker_security(args: argparse.Namespace):
                 f"--credential {path} is worker {credential.worker_id}'s, not worker {args.worker_id}'s: "
                 f"each worker uses its own worker_<id>.key"
             )
+        from .credentials import too_open
+
+        if too_open(Path(path)):
+            print(f"flq worker: warning: {path} can be read by other users (chmod 600 it)", file=sys.stderr)
     if bool(args.certfile) != bool(args.keyfile):
         raise ConfigError("--certfile and --keyfile go together")
     cert = None
@@ -334,11 +353,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logfile = setup_logging(args.log_dir or "logs", f"worker{args.worker_id}", "INFO", args.verbose)
     log.info("log file %s", logfile)
     log.info(
-        "worker %d joins %s; auth token: %s; %s; state %s",
+        "worker %d joins %s; auth token: %s; %s%s; state %s",
         args.worker_id,
         url,
         source,
         "calls signed with its credential" if credential else "no credential",
+        f"; client certificate {client_cert[0]}" if client_cert else "",
         f"in {state_dir}" if state_dir else "not saved",
     )
     end = run_worker(

@@ -340,8 +340,9 @@ class Verifier:
             registration: the session header is a challenge, used up here.
 
         Raises:
-            AuthError: 401 ``bad_signature`` (missing headers, unknown id,
-                signature that does not verify), 409 ``replayed`` (a number or
+            AuthError: 401 ``bad_signature`` (missing headers, a signature
+                that does not verify), 404 ``unknown_worker`` (an id beyond
+                the run's), 409 ``replayed`` (a number or
                 a challenge already used, or an expired challenge).
         """
         worker, seq, signature = (headers.get(h.lower(), "") for h in (HEADER_WORKER, HEADER_SEQ, HEADER_SIGNATURE))
@@ -355,6 +356,10 @@ class Verifier:
         if not (worker.isdigit() and seq.isdigit() and len(worker) <= 4 and len(seq) <= 19):
             raise AuthError(Code.BAD_SIGNATURE, f"{HEADER_WORKER} or {HEADER_SEQ} is not a number")
         m = int(worker)
+        if m >= self.total_workers:
+            raise AuthError(
+                Code.UNKNOWN_WORKER, f"worker_id {m} is not in this run: it has {self.total_workers} workers"
+            )
         key = self.keys.get(m)
         expected = sign(key, canonical(method, path, query, m, session, int(seq), body_digest(body))) if key else ""
         if not key or not hmac.compare_digest(expected, signature.lower()):

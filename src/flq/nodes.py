@@ -230,7 +230,8 @@ def run_master(
         verifier=verifier,
     )
     log.info(
-        "master listening on %s:%d (%s, %d workers, %d rounds, mode %s)",
+        "master listening on %s://%s:%d (%s, %d workers, %d rounds, mode %s)",
+        "https" if certfile else "http",
         cfg.master_host,
         cfg.master_port,
         cfg.dataset,

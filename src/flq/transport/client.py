@@ -305,9 +305,15 @@ class MasterClient:
         for e in _causes(exc):
             if isinstance(e, ssl.SSLCertVerificationError):
                 what = f"--cafile {self.cafile}" if self.cafile else "the system's CA certificates"
+                hint = ""
+                if "mismatch" in str(e.verify_message or ""):
+                    hint = (
+                        f": the certificate is for another address; make one for this one (flq credentials "
+                        f"--tls --master-host {u.hostname}) or use the address it names"
+                    )
                 return (
                     f"TLS: the master's certificate at {u.netloc} does not verify against {what} "
-                    f"({e.verify_message or e.reason})"
+                    f"({e.verify_message or e.reason}){hint}"
                 )
             if isinstance(e, ssl.SSLError) and e.reason in _CLIENT_CERT_REASONS:
                 if self.client_cert:

@@ -290,7 +290,7 @@ def create_app(
     @app.get(
         "/config",
         response_model=ConfigResponse,
-        responses=refusals(*ANY_ROUTE, Code.BAD_SIGNATURE),
+        responses=refusals(*ANY_ROUTE, Code.BAD_SIGNATURE, Code.UNKNOWN_WORKER),
         summary="The run's configuration (a worker reads it before it registers)",
     )
     async def run_config() -> ConfigResponse:
