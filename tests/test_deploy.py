@@ -622,7 +622,7 @@ def test_dry_run_hands_each_host_only_its_own_credentials(shim_path, tmp_path):
             "flq",
             "credentials",
             "--workers",
-            "3",
+            "4",
             "--out",
             str(creds),
             "--tls",
@@ -672,8 +672,15 @@ def test_dry_run_hands_each_host_only_its_own_credentials(shim_path, tmp_path):
         "--dry-run", "--master-ip", "10.0.0.9", "--worker-ips", "10.0.0.2", "--credentials", str(creds), env=env
     )
     assert r.returncode == 1 and "master.pem is not valid for 10.0.0.9" in r.stderr, r.stderr
-    # and so is a folder without a key for every worker
+    # and so is a folder without a key for every worker host, or for every worker id of the run (flq_config.json: 4)
     r = run_deploy(
-        "--dry-run", "--master-ip", "10.0.0.1", "--worker-ips", "a b c d", "--credentials", str(creds), env=env
+        "--dry-run", "--master-ip", "10.0.0.1", "--worker-ips", "a b c d e", "--credentials", str(creds), env=env
     )
-    assert r.returncode == 1 and "no worker_3.key for worker 3" in r.stderr, r.stderr
+    assert r.returncode == 1 and "no worker_4.key for worker 4" in r.stderr, r.stderr
+    few = tmp_path / "few"
+    made = subprocess.run(
+        [sys.executable, "-m", "flq", "credentials", "--workers", "3", "--out", str(few)], capture_output=True
+    )
+    assert made.returncode == 0
+    r = run_deploy("--dry-run", "--master-ip", "10.0.0.1", "--worker-ips", "a b c", "--credentials", str(few), env=env)
+    assert r.returncode == 1 and "made for 3 workers but the config's total_workers is 4" in r.stderr, r.stderr
