@@ -86,6 +86,28 @@ def load_cred(m, key=None):
     return WorkerCredential(m, key or derive_key(SECRET, m))
 
 
+def test_numbers_are_ascii_digits_and_challenges_are_kept_per_worker():
+    from flq.credentials import MAX_CHALLENGES_PER_WORKER
+
+    v, _ = _verifier(sessions={3: "s3"})
+    h = _signed(3, "POST", "/round/upload", "", "s3", b"")
+    for name, value in (
+        ("x-flq-seq", "\u00b2"),
+        ("x-flq-worker", "\u0663"),
+        ("x-flq-seq", "-1"),
+        ("x-flq-seq", "9" * 20),
+    ):
+        with pytest.raises(AuthError) as e:
+            v.check("POST", "/round/upload", "", {**h, name: value}, b"", sequenced=True, registration=False)
+        assert e.value.code == Code.BAD_SIGNATURE, (name, value)
+    # asking (or a replayed ask) for many challenges evicts only that worker's own
+    mine = v.issue_challenge(1)
+    flood = [v.issue_challenge(2) for _ in range(100)]
+    assert len(v.challenges[2]) == MAX_CHALLENGES_PER_WORKER and flood[-1] in v.challenges[2]
+    reg = _signed(1, "POST", "/workers/register", "", mine, b"{}")
+    assert v.check("POST", "/workers/register", "", reg, b"{}", sequenced=True, registration=True) == 1
+
+
 def test_verifier_checks_id_key_body_number_and_challenge():
     v, t = _verifier(sessions={3: "s3"})
     body = b"\x01\x02\x03"
@@ -379,10 +401,11 @@ def test_attacks_on_a_master_with_per_worker_credentials(secured):
         Code.BAD_SIGNATURE,
         lambda: attacker.send(cap3[-1], headers={"X-FLQ-Worker": "4"}),
     )
+    c3.register(0, 0)  # worker 3 itself may register
     attack(
         "worker 3 asking for worker 4's model",
         Code.WRONG_WORKER,
-        lambda: c3.http.get("/round/model", params={"worker_id": 4, "wait": 0}, headers={"X-FLQ-Session": "x"}),
+        lambda: c3.http.get("/round/model", params={"worker_id": 4, "wait": 0}, headers={"X-FLQ-Session": c3.session}),
     )
     attack("worker 0's registration sent again", Code.REPLAYED, lambda: attacker.send(register0))
     attack(
@@ -391,11 +414,27 @@ def test_attacks_on_a_master_with_per_worker_credentials(secured):
         lambda: c0.http.post("/workers/heartbeat", json={"worker_id": 0}, headers={"X-FLQ-Session": ""}),
     )
     # ---- a restarted worker with its own credential still replaces the old process
+    beat = c0.http.post("/workers/heartbeat", json={"worker_id": 0}, headers={"X-FLQ-Session": c0.session})
+    assert beat.status_code == 200
+    old = beat.request
     c0b, _ = _client(cluster, creds, 0)
     c0b.register(w0.up_version, w0.down_version)
     with pytest.raises(Fatal, match="session replaced"):
         c0.mirrors()
     c0b.mirrors()
+    # ... and the old process's calls, captured, cannot be slipped into the new session
+    attack("the old process's heartbeat sent again", Code.SESSION_REPLACED, lambda: attacker.send(old))
+    attack(
+        "the old heartbeat with the current session header added",
+        Code.BAD_SIGNATURE,
+        lambda: attacker.http.request(
+            "POST",
+            old.url,
+            content=old.content,
+            headers=[("X-FLQ-Session", c0b.session)]
+            + [(k, v) for k, v in old.headers.items() if k != "content-length"],
+        ),
+    )
     print("\n".join(f"{label}: {status} {code}" for label, status, code in table))
-    assert len(table) == 13
+    assert len(table) == 15
     assert attacker.http.post("/stop").status_code == 200  # monitoring keeps the shared token

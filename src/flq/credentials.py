@@ -45,6 +45,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import stat
 import threading
@@ -52,7 +53,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 from .protocol import Code
 
@@ -65,10 +66,14 @@ HEADER_SEQ = "X-FLQ-Seq"
 HEADER_SIGNATURE = "X-FLQ-Signature"
 #: Seconds a registration challenge stays valid.
 CHALLENGE_TTL_S = 300.0
-#: Challenges kept at once; beyond it the oldest is dropped.
-MAX_CHALLENGES = 4096
+#: Challenges kept at once for one worker; beyond it its oldest is dropped
+#: (so asking for many, or replaying a captured ask, evicts only that worker's own).
+MAX_CHALLENGES_PER_WORKER = 4
 #: How far back (in request numbers) a late request of the current session is still accepted once.
 REPLAY_WINDOW = 1024
+
+
+_NUMBER = re.compile(r"[0-9]{1,19}")
 
 
 class CredentialError(ValueError):
@@ -308,18 +313,18 @@ class Verifier:
         )
         self.keys = {m: secret.key(m) for m in range(total_workers)}
         self.windows: Dict[int, ReplayWindow] = {}
-        self.challenges: OrderedDict[str, Tuple[int, float]] = OrderedDict()
+        self.challenges: Dict[int, OrderedDict[str, float]] = {}
 
     def issue_challenge(self, worker_id: int) -> str:
         """A fresh challenge for worker ``worker_id``'s next registration
-        (valid :data:`CHALLENGE_TTL_S` seconds, once)."""
+        (valid :data:`CHALLENGE_TTL_S` seconds, once; at most
+        :data:`MAX_CHALLENGES_PER_WORKER` of one worker are kept)."""
         now = self.clock()
-        while self.challenges and (
-            len(self.challenges) >= MAX_CHALLENGES or next(iter(self.challenges.values()))[1] < now
-        ):
-            self.challenges.popitem(last=False)
+        mine = self.challenges.setdefault(worker_id, OrderedDict())
+        while mine and (len(mine) >= MAX_CHALLENGES_PER_WORKER or next(iter(mine.values())) < now):
+            mine.popitem(last=False)
         challenge = secrets.token_hex(16)
-        self.challenges[challenge] = (worker_id, now + CHALLENGE_TTL_S)
+        mine[challenge] = now + CHALLENGE_TTL_S
         return challenge
 
     def check(
@@ -342,7 +347,10 @@ class Verifier:
         Raises:
             AuthError: 401 ``bad_signature`` (missing headers, a signature
                 that does not verify), 404 ``unknown_worker`` (an id beyond
-                the run's), 409 ``replayed`` (a number or
+                the run's), 404 ``not_registered`` and 409
+                ``session_replaced`` (a numbered call of a session that is not
+                the worker's current one), 401 ``no_session`` (of none), 409
+                ``replayed`` (a number or
                 a challenge already used, or an expired challenge).
         """
         worker, seq, signature = (headers.get(h.lower(), "") for h in (HEADER_WORKER, HEADER_SEQ, HEADER_SIGNATURE))
@@ -353,7 +361,7 @@ class Verifier:
                 "a worker call without its signature: this master requires per-worker credentials "
                 "(flq worker --credential worker_<id>.key)",
             )
-        if not (worker.isdigit() and seq.isdigit() and len(worker) <= 4 and len(seq) <= 19):
+        if not (_NUMBER.fullmatch(worker) and _NUMBER.fullmatch(seq) and len(worker) <= 4):
             raise AuthError(Code.BAD_SIGNATURE, f"{HEADER_WORKER} or {HEADER_SEQ} is not a number")
         m = int(worker)
         if m >= self.total_workers:
@@ -369,19 +377,30 @@ class Verifier:
                 f"or the request was changed",
             )
         if registration:
-            entry = self.challenges.pop(session, None)
-            if entry is None or entry[0] != m or entry[1] < self.clock():
+            expires = self.challenges.get(m, {}).pop(session, None)
+            if expires is None or expires < self.clock():
                 raise AuthError(
                     Code.REPLAYED, f"worker {m}'s registration challenge is unknown, used or expired: ask a new one"
                 )
         elif sequenced:
+            if not session:
+                raise AuthError(
+                    Code.NO_SESSION,
+                    "a worker call without the X-FLQ-Session header: register, then send the session it returned",
+                )
             current = self.current_session(m)
-            if current and session == current:  # other sessions: the route refuses them, state untouched
-                window = self.windows.get(m)
-                if window is None or window.session != current:
-                    window = self.windows[m] = ReplayWindow(current)
-                if not window.accept(int(seq)):
-                    raise AuthError(Code.REPLAYED, f"worker {m}'s request {seq} of this session was already received")
+            if not current:
+                raise AuthError(Code.NOT_REGISTERED, f"worker {m} is not registered (or has left): register again")
+            if session != current:  # a request of an older process, or of this one before it registered again
+                raise AuthError(
+                    Code.SESSION_REPLACED,
+                    f"worker {m} session replaced: another process registered with this id (an older session)",
+                )
+            window = self.windows.get(m)
+            if window is None or window.session != current:
+                window = self.windows[m] = ReplayWindow(current)
+            if not window.accept(int(seq)):
+                raise AuthError(Code.REPLAYED, f"worker {m}'s request {seq} of this session was already received")
         return m
 
 

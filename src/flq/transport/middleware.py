@@ -136,7 +136,12 @@ class WorkerAuth:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body, sent = b"".join(chunks), False
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers: Dict[str, str] = {}
+        for k, v in scope["headers"]:
+            name = k.decode("latin-1").lower()
+            if name in headers and name.startswith("x-flq-"):  # the check and the route must read the same value
+                return await _send_error(send, Code.BAD_SIGNATURE, f"the header {name} is repeated")
+            headers[name] = v.decode("latin-1")
         path = scope["path"]
         try:
             m = self.verifier.check(
