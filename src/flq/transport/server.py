@@ -43,17 +43,28 @@ The worker protocol (binary bodies for vectors, JSON for the rest):
   loss, up_version, down_version}`` -> ``{decided, selected, round}``; when
   not decided within ``wait`` seconds the worker sends the same offer again
   (it is recorded once).
-- ``POST /round/upload?worker_id=&round=`` with the encoded update (only
-  the selected; the same bytes again are accepted and counted once).
+- ``POST /round/upload?worker_id=&round=&up_version=&down_version=`` with
+  the encoded update (only the selected; the same bytes again are accepted
+  and counted once; the versions are those of the worker's offer).
 
-Every worker call carries the ``X-FLQ-Session`` header its registration
-returned. A refusal is an HTTP status with the JSON body ``{"detail",
-"code"}`` (:class:`ErrorResponse`): ``detail`` is one line for a person,
-``code`` one of :class:`flq.protocol.Code` for a program (each code has one
-status; 410 ``run_over`` adds the run's ``reason``). Every route documents in
-the OpenAPI document (``/openapi.json``) each status it can answer, with its
-codes. This module knows nothing of quantization: vectors are opaque bytes
-that :class:`~flq.cluster.ClusterMaster` hands to the algorithm.
+- ``GET /workers/challenge?worker_id=`` -> ``{challenge, expires_s,
+  required}``: with per-worker credentials, the one-time value a
+  registration sends as its ``X-FLQ-Session``.
+
+Every worker call after registration carries the ``X-FLQ-Session`` header its
+registration returned (401 ``no_session`` without it). With per-worker
+credentials (:mod:`flq.credentials`) every worker call is also signed
+(``X-FLQ-Worker``, ``X-FLQ-Seq``, ``X-FLQ-Signature``), checked by
+:class:`~flq.transport.middleware.WorkerAuth` before the route runs, and each
+route checks that the call acts for the worker that signed it.
+
+A refusal is an HTTP status with the JSON body ``{"detail", "code"}``
+(:class:`ErrorResponse`): ``detail`` is one line for a person, ``code`` one of
+:class:`flq.protocol.Code` for a program (each code has one status; 410
+``run_over`` adds the run's ``reason``). Every route documents in the OpenAPI
+document (``/openapi.json``) each status it can answer, with its codes. This
+module knows nothing of quantization: vectors are opaque bytes that
+:class:`~flq.cluster.ClusterMaster` hands to the algorithm.
 
 Why one module of this size: it is the routes, one per API call, each with its
 OpenAPI ``responses``; the request and response models are in
