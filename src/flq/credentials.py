@@ -53,7 +53,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .protocol import Code
 
@@ -159,29 +159,46 @@ def write_credentials(out: Path, workers: int, force: bool = False) -> List[Path
     return written
 
 
-def _read(path: Path, kind: str) -> Dict:
+def _read(path: Path, kind: str, fmt: str, instead: str) -> Dict:
+    """The JSON document of a credential file of format ``fmt``; ``kind``
+    names it in errors, ``instead`` says what the user should give."""
     path = Path(path)
     try:
-        text = path.read_text()
+        doc = json.loads(path.read_text())
     except OSError as exc:
         raise CredentialError(f"{kind} {path}: cannot read it ({exc.strerror or exc})") from None
-    try:
-        doc = json.loads(text)
     except ValueError:
         raise CredentialError(f"{kind} {path}: not a credential file made by flq credentials (not JSON)") from None
     if not isinstance(doc, dict) or doc.get("scheme") != SCHEME:
         raise CredentialError(f"{kind} {path}: not a credential file of scheme {SCHEME}")
+    if doc.get("format") != fmt:
+        raise CredentialError(f"{kind} {path}: this is {doc.get('format', 'something else')!r}, {instead}")
     return doc
 
 
-def _hex(doc: Dict, name: str, path: Path, kind: str) -> bytes:
+def _field(doc: Dict, name: str, parse: Callable[[object], object], what: str, path: Path, kind: str) -> Any:
+    """``parse(doc[name])``, or CredentialError saying it is not ``what``."""
     try:
-        value = bytes.fromhex(str(doc[name]))
-    except (KeyError, ValueError):
-        value = b""
-    if len(value) != 32:
-        raise CredentialError(f"{kind} {path}: its {name!r} is not 64 hex digits")
-    return value
+        return parse(doc[name])
+    except (KeyError, TypeError, ValueError):
+        raise CredentialError(f"{kind} {path}: its {name!r} is not {what}") from None
+
+
+def _key(value: object) -> bytes:
+    """32 bytes from 64 hex digits (ValueError otherwise)."""
+    key = bytes.fromhex(str(value))
+    if len(key) != 32:
+        raise ValueError(value)
+    return key
+
+
+def _int_in(lo: int, hi: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise ValueError(value)
+        return value
+
+    return parse
 
 
 def too_open(path: Path) -> bool:
@@ -195,16 +212,12 @@ def load_master_secret(path: Path) -> MasterSecret:
     Raises:
         CredentialError: missing, unreadable, a worker's key instead, or malformed.
     """
-    doc = _read(path, "credentials")
-    if doc.get("format") != "flq-master-secret":
-        raise CredentialError(
-            f"credentials {path}: this is {doc.get('format', 'something else')!r}, the master needs "
-            f"{MASTER_FILE} (a worker's key stays on its own host)"
-        )
-    workers = doc.get("workers")
-    if not isinstance(workers, int) or not 1 <= workers <= 1000:
-        raise CredentialError(f"credentials {path}: its 'workers' is not 1..1000")
-    return MasterSecret(_hex(doc, "secret", Path(path), "credentials"), workers)
+    kind = "credentials"
+    doc = _read(
+        path, kind, "flq-master-secret", f"the master needs {MASTER_FILE} (a worker's key stays on its own host)"
+    )
+    workers = _field(doc, "workers", _int_in(1, 1000), "1..1000", path, kind)
+    return MasterSecret(_field(doc, "secret", _key, "64 hex digits", path, kind), workers)
 
 
 def load_worker_credential(path: Path) -> WorkerCredential:
@@ -213,15 +226,10 @@ def load_worker_credential(path: Path) -> WorkerCredential:
     Raises:
         CredentialError: missing, unreadable, the master's secret instead, or malformed.
     """
-    doc = _read(path, "--credential")
-    if doc.get("format") != "flq-worker-credential":
-        raise CredentialError(
-            f"--credential {path}: this is {doc.get('format', 'something else')!r}, expected a worker_<id>.key"
-        )
-    m = doc.get("worker_id")
-    if not isinstance(m, int) or m < 0:
-        raise CredentialError(f"--credential {path}: its 'worker_id' is not an id")
-    return WorkerCredential(m, _hex(doc, "key", Path(path), "--credential"))
+    kind = "--credential"
+    doc = _read(path, kind, "flq-worker-credential", "expected a worker_<id>.key")
+    m = _field(doc, "worker_id", _int_in(0, 10**6), "an id", path, kind)
+    return WorkerCredential(m, _field(doc, "key", _key, "64 hex digits", path, kind))
 
 
 # ----- signing ---------------------------------------------------------------
@@ -305,12 +313,7 @@ class Verifier:
         current_session: Callable[[int], Optional[str]],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.secret, self.total_workers, self.current_session, self.clock = (
-            secret,
-            total_workers,
-            current_session,
-            clock,
-        )
+        self.total_workers, self.current_session, self.clock = total_workers, current_session, clock
         self.keys = {m: secret.key(m) for m in range(total_workers)}
         self.windows: Dict[int, ReplayWindow] = {}
         self.challenges: Dict[int, OrderedDict[str, float]] = {}
