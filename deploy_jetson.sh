@@ -170,6 +170,8 @@ for h in "${HOSTS[@]}"; do RDIR[$h]=$(rdir_expr "$REMOTE_DIR"); RABS[$h]=$REMOTE
 # ---- credentials: which files go to which host --------------------------------
 TLS=0
 CRED_REMOTE=credentials
+MASTER_TLS_FILES="ca.pem master.pem master-key.pem operator.pem operator-key.pem"   # with --tls, for the master's host
+worker_tls_files() { echo "worker_$1.pem worker_$1-key.pem"; }                      # ... and for worker i's (with ca.pem)
 if [ -n "$CREDENTIALS" ]; then
   [ -d "$CREDENTIALS" ] || die "--credentials: no such folder: $CREDENTIALS"
   CREDENTIALS=$(cd "$CREDENTIALS" && pwd)
@@ -179,7 +181,7 @@ if [ -n "$CREDENTIALS" ]; then
   done
   if [ -e "$CREDENTIALS/ca.pem" ]; then
     TLS=1
-    for f in ca.pem master.pem master-key.pem operator.pem operator-key.pem; do
+    for f in $MASTER_TLS_FILES; do
       [ -r "$CREDENTIALS/$f" ] || die "--credentials $CREDENTIALS: ca.pem but no $f (flq credentials --tls makes it)"
     done
     if command -v openssl >/dev/null 2>&1; then   # the workers check the master's certificate against MASTER_IP
@@ -188,7 +190,7 @@ if [ -n "$CREDENTIALS" ]; then
         || die "--credentials $CREDENTIALS: master.pem is not valid for $MASTER_IP (make it with: flq credentials --tls --master-host $MASTER_IP ...)"
     fi
     for i in "${!WORKER_IPS[@]}"; do
-      for f in "worker_$i.pem" "worker_$i-key.pem"; do
+      for f in $(worker_tls_files "$i"); do
         [ -r "$CREDENTIALS/$f" ] || die "--credentials $CREDENTIALS: ca.pem but no $f (flq credentials --tls)"
       done
     done
@@ -197,13 +199,13 @@ fi
 declare -A HOST_FILES   # host -> the credential files it gets (space-separated)
 if [ -n "$CREDENTIALS" ]; then
   HOST_FILES[$MASTER_IP]="master.secret"
-  [ "$TLS" = 0 ] || HOST_FILES[$MASTER_IP]+=" ca.pem master.pem master-key.pem operator.pem operator-key.pem"
+  [ "$TLS" = 0 ] || HOST_FILES[$MASTER_IP]+=" $MASTER_TLS_FILES"
   for i in "${!WORKER_IPS[@]}"; do
     h=${WORKER_IPS[$i]}
     HOST_FILES[$h]="${HOST_FILES[$h]:-} worker_$i.key"
     if [ "$TLS" = 1 ]; then
       case " ${HOST_FILES[$h]} " in *" ca.pem "*) ;; *) HOST_FILES[$h]+=" ca.pem" ;; esac
-      HOST_FILES[$h]+=" worker_$i.pem worker_$i-key.pem"
+      HOST_FILES[$h]+=" $(worker_tls_files "$i")"
     fi
   done
 fi

@@ -45,16 +45,19 @@ def _model_file_theta(path) -> np.ndarray:
     return flatten(model)
 
 
-@pytest.fixture(scope="module")
-def distributed_run(tmp_path_factory, fmnist_available):
-    root = tmp_path_factory.mktemp("cluster")
-    cluster = start_cluster(root, 4, SETTINGS)
+def _finished(cluster):
+    """Wait for ``cluster``'s run to complete (exit 0); (cluster, its spreadsheet)."""
     try:
         assert cluster.wait(timeout=600) == 0, cluster.output()
     finally:
         cluster.kill_all()
     (xlsx,) = cluster.results()
     return cluster, xlsx
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory, fmnist_available):
+    return _finished(start_cluster(tmp_path_factory.mktemp("cluster"), 4, SETTINGS))
 
 
 def test_distributed_equals_simulation(distributed_run):
@@ -113,12 +116,7 @@ def secured_run(tmp_path_factory, fmnist_available):
             str(c / f"worker_{m}-key.pem"),
         ],
     )
-    try:
-        assert cluster.wait(timeout=600) == 0, cluster.output()
-    finally:
-        cluster.kill_all()
-    (xlsx,) = cluster.results()
-    return cluster, xlsx
+    return _finished(cluster)
 
 
 def test_credentials_and_mutual_tls_change_no_number(distributed_run, secured_run):

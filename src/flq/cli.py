@@ -128,21 +128,7 @@ def cmd_master(args: argparse.Namespace) -> int:
     # everything that can refuse the run does so before any log or work
     cfg = config_from(args)
     check_paths(cfg)
-    for label, path in (("--certfile", args.certfile), ("--keyfile", args.keyfile)):
-        if path and not Path(path).is_file():
-            raise ConfigError(f"{label}: no such file {path}")
-    if bool(args.certfile) != bool(args.keyfile):
-        raise ConfigError("--certfile and --keyfile go together")
-    if args.certfile:
-        import ssl
-
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.certfile, args.keyfile)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(
-                f"--certfile {args.certfile} / --keyfile {args.keyfile}: not a usable certificate "
-                f"and key ({exc.reason if isinstance(exc, ssl.SSLError) else exc})"
-            ) from None
+    _check_cert_pair(args.certfile, args.keyfile)
     if args.cafile:
         if not args.certfile:
             raise ConfigError("--cafile (require client certificates) needs --certfile and --keyfile (serve HTTPS)")
@@ -224,6 +210,28 @@ def _check_ca(path: str, label: str) -> None:
         raise ConfigError(f"{label} {path}: not a usable CA certificate ({exc})") from None
 
 
+def _check_cert_pair(certfile: Optional[str], keyfile: Optional[str]) -> Optional[tuple]:
+    """``(certfile, keyfile)`` when both are given and load together, None when
+    neither is, else ConfigError (one line)."""
+    for label, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{label}: no such file {path}")
+    if bool(certfile) != bool(keyfile):
+        raise ConfigError("--certfile and --keyfile go together")
+    if not certfile:
+        return None
+    import ssl
+
+    try:
+        ssl.create_default_context().load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"--certfile {certfile} / --keyfile {keyfile}: not a usable certificate "
+            f"and key ({exc.reason if isinstance(exc, ssl.SSLError) else exc})"
+        ) from None
+    return (certfile, keyfile)
+
+
 def _worker_security(args: argparse.Namespace):
     """``(credential or None, (certfile, keyfile) or None)`` from the worker's
     flags, checked before any work.
@@ -250,23 +258,7 @@ def _worker_security(args: argparse.Namespace):
 
         if too_open(Path(path)):
             print(f"flq worker: warning: {path} can be read by other users (chmod 600 it)", file=sys.stderr)
-    if bool(args.certfile) != bool(args.keyfile):
-        raise ConfigError("--certfile and --keyfile go together")
-    cert = None
-    if args.certfile:
-        import ssl
-
-        for label, p in (("--certfile", args.certfile), ("--keyfile", args.keyfile)):
-            if not Path(p).is_file():
-                raise ConfigError(f"{label}: no such file {p}")
-        try:
-            ssl.create_default_context().load_cert_chain(args.certfile, args.keyfile)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(
-                f"--certfile {args.certfile} / --keyfile {args.keyfile}: not a usable certificate and key ({exc})"
-            ) from None
-        cert = (args.certfile, args.keyfile)
-    return credential, cert
+    return credential, _check_cert_pair(args.certfile, args.keyfile)
 
 
 def cmd_credentials(args: argparse.Namespace) -> int:

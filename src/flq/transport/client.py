@@ -77,7 +77,7 @@ class _SignedAuth(httpx.Auth):
 
     def auth_flow(self, request: httpx.Request):
         session = request.headers.get(HEADER_SESSION, "")
-        query = request.url.query.decode("ascii") if isinstance(request.url.query, bytes) else request.url.query
+        query = request.url.query.decode("ascii")  # the raw query string as sent
         request.headers.update(self.signer.headers(request.method, request.url.path, query, session, request.content))
         yield request
 
@@ -194,11 +194,17 @@ def _causes(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
-def speaks_tls(host: str, port: int, timeout: float = 5.0) -> bool:
-    """Whether ``host:port`` completes a TLS handshake (certificate not checked)."""
+def _probe_context() -> ssl.SSLContext:
+    """A TLS context that checks nothing: the probes below only ask what the server does."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def speaks_tls(host: str, port: int, timeout: float = 5.0) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (certificate not checked)."""
+    ctx = _probe_context()
     try:
         with socket.create_connection((host.strip("[]"), port), timeout=timeout) as raw:
             with ctx.wrap_socket(raw, server_hostname=None):
@@ -217,9 +223,7 @@ def client_certificate_refused(
     arrives only at the first read: this makes one. A server that closes the
     connection there without a word (uvicorn sends no TLS alert) counts as
     refusing: a TLS server that accepts the client answers an HTTP request."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    ctx = _probe_context()
     try:
         if cert:
             ctx.load_cert_chain(*cert)
@@ -299,6 +303,18 @@ class MasterClient:
         self.http.close()
 
     # ----- plumbing -------------------------------------------------------
+    def _certificate_refused(self, where: str, reason: str) -> str:
+        """The one line for a master that refused this worker's client certificate, or wanted one."""
+        if self.client_cert:
+            return (
+                f"TLS: the master at {where} refused this worker's certificate --certfile "
+                f"{self.client_cert[0]} ({reason}): is it signed by the master's --cafile?"
+            )
+        return (
+            f"TLS: the master at {where} requires a client certificate ({reason}): give --certfile "
+            f"and --keyfile (flq credentials --tls makes them)"
+        )
+
     def _fatal_transport(self, exc: httpx.TransportError) -> Optional[str]:
         """The one-line reason when a transport error can never be retried away."""
         u = urlsplit(self.base_url)
@@ -316,15 +332,7 @@ class MasterClient:
                     f"({e.verify_message or e.reason}){hint}"
                 )
             if isinstance(e, ssl.SSLError) and e.reason in _CLIENT_CERT_REASONS:
-                if self.client_cert:
-                    return (
-                        f"TLS: the master at {u.netloc} refused this worker's certificate --certfile "
-                        f"{self.client_cert[0]} ({e.reason}): is it signed by the master's --cafile?"
-                    )
-                return (
-                    f"TLS: the master at {u.netloc} requires a client certificate ({e.reason}): give --certfile "
-                    f"and --keyfile (flq credentials --tls makes them)"
-                )
+                return self._certificate_refused(u.netloc, e.reason)
             if isinstance(e, ssl.SSLError) and e.reason in _NOT_TLS_REASONS:
                 return (
                     f"TLS: {u.netloc} does not speak HTTPS ({e.reason or e}); drop --tls/--cafile or use an "
@@ -336,16 +344,8 @@ class MasterClient:
             and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError))
         ):
             reason = client_certificate_refused(u.hostname or "", u.port or DEFAULT_PORT, self.client_cert)
-            if reason and self.client_cert:
-                return (
-                    f"TLS: the master at {u.netloc} refused this worker's certificate --certfile "
-                    f"{self.client_cert[0]} ({reason}): is it signed by the master's --cafile?"
-                )
             if reason:
-                return (
-                    f"TLS: the master at {u.netloc} requires a client certificate ({reason}): give --certfile "
-                    f"and --keyfile (flq credentials --tls makes them)"
-                )
+                return self._certificate_refused(u.netloc, reason)
         if (
             u.scheme == "http"
             and not self.answered

@@ -17,6 +17,8 @@ from ..protocol import Code
 
 log = logging.getLogger("flq.transport.server")
 
+#: Where :class:`BodyLimit` leaves the request body it buffered (absent: a request without one).
+SCOPE_BODY = "flq.body"
 #: Seconds a client may take to send its whole request body.
 BODY_TIMEOUT_S = 30.0
 
@@ -25,7 +27,8 @@ class BodyLimit:
     """ASGI middleware: refuse request bodies over a per-path size (413
     ``too_large``) or that take longer than ``BODY_TIMEOUT_S`` seconds to
     arrive (408 ``timeout``), before any handler reads them; the body is
-    buffered here and replayed to the app."""
+    buffered here, replayed to the app, and kept in the scope
+    (:data:`SCOPE_BODY`) for :class:`WorkerAuth`."""
 
     def __init__(self, app, limits: Dict[str, int], default: int) -> None:
         self.app, self.limits, self.default = app, limits, default
@@ -63,7 +66,7 @@ class BodyLimit:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return await self.app(scope, replay, send)
+        return await self.app({**scope, SCOPE_BODY: body}, replay, send)
 
 
 class BearerAuth:
@@ -119,8 +122,8 @@ class WorkerAuth:
     a refusal (401 ``bad_signature``, 409 ``replayed``) is sent before the
     route runs, so the master's state is untouched. The proved id goes into
     the scope (``flq.worker``) for the route to compare with the id the call
-    acts for (403 ``wrong_worker``). Sits inside :class:`BodyLimit` (the body
-    is complete and within its limit when it gets here)."""
+    acts for (403 ``wrong_worker``). Sits inside :class:`BodyLimit`, whose
+    buffered body (complete, within its limit) it reads from the scope."""
 
     def __init__(self, app, verifier) -> None:
         self.app, self.verifier = app, verifier
@@ -128,14 +131,7 @@ class WorkerAuth:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not is_worker_path(scope["path"]):
             return await self.app(scope, receive, send)
-        chunks, more = [], scope["method"] not in ("GET", "HEAD")
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body, sent = b"".join(chunks), False
+        body = scope.get(SCOPE_BODY, b"")
         headers: Dict[str, str] = {}
         for k, v in scope["headers"]:
             name = k.decode("latin-1").lower()
@@ -155,15 +151,7 @@ class WorkerAuth:
             )
         except AuthError as exc:
             return await _send_error(send, exc.code, str(exc))
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app({**scope, SCOPE_WORKER: m}, replay, send)
+        return await self.app({**scope, SCOPE_WORKER: m}, receive, send)
 
 
 async def _send_error(send, code: Code, detail: str) -> None:

@@ -118,7 +118,7 @@ log = logging.getLogger(__name__)
 
 OCTET = "application/octet-stream"
 
-#: The worker's registration session: mandatory on every worker call after registration (checked by ``acting_as``).
+#: The worker's registration session: mandatory on every worker call after registration (checked by ``in_session``).
 SESSION = Header(None, alias="X-FLQ-Session", max_length=64)
 #: Largest JSON request body (register, offer): far above any real one.
 MAX_JSON_BODY = 64 * 1024
@@ -185,13 +185,12 @@ def create_app(
     # outermost: runs first
     app.add_middleware(BearerAuth, token=auth_token, open_paths=open_paths, signed_workers=verifier is not None)
 
-    def acting_as(request: Request, worker_id: int, session: Optional[str] = "-") -> str:
+    def acting_as(request: Request, worker_id: int) -> None:
         """Check the id a worker call acts for: one of the run's, and (with
-        credentials) the one that signed it; then that the call carries its
-        session (``"-"``: a call made before there is one). Returns the session.
+        credentials) the one that signed it.
 
         Raises:
-            MasterError: 404 ``unknown_worker``; 403 ``wrong_worker``; 401 ``no_session``.
+            MasterError: 404 ``unknown_worker``; 403 ``wrong_worker``.
         """
         cluster.master.check_worker(worker_id)
         proved = request.scope.get(SCOPE_WORKER)
@@ -199,6 +198,14 @@ def create_app(
             raise MasterError(
                 f"the call is signed by worker {proved} but acts for worker {worker_id}", Code.WRONG_WORKER
             )
+
+    def in_session(request: Request, worker_id: int, session: Optional[str]) -> str:
+        """:func:`acting_as`, then the session every call after registration carries.
+
+        Raises:
+            MasterError: as :func:`acting_as`; 401 ``no_session``.
+        """
+        acting_as(request, worker_id)
         if not session:
             raise MasterError(
                 "a worker call without the X-FLQ-Session header: register, then send the session it returned",
@@ -345,7 +352,7 @@ def create_app(
         summary="A worker's sign of life (every heartbeat_s)",
     )
     async def heartbeat(req: WorkerRequest, request: Request, session: Optional[str] = SESSION) -> Dict[str, Any]:
-        session = acting_as(request, req.worker_id, session)
+        session = in_session(request, req.worker_id, session)
         return cluster.heartbeat(req.worker_id, session)
 
     @app.post(
@@ -355,7 +362,7 @@ def create_app(
         summary="The worker exits on purpose; no round waits for it",
     )
     async def leave(req: WorkerRequest, request: Request, session: Optional[str] = SESSION) -> Dict[str, Any]:
-        session = acting_as(request, req.worker_id, session)
+        session = in_session(request, req.worker_id, session)
         await cluster.leave(req.worker_id, session)
         return {"ok": True}
 
@@ -367,7 +374,7 @@ def create_app(
     async def mirrors(worker_id: int, request: Request, session: Optional[str] = SESSION) -> Response:
         from safetensors.numpy import save
 
-        session = acting_as(request, worker_id, session)
+        session = in_session(request, worker_id, session)
         ref_up, ref_down, up_v, down_v = cluster.mirrors(worker_id, session)
         body = save(
             {"ref_up": np.ascontiguousarray(ref_up), "ref_down": np.ascontiguousarray(ref_down)},
@@ -391,7 +398,7 @@ def create_app(
         after: int = Query(0, ge=0, description="the last round (1-based) the worker has done; 0 for none"),
         session: Optional[str] = SESSION,
     ) -> Response:
-        session = acting_as(request, worker_id, session)
+        session = in_session(request, worker_id, session)
         view = await cluster.fetch_round(worker_id, wait, session, after=round_index(after))
         if view is None:
             return Response(status_code=204)
@@ -425,7 +432,7 @@ def create_app(
         wait: float = Query(20.0, ge=0, le=MAX_WAIT_S),
         session: Optional[str] = SESSION,
     ) -> Response:
-        session = acting_as(request, req.worker_id, session)
+        session = in_session(request, req.worker_id, session)
         raw = await request.body()
         fields = req.model_dump()
         fields["loss"] = float("nan") if fields["loss"] is None else fields["loss"]
@@ -453,7 +460,7 @@ def create_app(
         down_version: Optional[int] = Query(None, ge=0, description="the worker's ref_down version"),
         session: Optional[str] = SESSION,
     ) -> Response:
-        session = acting_as(request, worker_id, session)
+        session = in_session(request, worker_id, session)
         # BodyLimit has already refused bodies over max_body_bytes (413)
         versions = None if up_version is None or down_version is None else (up_version, down_version)
         await cluster.upload(worker_id, round_index(round), await request.body(), session, versions=versions)
