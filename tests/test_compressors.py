@@ -102,5 +102,5 @@ def test_master_and_worker_use_the_table(monkeypatch):
     master = Master(cfg, SIZES, np.zeros(N, np.float32))
     assert master.up_scheme is compressors.UPLINK["laq8"]
     assert master.down_scheme is compressors.DOWNLINK_EXACT
-    assert master.max_upload_bytes == packing.encoded_size(N, 8, 1)
+    assert master.max_upload_bytes == packing.encoded_size(N, 8, 1, coded=True)
     assert master.upload_cost == 8 * N

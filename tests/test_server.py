@@ -69,7 +69,14 @@ class Server:
 def server():
     cfg = load_config(
         str(PAPER_CONFIG),
-        {"total_workers": 2, "max_rounds": 50, "threads": 1, "auth_token": TOKEN, "round_timeout_s": 60},
+        {
+            "total_workers": 2,
+            "max_rounds": 50,
+            "threads": 1,
+            "auth_token": TOKEN,
+            "round_timeout_s": 60,
+            "entropy_coding": "none",  # wire format 1 here; test_coding.py covers version 2
+        },
     )
     s = Server(cfg)
     yield s

@@ -32,7 +32,8 @@ def runtime20(fmnist_available):
 @pytest.mark.parametrize("mode,b_down,expected", [("fedavg", 32, 1), ("laq8", 32, 4), ("bbit", 8, 9), ("bin", 8, 20)])
 def test_budget_selects_published_counts(runtime20, mode, b_down, expected):
     # docs/algorithm.md: under 17e6 bits, 20 workers -> 1 (32n), 4 (8n), 9 (4n), 20 (1n) uploads per round
-    cfg = small_config(total_workers=20, max_rounds=1, mode=mode, b_up=4, b_down=b_down)
+    # when the budget charges b n bits per upload (no entropy coding, as in the original)
+    cfg = small_config(total_workers=20, max_rounds=1, mode=mode, b_up=4, b_down=b_down, entropy_coding="none")
     res = simulate(cfg, write=False, progress=False, runtime=runtime20)
     (rec,) = res.records
     assert rec["selcnt"] == expected
@@ -313,7 +314,7 @@ def test_settings_that_cannot_train_are_refused_or_warned_at_start(fmnist_availa
         "flq: config error: config key 'dataset.batch_size': 5000 is larger than each worker's iid share "
         "(60000 / 20 = 3000 samples); lower batch_size or total_workers"
     )
-    p = _start(tmp_path / "b", "--rounds", "1", "--up_budget_bits", "1e5", "--no-progress")
+    p = _start(tmp_path / "b", "--rounds", "1", "--up_budget_bits", "1e5", "--entropy_coding", "none", "--no-progress")
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0
     assert "up_budget_bits 1e+05 is smaller than one upload (203560 bits in mode bbit)" in err

@@ -221,6 +221,15 @@ class FlqAlgorithmSection(_Section):
     scale_by_selected: Annotated[bool, Bool] = _field(True, "scale the aggregate by m_sel / sel_ref")
     sel_ref: Annotated[float, Float] = _field(1.0, "reference count of scale_by_selected", ge=1)
     clip_global: Annotated[float, Float] = _field(0.0, "clip the aggregate's norm", note="0 = off", ge=0)
+    entropy_coding: Annotated[Literal["both", "up", "down", "none"], Choice] = _field(
+        "both",
+        "which links send entropy-coded vectors (wire format 2, zstd); the uplink budget charges their real size",
+    )
+    adaptive_width: Annotated[bool, Bool] = _field(
+        False,
+        "each worker picks its uplink width per round: the widest of 2..b_up whose coded size fits its share "
+        "of up_budget_bits (docs/algorithm.md, Adaptive width)",
+    )
 
     @model_validator(mode="after")
     def _bits_fit_mode(self) -> FlqAlgorithmSection:
@@ -233,6 +242,11 @@ class FlqAlgorithmSection(_Section):
         problem = scheme.check_bits(self.b_up)
         if problem:
             raise ValueError(f"config key 'flq_algorithm.b_up': {problem}, got {self.b_up}")
+        if self.adaptive_width and (scheme.fixed_bits is not None or self.b_up <= scheme.min_bits):
+            raise ValueError(
+                f"config key 'flq_algorithm.adaptive_width': mode {self.mode} with b_up {self.b_up} has one width "
+                f"to choose from; adaptive width needs a mode whose width is b_up and b_up > {scheme.min_bits}"
+            )
         if scheme.sets_b_up:
             # the seed's "b forced to 1" of the binary mode (the model may be frozen: Config is)
             object.__setattr__(self, "b_up", scheme.bits(self.b_up))
@@ -328,6 +342,24 @@ class Config(
     def downlink_bits(self) -> int:
         """Bits per element the workers receive (32 when b_down is 0 or 32)."""
         return compressors.downlink_bits(self.b_down)
+
+    @property
+    def uplink_widths(self) -> Tuple[int, ...]:
+        """The widths an upload may have: ``min_bits..b_up`` with
+        ``adaptive_width``, else ``(uplink_bits,)``."""
+        if self.adaptive_width:
+            return tuple(range(compressors.uplink(self.mode).min_bits, self.b_up + 1))
+        return (self.uplink_bits,)
+
+    @property
+    def coding_up(self) -> bool:
+        """Whether uploads are entropy-coded (wire format 2)."""
+        return self.entropy_coding in ("both", "up")
+
+    @property
+    def coding_down(self) -> bool:
+        """Whether downlinks are entropy-coded (wire format 2)."""
+        return self.entropy_coding in ("both", "down")
 
     @property
     def needed_workers(self) -> int:

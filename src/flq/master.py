@@ -116,14 +116,16 @@ class Master:
         self.down_scheme = compressors.downlink(cfg.b_down)
         self.down_rng = [stream_rng(cfg.seed, m, STREAM_DOWNLINK) for m in range(M)]
         self.round = 0  # k of the round in progress (or next to start)
-        self.bits_up_cum = 0
+        self.bits_up_cum = 0  # real: what the uploads were charged (packing.charged_bits)
         self.bits_down_cum = 0
+        self.bits_up_nominal_cum = 0  # b n per upload, the original's count
+        self.bits_down_nominal_cum = 0
         self.wire_up_cum = 0
         self.wire_down_cum = 0
         self.records: List[Dict[str, Any]] = []
         self.selected_history: List[List[int]] = []
         self._reset_round()
-        if cfg.sel_clients == 0 and 0 < cfg.up_budget_bits < self.upload_cost:
+        if cfg.sel_clients == 0 and not cfg.coding_up and 0 < cfg.up_budget_bits < self.upload_cost:
             log.warning(
                 "budget_selection.up_budget_bits %.4g is smaller than one upload (%d bits in mode %s): no "
                 "worker can ever be selected and the model will not train; raise it, or set 0 (no budget) "
@@ -141,6 +143,7 @@ class Master:
         self.selection_made = False
         self.received: Dict[int, np.ndarray] = {}
         self.received_digest: Dict[int, str] = {}
+        self.received_bits: Dict[int, Tuple[int, int]] = {}  # m -> (charged, nominal b n)
         self.wire_up = 0
         self.wire_down = 0
         self.round_started = time.perf_counter()
@@ -181,12 +184,13 @@ class Master:
             qv, w = scheme.encode_update(
                 self.theta, self.ref_down[worker_id], bits, self.down_rng[worker_id], self.segments
             )
-            payload = packing.encode(qv)
+            payload = packing.encode(qv, coded=self.cfg.coding_down)
             if scheme.relative:
                 self.ref_down[worker_id] = w
                 self.down_version[worker_id] += 1
         self.downlinks[worker_id] = payload
-        self.bits_down_cum += bits * self.n
+        self.bits_down_cum += packing.charged_bits(payload)
+        self.bits_down_nominal_cum += bits * self.n
         self.wire_down += len(payload)
         return payload
 
@@ -233,11 +237,9 @@ class Master:
             raise MasterError("offer has a non-finite gain or cost, or a cost <= 0", Code.MALFORMED)
         if offer.candidate and not math.isfinite(offer.loss):
             raise MasterError("offer is a candidate with a non-finite loss", Code.MALFORMED)
-        expected_cost = float(self.upload_cost)
-        if offer.cost != expected_cost:
-            raise MasterError(
-                f"offer cost {offer.cost:g} bits, expected {expected_cost:g} for mode {self.cfg.mode}", Code.MALFORMED
-            )
+        problem = self._cost_problem(offer.cost) if offer.candidate else ""  # a non-candidate is never charged
+        if problem:
+            raise MasterError(f"offer cost {offer.cost:g} bits: {problem}", Code.MALFORMED)
         if (offer.up_version, offer.down_version) != (self.up_version[m], self.down_version[m]):
             raise MasterError(
                 f"worker {m} mirror versions (up {offer.up_version}, down {offer.down_version}) "
@@ -246,6 +248,21 @@ class Master:
             )
         self.offers[m] = offer
         return True
+
+    def _cost_problem(self, cost: float) -> str:
+        """Why ``cost`` cannot be what an upload of this run is charged ('' if it can)."""
+        cfg = self.cfg
+        if not cfg.coding_up:
+            nominal = [b * self.n for b in cfg.uplink_widths]
+            return "" if cost in nominal else f"expected one of {nominal} for mode {cfg.mode}"
+        most = 8 * (self.max_upload_bytes - packing.header_size(max(cfg.uplink_widths), len(self._up_segments)))
+        if cost != int(cost) or int(cost) % 8 or not 8 <= cost <= most:
+            return f"a coded upload is charged a whole number of bytes, 8..{most} bits"
+        return ""
+
+    @property
+    def _up_segments(self) -> Tuple[int, ...]:
+        return self.up_scheme.segments(self.segments)
 
     def select(self) -> List[int]:
         """Budget selection among this round's candidate offers (step 6)."""
@@ -278,14 +295,24 @@ class Master:
             raise MasterError(
                 f"worker {worker_id} already uploaded other bytes in round {self.round + 1}", Code.CONFLICT
             )
-        scheme, bits = self.up_scheme, self.cfg.uplink_bits
+        scheme, widths = self.up_scheme, self.cfg.uplink_widths
         with self.stopwatch.section("quantize"):
             try:
                 qv = packing.decode(
-                    payload, expected_n=self.n, expected_bits=bits, expected_segments=scheme.segments(self.segments)
+                    payload,
+                    expected_n=self.n,
+                    expected_bits=widths[0] if len(widths) == 1 else widths,
+                    expected_segments=self._up_segments,
                 )
             except packing.PayloadError as exc:
                 raise MasterError(f"upload from worker {worker_id}: {exc}", Code.MALFORMED) from None
+            charged = packing.charged_bits(payload)
+            if charged != self.offers[worker_id].cost:
+                raise MasterError(
+                    f"upload from worker {worker_id} is charged {charged} bits, its offer said "
+                    f"{self.offers[worker_id].cost:g}",
+                    Code.MALFORMED,
+                )
             with np.errstate(over="ignore", invalid="ignore"):  # huge scales: refused just below, no warning
                 q = scheme.decode_update(qv, self.ref_up[worker_id])
             if not np.isfinite(q).all():
@@ -301,6 +328,7 @@ class Master:
             self.up_version[worker_id] += 1
         self.received[worker_id] = q
         self.received_digest[worker_id] = digest
+        self.received_bits[worker_id] = (charged, qv.bits * self.n)
         self.wire_up += len(payload)
         return True
 
@@ -338,7 +366,8 @@ class Master:
                 except FloatingPointError as exc:
                     problem = f"the aggregate of workers {uploaded}: {exc}"
             self.history.appendleft(squared_norm(theta - self.theta))
-        self.bits_up_cum += len(uploaded) * cfg.uplink_bits * self.n
+        self.bits_up_cum += sum(self.received_bits[m][0] for m in uploaded)
+        self.bits_up_nominal_cum += sum(self.received_bits[m][1] for m in uploaded)
         self.wire_up_cum += self.wire_up
         self.wire_down_cum += self.wire_down
         last = k + 1 == cfg.max_rounds
@@ -357,6 +386,11 @@ class Master:
             "bits_up_cum": self.bits_up_cum,
             "bits_down_cum": self.bits_down_cum,
             "cum_bits_total": self.bits_up_cum + self.bits_down_cum,
+            "bits_up_nominal_cum": self.bits_up_nominal_cum,
+            "bits_down_nominal_cum": self.bits_down_nominal_cum,
+            "b_up_mean": (sum(self.received_bits[m][1] for m in uploaded) / (self.n * len(uploaded)))
+            if uploaded
+            else float("nan"),
             "wire_bytes_up": self.wire_up,
             "wire_bytes_down": self.wire_down,
             "wire_bytes_up_cum": self.wire_up_cum,
@@ -383,14 +417,14 @@ class Master:
 
     @property
     def upload_cost(self) -> int:
-        """Bits one upload is charged in this run's mode (docs/algorithm.md, "Modes")."""
+        """Bits one uncoded upload at ``b_up`` is charged (docs/algorithm.md, "Modes")."""
         return int(self.cfg.uplink_bits * self.n)
 
     @property
     def max_upload_bytes(self) -> int:
-        """Length in bytes of a valid upload body in this run's mode."""
-        segs = len(self.up_scheme.segments(self.segments))
-        return packing.encoded_size(self.n, self.cfg.uplink_bits, segs)
+        """Most bytes a valid upload body has in this run's mode (the widest width)."""
+        widest = max(self.cfg.uplink_widths)
+        return packing.encoded_size(self.n, widest, len(self._up_segments), coded=self.cfg.coding_up)
 
     def snapshot(self) -> Tuple[int, np.ndarray]:
         """``(rounds done, theta)`` read together, safe from another thread
@@ -433,7 +467,7 @@ class Master:
             "selected": self.selected,
             "selection_made": self.selection_made,
             "downlinked": sorted(self.downlinked),
-            "bits": [self.bits_up_cum, self.bits_down_cum],
+            "bits": [self.bits_up_cum, self.bits_down_cum, self.bits_up_nominal_cum, self.bits_down_nominal_cum],
             "wire": [self.wire_up, self.wire_down, self.wire_up_cum, self.wire_down_cum] if wire else None,
         }
         h.update(json.dumps(facts, sort_keys=True, default=str).encode())
@@ -454,6 +488,8 @@ class Master:
             "down_rng": [g.bit_generator.state for g in self.down_rng],
             "bits_up_cum": self.bits_up_cum,
             "bits_down_cum": self.bits_down_cum,
+            "bits_up_nominal_cum": self.bits_up_nominal_cum,
+            "bits_down_nominal_cum": self.bits_down_nominal_cum,
             "wire_up_cum": self.wire_up_cum,
             "wire_down_cum": self.wire_down_cum,
             "records": [dict(r) for r in self.records],
@@ -473,6 +509,9 @@ class Master:
         for g, s in zip(self.down_rng, state["down_rng"]):
             g.bit_generator.state = s
         self.bits_up_cum, self.bits_down_cum = int(state["bits_up_cum"]), int(state["bits_down_cum"])
+        # a checkpoint from before the nominal counts: its runs were uncoded, nominal = charged
+        self.bits_up_nominal_cum = int(state.get("bits_up_nominal_cum", self.bits_up_cum))
+        self.bits_down_nominal_cum = int(state.get("bits_down_nominal_cum", self.bits_down_cum))
         self.wire_up_cum, self.wire_down_cum = int(state["wire_up_cum"]), int(state["wire_down_cum"])
         self.records = [dict(r) for r in state["records"]]
         self.selected_history = [list(s) for s in state["selected_history"]]

@@ -57,7 +57,8 @@ def run_label(run: RunResults) -> str:
 
     e.g. ``"bbit (b_up 4, b_down 8)"``; a mode with a fixed width (the
     compressor table's ``fixed_bits``) shows it whatever ``b_up`` says
-    (``"laq8 (b_up 8, b_down 32)"``).
+    (``"laq8 (b_up 8, b_down 32)"``). Adaptive width shows as ``b_up 2..8``
+    and entropy coding as ``coded up+down`` (``coded up``, ``coded down``).
     """
     scheme = compressors.UPLINK.get(run.mode)
     parts = []
@@ -67,8 +68,13 @@ def run_label(run: RunResults) -> str:
             value = scheme.bits(value)
         if name == "b_down" and value == 0:
             value = 32
+        if name == "b_up" and value is not None and _config_lookup(run.config, "adaptive_width") is True:
+            value = f"{scheme.min_bits if scheme else 2}..{_fmt(value)}"
         if value is not None:
             parts.append(f"{name} {_fmt(value)}")
+    coding = _config_lookup(run.config, "entropy_coding")
+    if coding in ("both", "up", "down"):
+        parts.append("coded " + {"both": "up+down"}.get(coding, coding))
     return f"{run.mode} ({', '.join(parts)})" if parts else run.mode
 
 

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from .algorithm import compressors, packing
+from .algorithm.width import budget_share, choose_width
 from .algorithm.aggregation import MAX_UPDATE_MAGNITUDE, usable_update
 from .algorithm.lazy import is_candidate, next_clock
 from .algorithm.vector import squared_norm
@@ -172,14 +173,14 @@ class Worker:
                 round=round_index,
                 candidate=False,
                 gain=0.0,
-                cost=float(cfg.uplink_bits * n),
+                cost=float(cfg.uplink_widths[0] * n),
                 loss=float("nan"),
                 up_version=self.up_version,
                 down_version=self.down_version,
             )
         scheme = self.up_scheme
         g_eff = g + self.ef if scheme.error_feedback else g
-        qv, q = scheme.encode_update(g_eff, self.ref_up, cfg.uplink_bits, self.rng, self.model.segments)
+        qv, q, payload = self._encode(g_eff)
         e = squared_norm(q - g_eff) if scheme.error_feedback else 0.0
         candidate = True
         if scheme.lazy:
@@ -196,17 +197,37 @@ class Worker:
                 self.clock,
                 cfg.C,
             )
-        self._pending = dict(round=round_index, qv=qv, q=q, g_eff=g_eff, e=e)
+        self._pending = dict(round=round_index, payload=payload, q=q, g_eff=g_eff, e=e)
         return Offer(
             worker_id=self.worker_id,
             round=round_index,
             candidate=candidate,
             gain=squared_norm(q),
-            cost=float(cfg.uplink_bits * n),
+            cost=float(packing.charged_bits(payload)),
             loss=float(loss),
             up_version=self.up_version,
             down_version=self.down_version,
         )
+
+    def _encode(self, g_eff: np.ndarray) -> tuple:
+        """Quantize and encode the update: ``(wire form, q, payload bytes)``.
+
+        The payload is made now, before the offer, so the offer's cost is
+        its real size (:func:`~flq.algorithm.packing.charged_bits`); with
+        ``adaptive_width`` the width is chosen by
+        :func:`~flq.algorithm.width.choose_width`.
+        """
+        cfg, scheme, segments = self.cfg, self.up_scheme, self.model.segments
+
+        def encode_at(bits: int, rng: np.random.Generator) -> tuple:
+            qv, q = scheme.encode_update(g_eff, self.ref_up, bits, rng, segments)
+            return qv, q, packing.encode(qv, coded=cfg.coding_up)
+
+        widths = cfg.uplink_widths
+        if len(widths) == 1:
+            return encode_at(widths[0], self.rng)
+        share = budget_share(cfg.up_budget_bits, cfg.sel_clients, cfg.total_workers)
+        return choose_width(encode_at, widths, self.rng, share)
 
     # ----- step 7 -----------------------------------------------------
     def upload(self, round_index: int) -> bytes:
@@ -223,8 +244,7 @@ class Worker:
             self.ef = p["g_eff"] - p["q"]
             self.e_hat = p["e"]
         self.clock = 0
-        with self.stopwatch.section("quantize"):
-            return packing.encode(p["qv"])
+        return p["payload"]
 
     # ----- step 8 -----------------------------------------------------
     def skip(self, round_index: int) -> None:
