@@ -128,7 +128,7 @@ def main() -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     print(f"\nspreadsheets: {', '.join(str(x) for _, x, _ in runs.values())}")
     print(f"plots: {plots} (acc_vs_bits.png: accuracy against cumulative uplink+downlink bits)")
-    if any(math.isnan(r.curve['acc'].dropna().iloc[-1]) for r, _, _ in runs.values()):
+    if any(math.isnan(r.curve["acc"].dropna().iloc[-1]) for r, _, _ in runs.values()):
         raise SystemExit("a run has no evaluated accuracy")
 
 

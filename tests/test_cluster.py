@@ -16,18 +16,20 @@ from conftest import small_config
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
-from flq.algorithm.packing import packed_size
+from flq.algorithm.packing import header_size
 from flq.model import CNN, flatten
 from flq.results import read_results
 from flq.simulate import simulate
 
 N = 467_818
-# 4 workers at 4 bits cost 1,871,272 bits each: a 5e6 budget takes 2 of 4.
+# Entropy coding on both links (the default) and adaptive width 2..4: each of the 4 workers
+# sends the widest width whose coded size fits its share, 5e6 / 4 bits.
 SETTINGS = {
     "rounds": 10,
     "mode": "bbit",
     "b_up": 4,
     "b_down": 8,
+    "adaptive_width": "true",
     "up_budget_bits": 5e6,
     "eval_every": 5,
     "min_workers": 0,
@@ -64,8 +66,17 @@ def test_distributed_equals_simulation(distributed_run):
     cluster, xlsx = distributed_run
     run = read_results(xlsx)
     cfg = small_config(
-        total_workers=4, max_rounds=10, mode="bbit", b_up=4, b_down=8, up_budget_bits=5e6, eval_every=5, seed=3
+        total_workers=4,
+        max_rounds=10,
+        mode="bbit",
+        b_up=4,
+        b_down=8,
+        adaptive_width=True,
+        up_budget_bits=5e6,
+        eval_every=5,
+        seed=3,
     )
+    assert cfg.entropy_coding == "both"
     sim = simulate(cfg, write=False, progress=False)
     assert len(run.curve) == 10 and list(run.curve["iter"]) == list(range(1, 11))
     for rec, (_, row) in zip(sim.records, run.curve.iterrows()):
@@ -73,9 +84,11 @@ def test_distributed_equals_simulation(distributed_run):
             # the .xlsx keeps 16 significant digits (openpyxl), hence rel 1e-15, not ==
             a, b = rec[key], float(row[key])
             assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-15, abs=0), (rec["iter"], key)
-        for key in ("selcnt", "bits_up_cum", "bits_down_cum", "cum_bits_total"):
+        for key in ("selcnt", "bits_up_cum", "bits_down_cum", "cum_bits_total", "bits_up_nominal_cum"):
             assert rec[key] == int(row[key]), (rec["iter"], key)
-    assert set(run.curve["selcnt"]) == {2}
+        assert rec["b_up_mean"] == float(row["b_up_mean"])
+    assert set(run.curve["selcnt"]) == {4}  # every worker's share fits: all heard
+    assert 2 <= run.curve["b_up_mean"].min() and run.curve["b_up_mean"].max() <= 4
     # equal at the same thread count (README): the spreadsheet records it
     assert [run.config[f"runtime.worker_threads.{m}"] for m in range(4)] == [1, 1, 1, 1]
     assert run.config["runtime.threads"] == 1 and run.config["run.end"] == "completed"
@@ -136,18 +149,22 @@ def test_credentials_and_mutual_tls_change_no_number(distributed_run, secured_ru
     print(f"mean round seconds: plain {p:.2f}, credentials + mTLS {q:.2f}")
 
 
-def test_wire_bytes_upload_is_packed_and_unselected_send_nothing(distributed_run):
+def test_wire_bytes_are_the_charged_bits_plus_fixed_headers(distributed_run):
+    """Each round's measured uplink is its uploads' charged bits in bytes, a
+    112-byte fixed header per upload, and the 4 JSON offers; the downlink the
+    same for 4 coded 8-bit models plus the small JSON answers."""
     _, xlsx = distributed_run
     curve = read_results(xlsx).curve
-    payload_bound = packed_size(N, 4)  # ceil(4 n / 8) = 233,909 bytes
-    for _, row in curve.iterrows():
-        up = int(row["wire_bytes_up"])
-        # 2 uploads of at most 1% over ceil(4n/8), plus 4 small JSON offers; a third payload would not fit
-        assert 2 * payload_bound <= up <= 2 * payload_bound * 1.01 + 4 * 400, up
-        assert up < 3 * payload_bound
-        # every worker got an 8-bit downlink: 4 x ceil(8n/8) plus headers and small JSON answers
-        down = int(row["wire_bytes_down"])
-        assert 4 * packed_size(N, 8) <= down <= 4 * packed_size(N, 8) * 1.01 + 4 * 200
+    header = header_size(4, 12)  # 112 bytes
+    up_bits = np.diff([0, *curve["bits_up_cum"]])
+    down_bits = np.diff([0, *curve["bits_down_cum"]])
+    for (_, row), ub, db in zip(curve.iterrows(), up_bits, down_bits):
+        assert ub % 8 == 0 and db % 8 == 0
+        payloads = ub // 8 + int(row["selcnt"]) * header
+        assert payloads < int(row["wire_bytes_up"]) <= payloads + 4 * 400
+        down = db // 8 + 4 * header
+        assert down < int(row["wire_bytes_down"]) <= down + 4 * 200
+        assert ub < int(row["selcnt"]) * 4 * N  # coded: below the nominal b n
 
 
 def test_logs_and_results_written(distributed_run):

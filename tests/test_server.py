@@ -657,3 +657,60 @@ def test_the_session_header_is_mandatory(server):
     ):
         assert refusal_code(c.request(method, path, **kw), server.openapi) == Code.NO_SESSION, path
     assert state_hash(server.master) == before
+
+
+def test_coded_upload_body_is_its_cost_in_bytes_plus_the_fixed_header():
+    """Entropy coding on (the default): the uplink HTTP body measured as it
+    leaves the client and as the master counts it is exactly the offer's
+    cost in bytes plus the 112-byte fixed header; corrupt coded bodies are
+    refused with a one-line 400 and change nothing."""
+    cfg = load_config(
+        str(PAPER_CONFIG),
+        {"total_workers": 2, "max_rounds": 5, "threads": 1, "auth_token": TOKEN, "round_timeout_s": 60},
+    )
+    assert cfg.coding_up and cfg.coding_down
+    s = Server(cfg)
+    sent: list = []
+
+    def measure(request: httpx.Request) -> None:
+        if request.url.path == "/round/upload":
+            sent.append(int(request.headers["Content-Length"]))
+
+    try:
+        c = worker_client(s.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        c.event_hooks["request"].append(measure)
+        workers = make_workers(cfg)
+        for w in workers:
+            assert c.post("/workers/register", json={"worker_id": w.worker_id}).status_code == 200
+        got = {}
+        for w in workers:
+            r = c.get("/round/model", params={"worker_id": w.worker_id, "wait": 30})
+            assert r.status_code == 200 and r.content[4] == packing.FORMAT_CODED
+            got[w.worker_id] = (0, float(r.headers["X-FLQ-MeK"]), r.content)
+        offers = {m: workers[m].offer(*got[m]) for m in got}
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda m: c.post("/round/offer", json=wire(offers[m])).json(), (0, 1)))
+        assert all(a["selected"] for a in answers), answers
+        body = workers[0].upload(0)
+        up = {"worker_id": 0, "round": 1}
+        header = packing.header_size(4, 12)
+        assert header == 112 and len(body) == header + int(offers[0].cost) // 8
+        assert offers[0].cost < 4 * N / 2  # coded: less than half the nominal 4 n bits
+        for label, bad in (
+            ("coded body cut", body[:-5]),
+            ("coded body with trailing bytes", body + b"\0\0"),
+            ("coded frame corrupted", body[:-10] + bytes(b ^ 0x5A for b in body[-10:])),
+            ("unknown coding method", body[:header] + b"\x09" + body[header + 1 :]),
+        ):
+            before = state_hash(s.master)
+            r = c.post("/round/upload", params=up, content=bad)
+            assert r.status_code == 400 and refusal_code(r) is Code.MALFORMED, (label, r.text)
+            one_line(r)
+            assert state_hash(s.master) == before, label
+        sent.clear()
+        wire_before = s.master.wire_up
+        assert c.post("/round/upload", params=up, content=body).status_code == 200
+        assert sent == [header + int(offers[0].cost) // 8]
+        assert s.master.wire_up - wire_before == sent[0]
+    finally:
+        s.stop()

@@ -43,6 +43,23 @@ def test_budget_selects_published_counts(runtime20, mode, b_down, expected):
     assert rec["cum_bits_total"] == rec["bits_up_cum"] + rec["bits_down_cum"]
 
 
+def test_coded_uploads_are_charged_their_real_size_and_more_are_heard(runtime20):
+    """Round 1 of the paper configuration, bbit 4/8 with entropy coding: the
+    17e6-bit budget charges each upload its coded size, so all 20 workers are
+    heard (9 uncoded); the nominal 4 n per upload stays in its own column."""
+    cfg = small_config(total_workers=20, max_rounds=1, b_up=4, b_down=8)
+    assert cfg.entropy_coding == "both"  # the default
+    res = simulate(cfg, write=False, progress=False, runtime=runtime20)
+    (rec,) = res.records
+    n = runtime20.model.n
+    assert rec["selcnt"] == 20
+    assert rec["bits_up_nominal_cum"] == 20 * 4 * n and rec["bits_down_nominal_cum"] == 20 * 8 * n
+    assert rec["bits_up_cum"] <= 17e6 and rec["bits_up_cum"] < rec["bits_up_nominal_cum"] / 2
+    # each 8-bit downlink is charged its data bytes (at most n + 1: stored when zstd would not help)
+    assert rec["bits_down_cum"] % 8 == 0 and rec["bits_down_cum"] <= 20 * 8 * (n + 1)
+    print(f"round 1 coded: {rec['selcnt']} uploads, {rec['bits_up_cum'] / (rec['selcnt'] * n):.3f} bits per element")
+
+
 def test_same_seed_same_run_and_different_seed_differs(fmnist_available):
     cfg = small_config(max_rounds=2)
     a = simulate(cfg, write=False, progress=False)

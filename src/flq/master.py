@@ -310,7 +310,7 @@ class Master:
             if charged != self.offers[worker_id].cost:
                 raise MasterError(
                     f"upload from worker {worker_id} is charged {charged} bits, its offer said "
-                    f"{self.offers[worker_id].cost:g}",
+                    f"{self.offers[worker_id].cost:.0f}",
                     Code.MALFORMED,
                 )
             with np.errstate(over="ignore", invalid="ignore"):  # huge scales: refused just below, no warning

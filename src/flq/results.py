@@ -14,16 +14,20 @@ Per-round columns (:data:`CURVE_COLUMNS`, in this order)
 * ``entropy`` (float) -- mean test cross-entropy of the global model (nats);
   NaN on rounds that were not evaluated.
 * ``selcnt`` (int) -- number of workers selected (uploading) this round.
-* ``bits_up_cum`` (int) -- uplink **bits** counted by the algorithm,
-  cumulative over rounds ``1..iter``.
-* ``bits_down_cum`` (int) -- downlink **bits** counted by the algorithm,
-  cumulative.
+* ``bits_up_cum`` (int) -- uplink **bits** charged, cumulative over rounds
+  ``1..iter``: per upload its data (``b n`` in wire format 1, 8 x the coded
+  bytes in format 2; :func:`flq.algorithm.packing.charged_bits`).
+* ``bits_down_cum`` (int) -- downlink **bits** charged, cumulative.
 * ``cum_bits_total`` (int) -- ``bits_up_cum + bits_down_cum`` (**bits**).
 * ``wire_bytes_up`` / ``wire_bytes_down`` (int) -- **bytes** measured on the
   wire this round, uplink / downlink.
 * ``wire_bytes_up_cum`` / ``wire_bytes_down_cum`` (int) -- the same,
   cumulative (**bytes**).
 * ``round_time_s`` (float) -- wall-clock duration of the round (**seconds**).
+
+Every run also records ``bits_up_nominal_cum`` / ``bits_down_nominal_cum``
+(int, **bits**: the same vectors at ``b n``, the original's count) and
+``b_up_mean`` (float: mean width of the round's uploads, NaN without one).
 
 Note the units: ``bits_*`` / ``cum_bits_total`` are the algorithm's own bit
 accounting (payload bits), ``wire_bytes_*`` are bytes actually measured on the

@@ -24,10 +24,10 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from .algorithm import compressors, packing
-from .algorithm.width import budget_share, choose_width
 from .algorithm.aggregation import MAX_UPDATE_MAGNITUDE, usable_update
 from .algorithm.lazy import is_candidate, next_clock
 from .algorithm.vector import squared_norm
+from .algorithm.width import budget_share, choose_width
 from .config import Config
 from .loader import BatchLoader
 from .messages import Offer

@@ -41,7 +41,6 @@ import struct
 from typing import Collection, Optional, Sequence, Tuple, Union
 
 import numpy as np
-
 import zstandard
 
 from .quantize import KIND_BIN, KIND_INT, KIND_RAW, MAX_BITS, QuantizedVector, levels
@@ -310,7 +309,9 @@ def _uncode(body: bytes, n: int, bits: int) -> Tuple[bytes, int]:
     except zstandard.ZstdError:
         raise PayloadError("coded data is not a zstd frame") from None
     if declared != size:
-        raise PayloadError(f"zstd frame declares {declared} bytes of codes, expected {size} for {n} values at {bits} bits")
+        raise PayloadError(
+            f"zstd frame declares {declared} bytes of codes, expected {size} for {n} values at {bits} bits"
+        )
     dobj = zstandard.ZstdDecompressor().decompressobj()
     try:
         layout = dobj.decompress(rest)

@@ -1,0 +1,310 @@
+"""Entropy-coded vectors (wire format 2), the real-size charge and adaptive
+width: exact round trips, size bounds, refusals that change nothing."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import zstandard
+from conftest import small_config
+
+from flq.algorithm import packing
+from flq.algorithm.packing import CODED_OVERHEAD, PayloadError, byte_layout, charged_bits, decode, encode, header_size
+from flq.algorithm.quantize import KIND_BIN, KIND_INT, QuantizedVector, levels, quantize, raw
+from flq.algorithm.width import budget_share, choose_width
+from flq.master import Master, MasterError
+from flq.messages import Offer
+from flq.model import build_model, glorot_init
+
+SEGS = (7, 1000, 3993)  # n = 5000, three tensors
+N = sum(SEGS)
+
+
+def _qv(bits: int, codes: np.ndarray, segs=SEGS) -> QuantizedVector:
+    scales = np.linspace(0.5, 2.0, len(segs)).astype(np.float32)
+    kind = KIND_BIN if bits == 1 else KIND_INT
+    dtype = np.uint8 if bits <= 8 else np.uint16
+    return QuantizedVector(kind, bits, tuple(segs), scales, codes.astype(dtype))
+
+
+def _top(bits: int) -> int:
+    """The largest code of a width: 1 for bin, 2L otherwise."""
+    return 1 if bits == 1 else 2 * levels(bits)
+
+
+def _histograms(bits: int):
+    """Code vectors of every shape a coder meets: all equal, sparse, peaked
+    (an innovation), uniform over the whole range (incompressible), and
+    alternating extremes (adversarial for a run-length coder)."""
+    rng = np.random.default_rng(bits)
+    top = _top(bits)
+    mid = top // 2
+    sparse = np.full(N, mid)
+    sparse[rng.choice(N, 50, replace=False)] = rng.integers(0, top + 1, 50)
+    peaked = np.clip(np.rint(rng.laplace(mid, max(top / 16, 0.3), N)), 0, top)
+    return {
+        "all-equal": np.full(N, mid),
+        "all-top": np.full(N, top),
+        "sparse": sparse,
+        "peaked": peaked,
+        "uniform": rng.integers(0, top + 1, N),
+        "alternating": np.where(np.arange(N) % 2 == 0, 0, top),
+    }
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_coded_round_trip_every_width_and_histogram(bits):
+    for name, codes in _histograms(bits).items():
+        qv = _qv(bits, codes)
+        v1, v2 = encode(qv), encode(qv, coded=True)
+        got = decode(v2, expected_n=N, expected_segments=SEGS, expected_bits=bits)
+        assert np.array_equal(got.codes, qv.codes) and got.codes.dtype == qv.codes.dtype, (bits, name)
+        assert np.array_equal(got.scales, qv.scales) and got.segments == SEGS and got.kind == qv.kind
+        # never more than one byte over version 1; the body is the fixed header plus the charge in bytes
+        assert len(v2) <= len(v1) + CODED_OVERHEAD, (bits, name)
+        assert len(v2) == header_size(bits, 3) + charged_bits(v2) // 8 and charged_bits(v2) % 8 == 0
+        assert charged_bits(v1) == bits * N
+        assert v2[:4] == b"FLQV" and v2[4] == 2 and v1[4] == 1
+    # what each histogram costs, exactly as measured by the coder: constant codes shrink to a few
+    # dozen bytes; uniform codes at 8 bits cannot be compressed and are stored (method 0)
+    assert charged_bits(encode(_qv(bits, _histograms(bits)["all-equal"]), coded=True)) <= 8 * 40
+    if bits == 8:
+        stored = encode(_qv(8, _histograms(8)["uniform"]), coded=True)
+        assert stored[header_size(8, 3)] == packing.METHOD_STORED and charged_bits(stored) == 8 * (1 + N)
+
+
+def test_raw_vectors_code_and_decode():
+    x = np.random.default_rng(0).standard_normal(N).astype(np.float32)
+    x[:2000] = 0.0  # compressible
+    v2 = encode(raw(x), coded=True)
+    assert len(v2) < len(encode(raw(x)))
+    assert np.array_equal(decode(v2, expected_n=N, expected_bits=32).codes, x)
+
+
+def test_byte_layout_hand_examples():
+    # 3-bit codes go two to a byte (nibbles), low nibble first; 5-bit codes one per byte
+    assert byte_layout(np.array([1, 2, 3, 4, 5], np.uint8), 3) == bytes([0x21, 0x43, 0x05])
+    assert byte_layout(np.array([17, 30, 0], np.uint8), 5) == bytes([17, 30, 0])
+    assert byte_layout(np.array([1, 0, 1, 1, 0, 0, 0, 0, 1], np.uint8), 1) == bytes([0b00001101, 0b1])
+    assert byte_layout(np.array([3, 1, 2], np.uint8), 2) == bytes([0b00100111])
+    assert byte_layout(np.array([0x1FF], np.uint16), 9) == bytes([0xFF, 0x01])
+
+
+def test_encoding_is_deterministic_and_charged_exactly():
+    codes = _histograms(4)["peaked"]
+    a, b = encode(_qv(4, codes), coded=True), encode(_qv(4, codes), coded=True)
+    assert a == b
+    frame = a[header_size(4, 3) + 1 :]
+    assert a[header_size(4, 3)] == packing.METHOD_ZSTD
+    assert zstandard.ZstdDecompressor().decompress(frame) == byte_layout(_qv(4, codes).codes, 4)
+    assert charged_bits(a) == 8 * (1 + len(frame))
+
+
+# --------------------------------------------------------------------------- #
+# refusals
+# --------------------------------------------------------------------------- #
+HEAD = header_size(4, 3)
+
+
+def _good() -> bytes:
+    return encode(_qv(4, _histograms(4)["peaked"]), coded=True)
+
+
+def _frame(content: bytes, **kw) -> bytes:
+    return zstandard.ZstdCompressor(level=1, **kw).compress(content)
+
+
+def _with_data(data: bytes) -> bytes:
+    return _good()[:HEAD] + data
+
+
+LAYOUT = byte_layout(_qv(4, _histograms(4)["peaked"]).codes, 4)
+BAD_CODED = {
+    "header only (no method byte)": (lambda: _good()[:HEAD], "outside"),
+    "cut in the frame": (lambda: _good()[:-3], ""),
+    "one byte cut": (lambda: _good()[:-1], ""),
+    "longer than version 1 plus one byte": (
+        lambda: _with_data(bytes([0]) + b"\0" * (packing.packed_size(N, 4) + 1)),
+        "outside",
+    ),
+    "unknown method": (lambda: _with_data(bytes([7]) + _good()[HEAD + 1 :]), "unknown coding method 7"),
+    "stored data of the wrong length": (lambda: _with_data(bytes([0]) + b"\x77" * 100), "stored data is 100 bytes"),
+    "not a zstd frame": (lambda: _with_data(bytes([1]) + b"garbage bytes"), "zstd"),
+    "frame without its size": (
+        lambda: _with_data(bytes([1]) + _frame(LAYOUT, write_content_size=False)),
+        "declares -1 bytes",
+    ),
+    "frame declaring fewer codes": (lambda: _with_data(bytes([1]) + _frame(LAYOUT[:-10])), "declares"),
+    "frame that would expand past n codes": (
+        lambda: _with_data(bytes([1]) + _frame(b"\x77" * (len(LAYOUT) * 50))),
+        f"expected {len(LAYOUT)}",
+    ),
+    "corrupt frame (checksum)": (
+        lambda: _with_data(bytes([1]) + _flip(_frame(LAYOUT, write_checksum=True), -6)),
+        "corrupt zstd frame",
+    ),
+    "bytes after the frame": (lambda: _good() + b"\0\0", "follow the zstd frame"),
+    "two frames": (lambda: _good() + _frame(b"x"), "follow the zstd frame"),
+    "code above 2L inside a valid frame": (
+        lambda: _with_data(bytes([1]) + _frame(b"\xff" * len(LAYOUT))),
+        "exceeds 2L",
+    ),
+}
+
+
+def _flip(b: bytes, at: int) -> bytes:
+    out = bytearray(b)
+    out[at] ^= 0x5A
+    return bytes(out)
+
+
+@pytest.mark.parametrize("label", sorted(BAD_CODED))
+def test_corrupt_coded_payloads_are_refused_with_one_line(label):
+    make, fragment = BAD_CODED[label]
+    with pytest.raises(PayloadError) as ei:
+        decode(make(), expected_n=N, expected_segments=SEGS, expected_bits=4)
+    msg = str(ei.value)
+    assert fragment in msg and "\n" not in msg, msg
+
+
+def test_a_bomb_is_refused_before_it_is_decompressed(monkeypatch):
+    """A frame declaring 64 MiB is refused from its header alone."""
+    bomb = _with_data(bytes([1]) + zstandard.ZstdCompressor(level=1).compress(b"\0" * (1 << 26)))
+    assert len(bomb) < 10_000
+    monkeypatch.setattr(zstandard, "ZstdDecompressor", None)  # calling it would fail the test
+    with pytest.raises(PayloadError, match="declares 67108864 bytes"):
+        decode(bomb, expected_n=N, expected_bits=4)
+
+
+# --------------------------------------------------------------------------- #
+# the master: real costs, and refusals that change nothing
+# --------------------------------------------------------------------------- #
+def _coded_master(**overrides):
+    cfg = small_config(model="mlp", total_workers=3, **overrides)
+    model = build_model("mlp")
+    sizes = tuple(p.numel() for p in model.parameters())
+    return cfg, Master(cfg, sizes, glorot_init(model, cfg.seed)), sizes
+
+
+def test_master_charges_real_sizes_selects_by_them_and_refuses_mismatches():
+    cfg, master, sizes = _coded_master(up_budget_bits=0, sel_clients=2, b_up=4)
+    n = master.n
+    master.begin_round()
+    for m in range(3):
+        master.downlink(m)
+    rng = np.random.default_rng(5)
+    bodies = {}
+    for m, spread in enumerate((1.0, 0.01, 0.5)):
+        # worker 1's update is nearly constant: it codes small and ranks first at equal gain
+        qv = quantize((rng.standard_normal(n) * spread + 1).astype(np.float32), 4, rng, sizes)
+        bodies[m] = encode(qv, coded=True)
+        cost = float(charged_bits(bodies[m]))
+        master.add_offer(Offer(worker_id=m, round=0, candidate=True, gain=1.0, cost=cost, loss=0.5, down_version=1))
+    costs = {m: charged_bits(b) for m, b in bodies.items()}
+    assert costs[1] < costs[2] < costs[0] < 4 * n
+    assert master.select() == [1, 2]
+    before = master.state_digest()
+    for label, body, fragment in (
+        ("another worker's body", bodies[2][: len(bodies[1])], ""),
+        ("valid body of another size", bodies[2], f"is charged {costs[2]} bits, its offer said {costs[1]}"),
+        ("truncated", bodies[1][:-1], ""),
+        ("trailing bytes", bodies[1] + b"\0", "follow the zstd frame"),
+    ):
+        with pytest.raises(MasterError) as ei:
+            master.receive_upload(1, body)
+        assert ei.value.status == 400 and fragment in str(ei.value), label
+        assert master.state_digest() == before, label
+    assert master.receive_upload(1, bodies[1]) and master.receive_upload(2, bodies[2])
+    rec = master.end_round()
+    assert rec["bits_up_cum"] == costs[1] + costs[2]
+    assert rec["bits_up_nominal_cum"] == 2 * 4 * n and rec["b_up_mean"] == 4.0
+    down = master.downlinks
+    assert rec["bits_down_cum"] == sum(charged_bits(down[m]) for m in range(3))
+    assert rec["bits_down_nominal_cum"] == 3 * 8 * n
+
+
+@pytest.mark.parametrize(
+    "cost,fragment",
+    [(12.5, "whole number of bytes"), (7.0, "whole number of bytes"), (8.0 * 10**9, "whole number of bytes")],
+)
+def test_impossible_coded_costs_are_refused(cost, fragment):
+    _, master, _ = _coded_master()
+    master.begin_round()
+    master.downlink(0)
+    before = master.state_digest()
+    with pytest.raises(MasterError, match=fragment):
+        master.add_offer(Offer(worker_id=0, round=0, candidate=True, gain=1.0, cost=cost, loss=0.5, down_version=1))
+    assert master.state_digest() == before
+
+
+# --------------------------------------------------------------------------- #
+# adaptive width
+# --------------------------------------------------------------------------- #
+def _fake_encoder(costs):
+    """encode_at whose payload is charged ``costs[bits]`` bits; it draws 10 uniforms."""
+    seen = []
+
+    def encode_at(bits, rng):
+        seen.append(bits)
+        u = rng.random(10)
+        qv = QuantizedVector(KIND_INT, bits, (1,), np.ones(1, np.float32), np.zeros(1, np.uint8))
+        body = struct.pack("<4sBBBBII", b"FLQV", 2, 0, bits, 0, 1, 1) + b"\0" * 8 + b"\1" * (costs[bits] // 8)
+        return qv, u, body
+
+    return encode_at, seen
+
+
+@pytest.mark.parametrize(
+    "share,chosen,tried",
+    [
+        (80, 4, [2, 3, 4, 5]),  # 5 costs 88 > 80: the last that fit is 4
+        (1000, 6, [2, 3, 4, 5, 6]),  # everything fits: the widest
+        (8, 2, [2, 3]),  # nothing fits: the narrowest
+        (float("inf"), 6, [2, 3, 4, 5, 6]),
+        (40, 3, [2, 3, 4]),  # 4 costs 64 > 40 (5 would fit again: the scan stops at the first miss)
+    ],
+)
+def test_choose_width_takes_the_widest_that_fits_the_share(share, chosen, tried):
+    costs = {2: 16, 3: 40, 4: 64, 5: 88, 6: 96}
+    if share == 40:
+        costs[5] = 32
+    encode_at, seen = _fake_encoder(costs)
+    rng = np.random.default_rng(9)
+    qv, u, _ = choose_width(encode_at, [6, 5, 4, 3, 2], rng, share)
+    assert qv.bits == chosen and seen == tried
+    ref = np.random.default_rng(9)
+    assert np.array_equal(u, ref.random(10))  # every try drew the same uniforms
+    assert rng.random() == ref.random()  # and the stream is where one quantization leaves it
+
+
+def test_budget_share():
+    assert budget_share(17e6, 0, 20) == 850_000.0
+    assert budget_share(17e6, 3, 20) == float("inf")
+    assert budget_share(0, 0, 20) == float("inf")
+
+
+def test_adaptive_width_needs_a_width_to_choose(tmp_path):
+    from flq.config import ConfigError, load_config
+
+    for overrides in ({"mode": "bin"}, {"mode": "laq8"}, {"mode": "bbit", "b_up": 2}):
+        with pytest.raises(ConfigError, match="adaptive_width"):
+            load_config(None, {**overrides, "adaptive_width": True})
+    assert load_config(None, {"b_up": 6, "adaptive_width": True}).uplink_widths == (2, 3, 4, 5, 6)
+
+
+def test_adaptive_worker_fits_its_share_and_the_master_accepts_every_width(fmnist_available):
+    """Workers of the paper's data choosing widths 2..8 under a budget whose
+    share is 1.3 bits per element: each upload fits its share, the widths
+    differ, and the master decodes every one."""
+    from flq.simulate import simulate
+
+    cfg = small_config(total_workers=4, max_rounds=3, b_up=8, adaptive_width=True, up_budget_bits=4 * 1.3 * 467_818)
+    res = simulate(cfg, write=False, progress=False)
+    widths = [r["b_up_mean"] for r in res.records]
+    assert all(2 <= w <= 8 for w in widths) and len(set(widths)) > 1, widths
+    for r in res.records:
+        assert r["selcnt"] == 4  # a share each: everyone fits
+    per_round = np.diff([0] + [r["bits_up_cum"] for r in res.records])
+    assert all(p <= cfg.up_budget_bits for p in per_round)
