@@ -24,7 +24,9 @@ spreadsheets under ``--out`` and draws them into one set of figures with
 
 ``--jobs`` runs that many simulations at once (each with ``--threads``
 PyTorch threads); on 2 cores ``--jobs 3 --threads 1`` takes about 45 minutes
-for 400 rounds.
+for 400 rounds. ``--reuse`` takes a run's spreadsheet from ``--out`` when it
+holds a completed run of ``--rounds`` rounds (to resume, or to re-print the
+tables without running anything).
 """
 
 from __future__ import annotations
@@ -47,8 +49,24 @@ RUNS = {
 RANGES = ((1, 10), (11, 50), (51, 100), (101, 200), (201, 400))
 
 
+def finished_run(out: Path, rounds: int):
+    """The newest spreadsheet in ``out`` of a completed run of ``rounds`` rounds, or None."""
+    from flq.results import read_results
+
+    for xlsx in sorted(out.glob("*.xlsx"), key=lambda p: p.stat().st_mtime, reverse=True):
+        res = read_results(xlsx)
+        if len(res.curve) == rounds and res.config.get("run.end") == "completed":
+            return xlsx
+    return None
+
+
 def run_one(name: str, args: argparse.Namespace) -> tuple:
     out = Path(args.out) / name
+    if args.reuse:
+        xlsx = finished_run(out, args.rounds)
+        if xlsx is not None:
+            print(f"{name}: reusing {xlsx}", flush=True)
+            return name, xlsx, float("nan")
     cmd = [sys.executable, "-m", "flq", "simulate", "--config", str(ROOT / "configs" / "paper_fmnist.json")]
     cmd += ["--mode", "bbit", *RUNS[name], "--rounds", str(args.rounds), "--eval_every", str(args.eval_every)]
     cmd += ["--threads", str(args.threads), "--results_dir", str(out), "--log_dir", str(out / "logs"), "--no-progress"]
@@ -78,6 +96,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="PyTorch threads per simulation (0 = all cores)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bits_to_accuracy"))
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument(
+        "--reuse", action="store_true", help="take a run's completed spreadsheet of --rounds rounds from --out if any"
+    )
     args = ap.parse_args()
 
     from flq.results import read_results

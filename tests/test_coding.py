@@ -3,8 +3,6 @@ width: exact round trips, size bounds, refusals that change nothing."""
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 import pytest
 import zstandard
@@ -13,7 +11,7 @@ from conftest import small_config
 from flq.algorithm import packing
 from flq.algorithm.packing import CODED_OVERHEAD, PayloadError, byte_layout, charged_bits, decode, encode, header_size
 from flq.algorithm.quantize import KIND_BIN, KIND_INT, QuantizedVector, levels, quantize, raw
-from flq.algorithm.width import budget_share, choose_width
+from flq.algorithm.width import budget_share, choose_width, width_score
 from flq.master import Master, MasterError
 from flq.messages import Offer
 from flq.model import build_model, glorot_init
@@ -242,50 +240,48 @@ def test_impossible_coded_costs_are_refused(cost, fragment):
 # --------------------------------------------------------------------------- #
 # adaptive width
 # --------------------------------------------------------------------------- #
-def _fake_encoder(costs):
-    """encode_at whose payload is charged ``costs[bits]`` bits; it draws 10 uniforms."""
+def _fake_encoder(scores):
+    """encode_at scoring width b as ``scores[b]``; it draws 10 uniforms."""
     seen = []
 
     def encode_at(bits, rng):
         seen.append(bits)
         u = rng.random(10)
         qv = QuantizedVector(KIND_INT, bits, (1,), np.ones(1, np.float32), np.zeros(1, np.uint8))
-        body = struct.pack("<4sBBBBII", b"FLQV", 2, 0, bits, 0, 1, 1) + b"\0" * 8 + b"\1" * (costs[bits] // 8)
-        return qv, u, body
+        return qv, u, b"", scores[bits]
 
     return encode_at, seen
 
 
 @pytest.mark.parametrize(
-    "share,chosen,tried",
+    "scores,chosen,tried",
     [
-        (80, 4, [2, 3, 4, 5]),  # 5 costs 88 > 80: the last that fit is 4
-        (1000, 6, [2, 3, 4, 5, 6]),  # everything fits: the widest
-        (8, 2, [2, 3]),  # nothing fits: the narrowest
-        (float("inf"), 6, [2, 3, 4, 5, 6]),
-        (40, 3, [2, 3, 4]),  # 4 costs 64 > 40 (5 would fit again: the scan stops at the first miss)
+        ({2: 3.0, 3: 1.0, 4: 0.5, 5: 0.7, 6: 0.1}, 4, [2, 3, 4, 5]),  # stops at the first rise (6 is not tried)
+        ({2: 3.0, 3: 2.0, 4: 1.0, 5: 0.5, 6: 0.4}, 6, [2, 3, 4, 5, 6]),  # always falling: the widest
+        ({2: 1.0, 3: 1.5, 4: 0.1, 5: 0.1, 6: 0.1}, 2, [2, 3]),  # rises at once: the narrowest
+        ({2: 1.0, 3: 0.5, 4: 0.5, 5: 0.1, 6: 0.1}, 3, [2, 3, 4]),  # a tie is not an improvement
     ],
 )
-def test_choose_width_takes_the_widest_that_fits_the_share(share, chosen, tried):
-    costs = {2: 16, 3: 40, 4: 64, 5: 88, 6: 96}
-    if share == 40:
-        costs[5] = 32
-    encode_at, seen = _fake_encoder(costs)
+def test_choose_width_stops_where_the_score_stops_falling(scores, chosen, tried):
+    encode_at, seen = _fake_encoder(scores)
     rng = np.random.default_rng(9)
-    qv, u, _ = choose_width(encode_at, [6, 5, 4, 3, 2], rng, share)
+    qv, u, _ = choose_width(encode_at, [6, 5, 4, 3, 2], rng)
     assert qv.bits == chosen and seen == tried
     ref = np.random.default_rng(9)
     assert np.array_equal(u, ref.random(10))  # every try drew the same uniforms
     assert rng.random() == ref.random()  # and the stream is where one quantization leaves it
 
 
-def test_budget_share():
+def test_width_score_and_budget_share():
+    assert width_score(1.0, 4.0, 850, 1700.0) == 0.75
+    assert width_score(0.0, 0.0, 850, 1700.0) == 0.5  # no innovation: only the bits count
+    assert width_score(2.0, 4.0, 10**6, float("inf")) == 0.5  # no budget: only the error counts
     assert budget_share(17e6, 0, 20) == 850_000.0
     assert budget_share(17e6, 3, 20) == float("inf")
     assert budget_share(0, 0, 20) == float("inf")
 
 
-def test_adaptive_width_needs_a_width_to_choose(tmp_path):
+def test_adaptive_width_needs_a_width_to_choose():
     from flq.config import ConfigError, load_config
 
     for overrides in ({"mode": "bin"}, {"mode": "laq8"}, {"mode": "bbit", "b_up": 2}):
@@ -294,17 +290,76 @@ def test_adaptive_width_needs_a_width_to_choose(tmp_path):
     assert load_config(None, {"b_up": 6, "adaptive_width": True}).uplink_widths == (2, 3, 4, 5, 6)
 
 
-def test_adaptive_worker_fits_its_share_and_the_master_accepts_every_width(fmnist_available):
-    """Workers of the paper's data choosing widths 2..8 under a budget whose
-    share is 1.3 bits per element: each upload fits its share, the widths
-    differ, and the master decodes every one."""
-    from flq.simulate import simulate
+def test_adaptive_worker_chooses_by_the_score_from_one_set_of_draws():
+    """A worker's choice recomputed by hand: every width of 2..8 quantized
+    from the same generator state, scored ``e / ||x||^2 + R / share``; the
+    worker sends the width where the ascending scan stops, and its stream is
+    left where one quantization leaves it."""
+    from flq.algorithm.quantize import quantize_relative
+    from flq.model import FlatModel
+    from flq.worker import Worker
 
-    cfg = small_config(total_workers=4, max_rounds=3, b_up=8, adaptive_width=True, up_budget_bits=4 * 1.3 * 467_818)
-    res = simulate(cfg, write=False, progress=False)
-    widths = [r["b_up_mean"] for r in res.records]
-    assert all(2 <= w <= 8 for w in widths) and len(set(widths)) > 1, widths
-    for r in res.records:
-        assert r["selcnt"] == 4  # a share each: everyone fits
-    per_round = np.diff([0] + [r["bits_up_cum"] for r in res.records])
-    assert all(p <= cfg.up_budget_bits for p in per_round)
+    cfg = small_config(model="mlp", total_workers=20, b_up=8, adaptive_width=True)
+    model = FlatModel(build_model("mlp"))
+    x = np.zeros((64, 1, 28, 28), np.float32)
+    w = Worker(3, cfg, model, x, np.zeros(64, np.int64), np.arange(64))
+    rng = np.random.default_rng(1)
+    n, segs = model.n, model.segments
+    chosen_by_spread = set()
+    for spread in (0.02, 1.0, 5.0):  # innovations from nearly Gaussian to heavy-tailed
+        w.ref_up = rng.standard_normal(n).astype(np.float32)
+        g_eff = w.ref_up + (rng.standard_t(1 + 1 / spread, n) * 1e-3).astype(np.float32)
+        start = w.rng.bit_generator.state
+        qv, q, payload = w._encode(g_eff)
+        share = cfg.up_budget_bits / 20
+        x2 = float(np.square(g_eff - w.ref_up, dtype=np.float64).sum())
+        scores, states = {}, {}
+        for b in range(2, 9):
+            g = np.random.default_rng()
+            g.bit_generator.state = start
+            qb, vb = quantize_relative(g_eff, w.ref_up, b, g, segs)
+            e = float(np.square(vb - g_eff, dtype=np.float64).sum())
+            scores[b] = e / x2 + charged_bits(encode(qb, coded=True)) / share
+            states[b] = g.bit_generator.state
+        expected = 2
+        while expected < 8 and scores[expected + 1] < scores[expected]:
+            expected += 1
+        assert qv.bits == expected, (spread, scores)
+        assert payload == encode(qv, coded=True) and w.rng.bit_generator.state == states[expected]
+        chosen_by_spread.add(expected)
+    print(f"widths chosen: {sorted(chosen_by_spread)}")
+    assert len(chosen_by_spread) > 1  # the width adapts to the innovation
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8, 12])
+def test_mutated_coded_bodies_decode_or_are_refused_never_crash(bits):
+    """Fuzzing the decoder: 300 random mutations (byte flips, cuts, inserted
+    and appended bytes, method and version changes) of valid coded bodies
+    either decode to codes in range or raise PayloadError, nothing else."""
+    rng = np.random.default_rng(100 + bits)
+    bodies = [encode(_qv(bits, codes), coded=True) for codes in _histograms(bits).values()]
+    outcomes = {"decoded": 0, "refused": 0}
+    for i in range(300):
+        b = bytearray(bodies[i % len(bodies)])
+        op = i % 5
+        at = int(rng.integers(0, len(b)))
+        if op == 0:
+            for j in rng.integers(0, len(b), 1 + i % 4):
+                b[j] ^= int(rng.integers(1, 256))
+        elif op == 1:
+            del b[at:]
+        elif op == 2:
+            b[at:at] = rng.integers(0, 256, 1 + i % 7, dtype=np.uint8).tobytes()
+        elif op == 3:
+            b[header_size(bits, 3)] = int(rng.integers(0, 4))
+        else:
+            b[4] = int(rng.integers(0, 4))
+        try:
+            qv = decode(bytes(b), expected_n=N, expected_segments=SEGS, expected_bits=bits)
+        except PayloadError as exc:
+            assert "\n" not in str(exc)
+            outcomes["refused"] += 1
+        else:
+            assert qv.n == N and int(qv.codes.max()) <= _top(bits)
+            outcomes["decoded"] += 1
+    assert outcomes["refused"] >= 200, outcomes

@@ -390,6 +390,11 @@ def test_run_label():
     )
     assert run_label(RunResults(Path("x"), "bin", curve, None, {"b_up": 2})) == "bin (b_up 1)"  # bin always sends 1 bit
     assert run_label(RunResults(Path("x"), "full", curve, None, {})) == "full"
+    coded = {"flq_algorithm.b_up": 8, "flq_algorithm.b_down": 8, "flq_algorithm.entropy_coding": "both"}
+    assert run_label(RunResults(Path("x"), "bbit", curve, None, coded)) == "bbit (b_up 8, b_down 8, coded up+down)"
+    adaptive = {**coded, "flq_algorithm.adaptive_width": True, "flq_algorithm.entropy_coding": "up"}
+    assert run_label(RunResults(Path("x"), "bbit", curve, None, adaptive)) == "bbit (b_up 2..8, b_down 8, coded up)"
+    assert "coded" not in run_label(RunResults(Path("x"), "bbit", curve, None, {**coded, "entropy_coding": "none"}))
 
 
 def test_plot_results_two_runs(tmp_path):

@@ -227,8 +227,8 @@ class FlqAlgorithmSection(_Section):
     )
     adaptive_width: Annotated[bool, Bool] = _field(
         False,
-        "each worker picks its uplink width per round: the widest of 2..b_up whose coded size fits its share "
-        "of up_budget_bits (docs/algorithm.md, Adaptive width)",
+        "each worker picks its uplink width in 2..b_up per round, weighing the error each width adds against "
+        "the bits it costs under up_budget_bits (docs/algorithm.md, Adaptive width)",
     )
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ from .algorithm import compressors, packing
 from .algorithm.aggregation import MAX_UPDATE_MAGNITUDE, usable_update
 from .algorithm.lazy import is_candidate, next_clock
 from .algorithm.vector import squared_norm
-from .algorithm.width import budget_share, choose_width
+from .algorithm.width import budget_share, choose_width, width_score
 from .config import Config
 from .loader import BatchLoader
 from .messages import Offer
@@ -218,16 +218,20 @@ class Worker:
         :func:`~flq.algorithm.width.choose_width`.
         """
         cfg, scheme, segments = self.cfg, self.up_scheme, self.model.segments
+        widths = cfg.uplink_widths
+        if len(widths) == 1:
+            qv, q = scheme.encode_update(g_eff, self.ref_up, widths[0], self.rng, segments)
+            return qv, q, packing.encode(qv, coded=cfg.coding_up)
+        share = budget_share(cfg.up_budget_bits, cfg.sel_clients, cfg.total_workers)
+        innovation_sq = squared_norm(g_eff - self.ref_up)
 
         def encode_at(bits: int, rng: np.random.Generator) -> tuple:
             qv, q = scheme.encode_update(g_eff, self.ref_up, bits, rng, segments)
-            return qv, q, packing.encode(qv, coded=cfg.coding_up)
+            payload = packing.encode(qv, coded=cfg.coding_up)
+            error = squared_norm(q - g_eff)
+            return qv, q, payload, width_score(error, innovation_sq, packing.charged_bits(payload), share)
 
-        widths = cfg.uplink_widths
-        if len(widths) == 1:
-            return encode_at(widths[0], self.rng)
-        share = budget_share(cfg.up_budget_bits, cfg.sel_clients, cfg.total_workers)
-        return choose_width(encode_at, widths, self.rng, share)
+        return choose_width(encode_at, widths, self.rng)
 
     # ----- step 7 -----------------------------------------------------
     def upload(self, round_index: int) -> bytes:
