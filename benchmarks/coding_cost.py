@@ -1,7 +1,7 @@
 """Size and speed of entropy coding (wire format 2) on real FLQ uploads.
 
 Runs the paper configuration (configs/paper_fmnist.json: 20 workers, non-IID
-Fashion-MNIST, bbit 4/8 with entropy coding) for ``--rounds`` rounds, keeps
+Fashion-MNIST, bbit 4/8) with entropy coding on for ``--rounds`` rounds, keeps
 worker 0's innovation ``g_eff - ref_up`` of the first and the last round (the
 vector its upload quantizes), then quantizes each at 2..8 bits and prints
 per width: the order-0 entropy of the codes (bits per element, per tensor),
@@ -66,26 +66,36 @@ def main() -> None:
 
     worker_module.Worker._encode = keeping
     cfg = load_config(
-        args.config, {"max_rounds": args.rounds, "eval_every": args.rounds, "threads": args.threads, "b_up": 4}
+        args.config,
+        {
+            "max_rounds": args.rounds,
+            "eval_every": args.rounds,
+            "threads": args.threads,
+            "b_up": 4,
+            "entropy_coding": "both",
+        },
     )
     simulate(cfg, write=False, progress=False)
     worker_module.Worker._encode = encode
 
     print(f"worker 0's innovation, paper configuration (coded 4/8 run), n = {len(kept[1][0]):,}")
-    print(
-        f"{'round':>5} {'bits':>4} {'entropy':>8} {'format 1':>9} {'format 2':>9} {'encode ms':>10} {'decode ms':>10}"
-    )
+    print("bits per element, and ms to encode / decode (median); entropy: order-0, per tensor")
+    head = f"{'round':>5} {'bits':>4} {'entropy':>8} {'fmt 1':>6} {'fmt 2':>6} {'fmt2/H':>7}"
+    print(head + f" {'enc 1':>7} {'dec 1':>7} {'enc 2':>7} {'dec 2':>7}")
     rng = np.random.default_rng(0)
     for k in (1, len(kept)):
         x, segs = kept[k]
         for bits in range(2, 9):
             qv = quantize_stochastic(x, bits, rng, segs)
-            body = packing.encode(qv, coded=True)
-            enc = timed(lambda qv=qv: packing.encode(qv, coded=True), args.repeat)
-            dec = timed(lambda b=body, n=qv.n, w=bits: packing.decode(b, expected_n=n, expected_bits=w), args.repeat)
+            ms = []
+            for coded in (False, True):
+                body = packing.encode(qv, coded=coded)
+                ms.append(timed(lambda qv=qv, c=coded: packing.encode(qv, coded=c), args.repeat))
+                ms.append(timed(lambda b=body, n=qv.n: packing.decode(b, expected_n=n), args.repeat))
             per = packing.charged_bits(body) / qv.n
             h = entropy_bits(qv.codes, segs)
-            print(f"{k:>5} {bits:>4} {h:>8.3f} {bits:>9.3f} {per:>9.3f} {enc:>10.2f} {dec:>10.2f}")
+            row = f"{k:>5} {bits:>4} {h:>8.3f} {bits:>6.3f} {per:>6.3f} {per / h:>7.3f}"
+            print(row + "".join(f" {t:>7.2f}" for t in ms))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ SETTINGS = {
     "b_up": 4,
     "b_down": 8,
     "adaptive_width": "true",
+    "entropy_coding": "both",
     "up_budget_bits": 5e6,
     "eval_every": 5,
     "min_workers": 0,
@@ -72,11 +73,11 @@ def test_distributed_equals_simulation(distributed_run):
         b_up=4,
         b_down=8,
         adaptive_width=True,
+        entropy_coding="both",
         up_budget_bits=5e6,
         eval_every=5,
         seed=3,
     )
-    assert cfg.entropy_coding == "both"
     sim = simulate(cfg, write=False, progress=False)
     assert len(run.curve) == 10 and list(run.curve["iter"]) == list(range(1, 11))
     for rec, (_, row) in zip(sim.records, run.curve.iterrows()):

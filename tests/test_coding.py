@@ -111,7 +111,7 @@ def _good() -> bytes:
 
 
 def _frame(content: bytes, **kw) -> bytes:
-    return zstandard.ZstdCompressor(level=1, **kw).compress(content)
+    return zstandard.ZstdCompressor(level=1, **{"write_checksum": True, **kw}).compress(content)
 
 
 def _with_data(data: bytes) -> bytes:
@@ -145,6 +145,11 @@ BAD_CODED = {
     ),
     "bytes after the frame": (lambda: _good() + b"\0\0", "follow the zstd frame"),
     "two frames": (lambda: _good() + _frame(b"x"), "follow the zstd frame"),
+    "reserved byte not 0": (lambda: _good()[:7] + b"\x01" + _good()[8:], "reserved header byte is 1"),
+    "frame without a checksum": (
+        lambda: _with_data(bytes([1]) + _frame(LAYOUT, write_checksum=False)),
+        "carries no checksum",
+    ),
     "code above 2L inside a valid frame": (
         lambda: _with_data(bytes([1]) + _frame(b"\xff" * len(LAYOUT))),
         "exceeds 2L",
@@ -167,6 +172,18 @@ def test_corrupt_coded_payloads_are_refused_with_one_line(label):
     assert fragment in msg and "\n" not in msg, msg
 
 
+@pytest.mark.parametrize("coded", [False, True])
+def test_padding_bits_must_be_zero(coded):
+    """Five 4-bit codes fill 2.5 bytes: the last byte's high nibble is
+    padding, written as zero and refused otherwise (one encoding per vector)."""
+    qv = _qv(4, np.array([1, 2, 3, 4, 5]), segs=(5,))
+    body = encode(qv, coded=coded)
+    assert body[-1] == 0x05 and (not coded or body[-4] == packing.METHOD_STORED)
+    assert np.array_equal(decode(body).codes, qv.codes)
+    with pytest.raises(PayloadError, match="unused bits of the last packed byte are not zero"):
+        decode(body[:-1] + b"\xf5")
+
+
 def test_a_bomb_is_refused_before_it_is_decompressed(monkeypatch):
     """A frame declaring 64 MiB is refused from its header alone."""
     bomb = _with_data(bytes([1]) + zstandard.ZstdCompressor(level=1).compress(b"\0" * (1 << 26)))
@@ -180,7 +197,7 @@ def test_a_bomb_is_refused_before_it_is_decompressed(monkeypatch):
 # the master: real costs, and refusals that change nothing
 # --------------------------------------------------------------------------- #
 def _coded_master(**overrides):
-    cfg = small_config(model="mlp", total_workers=3, **overrides)
+    cfg = small_config(model="mlp", total_workers=3, entropy_coding="both", **overrides)
     model = build_model("mlp")
     sizes = tuple(p.numel() for p in model.parameters())
     return cfg, Master(cfg, sizes, glorot_init(model, cfg.seed)), sizes
@@ -206,9 +223,9 @@ def test_master_charges_real_sizes_selects_by_them_and_refuses_mismatches():
     before = master.state_digest()
     for label, body, fragment in (
         ("another worker's body", bodies[2][: len(bodies[1])], ""),
-        ("valid body of another size", bodies[2], f"is charged {costs[2]} bits, its offer said {costs[1]}"),
+        ("valid body of another size", bodies[2], f"charged {costs[2]} bits, its offer said {costs[1]}"),
         ("truncated", bodies[1][:-1], ""),
-        ("trailing bytes", bodies[1] + b"\0", "follow the zstd frame"),
+        ("trailing bytes", bodies[1] + b"\0", f"charged {costs[1] + 8} bits"),
     ):
         with pytest.raises(MasterError) as ei:
             master.receive_upload(1, body)
@@ -221,6 +238,36 @@ def test_master_charges_real_sizes_selects_by_them_and_refuses_mismatches():
     down = master.downlinks
     assert rec["bits_down_cum"] == sum(charged_bits(down[m]) for m in range(3))
     assert rec["bits_down_nominal_cum"] == 3 * 8 * n
+
+
+def test_an_upload_must_match_its_offer_and_its_link_before_anything_is_decoded(monkeypatch):
+    """The charge is read from the header and length and compared with the
+    offer before any decoding; a body in the other wire format than the
+    link's (here: version 1 on a coded uplink, charged exactly as offered)
+    is refused; neither changes the master's state."""
+    _, master, sizes = _coded_master(up_budget_bits=0, b_up=4)
+    n = master.n
+    assert (4 * n) % 8 == 0
+    master.begin_round()
+    for m in range(2):
+        master.downlink(m)
+    qv = quantize(np.random.default_rng(0).standard_normal(n).astype(np.float32), 4, np.random.default_rng(1), sizes)
+    v1, v2 = encode(qv), encode(qv, coded=True)
+    master.add_offer(Offer(worker_id=0, round=0, candidate=True, gain=1.0, cost=4.0 * n, loss=0.5, down_version=1))
+    master.add_offer(
+        Offer(worker_id=1, round=0, candidate=True, gain=1.0, cost=float(charged_bits(v2)), loss=0.5, down_version=1)
+    )
+    assert sorted(master.select()) == [0, 1]
+    before = master.state_digest()
+    with pytest.raises(MasterError, match="format version 1, but this link sends version 2"):
+        master.receive_upload(0, v1)
+    real_decode = packing.decode
+    monkeypatch.setattr(packing, "decode", lambda *a, **k: pytest.fail("decoded a body of the wrong size"))
+    with pytest.raises(MasterError, match=f"charged {4 * n} bits, its offer said {charged_bits(v2)}"):
+        master.receive_upload(1, v1)
+    monkeypatch.setattr(packing, "decode", real_decode)
+    assert master.state_digest() == before
+    assert master.receive_upload(1, v2)
 
 
 @pytest.mark.parametrize(
@@ -299,7 +346,7 @@ def test_adaptive_worker_chooses_by_the_score_from_one_set_of_draws():
     from flq.model import FlatModel
     from flq.worker import Worker
 
-    cfg = small_config(model="mlp", total_workers=20, b_up=8, adaptive_width=True)
+    cfg = small_config(model="mlp", total_workers=20, b_up=8, adaptive_width=True, entropy_coding="both")
     model = FlatModel(build_model("mlp"))
     x = np.zeros((64, 1, 28, 28), np.float32)
     w = Worker(3, cfg, model, x, np.zeros(64, np.int64), np.arange(64))

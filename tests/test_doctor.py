@@ -243,7 +243,7 @@ def test_module_entry_point(tmp_path, fmnist_available):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     checks = json.loads(proc.stdout)
-    assert [c["check"] for c in checks][:4] == ["python", "torch", "numpy", "config"]
+    assert [c["check"] for c in checks][:5] == ["python", "torch", "numpy", "config", "zstandard"]
     assert all(c["status"] != "fail" for c in checks)
     assert doctor.main(["--config", str(CONFIG), "--device", "cpu"]) == 0
 

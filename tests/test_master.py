@@ -116,11 +116,40 @@ def test_budget_smaller_than_one_upload_is_warned_at_start(caplog):
     with caplog.at_level("WARNING", logger="flq.master"):
         _master(up_budget_bits=1e5, entropy_coding="none")  # a coded upload may be smaller: no warning then
     (line,) = [r.getMessage() for r in caplog.records if "smaller than one upload" in r.getMessage()]
-    assert "up_budget_bits 1e+05" in line and "203560 bits in mode bbit"  # 4 bits x n = 50,890 in line
+    assert "up_budget_bits 1e+05" in line and "203560 bits in mode bbit" in line  # 4 bits x n = 50,890
     caplog.clear()
     with caplog.at_level("WARNING", logger="flq.master"):
         _master(up_budget_bits=1e5, sel_clients=2)  # selection by count: the budget is not used
     assert not caplog.records
+
+
+def test_a_coded_round_where_no_offer_fits_is_warned_once(caplog):
+    """With entropy coding the costs are known only from the offers: the
+    first round in which candidates offered but none fits the budget says so."""
+    cfg, master = _master(up_budget_bits=100, entropy_coding="both", total_workers=2)
+    with caplog.at_level("WARNING", logger="flq.master"):
+        for k in range(2):
+            master.begin_round()
+            for m in range(2):
+                master.downlink(m)
+                master.add_offer(
+                    Offer(
+                        worker_id=m,
+                        round=k,
+                        candidate=True,
+                        gain=1.0,
+                        cost=8.0 * (200 + m),
+                        loss=0.5,
+                        down_version=k + 1,
+                    )
+                )
+            assert master.select() == []
+            master.end_round()
+    (line,) = [r.getMessage() for r in caplog.records if "fits" in r.getMessage()]
+    assert line == (
+        "round 1: none of the 2 candidate uploads fits budget_selection.up_budget_bits 100 (the cheapest is "
+        "1600 bits): nobody uploads and the model does not train; raise the budget"
+    )
 
 
 def test_a_snapshot_is_never_changed_by_a_later_round():

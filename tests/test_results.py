@@ -412,6 +412,7 @@ def test_plot_results_two_runs(tmp_path):
         "acc_vs_round.png",
         "entropy_vs_bits.png",
         "acc_vs_bits.png",
+        "acc_vs_uplink_bits.png",
         "selected_per_round.png",
         "binary_uploads_bin_b_up_1_b_down_8.png",
     ]
@@ -455,6 +456,7 @@ def test_plot_results_axis_labels(tmp_path, monkeypatch):
 
     assert ax("acc_vs_bits.png").get_xlabel() == "cumulative uplink+downlink bits"
     assert ax("acc_vs_bits.png").get_xscale() == "log"
+    assert ax("acc_vs_uplink_bits.png").get_xlabel() == "cumulative uplink bits (charged)"
     assert ax("entropy_vs_bits.png").get_xscale() == "log"
     assert ax("entropy_vs_round.png").get_xscale() == "linear"
     assert ax("entropy_vs_bits.png").get_ylabel().startswith("test cross-entropy")

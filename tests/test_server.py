@@ -660,13 +660,20 @@ def test_the_session_header_is_mandatory(server):
 
 
 def test_coded_upload_body_is_its_cost_in_bytes_plus_the_fixed_header():
-    """Entropy coding on (the default): the uplink HTTP body measured as it
+    """Entropy coding on: the uplink HTTP body measured as it
     leaves the client and as the master counts it is exactly the offer's
     cost in bytes plus the 112-byte fixed header; corrupt coded bodies are
     refused with a one-line 400 and change nothing."""
     cfg = load_config(
         str(PAPER_CONFIG),
-        {"total_workers": 2, "max_rounds": 5, "threads": 1, "auth_token": TOKEN, "round_timeout_s": 60},
+        {
+            "total_workers": 2,
+            "max_rounds": 5,
+            "threads": 1,
+            "auth_token": TOKEN,
+            "round_timeout_s": 60,
+            "entropy_coding": "both",
+        },
     )
     assert cfg.coding_up and cfg.coding_down
     s = Server(cfg)

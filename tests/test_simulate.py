@@ -47,8 +47,7 @@ def test_coded_uploads_are_charged_their_real_size_and_more_are_heard(runtime20)
     """Round 1 of the paper configuration, bbit 4/8 with entropy coding: the
     17e6-bit budget charges each upload its coded size, so all 20 workers are
     heard (9 uncoded); the nominal 4 n per upload stays in its own column."""
-    cfg = small_config(total_workers=20, max_rounds=1, b_up=4, b_down=8)
-    assert cfg.entropy_coding == "both"  # the default
+    cfg = small_config(total_workers=20, max_rounds=1, b_up=4, b_down=8, entropy_coding="both")
     res = simulate(cfg, write=False, progress=False, runtime=runtime20)
     (rec,) = res.records
     n = runtime20.model.n

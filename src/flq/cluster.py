@@ -891,7 +891,9 @@ class ClusterMaster:
             "max_rounds": self.cfg.max_rounds,
             "mode": self.cfg.mode,
             "b_up": self.cfg.uplink_bits,
+            "adaptive_width": self.cfg.adaptive_width,
             "b_down": self.cfg.downlink_bits,
+            "entropy_coding": self.cfg.entropy_coding,
             "total_workers": self.cfg.total_workers,
             "min_workers": self.cfg.needed_workers,
             "timeouts_s": {

@@ -227,8 +227,8 @@ class FlqAlgorithmSection(_Section):
     )
     adaptive_width: Annotated[bool, Bool] = _field(
         False,
-        "each worker picks its uplink width in 2..b_up per round, weighing the error each width adds against "
-        "the bits it costs under up_budget_bits (docs/algorithm.md, Adaptive width)",
+        "mode bbit, b_up >= 3: each worker picks its uplink width in 2..b_up per round, weighing the error "
+        "each width adds against the bits it costs under up_budget_bits (docs/algorithm.md, Adaptive width)",
     )
 
     @model_validator(mode="after")
@@ -242,10 +242,15 @@ class FlqAlgorithmSection(_Section):
         problem = scheme.check_bits(self.b_up)
         if problem:
             raise ValueError(f"config key 'flq_algorithm.b_up': {problem}, got {self.b_up}")
-        if self.adaptive_width and (scheme.fixed_bits is not None or self.b_up <= scheme.min_bits):
+        if self.adaptive_width and scheme.fixed_bits is not None:
             raise ValueError(
-                f"config key 'flq_algorithm.adaptive_width': mode {self.mode} with b_up {self.b_up} has one width "
-                f"to choose from; adaptive width needs a mode whose width is b_up and b_up > {scheme.min_bits}"
+                f"config key 'flq_algorithm.adaptive_width': mode {self.mode} always sends {scheme.fixed_bits} "
+                f"bits; adaptive width needs a mode whose width is b_up (bbit) and b_up >= {scheme.min_bits + 1}"
+            )
+        if self.adaptive_width and self.b_up <= scheme.min_bits:
+            raise ValueError(
+                f"config key 'flq_algorithm.adaptive_width': b_up {self.b_up} leaves one width to choose "
+                f"({scheme.min_bits}..{self.b_up}); set b_up >= {scheme.min_bits + 1}"
             )
         if scheme.sets_b_up:
             # the seed's "b forced to 1" of the binary mode (the model may be frozen: Config is)
@@ -350,6 +355,13 @@ class Config(
         if self.adaptive_width:
             return tuple(range(compressors.uplink(self.mode).min_bits, self.b_up + 1))
         return (self.uplink_bits,)
+
+    @property
+    def links(self) -> str:
+        """The mode and its links in words, for start-up lines:
+        ``"bbit (b_up 2..8 adaptive, b_down 8, entropy coding both)"``."""
+        b_up = f"{self.uplink_widths[0]}..{self.b_up} adaptive" if self.adaptive_width else str(self.uplink_bits)
+        return f"{self.mode} (b_up {b_up}, b_down {self.downlink_bits}, entropy coding {self.entropy_coding})"
 
     @property
     def coding_up(self) -> bool:

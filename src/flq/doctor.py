@@ -173,6 +173,22 @@ def _check_numpy() -> Check:
     return Check("numpy", OK, numpy.__version__)
 
 
+def _check_zstandard() -> Check:
+    """The entropy coder of wire format 2 (needed whenever entropy_coding is on, the default)."""
+    try:
+        import zstandard
+    except Exception as exc:
+        return Check(
+            "zstandard",
+            FAIL,
+            f"zstandard (the entropy coder of wire format 2) cannot be imported: {_one_line(exc)}",
+            "pip install 'zstandard>=0.22,<1'",
+        )
+    return Check(
+        "zstandard", OK, f"{zstandard.__version__} (libzstd {zstandard.ZSTD_VERSION[0]}.{zstandard.ZSTD_VERSION[1]})"
+    )
+
+
 def _load(args: argparse.Namespace) -> Tuple[Check, Config]:
     path = getattr(args, "config", None)
     if path is None:
@@ -462,6 +478,7 @@ def run_checks(args: argparse.Namespace) -> List[Check]:
     checks.append(_check_numpy())
     config_check, cfg = _load(args)
     checks.append(config_check)
+    checks.append(_check_zstandard())
     requested = getattr(args, "device", None) or cfg.device
     if torch is not None:
         checks.extend(_check_device(torch, cfg, requested))

@@ -124,7 +124,14 @@ class Master:
         self.wire_down_cum = 0
         self.records: List[Dict[str, Any]] = []
         self.selected_history: List[List[int]] = []
+        self._warned_nothing_fits = False
         self._reset_round()
+        if cfg.adaptive_width and cfg.sel_clients + (cfg.up_budget_bits == 0) > 0:
+            log.warning(
+                "flq_algorithm.adaptive_width has no budget to weigh bits against (sel_clients set or "
+                "up_budget_bits 0): every upload is sent at b_up = %d bits",
+                cfg.b_up,
+            )
         if cfg.sel_clients == 0 and not cfg.coding_up and 0 < cfg.up_budget_bits < self.upload_cost:
             log.warning(
                 "budget_selection.up_budget_bits %.4g is smaller than one upload (%d bits in mode %s): no "
@@ -269,6 +276,16 @@ class Master:
         cands = [Candidate(o.worker_id, o.gain, o.cost) for o in self.offers.values() if o.candidate]
         self.selected = select(cands, self.cfg.sel_clients, self.cfg.up_budget_bits)
         self.selection_made = True
+        if cands and not self.selected and not self._warned_nothing_fits:
+            self._warned_nothing_fits = True  # once a run: a coded run's costs are only known now
+            log.warning(
+                "round %d: none of the %d candidate uploads fits budget_selection.up_budget_bits %.4g (the "
+                "cheapest is %d bits): nobody uploads and the model does not train; raise the budget",
+                self.round + 1,
+                len(cands),
+                self.cfg.up_budget_bits,
+                min(c.cost for c in cands),
+            )
         return list(self.selected)
 
     # ----- step 7 -------------------------------------------------------
@@ -298,21 +315,20 @@ class Master:
         scheme, widths = self.up_scheme, self.cfg.uplink_widths
         with self.stopwatch.section("quantize"):
             try:
+                charged = packing.charged_bits(payload)  # from the header and length: checked before decoding
+                if charged != self.offers[worker_id].cost:
+                    raise packing.PayloadError(
+                        f"charged {charged} bits, its offer said {self.offers[worker_id].cost:.0f}"
+                    )
                 qv = packing.decode(
                     payload,
                     expected_n=self.n,
                     expected_bits=widths[0] if len(widths) == 1 else widths,
                     expected_segments=self._up_segments,
+                    expected_version=packing.FORMAT_CODED if self.cfg.coding_up else packing.FORMAT_VERSION,
                 )
             except packing.PayloadError as exc:
                 raise MasterError(f"upload from worker {worker_id}: {exc}", Code.MALFORMED) from None
-            charged = packing.charged_bits(payload)
-            if charged != self.offers[worker_id].cost:
-                raise MasterError(
-                    f"upload from worker {worker_id} is charged {charged} bits, its offer said "
-                    f"{self.offers[worker_id].cost:.0f}",
-                    Code.MALFORMED,
-                )
             with np.errstate(over="ignore", invalid="ignore"):  # huge scales: refused just below, no warning
                 q = scheme.decode_update(qv, self.ref_up[worker_id])
             if not np.isfinite(q).all():

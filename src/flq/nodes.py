@@ -237,7 +237,7 @@ def run_master(
         cfg.dataset,
         cfg.total_workers,
         cfg.max_rounds,
-        cfg.mode,
+        cfg.links,
     )
     try:
         asyncio.run(

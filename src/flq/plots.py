@@ -30,6 +30,7 @@ __all__ = ["plot_results", "run_label"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 X_BITS_LABEL = "cumulative uplink+downlink bits"
+X_UP_BITS_LABEL = "cumulative uplink bits (charged)"
 X_ROUND_LABEL = "round"
 Y_ENTROPY_LABEL = "test cross-entropy (nats)"
 Y_ACC_LABEL = "test accuracy (fraction)"
@@ -106,6 +107,8 @@ def plot_results(paths: Iterable[PathLike | RunResults], out_dir: PathLike) -> l
     * ``entropy_vs_bits.png`` -- test cross-entropy vs ``cum_bits_total``
       (cumulative uplink+downlink **bits**, log-scale x; points <= 0 dropped)
     * ``acc_vs_bits.png`` -- test accuracy vs ``cum_bits_total`` (log x)
+    * ``acc_vs_uplink_bits.png`` -- test accuracy vs ``bits_up_cum``, the
+      uplink bits charged (log x): what the budget spends
     * ``selected_per_round.png`` -- ``selcnt`` vs round
     * ``binary_uploads_<label>.png`` -- for each run with a ``bin_<mode>``
       sheet: raster of workers (y) by rounds (x), dark = uploaded; ``<label>``
@@ -198,6 +201,15 @@ def plot_results(paths: Iterable[PathLike | RunResults], out_dir: PathLike) -> l
         X_BITS_LABEL,
         Y_ACC_LABEL,
         "Test accuracy vs communicated bits",
+        logx=True,
+    )
+    line_plot(
+        "acc_vs_uplink_bits.png",
+        "bits_up_cum",
+        "acc",
+        X_UP_BITS_LABEL,
+        Y_ACC_LABEL,
+        "Test accuracy vs uplink bits",
         logx=True,
     )
     line_plot("selected_per_round.png", "iter", "selcnt", X_ROUND_LABEL, Y_SELECTED_LABEL, "Workers selected per round")

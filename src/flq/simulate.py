@@ -107,13 +107,11 @@ def simulate(
         ]
         startup = time.perf_counter() - t0
         log.info(
-            "start: %s, %d workers, n=%d, mode %s (b_up %d, b_down %d), %d rounds, %d threads; start-up %.2f s",
+            "start: %s, %d workers, n=%d, mode %s, %d rounds, %d threads; start-up %.2f s",
             cfg.dataset,
             cfg.total_workers,
             rt.model.n,
-            cfg.mode,
-            cfg.uplink_bits,
-            cfg.downlink_bits,
+            cfg.links,
             cfg.max_rounds,
             torch.get_num_threads(),
             startup,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, Dict, Optional
 
@@ -108,6 +109,7 @@ class Worker:
             payload,
             expected_n=self.model.n,
             expected_bits=self.cfg.downlink_bits,
+            expected_version=packing.FORMAT_CODED if self.cfg.coding_down else packing.FORMAT_VERSION,
             expected_segments=scheme.segments(self.model.segments),
         )
         w = scheme.decode_update(qv, self.ref_down)
@@ -219,10 +221,10 @@ class Worker:
         """
         cfg, scheme, segments = self.cfg, self.up_scheme, self.model.segments
         widths = cfg.uplink_widths
-        if len(widths) == 1:
-            qv, q = scheme.encode_update(g_eff, self.ref_up, widths[0], self.rng, segments)
-            return qv, q, packing.encode(qv, coded=cfg.coding_up)
         share = budget_share(cfg.up_budget_bits, cfg.sel_clients, cfg.total_workers)
+        if len(widths) == 1 or math.isinf(share):  # no budget to weigh bits against: the widest
+            qv, q = scheme.encode_update(g_eff, self.ref_up, max(widths), self.rng, segments)
+            return qv, q, packing.encode(qv, coded=cfg.coding_up)
         innovation_sq = squared_norm(g_eff - self.ref_up)
 
         def encode_at(bits: int, rng: np.random.Generator) -> tuple:

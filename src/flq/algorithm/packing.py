@@ -118,6 +118,9 @@ def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
     need = packed_size(n, bits)
     if len(data) != need:
         raise PayloadError(f"packed data is {len(data)} bytes, expected {need} for {n} values at {bits} bits")
+    used = (bits * n) % 8
+    if used and data[-1] >> used:
+        raise PayloadError("unused bits of the last packed byte are not zero")
     buf = np.frombuffer(data, dtype=np.uint8)
     if bits == 8:
         return buf.copy()
@@ -182,13 +185,14 @@ def encode(qv: QuantizedVector, coded: bool = False) -> bytes:
     head = _HEADER.pack(MAGIC, FORMAT_CODED if coded else FORMAT_VERSION, _KIND_CODES[qv.kind], qv.bits, 0, qv.n, nseg)
     segs = np.asarray(qv.segments, dtype="<u4").tobytes()
     scales = b"" if qv.kind == KIND_RAW else np.asarray(qv.scales, dtype="<f4").tobytes()
-    data = _data_v1(qv)
-    if coded:
-        frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True).compress(
-            byte_layout(qv.codes, qv.bits)
-        )
-        data = bytes([METHOD_ZSTD]) + frame if len(frame) < len(data) else bytes([METHOD_STORED]) + data
-    return b"".join((head, segs, scales, data))
+    if not coded:
+        return b"".join((head, segs, scales, _data_v1(qv)))
+    frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True).compress(
+        byte_layout(qv.codes, qv.bits)
+    )
+    if len(frame) < (4 * qv.n if qv.kind == KIND_RAW else packed_size(qv.n, qv.bits)):
+        return b"".join((head, segs, scales, bytes([METHOD_ZSTD]), frame))
+    return b"".join((head, segs, scales, bytes([METHOD_STORED]), _data_v1(qv)))
 
 
 def header_size(bits: int, n_segments: int) -> int:
@@ -207,7 +211,15 @@ def encoded_size(n: int, bits: int, n_segments: int, coded: bool = False) -> int
 def charged_bits(payload: bytes) -> int:
     """Uplink/downlink bits an encoded vector is charged: its data after the
     fixed header, ``b n`` for version 1 and ``8 * bytes`` for version 2.
-    Expects a body :func:`decode` accepted (reads only the header)."""
+    Reads only the header and the length, so a receiver can compare the
+    charge with what was offered before decoding anything; :func:`decode`
+    validates the rest.
+
+    Raises:
+        PayloadError: shorter than the 16-byte header.
+    """
+    if len(payload) < _HEADER.size:
+        raise PayloadError(f"body is {len(payload)} bytes, shorter than the {_HEADER.size}-byte header")
     _, version, _, bits, _, n, nseg = _HEADER.unpack_from(payload)
     if version == FORMAT_VERSION:
         return bits * n
@@ -219,6 +231,7 @@ def decode(
     expected_n: Optional[int] = None,
     expected_segments: Optional[Sequence[int]] = None,
     expected_bits: Union[None, int, Collection[int]] = None,
+    expected_version: Optional[int] = None,
 ) -> QuantizedVector:
     """Parse and validate an encoded vector of either version.
 
@@ -226,23 +239,34 @@ def decode(
         data: bytes produced by :func:`encode`.
         expected_n / expected_segments: when given, the payload must match them.
         expected_bits: the width, or the widths allowed (adaptive width).
+        expected_version: the format the link sends (1, or 2 with entropy
+            coding), when given.
 
     Raises:
         PayloadError: truncated or oversized body, bad magic or version,
-            unknown kind, bits out of range, element count or segments not
-            as expected, NaN/Inf scales or values, codes out of range; for
-            version 2 an unknown method, a zstd frame that does not declare
-            exactly the size of its codes, is corrupt (checksum), is cut short
-            or is followed by other bytes.
+            not the link's version, a reserved byte other than 0, unknown
+            kind, bits out of range, element count or segments not as
+            expected, NaN/Inf scales or values, codes out of range, unused
+            bits of the last packed byte not zero; for version 2 an unknown
+            method, a zstd frame that does not declare exactly the size of
+            its codes or carries no checksum, is corrupt (checksum), is cut
+            short or is followed by other bytes.
     """
     data = bytes(data) if not isinstance(data, bytes) else data
     if len(data) < _HEADER.size:
         raise PayloadError(f"body is {len(data)} bytes, shorter than the {_HEADER.size}-byte header")
-    magic, version, kind_code, bits, _, n, nseg = _HEADER.unpack_from(data)
+    magic, version, kind_code, bits, reserved, n, nseg = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise PayloadError("bad magic: not an FLQ encoded vector")
     if version not in (FORMAT_VERSION, FORMAT_CODED):
         raise PayloadError(f"unsupported format version {version} (this build reads 1 and 2)")
+    if expected_version is not None and version != expected_version:
+        raise PayloadError(
+            f"format version {version}, but this link sends version {expected_version} "
+            f"(entropy coding {'on' if expected_version == FORMAT_CODED else 'off'})"
+        )
+    if reserved != 0:
+        raise PayloadError(f"reserved header byte is {reserved}, must be 0")
     kind = _KIND_NAMES.get(kind_code)
     if kind is None:
         raise PayloadError(f"unknown vector kind code {kind_code}")
@@ -312,6 +336,8 @@ def _uncode(body: bytes, n: int, bits: int) -> Tuple[bytes, int]:
         raise PayloadError(
             f"zstd frame declares {declared} bytes of codes, expected {size} for {n} values at {bits} bits"
         )
+    if not zstandard.get_frame_parameters(rest).has_checksum:
+        raise PayloadError("zstd frame carries no checksum")
     dobj = zstandard.ZstdDecompressor().decompressobj()
     try:
         layout = dobj.decompress(rest)

@@ -149,8 +149,10 @@ class StatusResponse(BaseModel):
     live_workers: int
     max_rounds: int
     mode: str
-    b_up: int
+    b_up: int = Field(description="uplink bits; with adaptive_width the widest of the widths 2..b_up")
+    adaptive_width: bool
     b_down: int
+    entropy_coding: Literal["both", "up", "down", "none"] = Field(description="the links sending wire format 2")
     total_workers: int
     min_workers: int
     timeouts_s: StatusTimeouts
