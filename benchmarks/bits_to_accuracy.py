@@ -11,7 +11,11 @@ rounds each (default 400), the test set evaluated every ``--eval_every``
 * ``coded``    -- the same with entropy coding on both links: the budget
   charges each upload its real coded size;
 * ``adaptive`` -- b_up 2..8 chosen per worker and round (``adaptive_width``)
-  with entropy coding.
+  with entropy coding;
+* ``coded_half`` (only with ``--runs``) -- ``coded`` with half the budget,
+  8.5e6 bits: selection spends whatever budget it is given, so this shows
+  what coding saves when the budget is cut to hear as many workers as the
+  uncoded run does.
 
 Prints, per run, the cumulative *real* uplink bits (``bits_up_cum``) at the
 first evaluated round reaching each target accuracy, the mean uploads per
@@ -46,7 +50,10 @@ RUNS = {
     "uncoded": ["--b_up", "4", "--b_down", "8", "--entropy_coding", "none"],
     "coded": ["--b_up", "4", "--b_down", "8", "--entropy_coding", "both"],
     "adaptive": ["--b_up", "8", "--b_down", "8", "--entropy_coding", "both", "--adaptive_width", "true"],
+    # not run by default: coded at half the budget, which hears about as many workers as uncoded does at 17e6
+    "coded_half": ["--b_up", "4", "--b_down", "8", "--entropy_coding", "both", "--up_budget_bits", "8.5e6"],
 }
+DEFAULT_RUNS = ["uncoded", "coded", "adaptive"]
 RANGES = ((1, 10), (11, 50), (51, 100), (101, 200), (201, 400))
 
 
@@ -96,7 +103,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="simulations at once")
     ap.add_argument("--threads", type=int, default=0, help="PyTorch threads per simulation (0 = all cores)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bits_to_accuracy"))
-    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
     ap.add_argument(
         "--reuse", action="store_true", help="take a run's completed spreadsheet of --rounds rounds from --out if any"
     )
@@ -110,25 +117,25 @@ def main() -> None:
 
     print(f"settings: configs/paper_fmnist.json, bbit, {args.rounds} rounds, test accuracy every {args.eval_every}")
     print("\nuplink bits (real) to reach a test accuracy; round in brackets; '-' = not reached")
-    print(f"{'run':<10}" + "".join(f"{t:>24.2f}" for t in args.targets) + f"{'final acc':>12}{'wall s':>9}")
+    print(f"{'run':<11}" + "".join(f"{t:>24.2f}" for t in args.targets) + f"{'final acc':>12}{'wall s':>9}")
     for name, (res, _, wall) in runs.items():
         cells = []
         for t in args.targets:
             hit = first_reaching(res.curve, t)
             cells.append("-" if hit is None else f"{hit[1]:.4g} ({hit[0]})")
         final = res.curve["acc"].dropna().iloc[-1]
-        print(f"{name:<10}" + "".join(f"{c:>24}" for c in cells) + f"{final:>12.4f}{wall:>9.0f}")
+        print(f"{name:<11}" + "".join(f"{c:>24}" for c in cells) + f"{final:>12.4f}{wall:>9.0f}")
 
     print("\nuploads per round (mean selcnt) under the 17e6-bit budget; mean width of uploads")
     header = "".join(f"{f'{a}-{b}':>12}" for a, b in RANGES if a <= args.rounds)
-    print(f"{'run':<10}{header}{'width':>8}{'Mbit/round':>12}")
+    print(f"{'run':<11}{header}{'width':>8}{'Mbit/round':>12}")
     for name, (res, _, _) in runs.items():
         c = res.curve
         cells = "".join(
             f"{c[(c['iter'] >= a) & (c['iter'] <= b)]['selcnt'].mean():>12.2f}" for a, b in RANGES if a <= args.rounds
         )
         per_round = c["bits_up_cum"].iloc[-1] / len(c) / 1e6
-        print(f"{name:<10}{cells}{c['b_up_mean'].mean():>8.2f}{per_round:>12.2f}")
+        print(f"{name:<11}{cells}{c['b_up_mean'].mean():>8.2f}{per_round:>12.2f}")
 
     if "uncoded" in runs:
         base = runs["uncoded"][0].curve
