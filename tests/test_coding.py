@@ -320,9 +320,10 @@ def test_choose_width_stops_where_the_score_stops_falling(scores, chosen, tried)
 
 
 def test_width_score_and_budget_share():
-    assert width_score(1.0, 4.0, 850, 1700.0) == 0.75
+    assert width_score(1.0, 4.0, 850, 1700.0, error_weight=1.0) == 0.75
+    assert width_score(1.0, 4.0, 850, 1700.0) == 1.5  # the default weight, 4
     assert width_score(0.0, 0.0, 850, 1700.0) == 0.5  # no innovation: only the bits count
-    assert width_score(2.0, 4.0, 10**6, float("inf")) == 0.5  # no budget: only the error counts
+    assert width_score(2.0, 4.0, 10**6, float("inf"), error_weight=2.0) == 1.0  # no budget: only the error
     assert budget_share(17e6, 0, 20) == 850_000.0
     assert budget_share(17e6, 3, 20) == float("inf")
     assert budget_share(0, 0, 20) == float("inf")
@@ -366,7 +367,7 @@ def test_adaptive_worker_chooses_by_the_score_from_one_set_of_draws():
             g.bit_generator.state = start
             qb, vb = quantize_relative(g_eff, w.ref_up, b, g, segs)
             e = float(np.square(vb - g_eff, dtype=np.float64).sum())
-            scores[b] = e / x2 + charged_bits(encode(qb, coded=True)) / share
+            scores[b] = 4.0 * e / x2 + charged_bits(encode(qb, coded=True)) / share
             states[b] = g.bit_generator.state
         expected = 2
         while expected < 8 and scores[expected + 1] < scores[expected]:

@@ -231,6 +231,13 @@ class FlqAlgorithmSection(_Section):
         "each width adds against the bits it costs under up_budget_bits (docs/algorithm.md, Adaptive width)",
     )
 
+    width_error_weight: Annotated[float, Float] = _field(
+        4.0,
+        "adaptive width: how much a width's quantization error weighs against its bits "
+        "(docs/algorithm.md, Adaptive width)",
+        gt=0,
+    )
+
     @model_validator(mode="after")
     def _bits_fit_mode(self) -> FlqAlgorithmSection:
         if not (self.b_down in (0, 32) or 1 <= self.b_down <= compressors.MAX_BITS):

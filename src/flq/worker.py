@@ -231,7 +231,12 @@ class Worker:
             qv, q = scheme.encode_update(g_eff, self.ref_up, bits, rng, segments)
             payload = packing.encode(qv, coded=cfg.coding_up)
             error = squared_norm(q - g_eff)
-            return qv, q, payload, width_score(error, innovation_sq, packing.charged_bits(payload), share)
+            return (
+                qv,
+                q,
+                payload,
+                width_score(error, innovation_sq, packing.charged_bits(payload), share, cfg.width_error_weight),
+            )
 
         return choose_width(encode_at, widths, self.rng)
 
