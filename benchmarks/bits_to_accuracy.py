@@ -126,7 +126,7 @@ def main() -> None:
         final = res.curve["acc"].dropna().iloc[-1]
         print(f"{name:<11}" + "".join(f"{c:>24}" for c in cells) + f"{final:>12.4f}{wall:>9.0f}")
 
-    print("\nuploads per round (mean selcnt) under the 17e6-bit budget; mean width of uploads")
+    print("\nuploads per round (mean selcnt; budget 17e6 bits, coded_half 8.5e6); mean width of uploads")
     header = "".join(f"{f'{a}-{b}':>12}" for a, b in RANGES if a <= args.rounds)
     print(f"{'run':<11}{header}{'width':>8}{'Mbit/round':>12}")
     for name, (res, _, _) in runs.items():
