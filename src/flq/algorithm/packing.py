@@ -159,14 +159,11 @@ def byte_layout(codes: np.ndarray, bits: int) -> bytes:
 
 
 def _container(bits: int) -> int:
-    for width in (1, 2, 4, 8):
+    """The width a code occupies in :func:`byte_layout` (raw: 32)."""
+    for width in (1, 2, 4, 8, 16):
         if bits <= width:
             return width
-    return 16
-
-
-def _layout_size(n: int, bits: int) -> int:
-    return 4 * n if bits == 32 else packed_size(n, _container(bits))
+    return 32
 
 
 def _data_v1(qv: QuantizedVector) -> bytes:
@@ -190,7 +187,7 @@ def encode(qv: QuantizedVector, coded: bool = False) -> bytes:
     frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, write_content_size=True).compress(
         byte_layout(qv.codes, qv.bits)
     )
-    if len(frame) < (4 * qv.n if qv.kind == KIND_RAW else packed_size(qv.n, qv.bits)):
+    if len(frame) < packed_size(qv.n, qv.bits):
         return b"".join((head, segs, scales, bytes([METHOD_ZSTD]), frame))
     return b"".join((head, segs, scales, bytes([METHOD_STORED]), _data_v1(qv)))
 
@@ -204,8 +201,7 @@ def header_size(bits: int, n_segments: int) -> int:
 def encoded_size(n: int, bits: int, n_segments: int, coded: bool = False) -> int:
     """Exact length in bytes of :func:`encode`'s version-1 output; with
     ``coded``, the most a version-2 body can be (stored: one byte more)."""
-    data = 4 * n if bits == 32 else packed_size(n, bits)
-    return header_size(bits, n_segments) + data + (CODED_OVERHEAD if coded else 0)
+    return header_size(bits, n_segments) + packed_size(n, bits) + (CODED_OVERHEAD if coded else 0)
 
 
 def charged_bits(payload: bytes) -> int:
@@ -327,7 +323,7 @@ def _uncode(body: bytes, n: int, bits: int) -> Tuple[bytes, int]:
         return rest, bits
     if method != METHOD_ZSTD:
         raise PayloadError(f"unknown coding method {method} (0 stored, 1 zstd)")
-    size = _layout_size(n, bits)
+    size = packed_size(n, _container(bits))
     try:
         declared = zstandard.frame_content_size(rest)
     except zstandard.ZstdError:
@@ -347,4 +343,4 @@ def _uncode(body: bytes, n: int, bits: int) -> Tuple[bytes, int]:
         raise PayloadError("zstd frame is cut short")
     if dobj.unused_data:
         raise PayloadError(f"{len(dobj.unused_data)} bytes follow the zstd frame")
-    return layout, (32 if bits == 32 else _container(bits))
+    return layout, _container(bits)
