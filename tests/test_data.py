@@ -354,6 +354,37 @@ def test_load_synthetic_dataset(tmp_path):
         ds.train_x[0, 0, 0, 0] = 5.0
 
 
+def test_decoded_arrays_are_kept_and_memory_mapped_by_the_next_process(tmp_path, monkeypatch):
+    arrays = write_dataset(tmp_path / "d", n_train=12, n_test=5)
+    first = load_dataset("mnist", data_dir=tmp_path / "d", download=False)
+    stamp = datasets._files_stamp((tmp_path / "d").resolve())
+    folder = datasets.decoded_cache_dir("mnist", str((tmp_path / "d").resolve()), stamp)
+    assert folder.parent.parent == tmp_path / "xdg-cache" / "flq" / "mnist"
+    assert sorted(f.name for f in folder.iterdir()) == sorted(f"{a}.npy" for a in datasets.ARRAY_NAMES)
+    datasets.clear_dataset_cache()  # as a new process: the arrays come from the .npy files, memory-mapped
+    monkeypatch.setattr(datasets, "_load_images", lambda path: pytest.fail("decoded again"))
+    again = load_dataset("mnist", data_dir=tmp_path / "d", download=False)
+    assert isinstance(again.train_x.base, np.memmap) and not again.train_x.flags.writeable
+    for a in datasets.ARRAY_NAMES:
+        np.testing.assert_array_equal(getattr(again, a), getattr(first, a))
+        assert getattr(again, a).dtype == getattr(first, a).dtype
+    np.testing.assert_array_equal(again.test_y, arrays[datasets.TEST_LABELS])
+    # a damaged cache file is not trusted: the IDX files are decoded again
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    (folder / "train_x.npy").write_bytes((folder / "train_x.npy").read_bytes()[:200])
+    datasets.clear_dataset_cache()
+    fixed = load_dataset("mnist", data_dir=tmp_path / "d", download=False)
+    np.testing.assert_array_equal(fixed.train_x, first.train_x)
+    assert datasets._read_decoded(folder) is not None  # and stored whole again
+    # changed files get a new key; FLQ_NO_DECODED_CACHE=1 writes nothing
+    monkeypatch.setenv("FLQ_NO_DECODED_CACHE", "1")
+    write_dataset(tmp_path / "d", n_train=14, n_test=5, seed=1)
+    datasets.clear_dataset_cache()
+    assert load_dataset("mnist", data_dir=tmp_path / "d", download=False).train_x.shape[0] == 14
+    assert [f.name for f in folder.parent.iterdir()] == [folder.name]
+
+
 def test_load_rejects_bad_shapes(tmp_path):
     folder = tmp_path / "d"
     write_dataset(folder)

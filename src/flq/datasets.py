@@ -13,7 +13,10 @@ Fashion-MNIST and MNIST (how they are split over the workers and batched is
 * :func:`download_dataset` fetches the four files from the official mirrors
   and checks their SHA-256 against :data:`DATASETS`.
 * :func:`load_dataset` ties these together and returns a :class:`Dataset`
-  (cached in-process).
+  (cached in-process, and decoded once per machine: the float32 arrays are
+  kept as ``.npy`` files in the user cache and memory-mapped by later
+  processes, which then start without decompressing anything and share one
+  copy in the page cache).
 
 Every error about the data is a :class:`DatasetError` (a ``ValueError``) whose
 message is a single line.
@@ -33,6 +36,7 @@ import gzip
 import hashlib
 import math
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -178,6 +182,10 @@ SYSTEM_DIRS: Tuple[Path, ...] = (Path("/usr/share/datasets"),)
 ENV_DATA_DIR = "FLQ_DATA_DIR"
 #: Environment variable that, set to 1/true/yes/on, disables downloading.
 ENV_NO_DOWNLOAD = "FLQ_NO_DOWNLOAD"
+#: Environment variable that, set to 1/true/yes/on, disables the decoded-array cache.
+ENV_NO_DECODED_CACHE = "FLQ_NO_DECODED_CACHE"
+#: The arrays of a :class:`Dataset`, as the decoded cache names its files.
+ARRAY_NAMES = ("train_x", "train_y", "test_x", "test_y")
 
 #: Refuse a download larger than this (the largest official file is ~26 MiB).
 MAX_DOWNLOAD_BYTES = 128 * 1024 * 1024
@@ -526,14 +534,67 @@ def _files_stamp(d: Path) -> Tuple[Tuple[int, int], ...]:
     return tuple(stamps)
 
 
+def decoded_cache_dir(name: str, directory: str, stamp: Tuple[Tuple[int, int], ...]) -> Path:
+    """Where the decoded arrays of the IDX files in ``directory`` (with these
+    sizes and modification times) are kept: ``<default_cache_dir>/decoded/<key>``,
+    the key a hash of all three, so changed files are decoded afresh."""
+    key = hashlib.sha256(repr((name, directory, stamp)).encode()).hexdigest()[:20]
+    return default_cache_dir(name) / "decoded" / key
+
+
+def _read_decoded(folder: Path) -> Optional[Tuple[np.ndarray, ...]]:
+    """The four arrays memory-mapped from ``folder`` (read-only), or None when
+    any is missing or not what :func:`_load_images`/:func:`_load_labels` make."""
+    try:
+        arrays = tuple(np.asarray(np.load(folder / f"{a}.npy", mmap_mode="r")) for a in ARRAY_NAMES)
+    except (OSError, ValueError, EOFError):
+        return None
+    images_shape = (1, IMAGE_SIDE, IMAGE_SIDE)
+    for x, y in (arrays[:2], arrays[2:]):
+        if x.dtype != np.float32 or x.shape[1:] != images_shape or y.dtype != np.int64 or y.shape != x.shape[:1]:
+            return None
+    return arrays
+
+
+def _write_decoded(folder: Path, arrays: Sequence[np.ndarray]) -> None:
+    """Store ``arrays`` in ``folder`` (written beside it, then renamed into
+    place: a reader sees all four or none). Failing (read-only or full
+    disk, another process first) only costs the next start the decoding.
+    A damaged copy already there is replaced."""
+    tmp = None
+    try:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+        for a, arr in zip(ARRAY_NAMES, arrays):
+            np.save(tmp / f"{a}.npy", arr)
+        os.rename(tmp, folder)
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            for f in tmp.glob("*"):
+                f.unlink(missing_ok=True)
+            tmp.rmdir()
+
+
 @functools.lru_cache(maxsize=4)
 def _load_cached(name: str, directory: str, stamp: Tuple[Tuple[int, int], ...]) -> Dataset:
     d = Path(directory)
-    train_x = _load_images(d / TRAIN_IMAGES)
-    train_y = _load_labels(d / TRAIN_LABELS, train_x.shape[0])
-    test_x = _load_images(d / TEST_IMAGES)
-    test_y = _load_labels(d / TEST_LABELS, test_x.shape[0])
-    return Dataset(name, train_x, train_y, test_x, test_y, d)
+    use_disk = os.environ.get(ENV_NO_DECODED_CACHE, "").strip().lower() not in ("1", "true", "yes", "on")
+    folder = decoded_cache_dir(name, directory, stamp)
+    arrays = _read_decoded(folder) if use_disk else None
+    if arrays is None:
+        train_x = _load_images(d / TRAIN_IMAGES)
+        train_y = _load_labels(d / TRAIN_LABELS, train_x.shape[0])
+        test_x = _load_images(d / TEST_IMAGES)
+        test_y = _load_labels(d / TEST_LABELS, test_x.shape[0])
+        arrays = (train_x, train_y, test_x, test_y)
+        if use_disk:
+            _write_decoded(folder, arrays)
+    return Dataset(name, *arrays, d)
 
 
 def clear_dataset_cache() -> None:
@@ -568,7 +629,10 @@ def load_dataset(name: str, data_dir: Optional[PathLike] = None, download: bool 
     ``[N, 1, 28, 28]`` in ``[0, 1]``, ``train_y``/``test_y`` ``np.int64``
     ``[N]``; 60000/10000 samples for the official files. Results are cached
     in-process by (name, resolved folder, file sizes and mtimes), so repeated
-    loads return the same read-only arrays without reading the files again.
+    loads return the same read-only arrays without reading the files again;
+    and on disk under the same key (:func:`decoded_cache_dir`, about 220 MB
+    for either dataset; off with ``FLQ_NO_DECODED_CACHE=1``): the first load
+    decodes the files and stores the arrays, later ones memory-map them.
 
     Raises :class:`DatasetNotFoundError` (one line: where it looked, how to
     get the data, why the download did not happen) when the files are
