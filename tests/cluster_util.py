@@ -142,8 +142,10 @@ def start_cluster(
     until /status answers. ``cafile``: the master serves HTTPS (pass its
     ``--certfile``/``--keyfile`` in ``master_args``); ``client_cert``: the
     certificate the tests' own calls present (mutual TLS); ``worker_args(m)``:
-    worker m's extra flags."""
+    worker m's extra flags. Without ``eval_every`` in ``overrides`` the
+    master never evaluates (``eval_every`` 0): the protocol is under test."""
     port = free_port(host)
+    overrides = {"eval_every": 0, **overrides}
     if "--linger_s" not in master_args:  # on loopback the workers hear the end at once; 5 s would only add up
         master_args = [*master_args, "--linger_s", "1"]
     cmd = [

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,10 @@ PAPER_CONFIG = REPO / "configs" / "paper_fmnist.json"
 # The same arithmetic in every test process (and in the worker processes tests start).
 torch.set_num_threads(1)
 os.environ.setdefault("FLQ_NO_DOWNLOAD", "1")
+# The user cache (decoded datasets, downloads) of this test session only: nothing left in $HOME.
+_CACHE = tempfile.mkdtemp(prefix="flq-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +34,11 @@ def fmnist_available() -> bool:
 
 
 def small_config(**overrides):
-    """The paper's settings, shrunk for fast tests (overrides are flat keys)."""
+    """The paper's settings, shrunk for fast tests (overrides are flat keys):
+    4 workers, 3 rounds, one thread, no test-set evaluation (``eval_every``
+    0; a test that reads the accuracy sets it)."""
     from flq.config import load_config
 
-    base = {"total_workers": 4, "max_rounds": 3, "threads": 1, "eval_every": 1000}
+    base = {"total_workers": 4, "max_rounds": 3, "threads": 1, "eval_every": 0}
     base.update(overrides)
     return load_config(str(PAPER_CONFIG), base)

@@ -14,7 +14,7 @@ from cluster_util import free_port, self_signed, start_cluster
 
 from flq.transport.client import master_url
 
-MLP = {"model": "mlp", "eval_every": 1000}
+MLP = {"model": "mlp", "eval_every": 0}
 #: "Within seconds": a process start (importing PyTorch) on a loaded 2-core
 #: machine included; far below the 300 s of retries these cases used to take.
 SECONDS = 60

@@ -33,6 +33,7 @@ SETTINGS = {
     "entropy_coding": "both",
     "up_budget_bits": 5e6,
     "eval_every": 5,
+    "eval_overlap": "true",  # the master evaluates rounds 5 and 10 beside the next round (and the end)
     "min_workers": 0,
     "seed": 3,
 }
@@ -76,6 +77,7 @@ def test_distributed_equals_simulation(distributed_run):
         entropy_coding="both",
         up_budget_bits=5e6,
         eval_every=5,
+        eval_overlap=False,  # evaluated in line: the same numbers
         seed=3,
     )
     sim = simulate(cfg, write=False, progress=False)
@@ -93,6 +95,9 @@ def test_distributed_equals_simulation(distributed_run):
     # equal at the same thread count (README): the spreadsheet records it
     assert [run.config[f"runtime.worker_threads.{m}"] for m in range(4)] == [1, 1, 1, 1]
     assert run.config["runtime.threads"] == 1 and run.config["run.end"] == "completed"
+    assert run.config["system.eval_overlap"] in (True, "True", "true")
+    evaluated = run.curve.dropna(subset=["acc"])
+    assert list(evaluated["iter"]) == [5, 10] and (evaluated["master_evaluate_wait_s"] >= 0).all()
     final = _model_file_theta(xlsx.with_suffix(".safetensors"))
     assert _sha(final) == _sha(sim.theta)
 
@@ -184,7 +189,7 @@ def test_logs_and_results_written(distributed_run):
 
 
 def test_status_model_and_stop(tmp_path, fmnist_available):
-    cluster = start_cluster(tmp_path, 2, {"rounds": 200, "eval_every": 1000, "min_workers": 0})
+    cluster = start_cluster(tmp_path, 2, {"rounds": 200, "eval_every": 0, "min_workers": 0})
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -229,7 +234,7 @@ RETRY_SETTINGS = {
     "mode": "bbit",
     "b_up": 4,
     "b_down": 8,
-    "eval_every": 1000,
+    "eval_every": 0,
     "min_workers": 0,
     "seed": 11,
     "round_timeout_s": 60,

@@ -408,3 +408,26 @@ def test_a_key_given_twice_in_one_object_is_refused(tmp_path):
     assert "'seed' appears twice" in msg
     msg = _error(tmp_path, '{"model": {"lr": 0.1, "lr": 0.2}}')
     assert "'lr' appears twice" in msg
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["simulate", "--help"],
+        ["simulate", "--mode", "bbbit"],
+        ["master", "--eval_precision", "fp8"],
+        ["simulate", "--data_dir", "/nonexistent/folder"],
+    ],
+)
+def test_help_and_config_errors_do_not_import_pytorch(tmp_path, args):
+    """Start-up: what refuses the run or only prints does so before PyTorch loads."""
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "flq", *args], capture_output=True, text=True, cwd=tmp_path
+    )
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "flq.config" in imported and "torch" not in imported, sorted(m for m in imported if "torch" in m)
+    assert r.returncode == (0 if "--help" in args else 2), r.stderr[-500:]
+    if r.returncode:
+        errors = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
+        assert len(errors) == 1 and "config key" in errors[0], errors

@@ -193,7 +193,7 @@ SETTINGS = {
     "mode": "bbit",
     "b_up": 4,
     "up_budget_bits": 0,  # every candidate uploads
-    "eval_every": 1000,
+    "eval_every": 0,
     "worker_timeout_s": 600,
     "round_timeout_s": 120,
     "auth_token": TOKEN,

@@ -18,7 +18,7 @@ from disk_util import disk
 from flq.results import read_results
 from flq.simulate import simulate
 
-MLP = {"model": "mlp", "eval_every": 1000}
+MLP = {"model": "mlp", "eval_every": 0}
 
 
 def test_worker_killed_then_rejoins(tmp_path, fmnist_available):
@@ -32,7 +32,7 @@ def test_worker_killed_then_rejoins(tmp_path, fmnist_available):
             "b_down": 8,
             "round_timeout_s": 3,
             "min_workers": 3,
-            "eval_every": 1000,
+            "eval_every": 0,
             "worker_timeout_s": 5,
         },
     )

@@ -560,7 +560,7 @@ def test_rounds_count_from_1_on_the_wire():
 
     cfg = load_config(
         str(PAPER_CONFIG),
-        {"total_workers": 1, "max_rounds": 2, "threads": 1, "model": "mlp", "eval_every": 1000, "round_timeout_s": 60},
+        {"total_workers": 1, "max_rounds": 2, "threads": 1, "model": "mlp", "eval_every": 0, "round_timeout_s": 60},
     )
     s = Server(cfg)
     exchanges = []  # (request, response) of the worker's calls

@@ -55,13 +55,14 @@ def config_from(args: argparse.Namespace):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from .config import check_paths
+
+    cfg = config_from(args)  # a bad key or value stops here, before PyTorch is even imported
+    check_paths(cfg)
     from .logs import setup_logging
     from .outputs import remove_stale_temporaries
-    from .runtime import check_paths
     from .simulate import simulate
 
-    cfg = config_from(args)
-    check_paths(cfg)
     logfile = setup_logging(cfg.log_dir, f"simulate_{cfg.mode}", cfg.log_level, args.verbose, console_level="WARNING")
     remove_stale_temporaries(Path(cfg.results_dir))
     result = simulate(cfg, write=True, progress=not args.no_progress)
@@ -121,11 +122,11 @@ def auth_token_source(flag: Optional[str], file_value: str) -> tuple:
 
 
 def cmd_master(args: argparse.Namespace) -> int:
+    from .config import check_paths
     from .logs import setup_logging
     from .nodes import listen_on, load_resume_state, run_master
-    from .runtime import check_paths
 
-    # everything that can refuse the run does so before any log or work
+    # everything that can refuse the run does so before any log or work (and before PyTorch is imported)
     cfg = config_from(args)
     check_paths(cfg)
     _check_cert_pair(args.certfile, args.keyfile)

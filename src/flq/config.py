@@ -129,8 +129,23 @@ class SystemSection(_Section):
     seed: Annotated[int, Int] = _field(42, "seed of partition, init and all draws", ge=0, le=2**32 - 1)
     device: Annotated[Literal["auto", "cpu", "cuda"], Choice] = _field("auto", "compute device")
     threads: Annotated[int, Int] = _field(0, "intra-op threads for PyTorch", note="0 = all cores", ge=0, le=1024)
-    eval_every: Annotated[int, Int] = _field(1, "evaluate the global model every N rounds (and the last)", ge=1)
+    eval_every: Annotated[int, Int] = _field(
+        1,
+        "evaluate the global model every N rounds (and the last)",
+        note="0 = never (acc and entropy stay empty; for throughput runs)",
+        ge=0,
+    )
     eval_batch_size: Annotated[int, Int] = _field(64, "batch size of test-set evaluation", ge=1)
+    eval_precision: Annotated[Literal["fp32", "bf16", "fp16"], Choice] = _field(
+        "fp32",
+        "arithmetic of test-set evaluation: bf16 autocast (fast only on CPUs with native bf16: AVX512-BF16 or "
+        "AMX; on CUDA from Ampere), fp16 autocast (CUDA only)",
+    )
+    eval_overlap: Annotated[bool, Bool] = _field(
+        True,
+        "evaluate round k's model in a background thread while round k+1 trains (same numbers; the record's "
+        "accuracy is filled in when the evaluation ends)",
+    )
     master_host: Annotated[str, Str] = _field(
         "0.0.0.0", "address the master listens on", allowed="a host name or address", min_length=1, pattern=r"\S"
     )
@@ -634,3 +649,10 @@ def field_specs() -> List[Tuple[str, Any, str, str]]:
             kind = "{" + ",".join(choices) + "}" if choices else _METAVARS.get(f.annotation, "STR")
             out.append((name, f.default, kind, f"{f.description} [{sec}.{key}; {allowed(name)}]"))
     return out
+
+
+def check_paths(cfg: Config) -> None:
+    """Raise ConfigError for a ``data_dir`` that does not exist (checked where
+    the data is read, so a worker can use its own)."""
+    if cfg.data_dir and not Path(cfg.data_dir).is_dir():
+        raise ConfigError(f"config key 'dataset.data_dir': no such folder {cfg.data_dir!r}")

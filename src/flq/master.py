@@ -34,7 +34,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from .algorithm.lazy import history_energy
 from .algorithm.selection import Candidate, select
 from .algorithm.vector import squared_norm
 from .config import Config
+from .evaluation import BackgroundEvaluator, Evaluator
 from .messages import Offer
 from .outcome import Diverged
 from .protocol import Code
@@ -51,9 +52,6 @@ from .streams import STREAM_DOWNLINK, stream_rng
 from .timing import NullStopwatch, Stopwatch
 
 log = logging.getLogger(__name__)
-
-#: ``evaluate(theta) -> (accuracy, mean cross-entropy)`` on the test set.
-Evaluator = Callable[[np.ndarray], Tuple[float, float]]
 
 
 class MasterError(ValueError):
@@ -84,7 +82,14 @@ class Master:
         segments: element count of each model tensor (model order).
         theta0: the initial global model, float32 (n,).
         evaluate: test-set evaluator, or None to record NaN.
-        stopwatch: where to account seconds ("quantize", "aggregate", "evaluate").
+        stopwatch: where to account seconds ("quantize", "aggregate",
+            "evaluate"; "evaluate_wait" with ``overlap``: a round waiting
+            for a free slot in the evaluation queue).
+        overlap: evaluate in a background thread while the next round
+            trains (:class:`~flq.evaluation.BackgroundEvaluator`); each
+            record's ``acc``, ``entropy`` and ``master_evaluate_s`` are
+            filled in when its evaluation ends. :meth:`finish_evaluations`
+            waits for them; :meth:`state_dict` does so itself.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class Master:
         theta0: np.ndarray,
         evaluate: Optional[Evaluator] = None,
         stopwatch: Optional[Stopwatch] = None,
+        overlap: bool = False,
     ) -> None:
         self.cfg = cfg
         self.stopwatch = stopwatch or NullStopwatch()
@@ -106,6 +112,7 @@ class Master:
         self._published = threading.Lock()
         self.adam = Adam(self.n, cfg.lr)
         self.evaluate = evaluate
+        self.background = BackgroundEvaluator(evaluate) if overlap and evaluate is not None else None
         M = cfg.total_workers
         self.history: collections.deque = collections.deque(maxlen=max(cfg.D, 1))
         self.ref_up = [np.zeros(self.n, np.float32) for _ in range(M)]
@@ -388,9 +395,10 @@ class Master:
         self.wire_down_cum += self.wire_down
         last = k + 1 == cfg.max_rounds
         acc = ent = float("nan")
-        if self.evaluate is not None and ((k + 1) % cfg.eval_every == 0 or last):
+        due = self.evaluate is not None and cfg.eval_every > 0 and ((k + 1) % cfg.eval_every == 0 or last)
+        if due and self.background is None:
             with self.stopwatch.section("evaluate"):
-                acc, ent = self.evaluate(theta)
+                acc, ent = self.evaluate(theta)  # type: ignore[misc]
         losses = [self.offers[m].loss for m in sorted(self.offers)]  # id order: same sum whatever arrived first
         computes = [o.compute_s for o in self.offers.values()]
         record = {
@@ -417,6 +425,10 @@ class Master:
         }
         if extra:
             record.update(extra)
+        if due and self.background is not None:
+            with self.stopwatch.section("evaluate_wait"):
+                self.background.submit(record, theta)  # theta is never changed in place: no copy
+            record["round_time_s"] = time.perf_counter() - self.round_started
         self.records.append(record)
         self.selected_history.append(uploaded)
         with self._published:
@@ -489,9 +501,21 @@ class Master:
         h.update(json.dumps(facts, sort_keys=True, default=str).encode())
         return h.hexdigest()
 
+    def finish_evaluations(self, raise_error: bool = True) -> float:
+        """Wait for the evaluations still running in the background (with
+        ``overlap``; at most two evaluations' time), so that every record
+        has its accuracy; return the seconds waited.
+
+        Raises:
+            flq.evaluation.EvaluationFailed: one of them failed (unless ``raise_error`` is False).
+        """
+        return self.background.drain(raise_error) if self.background is not None else 0.0
+
     # ----- checkpointing ------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to resume between rounds (arrays are copies)."""
+        """Everything needed to resume between rounds (arrays are copies),
+        the pending evaluations finished first."""
+        self.finish_evaluations(raise_error=False)
         return {
             "round": self.round,
             "theta": self.theta.copy(),

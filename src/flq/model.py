@@ -230,17 +230,27 @@ class FlatModel:
             "jetson_optimization.enable_mixed_precision)"
         )
 
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Tuple[float, float]:
+    def evaluate(
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, precision: str = "fp32"
+    ) -> Tuple[float, float]:
         """(accuracy in [0, 1], mean cross-entropy in nats) on (x, y).
 
         Args:
             x: float32 tensor (N, 1, 28, 28) on this device, channels-last.
             y: int64 tensor (N,).
+            batch_size: images per forward pass.
+            precision: ``fp32``, or the autocast dtype of the forward pass:
+                ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA). The logits are
+                taken back to float32 before the softmax and the argmax.
+
+        Raises:
+            ValueError: ``fp16`` on a CPU, or an unknown ``precision``.
+            RuntimeError: out of CUDA memory (names the memory cap setting).
         """
         self.model.eval()
         correct = 0
         ce = 0.0
-        amp = torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.mixed_precision)
+        amp = autocast(self.device, precision)
         try:
             with torch.inference_mode(), amp:
                 for i in range(0, x.shape[0], batch_size):
@@ -255,6 +265,39 @@ class FlatModel:
     def prepare_eval_set(self, x: np.ndarray, y: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Move a test set to the device once, in the layout :meth:`evaluate` wants."""
         return self._batch(x), torch.from_numpy(np.array(y, dtype=np.int64)).to(self.device)
+
+
+#: ``eval_precision`` -> the autocast dtype (None: plain float32).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` (``fp32``: a disabled one) on ``device``.
+
+    Raises:
+        ValueError: ``fp16`` on a CPU (PyTorch's CPU float16 kernels are
+            reference code), or an unknown ``precision``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown eval_precision {precision!r} (fp32, bf16, fp16)")
+    dtype = PRECISIONS[precision]
+    if dtype is torch.float16 and device.type != "cuda":
+        raise ValueError("eval_precision fp16 needs a CUDA device (on a CPU use bf16 or fp32)")
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware: a CUDA device of
+    compute capability 8.0 (Ampere) or later, or a CPU with AVX512-BF16 or
+    AMX (without them PyTorch emulates bfloat16 convolutions on CPU, about
+    10 times slower than float32: benchmarks/eval_precision.py)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
 
 
 def l2_loss_and_grad(theta: np.ndarray, grad: np.ndarray, l2: float) -> float:

@@ -140,7 +140,9 @@ def run_master(
 
     rt = Runtime(cfg)
     _ = rt.data  # load (or fail on) the dataset before serving anybody
-    master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=Stopwatch())
+    master = Master(
+        cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=Stopwatch(), overlap=cfg.eval_overlap
+    )
     for folder in (cfg.checkpoint_dir, cfg.results_dir):
         remove_stale_temporaries(Path(folder))
     if resume is not None:
@@ -180,6 +182,7 @@ def run_master(
             if "reason" in written:
                 return
             written["reason"] = reason
+            master.finish_evaluations(raise_error=False)  # every record with its accuracy (eval_overlap)
             checkpoint()  # the state at the end, so that --resume continues exactly here
             if not master.records:
                 log.warning("run ended (%s) before any round finished: no results to write", reason)
@@ -290,7 +293,8 @@ def run_worker(
     With a ``state_dir`` ('' = none) the worker's state (mirrors, residual,
     clock, random streams: :mod:`flq.worker_state`) is written to
     ``<state_dir>/flq_worker_<worker_id>.npz`` after every round it
-    finished, and at start it is loaded when it is of this run and worker,
+    finished (in a background thread, while it waits for the next round),
+    and at start it is loaded when it is of this run and worker,
     so a restarted worker goes on where it was (else it resynchronizes its
     mirrors from the master, as without a state folder). ``credential``
     (:class:`flq.credentials.WorkerCredential`) signs every call;
@@ -331,7 +335,7 @@ def run_worker(
         from .runtime import Runtime  # PyTorch is imported only now: a master that refuses us is known sooner
         from .worker import Worker
 
-        rt = Runtime(cfg)
+        rt = Runtime(cfg, evaluates=False)
         log.info(
             "worker %d: %s partition of %d samples, mode %s, device %s",
             worker_id,
@@ -351,6 +355,8 @@ def run_worker(
 
     try:
         with outcome.signals_interrupt():
-            return loop(client, make_worker, on_round_end=store.save if store is not None else None)
+            return loop(client, make_worker, on_round_end=store.save_later if store is not None else None)
     finally:
+        if store is not None:
+            store.flush()  # the last round's state is on disk before the process exits
         client.close()

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import logging
 from functools import cached_property
-from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_paths
 from .datasets import Dataset, load_dataset
-from .model import FlatModel, apply_memory_cap, build_model, glorot_init, resolve_device
+from .model import FlatModel, apply_memory_cap, build_model, glorot_init, native_bf16, resolve_device
 from .partition import partition
 
 log = logging.getLogger(__name__)
@@ -24,13 +23,6 @@ def set_threads(threads: int) -> None:
     """Pin PyTorch's intra-op threads (0 leaves the default: all cores)."""
     if threads > 0:
         torch.set_num_threads(threads)
-
-
-def check_paths(cfg: Config) -> None:
-    """Raise ConfigError for a ``data_dir`` that does not exist (checked where
-    the data is read, so a worker can use its own)."""
-    if cfg.data_dir and not Path(cfg.data_dir).is_dir():
-        raise ConfigError(f"config key 'dataset.data_dir': no such folder {cfg.data_dir!r}")
 
 
 def check_shares(cfg: Config, train_size: int) -> None:
@@ -51,18 +43,36 @@ def check_shares(cfg: Config, train_size: int) -> None:
         )
 
 
+def check_eval_precision(cfg: Config, device: torch.device) -> None:
+    """Refuse ``eval_precision`` fp16 off CUDA (ConfigError); warn once when
+    bf16 is asked for on a device that only emulates it."""
+    if cfg.eval_precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"config key 'system.eval_precision': fp16 needs CUDA, this process runs on {device} (use bf16 or fp32)"
+        )
+    if cfg.eval_precision == "bf16" and not native_bf16(device):
+        log.warning(
+            "eval_precision bf16: %s has no native bfloat16 (AVX512-BF16/AMX, or CUDA 8.0+); PyTorch emulates it, "
+            "about 10x slower than fp32 on such CPUs",
+            device,
+        )
+
+
 class Runtime:
     """Data, partitions and model for ``cfg``, built once per process.
 
     Args:
         cfg: the configuration.
+        evaluates: this process evaluates the global model (the simulator,
+            the master; not a worker): ``eval_precision`` is checked.
 
     Raises:
         flq.datasets.DatasetNotFoundError: the dataset is missing and cannot be fetched.
         RuntimeError: ``device: cuda`` without CUDA.
+        ConfigError: ``eval_precision`` fp16 without CUDA (when ``evaluates``).
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, evaluates: bool = True) -> None:
         self.cfg = cfg
         check_paths(cfg)
         set_threads(cfg.threads)
@@ -72,6 +82,8 @@ class Runtime:
             log.warning("enable_mixed_precision needs CUDA; running float32 on %s", self.device)
         self.model = FlatModel(build_model(cfg.model), self.device, mixed_precision=cfg.enable_mixed_precision)
         self.segments = self.model.segments
+        if evaluates:
+            check_eval_precision(cfg, self.device)
 
     @cached_property
     def data(self) -> Dataset:
@@ -90,13 +102,22 @@ class Runtime:
     def _eval_set(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.model.prepare_eval_set(self.data.test_x, self.data.test_y)
 
+    @cached_property
+    def eval_model(self) -> FlatModel:
+        """The module evaluation runs on: a copy of its own, so that an
+        evaluation in a background thread (``eval_overlap``) never shares
+        weights with the training in the foreground."""
+        return FlatModel(build_model(self.cfg.model), self.device)
+
     def initial_model(self) -> np.ndarray:
         """The round-0 global model: Glorot-uniform from ``seed`` on a plain CPU
         module, so it is the same on every device and memory layout."""
         return glorot_init(build_model(self.cfg.model), self.cfg.seed)
 
     def evaluate(self, theta: np.ndarray) -> Tuple[float, float]:
-        """(accuracy, mean cross-entropy) of ``theta`` on the whole test set."""
-        self.model.set_flat(theta)
+        """(accuracy, mean cross-entropy) of ``theta`` on the whole test set,
+        in ``eval_precision``. Safe to call from one background thread while
+        the foreground trains (its own module: :attr:`eval_model`)."""
         x, y = self._eval_set
-        return self.model.evaluate(x, y, self.cfg.eval_batch_size)
+        self.eval_model.set_flat(theta)
+        return self.eval_model.evaluate(x, y, self.cfg.eval_batch_size, self.cfg.eval_precision)

@@ -20,6 +20,7 @@ import torch
 
 from . import outcome
 from .config import Config
+from .evaluation import EvaluationFailed
 from .logs import FILE_ONLY
 from .master import Master
 from .outputs import one_line
@@ -42,7 +43,8 @@ class SimulationResult:
         results_path: the spreadsheet written, or None.
         timings: the records' timing columns (:mod:`flq.summary`) summed
             over rounds: "master_quantize_s", "master_aggregate_s",
-            "master_evaluate_s", "workers_compute_s", "workers_quantize_s".
+            "master_evaluate_s", "workers_compute_s", "workers_quantize_s",
+            and with ``eval_overlap`` "master_evaluate_wait_s".
         startup_s: seconds from the call to the first round's start.
         reason: how the run ended (:mod:`flq.outcome`): ``completed``,
             ``sigint``, ``sigterm``, ``diverged`` or ``error``.
@@ -73,6 +75,7 @@ def simulate(
     progress: bool = True,
     on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
     runtime: Optional[Runtime] = None,
+    on_model: Optional[Callable[[int, np.ndarray], None]] = None,
 ) -> SimulationResult:
     """Run ``cfg.max_rounds`` rounds of FLQ with all workers in this process.
 
@@ -90,6 +93,9 @@ def simulate(
             ``max_rounds / 20`` rounds (so a log file gets no ``\\r`` updates).
         on_round: called with each round's record.
         runtime: a prepared :class:`Runtime` (data, model, partitions).
+        on_model: called after each round as ``on_model(rounds done,
+            theta)`` with the global model (float32 (n,); read-only to the
+            callee), e.g. to keep snapshots.
 
     Raises:
         flq.datasets.DatasetNotFoundError: the dataset cannot be found or fetched.
@@ -100,7 +106,9 @@ def simulate(
     with outcome.signals_interrupt():
         rt = runtime or Runtime(cfg)
         master_sw, workers_sw = Stopwatch(), Stopwatch()
-        master = Master(cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=master_sw)
+        master = Master(
+            cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=master_sw, overlap=cfg.eval_overlap
+        )
         workers = [
             Worker(m, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[m], stopwatch=workers_sw)
             for m in range(cfg.total_workers)
@@ -143,9 +151,11 @@ def simulate(
                     totals[name] = totals.get(name, 0.0) + sec
                 log_round(record)
                 if bar is not None:
-                    bar.update(record)
+                    bar.update(record, last_accuracy(master.records))
                 if on_round is not None:
                     on_round(record)
+                if on_model is not None:
+                    on_model(done, theta_done)
         except outcome.Interrupted as exc:
             reason = exc.reason
             detail = f"{reason.upper()} after {done} rounds"
@@ -159,6 +169,15 @@ def simulate(
         finally:
             if bar is not None:
                 bar.close()
+        with outcome.signals_deferred():  # the evaluations still running in the background (eval_overlap)
+            try:
+                master.finish_evaluations()
+            except EvaluationFailed as exc:
+                if reason == outcome.COMPLETED:
+                    reason, detail = outcome.ERROR, str(exc)
+                log.error("%s", exc, extra=FILE_ONLY)
+        if master.background is not None:  # evaluated in the background: timed there, into each record
+            totals["master_evaluate_s"] = sum(r.get("master_evaluate_s", 0.0) for r in master.records[:done])
     records, selected = master.records[:done], master.selected_history[:done]
     path, not_saved = None, ""
     if write and records:
@@ -167,6 +186,11 @@ def simulate(
                 cfg, reason, detail, records, selected, theta_done, done, device=str(rt.device)
             )
     return SimulationResult(records, selected, theta_done, path, totals, startup, reason, detail, not_saved)
+
+
+def last_accuracy(records: List[Dict[str, Any]]) -> float:
+    """The test accuracy of the last round evaluated so far (NaN when none)."""
+    return next((r["acc"] for r in reversed(records) if r["acc"] == r["acc"]), float("nan"))
 
 
 class Progress:
@@ -184,8 +208,9 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="round", dynamic_ncols=True)
 
-    def update(self, record: Dict[str, Any]) -> None:
-        acc = record["acc"]
+    def update(self, record: Dict[str, Any], acc: float = float("nan")) -> None:
+        """Count ``record``'s round; ``acc``: the last test accuracy known
+        (with ``eval_overlap`` the round's own arrives later)."""
         if self.bar is not None:
             self.bar.update(1)
             if not np.isnan(acc):

@@ -10,7 +10,10 @@ Per-round timing columns (seconds), besides ``round_time_s`` and
 * ``master_<section>_s``: the master's own work in the round, by
   :class:`~flq.timing.Stopwatch` section: ``master_quantize_s`` (downlink
   quantization, upload decoding), ``master_aggregate_s`` (aggregation and the
-  Adam step), ``master_evaluate_s`` (the test set; only in rounds evaluated).
+  Adam step), ``master_evaluate_s`` (the test set; only in rounds evaluated;
+  with ``eval_overlap`` it ran in the background, beside the next round,
+  and ``master_evaluate_wait_s`` is what the round waited for a free slot
+  in the evaluation queue: the part on the critical path).
 * ``workers_<section>_s``: in the simulator only, where every worker runs in
   the same process, the workers' work summed over them: ``workers_compute_s``
   (local training) and ``workers_quantize_s`` (downlink decoding, update
