@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import threading
 import time
 
 import numpy as np
@@ -78,6 +79,38 @@ def test_save_then_load_restores_the_worker_exactly(tmp_path, caplog):
         assert b.batches.next_indices().tolist() == a.batches.next_indices().tolist()
     (line,) = _records(caplog)
     assert f"ef sha256 {ef_digest(a.ef)}" in line.getMessage() and "round 9" in line.getMessage()
+
+
+def test_a_state_saved_in_the_background_is_the_state_when_save_later_was_called(tmp_path, monkeypatch):
+    a = _busy(_worker())
+    ident = identity("run-1", 0, a.cfg, a.model.n)
+    store = WorkerStateStore(str(tmp_path), 0)
+    store.restore(_worker(), ident)
+    started, release = threading.Event(), threading.Event()
+    write = worker_state.save_state
+
+    def slow_save(*args):
+        started.set()
+        assert release.wait(10)
+        return write(*args)
+
+    monkeypatch.setattr(worker_state, "save_state", slow_save)
+    store.save_later(a, 3)
+    assert started.wait(10)
+    saved_ef = a.ef.copy()
+    a.ef += 1.0  # the worker goes on while the file is written: the file holds the copy taken at the call
+    a.clock = 9
+    assert not state_path(str(tmp_path), 0).exists()
+    release.set()
+    store.flush()
+    b = _worker()
+    assert WorkerStateStore(str(tmp_path), 0).restore(b, ident, master_round=3)
+    assert b.ef.tobytes() == saved_ef.tobytes() and b.clock == 3
+    store.save_later(a, 4)  # and the next one replaces it, once flushed
+    store.flush()
+    c = _worker()
+    assert WorkerStateStore(str(tmp_path), 0).restore(c, ident, master_round=4)
+    assert c.ef.tobytes() == a.ef.tobytes() and c.clock == 9
 
 
 @pytest.mark.parametrize(
@@ -303,7 +336,7 @@ def test_a_killed_worker_restarts_with_its_saved_state_and_no_resync(tmp_path, f
         2,
         {
             "model": "mlp",
-            "eval_every": 1000,
+            "eval_every": 0,
             "rounds": rounds,
             "mode": "bbit",
             "b_up": 2,

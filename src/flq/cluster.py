@@ -483,12 +483,15 @@ class ClusterMaster:
         payload: bytes,
         session: Optional[str] = None,
         versions: Optional[Tuple[int, int]] = None,
+        answer_bytes: int = 0,
     ) -> None:
         """Accept a selected worker's payload for round ``round_index`` (the
         algorithm's 0-based k; the same bytes again are accepted and counted
         once, also after the round closed). ``versions``: the worker's
         ``(up_version, down_version)`` of its offer, before this upload
-        (None: not checked).
+        (None: not checked). ``answer_bytes``: the size of the answer the
+        transport will send, counted in the round's downlink bytes together
+        with the payload (before the round can close on it).
 
         Raises:
             MasterError: wrong round or phase (409 ``late``), not selected or
@@ -506,12 +509,15 @@ class ClusterMaster:
                     f"upload of worker {worker_id} with mirror versions {tuple(versions)}, the master's are {have}",
                     Code.MIRROR_MISMATCH,
                 )
-            if self.master.receive_upload(worker_id, payload):
+            accepted = self.master.receive_upload(worker_id, payload)
+            self.master.add_wire_bytes(down=answer_bytes)
+            if accepted:
                 info.state, info.rounds_uploaded = "idle", info.rounds_uploaded + 1
                 self.counted_uploads[worker_id] = (round_index, payload_digest(payload))
                 await self._notify()
             return
         if self.counted_uploads.get(worker_id) == (round_index, payload_digest(payload)):
+            self.master.add_wire_bytes(down=answer_bytes)
             return  # a retry of an upload counted before its round closed
         raise self._out_of_round("upload", round_index)
 
@@ -654,6 +660,7 @@ class ClusterMaster:
             await self.select()
             await self.collect_uploads()
             await self.close_round()
+        await asyncio.to_thread(m.finish_evaluations)  # EvaluationFailed: the run ends with an error
         return outcome.COMPLETED, ""
 
     async def wait_for_workers(self) -> Optional[Ending]:

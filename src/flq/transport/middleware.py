@@ -23,6 +23,22 @@ SCOPE_BODY = "flq.body"
 BODY_TIMEOUT_S = 30.0
 
 
+class RequestCount:
+    """ASGI middleware: count the HTTP requests by ``"METHOD /path"`` (paths
+    outside ``paths`` count as ``"other"``, so the table stays bounded)
+    in ``counts``, for ``/status`` and the master's last log line."""
+
+    def __init__(self, app, paths, counts: Dict[str, int]) -> None:
+        self.app, self.paths, self.counts = app, paths, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path = scope["path"]
+            key = f"{scope['method']} {path}" if path in self.paths else "other"
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """ASGI middleware: refuse request bodies over a per-path size (413
     ``too_large``) or that take longer than ``BODY_TIMEOUT_S`` seconds to

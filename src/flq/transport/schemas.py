@@ -167,6 +167,10 @@ class StatusResponse(BaseModel):
     finish_reason: str
     finish_detail: str
     checkpoint_error: str
+    requests: Dict[str, int] = Field(
+        default_factory=dict,
+        description='HTTP requests served so far, by "METHOD /path" ("other": paths with parameters, unknown paths)',
+    )
     state_digest: Optional[str] = Field(None, description="with ?digest=true: SHA-256 over the master's whole state")
 
 

@@ -94,7 +94,7 @@ from ..credentials import CHALLENGE_TTL_S, Verifier
 from ..master import MasterError
 from ..messages import Offer
 from ..protocol import Code, round_index, round_number
-from .middleware import SCOPE_WORKER, BearerAuth, BodyLimit, WorkerAuth
+from .middleware import SCOPE_WORKER, BearerAuth, BodyLimit, RequestCount, WorkerAuth
 from .schemas import (
     ANY_ROUTE,
     BODY,
@@ -182,8 +182,9 @@ def create_app(
     open_paths = {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"} | (
         {"/status"} if status_token_free else set()
     )
-    # outermost: runs first
     app.add_middleware(BearerAuth, token=auth_token, open_paths=open_paths, signed_workers=verifier is not None)
+    app.state.requests, routes = {}, set()  # routes: filled below, once they are declared
+    app.add_middleware(RequestCount, paths=routes, counts=app.state.requests)  # outermost: refused ones count too
 
     def acting_as(request: Request, worker_id: int) -> None:
         """Check the id a worker call acts for: one of the run's, and (with
@@ -262,6 +263,7 @@ def create_app(
         ),
     ) -> Dict[str, Any]:
         out = cluster.status()
+        out["requests"] = dict(app.state.requests)
         if digest:
             out["state_digest"] = cluster.master.state_digest()
         return out
@@ -463,11 +465,13 @@ def create_app(
         session = in_session(request, worker_id, session)
         # BodyLimit has already refused bodies over max_body_bytes (413)
         versions = None if up_version is None or down_version is None else (up_version, down_version)
-        await cluster.upload(worker_id, round_index(round), await request.body(), session, versions=versions)
-        body = b'{"ok":true}'
-        _account(down=len(body))
+        body = b'{"ok":true}'  # counted with the payload, before the round can close on it
+        await cluster.upload(
+            worker_id, round_index(round), await request.body(), session, versions=versions, answer_bytes=len(body)
+        )
         return Response(body, media_type="application/json")
 
+    routes.update(r.path for r in app.routes if "{" not in getattr(r, "path", "{"))
     return app
 
 
@@ -564,3 +568,5 @@ async def serve(
         await server.serve(sockets=[sock] if sock is not None else None)
     finally:
         watcher.cancel()
+        served = getattr(app.state, "requests", {})
+        log.info("HTTP requests served: %s", ", ".join(f"{k} {v}" for k, v in sorted(served.items())) or "none")
