@@ -456,7 +456,7 @@ def test_load_downloads_into_user_cache(tmp_path, monkeypatch, http_server):
     ds = load_dataset("mnist")
     cache = tmp_path / "xdg-cache" / "flq" / "mnist"
     assert ds.source == cache.resolve()
-    assert sorted(p.name for p in cache.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*FILES, "decoded"])  # and the decoded arrays
     assert ds.train_x.shape == (20, 1, 28, 28) and ds.test_y.shape == (10,)
     np.testing.assert_array_equal(ds.test_y, arrays[datasets.TEST_LABELS])
     assert len(requested) == 4

@@ -423,6 +423,7 @@ class ClusterMaster:
             info = self._seen(worker_id, "training", session=session)
             again = worker_id in m.downlinks
             payload = m.downlink(worker_id)
+            log.debug("round %d: model for worker %d ready at +%.1f ms", m.round + 1, worker_id, self._open_ms())
             if again:
                 m.add_wire_bytes(down=len(payload))
                 log.info(
@@ -460,6 +461,13 @@ class ClusterMaster:
             raise self._out_of_round("offer", offer.round)
         if self.master.add_offer(offer):
             info.state, info.rounds_offered = "offered", info.rounds_offered + 1
+            log.debug(
+                "round %d: offer of worker %d at +%.1f ms (computed in %.1f ms)",
+                offer.round + 1,
+                m,
+                self._open_ms(),
+                1e3 * offer.compute_s,
+            )
             await self._notify()
         deadline = self.clock() + max(wait_s, 0.0)
         async with self.cond:
@@ -511,6 +519,7 @@ class ClusterMaster:
                 )
             accepted = self.master.receive_upload(worker_id, payload)
             self.master.add_wire_bytes(down=answer_bytes)
+            log.debug("round %d: upload of worker %d at +%.1f ms", round_index + 1, worker_id, self._open_ms())
             if accepted:
                 info.state, info.rounds_uploaded = "idle", info.rounds_uploaded + 1
                 self.counted_uploads[worker_id] = (round_index, payload_digest(payload))
@@ -793,6 +802,7 @@ class ClusterMaster:
             self.phase = PHASE_UPLOADS
             self.uploads_opened_at = self.clock()
             self.cond.notify_all()
+        log.debug("round %d: selected %s at +%.1f ms", self.master.round + 1, self.selected, self._open_ms())
         return list(self.selected)
 
     async def collect_uploads(self) -> List[int]:
@@ -824,6 +834,7 @@ class ClusterMaster:
         """
         m = self.master
         self.phase = PHASE_CLOSING
+        log.debug("round %d: closing at +%.1f ms", m.round + 1, self._open_ms())
         record = await asyncio.to_thread(m.end_round)  # Diverged: recorded, then the run stops
         record.update(round_timings(m.stopwatch))
         self.phase = PHASE_IDLE
@@ -831,6 +842,10 @@ class ClusterMaster:
         if self.on_round is not None:
             await asyncio.to_thread(self.on_round, record)
         return record
+
+    def _open_ms(self) -> float:
+        """Milliseconds since the open round opened (by the clock), for the debug log."""
+        return 1e3 * (self.clock() - self.round_opened_at)
 
     def _round_late(self) -> bool:
         """round_timeout_s has passed (by the clock) since the open round opened."""

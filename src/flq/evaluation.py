@@ -8,13 +8,13 @@ next round trains and then completes the round's record (``acc``,
 ``entropy``, ``master_evaluate_s``). The numbers are those of an evaluation
 in line: the same model, the same evaluator; only when they arrive changes.
 
-The queue is bounded: at most ``depth`` models are waiting or being
-evaluated. A round that would add one more first waits for a slot, so a
-round costs max(training, evaluation) instead of their sum, and memory stays
-at ``depth`` copies of the model. Every wait is bounded by ``depth``
-evaluations; :meth:`BackgroundEvaluator.drain` (before a checkpoint, before
-the results are written, at every way a run ends) returns once the pending
-ones are done.
+The queue is bounded: at most ``depth`` models (:data:`DEPTH`, one) are
+waiting or being evaluated. A round that would add one more first waits for
+a slot, so in a steady run a round costs max(training, evaluation) instead
+of their sum, and memory stays at ``depth`` copies of the model. Every wait
+is bounded by ``depth`` evaluations; :meth:`BackgroundEvaluator.drain`
+(before a checkpoint, before the results are written, at every way a run
+ends) returns once the pending ones are done.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 #: ``evaluate(theta) -> (accuracy, mean cross-entropy)`` on the test set.
 Evaluator = Callable[[np.ndarray], Tuple[float, float]]
 
-#: Models in the queue at most (one being evaluated, one waiting).
-DEPTH = 2
+#: Models in the queue at most: the one being evaluated. A deeper queue only
+#: postpones the wait while evaluation is slower than training, and leaves
+#: more unevaluated rounds when a run ends.
+DEPTH = 1
 
 
 class EvaluationFailed(RuntimeError):

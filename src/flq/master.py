@@ -503,7 +503,7 @@ class Master:
 
     def finish_evaluations(self, raise_error: bool = True) -> float:
         """Wait for the evaluations still running in the background (with
-        ``overlap``; at most two evaluations' time), so that every record
+        ``overlap``; at most one evaluation's time), so that every record
         has its accuracy; return the seconds waited.
 
         Raises:

@@ -26,7 +26,7 @@ from .master import Master
 from .outputs import one_line
 from .runtime import Runtime
 from .summary import log_round, round_timings, save_results
-from .timing import Stopwatch
+from .timing import Stopwatch, process_age_s
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,9 @@ def simulate(
             for m in range(cfg.total_workers)
         ]
         startup = time.perf_counter() - t0
+        age = process_age_s()
         log.info(
-            "start: %s, %d workers, n=%d, mode %s, %d rounds, %d threads; start-up %.2f s",
+            "start: %s, %d workers, n=%d, mode %s, %d rounds, %d threads; start-up %.2f s%s",
             cfg.dataset,
             cfg.total_workers,
             rt.model.n,
@@ -123,6 +124,7 @@ def simulate(
             cfg.max_rounds,
             torch.get_num_threads(),
             startup,
+            f" ({age:.2f} s since the process started)" if age is not None else "",
         )
         bar = Progress(cfg.max_rounds) if progress else None
         totals: Dict[str, float] = {}
