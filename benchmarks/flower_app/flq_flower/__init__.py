@@ -1,0 +1,1 @@
+"""FLQ-Fed's federated round as a Flower App (benchmarks/compare_flower.py)."""
