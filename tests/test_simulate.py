@@ -101,7 +101,7 @@ def test_mirrors_stay_bit_identical(fmnist_available, mode):
 
 
 def test_learns_above_chance_in_ten_rounds(fmnist_available):
-    cfg = small_config(total_workers=20, max_rounds=10, mode="bbit", b_up=4, b_down=8, threads=2, eval_every=1000)
+    cfg = small_config(total_workers=20, max_rounds=10, mode="bbit", b_up=4, b_down=8, eval_every=1000)
     res = simulate(cfg, write=False, progress=False)
     last = res.records[-1]
     assert last["acc"] > 0.3, last  # chance is 0.1
