@@ -377,6 +377,15 @@ def test_decoded_arrays_are_kept_and_memory_mapped_by_the_next_process(tmp_path,
     fixed = load_dataset("mnist", data_dir=tmp_path / "d", download=False)
     np.testing.assert_array_equal(fixed.train_x, first.train_x)
     assert datasets._read_decoded(folder) is not None  # and stored whole again
+    # so is a file whose header is intact but whose values are not what decoding makes
+    for name, offset, junk in (("train_y.npy", 128, b"\xff" * 8), ("test_x.npy", 128, b"\xff\xff\xff\x7f")):
+        raw = bytearray((folder / name).read_bytes())
+        raw[offset : offset + len(junk)] = junk
+        (folder / name).write_bytes(bytes(raw))
+        datasets.clear_dataset_cache()
+        again = load_dataset("mnist", data_dir=tmp_path / "d", download=False)
+        np.testing.assert_array_equal(again.train_y, first.train_y)
+        np.testing.assert_array_equal(again.test_x, first.test_x)
     # changed files get a new key; FLQ_NO_DECODED_CACHE=1 writes nothing
     monkeypatch.setenv("FLQ_NO_DECODED_CACHE", "1")
     write_dataset(tmp_path / "d", n_train=14, n_test=5, seed=1)
