@@ -193,6 +193,10 @@ MAX_DOWNLOAD_BYTES = 128 * 1024 * 1024
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
 
+#: Datasets read by other modules that also keep files in the user cache
+#: (:func:`default_cache_dir`): ``"cifar10"`` (:mod:`flq.cifar10`).
+EXTRA_CACHE_NAMES = frozenset({"cifar10"})
+
 
 def canonical_name(name: str) -> str:
     """Return the canonical dataset name (``"fashion_mnist"`` or ``"mnist"``).
@@ -293,10 +297,13 @@ def default_cache_dir(name: str) -> Path:
     """Return the user cache folder for a dataset.
 
     ``$XDG_CACHE_HOME/flq/<name>`` when ``XDG_CACHE_HOME`` is an absolute
-    path, else ``~/.cache/flq/<name>``; ``<name>`` is the canonical name.
+    path, else ``~/.cache/flq/<name>``; ``<name>`` is the canonical name of
+    an IDX dataset (:func:`canonical_name`) or one of :data:`EXTRA_CACHE_NAMES`
+    (``"cifar10"``, :mod:`flq.cifar10`).
     Raises :class:`DatasetError` for an unknown name. Source: docs/algorithm.md, Data.
     """
-    cname = canonical_name(name)
+    key = str(name).strip().lower()
+    cname = key if key in EXTRA_CACHE_NAMES else canonical_name(name)
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "flq" / cname
@@ -367,10 +374,15 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fetch(url: str, dest_dir: Path, filename: str, expected: str, timeout: float) -> Path:
+def _fetch(
+    url: str, dest_dir: Path, filename: str, expected: str, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES
+) -> Path:
     """Fetch one URL into a temp file in ``dest_dir``; check it; rename it.
 
-    Raises DatasetError (checksum, size) or OSError/URLError (transport).
+    A download growing past ``max_bytes`` bytes is abandoned (default
+    :data:`MAX_DOWNLOAD_BYTES`; the CIFAR-10 archive, :mod:`flq.cifar10`,
+    passes a larger limit). Raises DatasetError (checksum, size) or
+    OSError/URLError (transport).
     """
     fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=dest_dir)
     tmp = Path(tmp_name)
@@ -383,8 +395,8 @@ def _fetch(url: str, dest_dir: Path, filename: str, expected: str, timeout: floa
                 if not chunk:
                     break
                 size += len(chunk)
-                if size > MAX_DOWNLOAD_BYTES:
-                    raise DatasetError(f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes, refusing it")
+                if size > max_bytes:
+                    raise DatasetError(f"{url}: larger than {max_bytes} bytes, refusing it")
                 h.update(chunk)
                 out.write(chunk)
         digest = h.hexdigest()
@@ -474,10 +486,13 @@ def download_dataset(
 class Dataset:
     """A loaded dataset (docs/algorithm.md, Data).
 
-    ``train_x``/``test_x``: ``np.float32`` of shape ``[N, 1, 28, 28]``, pixel
-    values scaled to ``[0, 1]`` (byte / 255). ``train_y``/``test_y``:
-    ``np.int64`` of shape ``[N]`` with labels in ``0..9``. ``name`` is the
-    canonical dataset name and ``source`` the folder the files were read from.
+    ``train_x``/``test_x``: ``np.float32`` of shape ``[N, ...]``, pixel
+    values scaled to ``[0, 1]`` (byte / 255): ``[N, 1, 28, 28]`` for the IDX
+    datasets (Fashion-MNIST, MNIST), ``[N, 3, 32, 32]`` (channels red, green,
+    blue) for CIFAR-10 (:mod:`flq.cifar10`). ``train_y``/``test_y``:
+    ``np.int64`` of shape ``[N]`` with labels in ``0..C-1`` (C = 10 for all
+    three; :attr:`num_classes`). ``name`` is the canonical dataset name and
+    ``source`` the folder the files were read from.
     The arrays are shared by every caller (in-process cache) and therefore
     read-only: copy them (``np.array(x)``, ``torch.tensor(x)``) before
     modifying them in place.
@@ -492,8 +507,11 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes (10)."""
-        return NUM_CLASSES
+        """Number of classes C: the largest label in ``train_y`` and ``test_y``, plus 1
+        (10 for the official files of all three datasets; 0 when both are empty).
+        Computed on each call (one pass over the labels)."""
+        largest = max((int(np.max(y)) for y in (self.train_y, self.test_y) if y.size), default=-1)
+        return largest + 1
 
 
 _PIXEL_LUT = np.divide(np.arange(256), 255, dtype=np.float32)
