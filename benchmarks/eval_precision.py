@@ -39,7 +39,15 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from flq.config import load_config
-    from flq.model import FlatModel, build_model, flatten, native_bf16, save_global_model
+    from flq.model import (
+        FlatModel,
+        build_model,
+        flatten,
+        layout_of,
+        native_bf16,
+        save_global_model,
+        state_dict_from_flat,
+    )
     from flq.runtime import Runtime
     from flq.simulate import simulate
 
@@ -54,9 +62,10 @@ def main() -> None:
         )
         out.mkdir(parents=True, exist_ok=True)
 
-        def keep(done: int, theta) -> None:
+        def keep(done: int, theta, buffers) -> None:
             if done in models:
-                save_global_model(models[done], theta, cfg.model, done, cfg.mode)
+                state = state_dict_from_flat(layout_of(build_model(cfg.model)), theta, buffers)
+                save_global_model(models[done], state, done, cfg.mode)
 
         t0 = time.perf_counter()
         simulate(cfg, write=False, progress=True, on_model=keep)

@@ -158,7 +158,10 @@ def test_unknown_flat_key(tmp_path):
         ("flq_algorithm", "mode", "qsgd"),
         ("flq_algorithm", "scale_by_selected", 2),
         ("flq_algorithm", "scale_by_selected", "maybe"),
-        ("dataset", "name", "cifar10"),
+        ("dataset", "name", "cifar100"),
+        ("dataset", "name", "my-data:load"),
+        ("model", "name", "resnet"),
+        ("model", "model_args", "[1, 2]"),
         ("system", "device", "tpu"),
     ],
 )

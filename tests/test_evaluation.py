@@ -26,7 +26,7 @@ class GatedEvaluator:
         self.started = threading.Semaphore(0)
         self.calls = []
 
-    def __call__(self, theta):
+    def __call__(self, theta, buffers=()):
         self.started.release()
         assert self.gate.acquire(timeout=10)
         self.calls.append(float(theta[0]))

@@ -158,7 +158,7 @@ def test_a_snapshot_is_never_changed_by_a_later_round():
     model download serialized while the next round closes (another thread)
     reads one whole model, never half of each."""
     cfg, master = _master(total_workers=2, mode="fedavg", b_down=32, up_budget_bits=0)
-    done, before = master.snapshot()
+    done, before, _ = master.snapshot()
     kept = before.copy()
     master.begin_round()
     for m in range(2):
@@ -168,7 +168,7 @@ def test_a_snapshot_is_never_changed_by_a_later_round():
     for m in range(2):
         master.receive_upload(m, packing.encode(raw(np.full(master.n, 0.01 * (m + 1), np.float32))))
     master.end_round()
-    after_done, after = master.snapshot()
+    after_done, after, _ = master.snapshot()
     assert (done, after_done) == (0, 1)
     assert np.array_equal(before, kept)  # the array handed out before the round was not touched
     assert not np.array_equal(after, kept) and after is master.theta  # the round published a new model

@@ -157,19 +157,18 @@ def test_save_run_on_a_full_disk_says_so_in_one_line_and_leaves_nothing_partial(
             "round_time_s": 0.1,
         }
     ]
-    theta = np.zeros(
-        sum(p.numel() for p in __import__("flq.model", fromlist=["x"]).build_model("cnn").parameters()), np.float32
-    )
+    from flq.model import build_model, layout_of, state_dict_from_flat
+
+    layout = layout_of(build_model("cnn"))
+    state = state_dict_from_flat(layout, np.zeros(layout.n, np.float32))
     with tiny_disk(tmp_path / "disk", kib=64) as folder:  # the spreadsheet fits, the 1.9 MB model does not
-        path, problem = save_run(
-            folder / "flq_results_x.xlsx", "bbit", records, {"system": {}}, [[0]], 1, theta, "cnn", 1
-        )
+        path, problem = save_run(folder / "flq_results_x.xlsx", "bbit", records, {"system": {}}, [[0]], 1, state, 1)
         assert path is not None and path.is_file()
         assert problem.startswith("final model not written beside flq_results_x.xlsx: ")
         assert "\n" not in problem and ("No space left" in problem or "too large" in problem)
         assert sorted(q.name for q in folder.iterdir()) == ["flq_results_x.xlsx"]
     with tiny_disk(tmp_path / "disk2", kib=4) as folder:  # not even the spreadsheet
-        path, problem = save_run(folder / "r.xlsx", "bbit", records, {"system": {}}, [[0]], 1, theta, "cnn", 1)
+        path, problem = save_run(folder / "r.xlsx", "bbit", records, {"system": {}}, [[0]], 1, state, 1)
         assert path is None and problem.startswith("results not written to ")
         assert list(folder.iterdir()) == []
 

@@ -23,7 +23,7 @@ from flq.algorithm import packing
 from flq.cluster import ClusterMaster
 from flq.config import load_config
 from flq.master import Master
-from flq.model import CNN, FlatModel, build_model, glorot_init, state_dict_from_flat
+from flq.model import CNN, FlatModel, build_model, glorot_init, layout_of, state_dict_from_flat
 from flq.protocol import Code
 from flq.transport.server import create_app
 from flq.worker import Worker
@@ -43,7 +43,7 @@ class Server:
         self.cluster = ClusterMaster(self.master, cfg)
         app = create_app(
             self.cluster,
-            lambda t: state_dict_from_flat(cfg.model, t),
+            lambda t, b: state_dict_from_flat(layout_of(model), t, b),
             self.master.max_upload_bytes,
             auth_token=cfg.auth_token,
         )
@@ -402,7 +402,7 @@ def test_lost_upload_is_detected_and_mirrors_resync(tmp_path):
     finally:
         s.stop()
     master = s.master
-    assert dropped == [1]
+    assert dropped == [1], (ends, master.records, master.selected_history)
     assert [r["iter"] for r in master.records] == [1, 2, 3, 4]
     assert master.selected_history[1] == [1]  # round 2: worker 0's upload never arrived
     assert master.records[1]["selcnt"] == 1

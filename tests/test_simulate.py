@@ -73,7 +73,7 @@ def test_same_seed_same_run_and_different_seed_differs(fmnist_available):
 def test_mirrors_stay_bit_identical(fmnist_available, mode):
     cfg = small_config(total_workers=3, mode=mode, b_down=8, sel_clients=2)
     rt = Runtime(cfg)
-    master = Master(cfg, rt.segments, rt.initial_model())
+    master = Master(cfg, rt.segments, rt.initial_model()[0])
     workers = [Worker(m, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[m]) for m in range(3)]
     for k in range(3):
         me_k = master.begin_round()

@@ -93,8 +93,13 @@ def find_resumable(checkpoint_dir: str, dataset: str, mode: str, explicit: Optio
     raise CheckpointError(f"no checkpoint of {dataset}/{mode} in {folder} (nothing to resume){hint}")
 
 
-def save_checkpoint(path: Path, state: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
-    """Write ``state`` (a Master state_dict) and ``config`` atomically to ``path``.
+def save_checkpoint(
+    path: Path, state: Mapping[str, Any], config: Mapping[str, Any], model: Optional[bytes] = None
+) -> Path:
+    """Write ``state`` (a Master state_dict) and ``config`` atomically to
+    ``path``; ``model``: the global model as a safetensors file's bytes (every
+    tensor in the module's own dtype and shape, as ``GET /get_global_model``
+    sends it), stored as the uint8 array ``model``.
 
     Raises:
         OSError: the file cannot be written (a full disk); the previous
@@ -108,7 +113,11 @@ def save_checkpoint(path: Path, state: Mapping[str, Any], config: Mapping[str, A
         "adam_m": np.asarray(state["adam"]["m"], np.float32),
         "adam_v": np.asarray(state["adam"]["v"], np.float32),
     }
-    meta = {k: v for k, v in state.items() if k not in ARRAYS and k != "adam"}
+    for i, b in enumerate(state.get("buffers", ())):
+        arrays[f"buffer_{i}"] = np.asarray(b)  # its own dtype and shape
+    if model is not None:
+        arrays["model"] = np.frombuffer(model, np.uint8)
+    meta = {k: v for k, v in state.items() if k not in ARRAYS and k not in ("adam", "buffers")}
     meta["adam"] = {"t": state["adam"]["t"], "lr": state["adam"]["lr"]}
     meta["format"] = FORMAT
     meta["config"] = dict(config)
@@ -134,6 +143,8 @@ def load_checkpoint(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         state["ref_up"] = list(z["ref_up"])
         state["ref_down"] = list(z["ref_down"])
         state["adam"] = {"m": z["adam_m"], "v": z["adam_v"], "t": meta["adam"]["t"], "lr": meta["adam"]["lr"]}
+        count = sum(1 for name in z if name.startswith("buffer_"))
+        state["buffers"] = [z[f"buffer_{i}"] for i in range(count)]
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:

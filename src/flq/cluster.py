@@ -280,7 +280,14 @@ class ClusterMaster:
 
     # ----- worker calls ---------------------------------------------------
     async def register(
-        self, worker_id: int, up_version: int, down_version: int, address: str = "", threads: int = 0, device: str = ""
+        self,
+        worker_id: int,
+        up_version: int,
+        down_version: int,
+        address: str = "",
+        threads: int = 0,
+        device: str = "",
+        model: Optional[List[Any]] = None,
     ) -> Dict[str, Any]:
         """Register (or re-register) worker m.
 
@@ -297,10 +304,15 @@ class ClusterMaster:
             in seconds.
 
         Raises:
-            MasterError: unknown id (404 ``unknown_worker``).
+            MasterError: unknown id (404 ``unknown_worker``); a ``model``
+                (the worker's :meth:`~flq.layout.ModelLayout.signature`)
+                that differs from the master's (409 ``model_mismatch``, the
+                first differing tensor named).
             RunFinished: the run is over.
         """
         self.master.check_worker(worker_id)
+        if model is not None:
+            self.master.check_model(worker_id, model)
         self._finished()
         now = self.clock()
         info = self.workers.get(worker_id)

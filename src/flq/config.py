@@ -23,6 +23,7 @@ reading functions below it are short.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple, Type
 
@@ -92,7 +93,39 @@ def _choice(normalize: Callable[[str], str]) -> Callable[[Any], Any]:
 
 def _lower(v: str) -> str:
     v = v.lower().replace("-", "_")
-    return "fashion_mnist" if v == "fmnist" else v
+    return {"fmnist": "fashion_mnist", "cifar_10": "cifar10"}.get(v, v)
+
+
+def _kwargs(value: Any) -> Dict[str, Any]:
+    """A JSON object of keyword arguments (a mapping, or its JSON text from a flag)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON ({exc.msg})") from None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise ValueError("not a JSON object of keyword arguments")
+    return dict(value)
+
+
+def _named(builtins: Tuple[str, ...]) -> Callable[[Any], str]:
+    """A built-in name (case and ``-`` folded) or a ``package.module:callable`` import path (kept as written)."""
+
+    def read(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError("not a string")
+        if ":" in value:
+            from .imports import is_import_path
+
+            if not is_import_path(value.strip()):
+                raise ValueError("not a package.module:callable import path")
+            return value.strip()
+        name = _lower(value)
+        if name not in builtins:
+            raise ValueError("unknown name")
+        return name
+
+    return read
 
 
 def _field(default: Any, help: str, note: str = "", allowed: str = "", **bounds: Any) -> Any:
@@ -111,6 +144,10 @@ Float = pydantic.BeforeValidator(_to_float)
 Bool = pydantic.BeforeValidator(_to_bool)
 Str = pydantic.BeforeValidator(_choice(lambda v: v))
 Choice = pydantic.BeforeValidator(_choice(_lower))
+Kwargs = pydantic.BeforeValidator(_kwargs)
+#: The built-in datasets and models (the rest come by import path).
+DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10")
+MODEL_NAMES = ("cnn", "mlp")
 
 
 # ----- the sections of flq_config.json ---------------------------------------
@@ -196,9 +233,17 @@ class SystemSection(_Section):
 class DatasetSection(_Section):
     """``dataset``: which data, where it is, how it is split among workers."""
 
-    dataset: Annotated[Literal["fashion_mnist", "mnist"], Choice] = _field("fashion_mnist", "dataset", alias="name")
+    dataset: Annotated[str, pydantic.BeforeValidator(_named(DATASET_NAMES))] = _field(
+        "fashion_mnist",
+        "dataset: a built-in one, or package.module:load returning (train, test) (README, Your own model and data)",
+        alias="name",
+        allowed="fashion_mnist, mnist, cifar10, or package.module:callable",
+    )
+    dataset_args: Annotated[Dict[str, Any], Kwargs] = _field(
+        {}, "keyword arguments of an imported dataset loader", allowed="a JSON object ({} = none)"
+    )
     data_dir: Annotated[str, Str] = _field(
-        "", "folder with the IDX files", allowed="a folder path ('' = search the defaults)"
+        "", "folder with the dataset's files", allowed="a folder path ('' = search the defaults)"
     )
     partition: Annotated[Literal["iid", "non_iid"], Choice] = _field("non_iid", "how to split the training set")
     dir_alpha: Annotated[float, Float] = _field(0.1, "Dirichlet concentration of non_iid", gt=0)
@@ -208,7 +253,21 @@ class DatasetSection(_Section):
 class ModelSection(_Section):
     """``model``: the network, the master's step size, and local training."""
 
-    model: Annotated[Literal["cnn", "mlp"], Choice] = _field("cnn", "model (mlp: a small test model)", alias="name")
+    model: Annotated[str, pydantic.BeforeValidator(_named(MODEL_NAMES))] = _field(
+        "cnn",
+        "model: cnn, mlp (a small test model), or package.module:factory returning a torch.nn.Module",
+        alias="name",
+        allowed="cnn, mlp, or package.module:callable",
+    )
+    model_args: Annotated[Dict[str, Any], Kwargs] = _field(
+        {}, "keyword arguments of an imported model factory", allowed="a JSON object ({} = none)"
+    )
+    buffers: Annotated[Literal["average", "local"], Choice] = _field(
+        "average",
+        "the model's buffers (BatchNorm statistics): average (sent raw with every model and upload, averaged "
+        "over the uploads like FedAvg) or local (each worker keeps its own, FedBN; the master evaluates with "
+        "the initial ones)",
+    )
     lr: Annotated[float, Float] = _field(1e-3, "master Adam step size", gt=0)
     l2: Annotated[float, Float] = _field(5e-4, "L2 coefficient cl", ge=0)
     local_steps: Annotated[int, Int] = _field(
@@ -386,6 +445,13 @@ class Config(
         return f"{self.mode} (b_up {b_up}, b_down {self.downlink_bits}, entropy coding {self.entropy_coding})"
 
     @property
+    def dataset_tag(self) -> str:
+        """The dataset's name as it goes into file names: a built-in name, or
+        an import path with every character but letters, digits and ``_``
+        made ``_`` (``mydata.cifar:load`` -> ``mydata_cifar_load``)."""
+        return re.sub(r"[^A-Za-z0-9_]", "_", self.dataset)
+
+    @property
     def coding_up(self) -> bool:
         """Whether uploads are entropy-coded (wire format 2)."""
         return self.entropy_coding in ("both", "up")
@@ -451,7 +517,7 @@ ALIASES = {
 
 
 _KIND_WORDS: Dict[Any, str] = {int: "an integer", float: "a number", bool: "true/false, 1/0 or yes/no"}
-_METAVARS: Dict[Any, str] = {int: "INT", float: "FLOAT", bool: "BOOL"}
+_METAVARS: Dict[Any, str] = {int: "INT", float: "FLOAT", bool: "BOOL", Dict[str, Any]: "JSON"}
 
 
 def allowed(name: str) -> str:

@@ -321,6 +321,29 @@ def _dataset_fix(info: Any) -> str:
 
 
 def _check_dataset(cfg: Config, data_dir: Optional[str]) -> Check:
+    if cfg.dataset == "cifar10":
+        from .cifar10 import BATCHES_DIR, find_cifar10_dir
+        from .cifar10 import search_dirs as cifar_dirs
+
+        found_cifar = find_cifar10_dir(data_dir)
+        if found_cifar is not None:
+            return Check("dataset", OK, f"CIFAR-10 at {found_cifar}")
+        where = ", ".join(str(d) for d in cifar_dirs(data_dir))
+        return Check(
+            "dataset",
+            WARN,
+            f"CIFAR-10 not found in {where}",
+            f"put {BATCHES_DIR} in one of them, or allow the download",
+        )
+    if ":" in cfg.dataset:  # by import path: importable here? (its arrays are checked when the run loads them)
+        from .config import ConfigError
+        from .imports import load_callable
+
+        try:
+            load_callable(cfg.dataset, "dataset.name")
+        except ConfigError as exc:
+            return Check("dataset", FAIL, str(exc), "run from the folder that holds the module, or install it")
+        return Check("dataset", OK, f"loader {cfg.dataset} imports (called when the run starts)")
     try:
         from .datasets import DATASETS, DatasetError, canonical_name, find_dataset_dir, search_dirs
     except Exception as exc:

@@ -29,8 +29,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: ``evaluate(theta) -> (accuracy, mean cross-entropy)`` on the test set.
-Evaluator = Callable[[np.ndarray], Tuple[float, float]]
+#: ``evaluate(theta, buffers) -> (accuracy, mean cross-entropy)`` on the test
+#: set: theta float32 (n,), buffers the model's buffers (a tuple of arrays).
+Evaluator = Callable[[np.ndarray, Tuple[np.ndarray, ...]], Tuple[float, float]]
 
 #: Models in the queue at most: the one being evaluated. A deeper queue only
 #: postpones the wait while evaluation is slower than training, and leaves
@@ -69,9 +70,9 @@ class BackgroundEvaluator:
         with self._cond:
             return self._pending
 
-    def submit(self, record: Dict[str, Any], theta: np.ndarray) -> float:
-        """Queue ``theta`` (float32 (n,); not copied: it must not change
-        afterwards) for evaluation; its ``record`` gets ``acc``,
+    def submit(self, record: Dict[str, Any], theta: np.ndarray, buffers: Tuple[np.ndarray, ...] = ()) -> float:
+        """Queue ``theta`` (float32 (n,)) and ``buffers`` (not copied: they
+        must not change afterwards) for evaluation; its ``record`` gets ``acc``,
         ``entropy`` and ``master_evaluate_s`` (seconds) when it is done.
 
         Returns:
@@ -84,7 +85,7 @@ class BackgroundEvaluator:
         with self._cond:
             self._cond.wait_for(lambda: self._pending < self.depth or self._error is not None)
             self._raise()
-            self._queue.append((record, theta))
+            self._queue.append((record, theta, buffers))
             self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="flq-evaluate", daemon=True)
@@ -114,11 +115,11 @@ class BackgroundEvaluator:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._queue))
-                record, theta = self._queue[0]
+                record, theta, buffers = self._queue[0]
             t0 = time.perf_counter()
             try:
                 if self._error is None:
-                    acc, ent = self._evaluate(theta)
+                    acc, ent = self._evaluate(theta, buffers)
                     record.update(acc=acc, entropy=ent, master_evaluate_s=time.perf_counter() - t0)
                     log.info("round %d: test accuracy %.4f entropy %.4f", record["iter"], acc, ent)
             except Exception as exc:  # noqa: BLE001 - reported to the round loop, which ends the run

@@ -25,11 +25,12 @@ class BatchLoader:
     """Batches ``(x, y)`` of one worker as tensors on ``device``.
 
     Args:
-        x: float32 images (N, 1, 28, 28); y: int64 labels (N,).
+        x: float32 samples (N, ...), e.g. images (N, 1, 28, 28); y: int64 labels (N,).
         stream: the worker's batch order.
         device: where the batches go.
         prefetch: batches prepared ahead (0 = load on demand, no threads).
         workers: loader threads (0 = load on demand).
+        channels_last: image batches (4-D) in channels-last layout (the built-in models).
 
     Attributes:
         pin_memory: True on CUDA, where host batches are pinned for async copies.
@@ -43,8 +44,10 @@ class BatchLoader:
         device: torch.device,
         prefetch: int = 2,
         workers: int = 2,
+        channels_last: bool = True,
     ) -> None:
         self.x, self.y, self.stream, self.device = x, y, stream, device
+        self.channels_last = channels_last
         self.prefetch = prefetch if workers > 0 else 0
         self.workers = workers if prefetch > 0 else 0
         self.pin_memory = device.type == "cuda"
@@ -56,11 +59,13 @@ class BatchLoader:
         yb = torch.from_numpy(np.asarray(self.y[idx], dtype=np.int64))
         if self.pin_memory:
             xb, yb = xb.pin_memory(), yb.pin_memory()
-        xb = xb.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        xb = xb.to(self.device, non_blocking=True)
+        if self.channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         return xb, yb.to(self.device, non_blocking=True)
 
     def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The next batch: images (B, 1, 28, 28) channels-last, labels (B,)."""
+        """The next batch: samples (B, ...) (4-D images channels-last with ``channels_last``), labels (B,)."""
         if self.prefetch == 0:
             return self._load(self.stream.next_indices())
         if self._pool is None:

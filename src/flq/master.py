@@ -34,7 +34,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -45,6 +45,7 @@ from .algorithm.selection import Candidate, select
 from .algorithm.vector import squared_norm
 from .config import Config
 from .evaluation import BackgroundEvaluator, Evaluator
+from .layout import LayoutError, ModelLayout
 from .messages import Offer
 from .outcome import Diverged
 from .protocol import Code
@@ -79,8 +80,10 @@ class Master:
 
     Args:
         cfg: run configuration.
-        segments: element count of each model tensor (model order).
-        theta0: the initial global model, float32 (n,).
+        segments: the model's :class:`~flq.layout.ModelLayout`, or just the
+            element count of each parameter tensor (model order; no buffers).
+        theta0: the initial global model's parameters, float32 (n,).
+        buffers0: its buffers (arrays in ``state_dict()`` order and dtypes).
         evaluate: test-set evaluator, or None to record NaN.
         stopwatch: where to account seconds ("quantize", "aggregate",
             "evaluate"; "evaluate_wait" with ``overlap``: a round waiting
@@ -95,19 +98,27 @@ class Master:
     def __init__(
         self,
         cfg: Config,
-        segments: Sequence[int],
+        segments: Union[Sequence[int], ModelLayout],
         theta0: np.ndarray,
         evaluate: Optional[Evaluator] = None,
         stopwatch: Optional[Stopwatch] = None,
         overlap: bool = False,
+        buffers0: Sequence[np.ndarray] = (),
     ) -> None:
         self.cfg = cfg
         self.stopwatch = stopwatch or NullStopwatch()
-        self.segments = tuple(int(s) for s in segments)
-        self.n = int(sum(self.segments))
+        self.layout = segments if isinstance(segments, ModelLayout) else ModelLayout.flat(segments)
+        self.segments = self.layout.segments
+        self.n = self.layout.n
         if theta0.shape != (self.n,):
             raise ValueError(f"theta0 has shape {theta0.shape}, expected ({self.n},)")
         self.theta = np.array(theta0, np.float32, copy=True)
+        self.layout.check_buffers(buffers0)
+        #: the global model's buffers (never changed in place: each round publishes new ones)
+        self.buffers: Tuple[np.ndarray, ...] = tuple(np.array(b, copy=True) for b in buffers0)
+        #: buffers travel raw with every model and upload (``buffers average``)
+        self.sends_buffers = cfg.buffers == "average" and self.layout.buffer_bytes > 0
+        self.buffer_bits = 8 * self.layout.buffer_bytes if self.sends_buffers else 0
         #: held while ``theta`` and ``round`` change together (see :meth:`snapshot`)
         self._published = threading.Lock()
         self.adam = Adam(self.n, cfg.lr)
@@ -157,7 +168,8 @@ class Master:
         self.selection_made = False
         self.received: Dict[int, np.ndarray] = {}
         self.received_digest: Dict[int, str] = {}
-        self.received_bits: Dict[int, Tuple[int, int]] = {}  # m -> (charged, nominal b n)
+        self.received_bits: Dict[int, Tuple[int, int, int]] = {}  # m -> (charged, nominal b n + buffers, b)
+        self.received_buffers: Dict[int, Tuple[np.ndarray, ...]] = {}
         self.wire_up = 0
         self.wire_down = 0
         self.round_started = time.perf_counter()
@@ -182,7 +194,8 @@ class Master:
 
         Exact float32 ``theta`` when ``b_down`` is 0 or 32, else
         ``Q_{b_down}(theta - ref_down[m])`` (both ends then set
-        ``ref_down[m] = ref_down[m] + Q(...)``). Asked again in the same round
+        ``ref_down[m] = ref_down[m] + Q(...)``); with ``buffers average``
+        preceded by the global buffers, raw (:mod:`flq.layout`). Asked again in the same round
         (a retried download), it returns the same bytes: the mirror moves and
         the bits are counted once.
 
@@ -198,13 +211,14 @@ class Master:
             qv, w = scheme.encode_update(
                 self.theta, self.ref_down[worker_id], bits, self.down_rng[worker_id], self.segments
             )
-            payload = packing.encode(qv, coded=self.cfg.coding_down)
+            packed = packing.encode(qv, coded=self.cfg.coding_down)
             if scheme.relative:
                 self.ref_down[worker_id] = w
                 self.down_version[worker_id] += 1
+        payload = self.layout.pack_buffers(self.buffers) + packed if self.sends_buffers else packed
         self.downlinks[worker_id] = payload
-        self.bits_down_cum += packing.charged_bits(payload)
-        self.bits_down_nominal_cum += bits * self.n
+        self.bits_down_cum += packing.charged_bits(packed) + self.buffer_bits
+        self.bits_down_nominal_cum += bits * self.n + self.buffer_bits
         self.wire_down += len(payload)
         return payload
 
@@ -267,11 +281,12 @@ class Master:
         """Why ``cost`` cannot be what an upload of this run is charged ('' if it can)."""
         cfg = self.cfg
         if not cfg.coding_up:
-            nominal = [b * self.n for b in cfg.uplink_widths]
+            nominal = [b * self.n + self.buffer_bits for b in cfg.uplink_widths]
             return "" if cost in nominal else f"expected one of {nominal} for mode {cfg.mode}"
         most = 8 * (self.max_upload_bytes - packing.header_size(max(cfg.uplink_widths), len(self._up_segments)))
-        if cost != int(cost) or int(cost) % 8 or not 8 <= cost <= most:
-            return f"a coded upload is charged a whole number of bytes, 8..{most} bits"
+        least = 8 + self.buffer_bits
+        if cost != int(cost) or int(cost) % 8 or not least <= cost <= most:
+            return f"a coded upload is charged a whole number of bytes, {least}..{most} bits"
         return ""
 
     @property
@@ -322,13 +337,19 @@ class Master:
         scheme, widths = self.up_scheme, self.cfg.uplink_widths
         with self.stopwatch.section("quantize"):
             try:
-                charged = packing.charged_bits(payload)  # from the header and length: checked before decoding
+                raw, packed = self.layout.split(payload, self.sends_buffers)
+                buffers = self.layout.unpack_buffers(raw) if raw is not None else ()
+            except LayoutError as exc:
+                raise MasterError(f"upload from worker {worker_id}: {exc}", Code.MALFORMED) from None
+            try:
+                # from the header and length: checked before decoding
+                charged = packing.charged_bits(packed) + self.buffer_bits
                 if charged != self.offers[worker_id].cost:
                     raise packing.PayloadError(
                         f"charged {charged} bits, its offer said {self.offers[worker_id].cost:.0f}"
                     )
                 qv = packing.decode(
-                    payload,
+                    packed,
                     expected_n=self.n,
                     expected_bits=widths[0] if len(widths) == 1 else widths,
                     expected_segments=self._up_segments,
@@ -351,7 +372,8 @@ class Master:
             self.up_version[worker_id] += 1
         self.received[worker_id] = q
         self.received_digest[worker_id] = digest
-        self.received_bits[worker_id] = (charged, qv.bits * self.n)
+        self.received_bits[worker_id] = (charged, qv.bits * self.n + self.buffer_bits, qv.bits)
+        self.received_buffers[worker_id] = buffers
         self.wire_up += len(payload)
         return True
 
@@ -386,9 +408,13 @@ class Master:
                 g_hat = aggregate(self.received, cfg.scale_by_selected, cfg.sel_ref, cfg.clip_global)
                 try:
                     self.adam.step(theta, g_hat)
+                    self.layout.round_params(theta)  # float16/bfloat16 parameters hold their own dtype's values
                 except FloatingPointError as exc:
                     problem = f"the aggregate of workers {uploaded}: {exc}"
             self.history.appendleft(squared_norm(theta - self.theta))
+            buffers = self.buffers
+            if self.sends_buffers and uploaded:
+                buffers = self.layout.average_buffers([self.received_buffers[m] for m in uploaded])
         self.bits_up_cum += sum(self.received_bits[m][0] for m in uploaded)
         self.bits_up_nominal_cum += sum(self.received_bits[m][1] for m in uploaded)
         self.wire_up_cum += self.wire_up
@@ -398,7 +424,7 @@ class Master:
         due = self.evaluate is not None and cfg.eval_every > 0 and ((k + 1) % cfg.eval_every == 0 or last)
         if due and self.background is None:
             with self.stopwatch.section("evaluate"):
-                acc, ent = self.evaluate(theta)  # type: ignore[misc]
+                acc, ent = self.evaluate(theta, buffers)  # type: ignore[misc]
         losses = [self.offers[m].loss for m in sorted(self.offers)]  # id order: same sum whatever arrived first
         computes = [o.compute_s for o in self.offers.values()]
         record = {
@@ -412,7 +438,7 @@ class Master:
             "cum_bits_total": self.bits_up_cum + self.bits_down_cum,
             "bits_up_nominal_cum": self.bits_up_nominal_cum,
             "bits_down_nominal_cum": self.bits_down_nominal_cum,
-            "b_up_mean": (sum(self.received_bits[m][1] for m in uploaded) / (self.n * len(uploaded)))
+            "b_up_mean": (sum(self.received_bits[m][2] for m in uploaded) / len(uploaded))
             if uploaded
             else float("nan"),
             "wire_bytes_up": self.wire_up,
@@ -427,12 +453,12 @@ class Master:
             record.update(extra)
         if due and self.background is not None:
             with self.stopwatch.section("evaluate_wait"):
-                self.background.submit(record, theta)  # theta is never changed in place: no copy
+                self.background.submit(record, theta, buffers)  # never changed in place: no copy
             record["round_time_s"] = time.perf_counter() - self.round_started
         self.records.append(record)
         self.selected_history.append(uploaded)
         with self._published:
-            self.theta, self.round = theta, self.round + 1
+            self.theta, self.buffers, self.round = theta, buffers, self.round + 1
         diverging = [m for m in sorted(self.offers) if not math.isfinite(self.offers[m].loss)]
         if diverging and not problem:
             problem = (
@@ -445,28 +471,38 @@ class Master:
 
     @property
     def upload_cost(self) -> int:
-        """Bits one uncoded upload at ``b_up`` is charged (docs/algorithm.md, "Modes")."""
-        return int(self.cfg.uplink_bits * self.n)
+        """Bits one uncoded upload at ``b_up`` is charged (docs/algorithm.md,
+        "Modes"), its raw buffers included."""
+        return int(self.cfg.uplink_bits * self.n) + self.buffer_bits
 
     @property
     def max_upload_bytes(self) -> int:
         """Most bytes a valid upload body has in this run's mode (the widest width)."""
         widest = max(self.cfg.uplink_widths)
-        return packing.encoded_size(self.n, widest, len(self._up_segments), coded=self.cfg.coding_up)
+        packed = packing.encoded_size(self.n, widest, len(self._up_segments), coded=self.cfg.coding_up)
+        return packed + self.buffer_bits // 8
 
-    def snapshot(self) -> Tuple[int, np.ndarray]:
-        """``(rounds done, theta)`` read together, safe from another thread
-        while :meth:`end_round` runs: theta is float32 (n,), the model after
-        that many rounds. It is never changed in place (each round publishes
-        a new array), so the caller may read it at leisure but must not
-        modify it."""
+    def snapshot(self) -> Tuple[int, np.ndarray, Tuple[np.ndarray, ...]]:
+        """``(rounds done, theta, buffers)`` read together, safe from another
+        thread while :meth:`end_round` runs: theta is float32 (n,), the model
+        after that many rounds. They are never changed in place (each round
+        publishes new arrays), so the caller may read them at leisure but
+        must not modify them."""
         with self._published:
-            return self.round, self.theta
+            return self.round, self.theta, self.buffers
 
     @property
     def finished(self) -> bool:
         """Whether ``max_rounds`` rounds are done."""
         return self.round >= self.cfg.max_rounds
+
+    def check_model(self, worker_id: int, signature: Sequence[Sequence[Any]]) -> None:
+        """Raise MasterError (409 ``model_mismatch``) unless worker m's model
+        (its :meth:`~flq.layout.ModelLayout.signature`) is the master's,
+        naming the first tensor that differs."""
+        problem = self.layout.mismatch(signature)
+        if problem:
+            raise MasterError(f"worker {worker_id}'s model differs from the master's: {problem}", Code.MODEL_MISMATCH)
 
     def check_worker(self, worker_id: int) -> None:
         """Raise MasterError (404) unless ``worker_id`` is one of this run's ids."""
@@ -481,7 +517,7 @@ class Master:
         Two equal digests mean a request changed nothing. Costs a pass over
         ``(3 + 2 M) n`` floats (about 0.1 s for the default model and M = 20)."""
         h = hashlib.sha256()
-        for a in (self.theta, self.adam.m, self.adam.v, *self.ref_up, *self.ref_down):
+        for a in (self.theta, *self.buffers, self.adam.m, self.adam.v, *self.ref_up, *self.ref_down):
             h.update(np.ascontiguousarray(a).tobytes())
         facts = {
             "t": self.adam.t,
@@ -519,6 +555,7 @@ class Master:
         return {
             "round": self.round,
             "theta": self.theta.copy(),
+            "buffers": [b.copy() for b in self.buffers],
             "adam": self.adam.state_dict(),
             "history": list(self.history),
             "ref_up": [r.copy() for r in self.ref_up],
@@ -539,6 +576,10 @@ class Master:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.round = int(state["round"])
         self.theta = np.array(state["theta"], np.float32, copy=True)
+        if self.layout.buffers:
+            buffers = tuple(np.array(b, copy=True) for b in state["buffers"])
+            self.layout.check_buffers(buffers)
+            self.buffers = buffers
         self.adam.load_state_dict(state["adam"])
         self.history.clear()
         self.history.extend(state["history"])

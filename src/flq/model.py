@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algorithm.vector import squared_norm
+from .layout import LayoutError, ModelLayout, TensorSpec
 from .streams import init_generator
 
 log = logging.getLogger(__name__)
@@ -70,22 +71,76 @@ class MLP(nn.Module):
 MODELS = {"cnn": CNN, "mlp": MLP}
 
 
-def build_model(name: str = "cnn") -> nn.Module:
-    """The model called ``name``: ``"cnn"`` (docs/algorithm.md, 467,818 parameters) or
-    ``"mlp"`` (a 50,890-parameter test model).
+def build_model(name: str = "cnn", args: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """The model called ``name``: ``"cnn"`` (docs/algorithm.md, 467,818
+    parameters), ``"mlp"`` (a 50,890-parameter test model), or
+    ``"package.module:factory"``, a callable returning a ``torch.nn.Module``,
+    called with the keyword arguments ``args`` (``model.model_args``).
 
     Raises:
-        ValueError: unknown name.
+        flq.config.ConfigError: unknown name, a factory that cannot be
+            imported, fails, or returns no module; arguments a built-in
+            model does not take.
+        flq.layout.LayoutError: a module FLQ cannot train (a frozen
+            parameter, a parameter that is not float32/float16/bfloat16, a
+            bfloat16 or complex buffer, two names for one tensor).
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r} (available: {', '.join(MODELS)})")
-    return MODELS[name]()
+    from .config import ConfigError
+    from .imports import is_import_path, load_callable
+
+    args = dict(args or {})
+    if name in MODELS:
+        factory: Any = MODELS[name]
+    elif is_import_path(name):
+        factory = load_callable(name, "model.name")
+    else:
+        raise ConfigError(f"config key 'model.name': unknown model {name!r} (cnn, mlp, or package.module:factory)")
+    try:
+        module = factory(**args)
+    except Exception as exc:  # noqa: BLE001 - the user's factory: any failure is theirs, in one line
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConfigError(f"config key 'model.name': {name}(**{args}) failed: {type(exc).__name__}: {first}") from None
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"config key 'model.name': {name} returned {type(module).__name__}, not a torch.nn.Module")
+    layout_of(module)  # refuse what FLQ cannot train now, in one line
+    return module
+
+
+def layout_of(module: nn.Module) -> ModelLayout:
+    """The :class:`~flq.layout.ModelLayout` of ``module``: every entry of its
+    ``state_dict()`` in order, parameters and buffers told apart.
+
+    Raises:
+        flq.layout.LayoutError: a parameter with ``requires_grad=False``
+            (FLQ trains every parameter; register a constant as a buffer),
+            or a tensor the layout refuses (see :class:`~flq.layout.ModelLayout`).
+    """
+    params = {id(p): name for name, p in module.named_parameters()}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            raise LayoutError(
+                f"parameter {name!r} has requires_grad=False: FLQ trains every parameter; register a constant "
+                f"as a buffer instead"
+            )
+    state = module.state_dict(keep_vars=True)
+    param_names = set(params.values())
+    for k, v in state.items():
+        if isinstance(v, nn.Parameter) and k not in param_names:
+            raise LayoutError(f"parameter {k!r} is the same tensor as another one (shared weights): not supported")
+    if sum(1 for k in state if k in param_names) != len(param_names):
+        raise LayoutError("the module's parameters do not all appear in its state_dict() (renamed tensors)")
+    return ModelLayout(
+        tuple(
+            TensorSpec(k, tuple(int(d) for d in v.shape), str(v.dtype).replace("torch.", ""), k in param_names)
+            for k, v in state.items()
+        )
+    )
 
 
 def glorot_init(model: nn.Module, seed: int) -> np.ndarray:
     """Glorot-uniform weights, zero biases, from ``seed`` (the generator is
     :func:`flq.streams.init_generator`); returns the flat float32 vector (n,)
-    of the initialized model (the round-0 global model)."""
+    of the initialized model (the round-0 global model of the built-in models)."""
     gen = init_generator(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -96,15 +151,47 @@ def glorot_init(model: nn.Module, seed: int) -> np.ndarray:
     return flatten(model)
 
 
+def initial_state(name: str, args: Optional[Mapping[str, Any]], seed: int) -> Tuple[np.ndarray, Tuple[np.ndarray, ...]]:
+    """The round-0 global model: ``(theta float32 (n,), buffers)``.
+
+    The built-in models start Glorot-uniform from ``seed`` (as the original);
+    an imported model keeps its own initialization, made with PyTorch's CPU
+    generator seeded with ``seed`` while the factory runs (the global
+    generator's state is restored after), so every process builds the same
+    one. Buffers start as the module made them.
+    """
+    if name in MODELS:
+        module = build_model(name, args)
+        theta = glorot_init(module, seed)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = build_model(name, args)
+        theta = flatten(module)
+    layout = layout_of(module)
+    return layout.round_params(theta), buffers_of(module)
+
+
+def buffers_of(module: nn.Module) -> Tuple[np.ndarray, ...]:
+    """The module's buffers as NumPy arrays (copies, ``state_dict()`` order and dtypes)."""
+    params = {name for name, _ in module.named_parameters()}
+    return tuple(v.detach().cpu().numpy().copy() for k, v in module.state_dict().items() if k not in params)
+
+
 def segments(model: nn.Module) -> Tuple[int, ...]:
     """Element count of each trainable tensor, in model order."""
     return tuple(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def flatten(model: nn.Module) -> np.ndarray:
-    """The trainable tensors as one float32 NumPy vector (n,), model order."""
+    """The parameters as one float32 NumPy vector (n,), in ``state_dict()`` order."""
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        return torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]).numpy().astype(np.float32)
+        return (
+            torch.cat([params[t.name].detach().reshape(-1).cpu().float() for t in layout_of(model).params])
+            .numpy()
+            .astype(np.float32)
+        )
 
 
 def cuda_oom_error(exc: BaseException) -> RuntimeError:
@@ -145,8 +232,11 @@ def resolve_device(name: str) -> torch.device:
 class FlatModel:
     """A model driven through flat float32 vectors.
 
-    Convolutions run channels-last (the fast layout for oneDNN on CPU); the
-    flat vector stays in the standard OIHW model order.
+    With ``channels_last`` (the built-in models) convolutions run
+    channels-last, the fast layout for oneDNN on CPU; the flat vector stays
+    in the standard OIHW model order. A user's model runs in the layout it
+    was written for: PyTorch 2.13's CPU backward crashed (a segmentation
+    fault) on a channels-last ResNet block with 4 channels.
 
     Mixed precision (CUDA only): forward and backward run under float16
     autocast with dynamic loss scaling (scale 2^16, halved and the step
@@ -158,21 +248,35 @@ class FlatModel:
         model: the module (moved to ``device``).
         device: where to compute.
         mixed_precision: float16 autocast + loss scaling; ignored on CPU.
+        channels_last: run channels-last (default: for the built-in models only).
     """
 
-    def __init__(self, model: nn.Module, device: Optional[torch.device] = None, mixed_precision: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: Optional[torch.device] = None,
+        mixed_precision: bool = False,
+        channels_last: Optional[bool] = None,
+    ) -> None:
         self.device: torch.device = device if device is not None else torch.device("cpu")
         self.mixed_precision = bool(mixed_precision) and self.device.type == "cuda"
         self.loss_scale = 2.0**16
         self._clean_steps = 0
-        self.model = model.to(device=self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.params: List[nn.Parameter] = [p for p in self.model.parameters() if p.requires_grad]
-        self.segments = tuple(p.numel() for p in self.params)
-        self.n = int(sum(self.segments))
+        self.layout = layout_of(model)
+        self.channels_last = isinstance(model, (CNN, MLP)) if channels_last is None else bool(channels_last)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.to(device=self.device, memory_format=layout)  # type: ignore[call-overload]
+        named = dict(self.model.named_parameters())
+        self.params: List[nn.Parameter] = [named[t.name] for t in self.layout.params]
+        state = self.model.state_dict(keep_vars=True)
+        self.buffer_tensors: List[torch.Tensor] = [state[t.name] for t in self.layout.buffers]
+        self.segments = self.layout.segments
+        self.n = self.layout.n
         self._offsets = np.cumsum((0,) + self.segments)
 
     def set_flat(self, theta: np.ndarray) -> None:
-        """Load the flat vector ``theta`` (float32, (n,)) into the module."""
+        """Load the flat vector ``theta`` (float32, (n,)) into the module
+        (each parameter cast to its own dtype)."""
         if theta.shape != (self.n,):
             raise ValueError(f"flat vector has shape {theta.shape}, model needs ({self.n},)")
         src = torch.from_numpy(np.ascontiguousarray(theta, dtype=np.float32))
@@ -180,10 +284,21 @@ class FlatModel:
             for p, a, b in zip(self.params, self._offsets[:-1], self._offsets[1:]):
                 p.copy_(src[a:b].view(p.shape))
 
+    def set_buffers(self, buffers) -> None:
+        """Load the buffers (NumPy arrays, ``state_dict()`` order and dtypes) into the module."""
+        with torch.no_grad():
+            for t, b in zip(self.buffer_tensors, buffers):
+                t.copy_(torch.from_numpy(np.array(b, copy=True)).reshape(t.shape))
+
+    def get_buffers(self) -> Tuple[np.ndarray, ...]:
+        """The module's buffers now, as NumPy copies (``state_dict()`` order and dtypes)."""
+        return tuple(t.detach().cpu().numpy().copy() for t in self.buffer_tensors)
+
     def _batch(self, x: np.ndarray) -> torch.Tensor:
         if not x.flags.writeable:  # the cached dataset is read-only; torch wants to own writable memory
             x = x.copy()
-        return torch.from_numpy(x).to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        t = torch.from_numpy(x).to(self.device, non_blocking=True)
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 and self.channels_last else t
 
     def gradient(self, x, y) -> Tuple[np.ndarray, float]:
         """Mean cross-entropy and its gradient at the loaded parameters.
@@ -309,24 +424,42 @@ def l2_loss_and_grad(theta: np.ndarray, grad: np.ndarray, l2: float) -> float:
     return 0.5 * l2 * squared_norm(theta)
 
 
-def state_dict_from_flat(name: str, theta: np.ndarray) -> dict[str, torch.Tensor]:
-    """``{state_dict key: tensor}`` of model ``name`` holding the flat vector
-    ``theta`` (float32, CPU, contiguous): what ``GET /get_global_model`` sends,
-    loadable with ``model.load_state_dict(safetensors.torch.load_file(path))``."""
-    model = build_model(name)
+def state_dict_from_flat(layout: ModelLayout, theta: np.ndarray, buffers=()) -> dict[str, torch.Tensor]:
+    """``{state_dict key: tensor}`` of the model holding the flat vector
+    ``theta`` (float32 (n,)) and ``buffers`` (NumPy arrays in order), every
+    tensor in its own dtype and shape, CPU and contiguous: what ``GET
+    /get_global_model`` sends and the results' ``.safetensors`` hold, loadable
+    with ``model.load_state_dict(safetensors.torch.load_file(path))``.
+
+    Raises:
+        ValueError: ``theta`` or ``buffers`` do not fit ``layout``.
+    """
+    if theta.shape != (layout.n,):
+        raise ValueError(f"flat vector has {theta.size} values, the model needs {layout.n}")
+    layout.check_buffers(buffers)
     src = torch.from_numpy(np.array(theta, dtype=np.float32, copy=True))
-    out, off = {}, 0
-    for key, p in model.state_dict().items():
-        out[key] = src[off : off + p.numel()].view(p.shape).clone()
-        off += p.numel()
-    if off != src.numel():
-        raise ValueError(f"flat vector has {src.numel()} values, model {name!r} needs {off}")
+    out, off, values = {}, 0, iter(buffers)
+    for t in layout.tensors:
+        if t.param:
+            dtype = getattr(torch, t.dtype)
+            out[t.name] = src[off : off + t.numel].view(t.shape).to(dtype).clone()
+            off += t.numel
+        else:
+            out[t.name] = torch.from_numpy(np.array(next(values), copy=True))
     return out
 
 
-def save_global_model(path, theta: np.ndarray, name: str, round_index: int, mode: str = "") -> None:
-    """Write ``theta`` as a safetensors file of model ``name``'s state dict,
-    with ``round`` (rounds completed) and ``mode`` in its metadata, atomically.
+def state_dict_bytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
+    """``tensors`` as the bytes of a safetensors file (what ``GET /get_global_model`` answers)."""
+    from safetensors.torch import save
+
+    return save(dict(tensors), metadata=dict(metadata) if metadata else None)
+
+
+def save_global_model(path, tensors: Mapping[str, torch.Tensor], round_index: int, mode: str = "") -> None:
+    """Write ``tensors`` (a state dict, :func:`state_dict_from_flat`) as a
+    safetensors file with ``round`` (rounds completed) and ``mode`` in its
+    metadata, atomically.
 
     Raises:
         OSError: the file cannot be written (nothing partial is left).
@@ -336,11 +469,9 @@ def save_global_model(path, theta: np.ndarray, name: str, round_index: int, mode
 
     from .outputs import atomic_write
 
-    tensors = state_dict_from_flat(name, theta)
-
     def write(tmp: Path) -> None:
         try:
-            save_file(tensors, str(tmp), metadata={"round": str(int(round_index)), "mode": mode, "format": "pt"})
+            save_file(dict(tensors), str(tmp), metadata={"round": str(int(round_index)), "mode": mode, "format": "pt"})
         except safetensors.SafetensorError as exc:  # how safetensors reports a failed write
             found = re.search(r"os error (\d+)", str(exc))
             code = int(found.group(1)) if found else errno.EIO

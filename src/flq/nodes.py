@@ -75,7 +75,7 @@ def load_resume_state(cfg: Config, explicit: Optional[str] = None) -> Tuple[Path
     """
     from .checkpoint import CheckpointError, find_resumable, load_checkpoint
 
-    ckpt = find_resumable(cfg.checkpoint_dir, cfg.dataset, cfg.mode, explicit)
+    ckpt = find_resumable(cfg.checkpoint_dir, cfg.dataset_tag, cfg.mode, explicit)
     state, saved_cfg = load_checkpoint(ckpt)
     check_resumable(saved_cfg, cfg)
     if int(state["round"]) >= cfg.max_rounds:
@@ -131,17 +131,24 @@ def run_master(
     from .checkpoint import checkpoint_path, lock_checkpoint, run_of, save_checkpoint
     from .cluster import ClusterMaster
     from .master import Master
-    from .model import state_dict_from_flat
+    from .model import state_dict_bytes, state_dict_from_flat
     from .outputs import one_line, remove_stale_temporaries
     from .runtime import Runtime
-    from .summary import save_results
+    from .summary import describe_buffers, save_results
     from .timing import Stopwatch
     from .transport.server import create_app, serve
 
     rt = Runtime(cfg)
     _ = rt.data  # load (or fail on) the dataset before serving anybody
+    theta0, buffers0 = rt.initial_model()
     master = Master(
-        cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=Stopwatch(), overlap=cfg.eval_overlap
+        cfg,
+        rt.layout,
+        theta0,
+        evaluate=rt.evaluate,
+        stopwatch=Stopwatch(),
+        overlap=cfg.eval_overlap,
+        buffers0=buffers0,
     )
     for folder in (cfg.checkpoint_dir, cfg.results_dir):
         remove_stale_temporaries(Path(folder))
@@ -150,7 +157,7 @@ def run_master(
         master.load_state_dict(state)
         log.info("resumed from %s at round %d", ckpt, master.round)
     else:
-        ckpt = checkpoint_path(cfg.checkpoint_dir, cfg.dataset, cfg.mode, run_id)
+        ckpt = checkpoint_path(cfg.checkpoint_dir, cfg.dataset_tag, cfg.mode, run_id)
     ckpt_lock = lock_checkpoint(ckpt) if cfg.checkpoint_every or resume is not None else None
     written: Dict[str, Any] = {}
     lock = threading.Lock()
@@ -164,7 +171,9 @@ def run_master(
         if not due:
             return
         try:
-            save_checkpoint(ckpt, master.state_dict(), cfg.public_sections())
+            state = master.state_dict()
+            model = state_dict_bytes(state_dict_from_flat(rt.layout, state["theta"], state["buffers"]))
+            save_checkpoint(ckpt, state, cfg.public_sections(), model=model)
         except OSError as exc:
             cluster.checkpoint_error = f"round {master.round}: {one_line(exc)}"
             log.error(
@@ -194,7 +203,7 @@ def run_master(
                 cluster.finish_detail,
                 master.records,
                 master.selected_history,
-                master.theta.copy(),
+                state_dict_from_flat(rt.layout, master.theta, master.buffers),
                 master.round,
                 device=str(rt.device),
                 worker_threads=threads,
@@ -212,7 +221,7 @@ def run_master(
         cfg,
         on_round=checkpoint,
         on_finish=write,
-        run_id=run_of(ckpt, cfg.dataset, cfg.mode) if resume is not None else run_id,
+        run_id=run_of(ckpt, cfg.dataset_tag, cfg.mode) if resume is not None else run_id,
     )
     verifier = None
     if cfg.credentials:
@@ -225,7 +234,7 @@ def run_master(
         verifier = Verifier(load_master_secret(Path(cfg.credentials)), cfg.total_workers, current_session)
     app = create_app(
         cluster,
-        model_state=lambda theta: state_dict_from_flat(cfg.model, theta),
+        model_state=lambda theta, buffers: state_dict_from_flat(rt.layout, theta, buffers),
         max_body_bytes=master.max_upload_bytes,
         on_shutdown=lambda: write(end_reason()),
         auth_token=cfg.auth_token,
@@ -233,7 +242,7 @@ def run_master(
         verifier=verifier,
     )
     log.info(
-        "master listening on %s://%s:%d (%s, %d workers, %d rounds, mode %s)",
+        "master listening on %s://%s:%d (%s, %d workers, %d rounds, mode %s, n=%d%s)",
         "https" if certfile else "http",
         cfg.master_host,
         cfg.master_port,
@@ -241,6 +250,8 @@ def run_master(
         cfg.total_workers,
         cfg.max_rounds,
         cfg.links,
+        rt.layout.n,
+        describe_buffers(cfg, rt.layout),
     )
     try:
         asyncio.run(
@@ -344,7 +355,10 @@ def run_worker(
             cfg.mode,
             rt.device,
         )
-        worker = Worker(worker_id, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[worker_id])
+        buffers0 = rt.initial_model()[1] if rt.layout.buffers else None
+        worker = Worker(
+            worker_id, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[worker_id], buffers0=buffers0
+        )
         if store is not None:
             from .worker_state import identity
 

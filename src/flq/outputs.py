@@ -274,12 +274,12 @@ def save_run(
     config: Mapping[str, Any],
     selected: Sequence[Sequence[int]],
     num_workers: int,
-    theta: Any,
-    model: str,
+    model_state: Mapping[str, Any],
     rounds: int,
 ) -> Tuple[Optional[Path], Optional[str]]:
     """Write a run's spreadsheet at a unique path derived from ``results_path``
-    (:func:`publish_unique`) and its final model beside it (``.safetensors``).
+    (:func:`publish_unique`) and its final model beside it (``.safetensors``
+    of ``model_state``, a state dict: :func:`flq.model.state_dict_from_flat`).
 
     Returns:
         ``(spreadsheet path or None, None)`` when both were written, or
@@ -296,7 +296,7 @@ def save_run(
     except Exception as exc:  # noqa: BLE001 - reported in one line, never a lost run in silence
         return None, f"results not written to {Path(results_path).parent}: {_describe(exc)}"
     try:
-        save_global_model(path.with_suffix(".safetensors"), theta, model, rounds, mode)
+        save_global_model(path.with_suffix(".safetensors"), model_state, rounds, mode)
     except Exception as exc:  # noqa: BLE001
         return path, f"final model not written beside {path.name}: {_describe(exc)} (the spreadsheet was)"
     return path, None

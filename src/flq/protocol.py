@@ -75,6 +75,12 @@ class Code(str, Enum):
         "was used already; or the challenge expired)",
     )
     MIRROR_MISMATCH = ("mirror_mismatch", 409, "the worker's mirror versions differ from the master's: resync")
+    MODEL_MISMATCH = (
+        "model_mismatch",
+        409,
+        "the worker's model has other tensors (names, shapes or dtypes) than the master's: the detail names "
+        "the first one; the worker cannot join",
+    )
     CONFLICT = (
         "conflict",
         409,

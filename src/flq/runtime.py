@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, check_paths
-from .datasets import Dataset, load_dataset
-from .model import FlatModel, apply_memory_cap, build_model, glorot_init, native_bf16, resolve_device
+from .datasets import Dataset
+from .layout import ModelLayout
+from .model import FlatModel, apply_memory_cap, build_model, initial_state, native_bf16, resolve_device
 from .partition import partition
 
 log = logging.getLogger(__name__)
@@ -108,15 +109,20 @@ class Runtime:
         apply_memory_cap(self.device, cfg.gpu_memory_limit_mb)
         if cfg.enable_mixed_precision and self.device.type != "cuda":
             log.warning("enable_mixed_precision needs CUDA; running float32 on %s", self.device)
-        self.model = FlatModel(build_model(cfg.model), self.device, mixed_precision=cfg.enable_mixed_precision)
+        self.model = FlatModel(
+            build_model(cfg.model, cfg.model_args), self.device, mixed_precision=cfg.enable_mixed_precision
+        )
         self.segments = self.model.segments
+        self.layout: ModelLayout = self.model.layout
         if evaluates:
             check_eval_precision(cfg, self.device)
 
     @cached_property
     def data(self) -> Dataset:
         cfg = self.cfg
-        ds = load_dataset(cfg.dataset, cfg.data_dir or None)
+        from .sources import load
+
+        ds = load(cfg.dataset, cfg.data_dir or None, cfg.dataset_args)
         log.info("dataset %s from %s: %d train, %d test", ds.name, ds.source, len(ds.train_y), len(ds.test_y))
         check_shares(cfg, len(ds.train_y))
         return ds
@@ -135,17 +141,20 @@ class Runtime:
         """The module evaluation runs on: a copy of its own, so that an
         evaluation in a background thread (``eval_overlap``) never shares
         weights with the training in the foreground."""
-        return FlatModel(build_model(self.cfg.model), self.device)
+        return FlatModel(build_model(self.cfg.model, self.cfg.model_args), self.device)
 
-    def initial_model(self) -> np.ndarray:
-        """The round-0 global model: Glorot-uniform from ``seed`` on a plain CPU
-        module, so it is the same on every device and memory layout."""
-        return glorot_init(build_model(self.cfg.model), self.cfg.seed)
+    def initial_model(self) -> Tuple[np.ndarray, Tuple[np.ndarray, ...]]:
+        """The round-0 global model ``(theta, buffers)``, made on a plain CPU
+        module so it is the same on every device and memory layout
+        (:func:`flq.model.initial_state`)."""
+        return initial_state(self.cfg.model, self.cfg.model_args, self.cfg.seed)
 
-    def evaluate(self, theta: np.ndarray) -> Tuple[float, float]:
-        """(accuracy, mean cross-entropy) of ``theta`` on the whole test set,
-        in ``eval_precision``. Safe to call from one background thread while
-        the foreground trains (its own module: :attr:`eval_model`)."""
+    def evaluate(self, theta: np.ndarray, buffers: Tuple[np.ndarray, ...] = ()) -> Tuple[float, float]:
+        """(accuracy, mean cross-entropy) of ``theta`` with ``buffers`` on the
+        whole test set, in ``eval_precision``. Safe to call from one
+        background thread while the foreground trains (its own module:
+        :attr:`eval_model`)."""
         x, y = self._eval_set
         self.eval_model.set_flat(theta)
+        self.eval_model.set_buffers(buffers)
         return self.eval_model.evaluate(x, y, self.cfg.eval_batch_size, self.cfg.eval_precision)

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,9 +23,10 @@ from .config import Config
 from .evaluation import EvaluationFailed
 from .logs import FILE_ONLY
 from .master import Master
+from .model import state_dict_from_flat
 from .outputs import one_line
 from .runtime import Runtime
-from .summary import log_round, round_timings, save_results
+from .summary import describe_buffers, log_round, round_timings, save_results
 from .timing import Stopwatch, process_age_s
 from .worker import Worker
 
@@ -39,7 +40,8 @@ class SimulationResult:
     Attributes:
         records: one dict per round done (the spreadsheet's curve rows).
         selected: per round, the worker ids whose upload was aggregated.
-        theta: the global model after the last round done, float32 (n,).
+        theta: the global model's parameters after the last round done, float32 (n,).
+        buffers: its buffers (arrays in ``state_dict()`` order and dtypes).
         results_path: the spreadsheet written, or None.
         timings: the records' timing columns (:mod:`flq.summary`) summed
             over rounds: "master_quantize_s", "master_aggregate_s",
@@ -62,6 +64,14 @@ class SimulationResult:
     reason: str = outcome.COMPLETED
     detail: str = ""
     not_saved: str = ""
+    buffers: Tuple[np.ndarray, ...] = ()
+
+    def model_state(self, layout: Any) -> Dict[str, Any]:
+        """The final global model as a state dict of ``layout``
+        (:func:`flq.model.state_dict_from_flat`): every tensor in its own dtype and shape."""
+        from .model import state_dict_from_flat
+
+        return state_dict_from_flat(layout, self.theta, self.buffers)
 
     @property
     def exit_status(self) -> int:
@@ -75,7 +85,7 @@ def simulate(
     progress: bool = True,
     on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
     runtime: Optional[Runtime] = None,
-    on_model: Optional[Callable[[int, np.ndarray], None]] = None,
+    on_model: Optional[Callable[[int, np.ndarray, Tuple[np.ndarray, ...]], None]] = None,
 ) -> SimulationResult:
     """Run ``cfg.max_rounds`` rounds of FLQ with all workers in this process.
 
@@ -94,8 +104,8 @@ def simulate(
         on_round: called with each round's record.
         runtime: a prepared :class:`Runtime` (data, model, partitions).
         on_model: called after each round as ``on_model(rounds done,
-            theta)`` with the global model (float32 (n,); read-only to the
-            callee), e.g. to keep snapshots.
+            theta, buffers)`` with the global model (float32 (n,) and its
+            buffers; read-only to the callee), e.g. to keep snapshots.
 
     Raises:
         flq.datasets.DatasetNotFoundError: the dataset cannot be found or fetched.
@@ -106,20 +116,37 @@ def simulate(
     with outcome.signals_interrupt():
         rt = runtime or Runtime(cfg)
         master_sw, workers_sw = Stopwatch(), Stopwatch()
+        theta0, buffers0 = rt.initial_model()
         master = Master(
-            cfg, rt.segments, rt.initial_model(), evaluate=rt.evaluate, stopwatch=master_sw, overlap=cfg.eval_overlap
+            cfg,
+            rt.layout,
+            theta0,
+            evaluate=rt.evaluate,
+            stopwatch=master_sw,
+            overlap=cfg.eval_overlap,
+            buffers0=buffers0,
         )
         workers = [
-            Worker(m, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[m], stopwatch=workers_sw)
+            Worker(
+                m,
+                cfg,
+                rt.model,
+                rt.data.train_x,
+                rt.data.train_y,
+                rt.partitions[m],
+                stopwatch=workers_sw,
+                buffers0=buffers0,
+            )
             for m in range(cfg.total_workers)
         ]
         startup = time.perf_counter() - t0
         age = process_age_s()
         log.info(
-            "start: %s, %d workers, n=%d, mode %s, %d rounds, %d threads; start-up %.2f s%s",
+            "start: %s, %d workers, n=%d%s, mode %s, %d rounds, %d threads; start-up %.2f s%s",
             cfg.dataset,
             cfg.total_workers,
             rt.model.n,
+            describe_buffers(cfg, rt.layout),
             cfg.links,
             cfg.max_rounds,
             torch.get_num_threads(),
@@ -128,7 +155,7 @@ def simulate(
         )
         bar = Progress(cfg.max_rounds) if progress else None
         totals: Dict[str, float] = {}
-        done, theta_done = 0, master.theta.copy()  # the last complete round and its model
+        done, theta_done, buffers_done = 0, master.theta.copy(), master.buffers  # the last complete round's model
         reason, detail = outcome.COMPLETED, ""
         try:
             while not master.finished:
@@ -146,7 +173,7 @@ def simulate(
                     try:
                         record = master.end_round()  # steps 9-10
                     finally:
-                        done, theta_done = len(master.records), master.theta.copy()
+                        done, theta_done, buffers_done = len(master.records), master.theta.copy(), master.buffers
                 split = round_timings(master_sw, workers_sw)
                 record.update(split)
                 for name, sec in split.items():
@@ -157,7 +184,7 @@ def simulate(
                 if on_round is not None:
                     on_round(record)
                 if on_model is not None:
-                    on_model(done, theta_done)
+                    on_model(done, theta_done, buffers_done)
         except outcome.Interrupted as exc:
             reason = exc.reason
             detail = f"{reason.upper()} after {done} rounds"
@@ -184,10 +211,11 @@ def simulate(
     path, not_saved = None, ""
     if write and records:
         with outcome.signals_deferred():
-            path, not_saved = save_results(
-                cfg, reason, detail, records, selected, theta_done, done, device=str(rt.device)
-            )
-    return SimulationResult(records, selected, theta_done, path, totals, startup, reason, detail, not_saved)
+            state = state_dict_from_flat(rt.layout, theta_done, buffers_done)
+            path, not_saved = save_results(cfg, reason, detail, records, selected, state, done, device=str(rt.device))
+    return SimulationResult(
+        records, selected, theta_done, path, totals, startup, reason, detail, not_saved, buffers=buffers_done
+    )
 
 
 def last_accuracy(records: List[Dict[str, Any]]) -> float:

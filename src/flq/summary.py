@@ -60,13 +60,21 @@ def log_round(record: Mapping[str, Any]) -> None:
     )
 
 
+def describe_buffers(cfg: Any, layout: Any) -> str:
+    """For start-up lines: ``" + 2760 bytes of buffers (average: sent raw)"``, or '' for a model without buffers."""
+    if not layout.buffers:
+        return ""
+    how = "sent raw, averaged" if cfg.buffers == "average" else "kept by each worker"
+    return f" + {layout.buffer_bytes} bytes of buffers in {len(layout.buffers)} tensors ({cfg.buffers}: {how})"
+
+
 def save_results(
     cfg: Any,
     reason: str,
     detail: str,
     records: Sequence[Mapping[str, Any]],
     selected: Sequence[Sequence[int]],
-    theta: Any,
+    model_state: Mapping[str, Any],
     rounds: int,
     **runtime: Any,
 ) -> Tuple[Optional[Path], str]:
@@ -74,8 +82,9 @@ def save_results(
     ``flq_results_<dataset>_<mode>_<timestamp>.xlsx`` in ``cfg.results_dir``
     (:func:`flq.outputs.save_run`), with the config sheet of
     :func:`flq.outputs.results_config` (``reason``, ``detail`` and
-    ``runtime``, e.g. ``device``), and the final model ``theta`` after
-    ``rounds`` rounds beside it. Logs where they went, or why they could not
+    ``runtime``, e.g. ``device``), and the final model (``model_state``, a
+    state dict: :func:`flq.model.state_dict_from_flat`) after ``rounds``
+    rounds beside it. Logs where they went, or why they could not
     be written (to the log file only: the command line prints that itself).
 
     Returns:
@@ -86,14 +95,13 @@ def save_results(
     from .results import default_results_path
 
     path, problem = save_run(
-        default_results_path(cfg.results_dir, cfg.dataset, cfg.mode),
+        default_results_path(cfg.results_dir, cfg.dataset_tag, cfg.mode),
         cfg.mode,
         list(records),
         results_config(cfg, reason, detail, **runtime),
         list(selected),
         cfg.total_workers,
-        theta,
-        cfg.model,
+        model_state,
         rounds,
     )
     if problem:

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from .algorithm.lazy import is_candidate, next_clock
 from .algorithm.vector import squared_norm
 from .algorithm.width import budget_share, choose_width, width_score
 from .config import Config
+from .layout import LayoutError
 from .loader import BatchLoader
 from .messages import Offer
 from .model import FlatModel, l2_loss_and_grad
@@ -54,6 +55,10 @@ class Worker:
         train_x: float32 (N, 1, 28, 28) training images; train_y: int64 (N,).
         indices: this worker's partition (indices into the training set).
         stopwatch: where to account seconds ("compute", "quantize").
+        buffers0: the model's initial buffers (``state_dict()`` order and
+            dtypes; default: the module's own now). With ``buffers local``
+            they are this worker's own from then on; with ``average`` every
+            downlink brings the global ones.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class Worker:
         train_y: np.ndarray,
         indices: np.ndarray,
         stopwatch: Optional[Stopwatch] = None,
+        buffers0: Optional[Sequence[np.ndarray]] = None,
     ) -> None:
         self.worker_id = worker_id
         self.stopwatch = stopwatch or NullStopwatch()
@@ -72,13 +78,26 @@ class Worker:
         self.model = model
         self.batches = BatchStream(indices, cfg.batch_size, cfg.seed, worker_id)
         self.loader = BatchLoader(
-            train_x, train_y, self.batches, model.device, cfg.prefetch_size, cfg.num_parallel_calls
+            train_x,
+            train_y,
+            self.batches,
+            model.device,
+            cfg.prefetch_size,
+            cfg.num_parallel_calls,
+            channels_last=model.channels_last,
         )
         self.steps = cfg.steps_per_round(len(indices))
         self.local_lr = cfg.local_lr or cfg.lr
         self.rng = stream_rng(cfg.seed, worker_id, STREAM_UPLINK)
         self.up_scheme = compressors.uplink(cfg.mode)
         self.down_scheme = compressors.downlink(cfg.b_down)
+        self.layout = model.layout
+        self.sends_buffers = cfg.buffers == "average" and self.layout.buffer_bytes > 0
+        self.buffer_bits = 8 * self.layout.buffer_bytes if self.sends_buffers else 0
+        init = model.get_buffers() if buffers0 is None else buffers0
+        self.layout.check_buffers(init)
+        #: the buffers the next local update starts from (and, after it, the ones it made)
+        self.buffers: Tuple[np.ndarray, ...] = tuple(np.array(b, copy=True) for b in init)
         n = model.n
         self.ref_up = np.zeros(n, np.float32)
         self.ref_down = np.zeros(n, np.float32)
@@ -91,20 +110,33 @@ class Worker:
 
     def describe(self) -> Dict[str, Any]:
         """What this worker computes with: ``{"threads": PyTorch intra-op
-        threads, "device": "cpu" | "cuda:0" ...}`` (results equal the
-        simulator's only at the same thread count)."""
+        threads, "device": "cpu" | "cuda:0" ..., "model": every tensor of its
+        model as [name, "param" | "buffer", dtype, shape]}`` (results equal
+        the simulator's only at the same thread count; the master refuses a
+        model that differs from its own)."""
         import torch
 
-        return {"threads": torch.get_num_threads(), "device": str(self.model.device)}
+        return {
+            "threads": torch.get_num_threads(),
+            "device": str(self.model.device),
+            "model": self.layout.signature(),
+        }
 
     # ----- step 2 -----------------------------------------------------
     def apply_downlink(self, payload: bytes) -> np.ndarray:
-        """Decode the round's model: exact theta (raw) or ``ref_down + Q(theta - ref_down)``.
+        """Decode the round's model: exact theta (raw) or ``ref_down + Q(theta - ref_down)``,
+        and with ``buffers average`` the global buffers before it (raw).
 
         Raises:
             flq.algorithm.packing.PayloadError: malformed bytes.
         """
         scheme = self.down_scheme
+        try:
+            raw, payload = self.layout.split(payload, self.sends_buffers)
+            if raw is not None:
+                self.buffers = self.layout.unpack_buffers(raw)
+        except LayoutError as exc:
+            raise packing.PayloadError(f"model from the master: {exc}") from None
         qv = packing.decode(
             payload,
             expected_n=self.model.n,
@@ -126,8 +158,17 @@ class Worker:
         One step: the minibatch gradient of mean CE + (cl/2)||w||^2.
         ``s > 1`` steps: plain SGD with ``local_lr``, ``g = (w - w_s) / (local_lr s)``.
         """
+        if self.layout.buffers:
+            self.model.set_buffers(self.buffers)  # a simulated worker shares its module with the others
+        try:
+            return self._steps(w)
+        finally:
+            if self.layout.buffers:
+                self.buffers = self.model.get_buffers()  # what training made of them (BatchNorm statistics)
+
+    def _steps(self, w: np.ndarray) -> tuple:
         cur = w
-        losses = []
+        losses: List[float] = []
         for _ in range(self.steps):
             xb, yb = self.loader.next()
             self.model.set_flat(cur)
@@ -175,7 +216,7 @@ class Worker:
                 round=round_index,
                 candidate=False,
                 gain=0.0,
-                cost=float(cfg.uplink_widths[0] * n),
+                cost=float(cfg.uplink_widths[0] * n + self.buffer_bits),
                 loss=float("nan"),
                 up_version=self.up_version,
                 down_version=self.down_version,
@@ -199,17 +240,24 @@ class Worker:
                 self.clock,
                 cfg.C,
             )
+        if self.sends_buffers:  # the buffers training made, raw, before the update
+            payload = self.layout.pack_buffers(self.buffers) + payload
         self._pending = dict(round=round_index, payload=payload, q=q, g_eff=g_eff, e=e)
         return Offer(
             worker_id=self.worker_id,
             round=round_index,
             candidate=candidate,
             gain=squared_norm(q),
-            cost=float(packing.charged_bits(payload)),
+            cost=float(self.charged_bits(payload)),
             loss=float(loss),
             up_version=self.up_version,
             down_version=self.down_version,
         )
+
+    def charged_bits(self, payload: bytes) -> int:
+        """Bits an upload body is charged: its encoded update
+        (:func:`~flq.algorithm.packing.charged_bits`) plus its raw buffers."""
+        return packing.charged_bits(payload[self.buffer_bits // 8 :]) + self.buffer_bits
 
     def _encode(self, g_eff: np.ndarray) -> tuple:
         """Quantize and encode the update: ``(wire form, q, payload bytes)``.
@@ -288,6 +336,7 @@ class Worker:
             "down_version": self.down_version,
             "rng": self.rng.bit_generator.state,
             "batches": self.batches.state_dict(),
+            "buffers": [b.copy() for b in self.buffers],
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -300,6 +349,10 @@ class Worker:
         self.down_version = int(state["down_version"])
         self.rng.bit_generator.state = state["rng"]
         self.batches.load_state_dict(state["batches"])
+        if self.layout.buffers and state.get("buffers"):
+            buffers = tuple(np.array(b, copy=True) for b in state["buffers"])
+            self.layout.check_buffers(buffers)
+            self.buffers = buffers
         self.loader.reset()
         self._pending = None
 

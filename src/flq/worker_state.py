@@ -16,7 +16,9 @@ A NumPy ``.npz`` archive (never pickled; read with ``allow_pickle=False``):
   identity of the run (:data:`IDENTITY`: ``run``, the run id the master's
   ``GET /config`` gives, ``worker_id``, model size ``n``, ``mode``, ``b_up``,
   ``b_down``, ``seed``, ``total_workers``, ``dataset``, ``model``,
-  ``batch_size``), ``round`` (0-based index k of the last round finished),
+  ``model_args``, ``buffers``, ``batch_size``; the model's buffers, when it
+  has any, are entries ``buffer_0``, ``buffer_1`` ... in their own dtypes),
+  ``round`` (0-based index k of the last round finished),
   ``e_hat`` (float), ``clock``, ``up_version``, ``down_version`` (ints),
   ``rng`` (the uplink generator's ``bit_generator.state``), ``batches`` (the
   batch order's state without its permutation) and ``saved_at`` (UTC, ISO 8601).
@@ -61,6 +63,8 @@ IDENTITY = (
     "total_workers",
     "dataset",
     "model",
+    "model_args",
+    "buffers",
     "batch_size",
 )
 _VECTORS = ("ref_up", "ref_down", "ef")
@@ -89,6 +93,8 @@ def identity(run: str, worker_id: int, cfg: Any, n: int) -> Dict[str, Any]:
         "total_workers": int(cfg.total_workers),
         "dataset": cfg.dataset,
         "model": cfg.model,
+        "model_args": dict(cfg.model_args),
+        "buffers": cfg.buffers,
         "batch_size": int(cfg.batch_size),
     }
 
@@ -111,6 +117,8 @@ def save_state(path: Path, state: Mapping[str, Any], ident: Mapping[str, Any], r
     perm = batches.pop("permutation")
     arrays = {k: np.ascontiguousarray(state[k], dtype=np.float32) for k in _VECTORS}
     arrays["batch_permutation"] = np.asarray(perm if perm is not None else [], dtype=np.int64)
+    for i, b in enumerate(state.get("buffers", ())):
+        arrays[f"buffer_{i}"] = np.asarray(b)  # the model's buffers (kept local with buffers local)
     meta = {
         "format": FORMAT,
         **ident,
@@ -145,6 +153,7 @@ def read_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
             raise StateError(f"format {meta.get('format')} is not {FORMAT}")
         vectors = {k: arrays[k] for k in _VECTORS}
         perm = arrays["batch_permutation"]
+        buffers = [arrays[f"buffer_{i}"] for i in range(sum(1 for k in arrays if k.startswith("buffer_")))]
     except StateError:
         raise
     except Exception as exc:  # any file at all may lie here: whatever it raises, it is not our state
@@ -172,6 +181,7 @@ def read_state(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
             "down_version": meta["down_version"],
             "rng": dict(meta["rng"]),
             "batches": batches,
+            "buffers": buffers,
         }
     except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"incomplete metadata ({type(exc).__name__}: {one_line(exc)})") from None

@@ -7,7 +7,7 @@ numbering both ends share are in :mod:`flq.protocol`.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 from pydantic import BaseModel, Field
 
@@ -31,6 +31,12 @@ class RegisterRequest(BaseModel):
     down_version: int = Field(0, ge=0, strict=True, description="version of the worker's ref_down mirror")
     threads: int = Field(0, ge=0, le=4096, strict=True, description="PyTorch threads the worker computes with")
     device: str = Field("", max_length=64, description="the worker's compute device")
+    model: Optional[List[Tuple[str, str, str, List[int]]]] = Field(
+        None,
+        max_length=10_000,
+        description="every tensor of the worker's model, in state_dict() order: [name, 'param' or 'buffer', "
+        "dtype, shape]; the master refuses one that differs from its own (409 model_mismatch)",
+    )
 
 
 class RegisterResponse(BaseModel):

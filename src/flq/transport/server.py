@@ -120,8 +120,9 @@ OCTET = "application/octet-stream"
 
 #: The worker's registration session: mandatory on every worker call after registration (checked by ``in_session``).
 SESSION = Header(None, alias="X-FLQ-Session", max_length=64)
-#: Largest JSON request body (register, offer): far above any real one.
-MAX_JSON_BODY = 64 * 1024
+#: Largest JSON request body (register, offer): far above any real one (a
+#: registration lists every tensor of the model, ~70 bytes each).
+MAX_JSON_BODY = 1024 * 1024
 #: Longest long-poll a worker may ask for (``wait``), seconds.
 MAX_WAIT_S = 120.0
 
@@ -143,7 +144,7 @@ def create_app(
 
     Args:
         cluster: the round protocol object.
-        model_state: ``callable(theta) -> {name: torch.Tensor}`` for ``/get_global_model``.
+        model_state: ``callable(theta, buffers) -> {name: torch.Tensor}`` for ``/get_global_model``.
         max_body_bytes: largest upload body accepted (413 beyond).
         status_token_free: ``GET /status`` needs no token.
         auth_token: bearer token required on worker calls and ``/stop`` ('' = none).
@@ -285,8 +286,8 @@ def create_app(
 
         # rounds done (the 1-based number of the last round theta holds) and theta, read together: a download
         # during a round's close gets the model before or after it, never a mix
-        done, theta = cluster.master.snapshot()
-        tensors = model_state(theta)
+        done, theta, buffers = cluster.master.snapshot()
+        tensors = model_state(theta, buffers)
         body = save(tensors, metadata={"round": str(done), "mode": cluster.cfg.mode, "format": "pt"})
         name = f"flq_global_round{done}.safetensors"
         return Response(
@@ -337,13 +338,19 @@ def create_app(
     @app.post(
         "/workers/register",
         response_model=RegisterResponse,
-        responses=refusals(*ANY_ROUTE, *BODY, *SIGNED, Code.UNKNOWN_WORKER, Code.RUN_OVER),
+        responses=refusals(*ANY_ROUTE, *BODY, *SIGNED, Code.UNKNOWN_WORKER, Code.RUN_OVER, Code.MODEL_MISMATCH),
     )
     async def register(req: RegisterRequest, request: Request) -> RegisterResponse:
         acting_as(request, req.worker_id)
         host = request.client.host if request.client else ""
         out = await cluster.register(
-            req.worker_id, req.up_version, req.down_version, address=host, threads=req.threads, device=req.device
+            req.worker_id,
+            req.up_version,
+            req.down_version,
+            address=host,
+            threads=req.threads,
+            device=req.device,
+            model=req.model,
         )
         return RegisterResponse(config=cluster.cfg.public_sections(), **out)
 

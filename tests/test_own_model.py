@@ -1,0 +1,425 @@
+"""Your own model and data (README): a model by import path with BatchNorm
+buffers and a float16 parameter, trained the same in the simulator and on a
+loopback cluster; a worker whose model differs refused; datasets by import
+path and CIFAR-10 from files in its own format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from cluster_util import start_cluster
+from conftest import REPO, small_config
+from safetensors.torch import load as load_safetensors
+from test_cifar10 import write_cifar
+
+from flq.config import ConfigError
+from flq.datasets import DatasetError
+from flq.layout import LayoutError, ModelLayout, TensorSpec, round_bfloat16
+from flq.model import build_model, initial_state, layout_of, state_dict_from_flat
+from flq.outcome import exit_status
+from flq.outputs import read_archive
+from flq.simulate import simulate
+
+BNNET = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BNNet(nn.Module):
+    """conv (stride 2) -> BatchNorm -> relu -> x float16 gain -> avgpool -> linear."""
+
+    def __init__(self, width=8, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.gain = nn.Parameter(torch.ones(width, dtype=torch.float16))
+        self.fc = nn.Linear(width * 7 * 7, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x))) * self.gain.float().view(1, -1, 1, 1)
+        x = F.avg_pool2d(x, 2)
+        return self.fc(torch.flatten(x.contiguous(), 1))
+
+
+def build(width=WIDTH):
+    return BNNet(width)
+'''
+
+# width 8: conv 8x1x3x3 + 8, bn 8 + 8, gain 8 (float16), fc 10x392 + 10
+N_PARAMS = 72 + 8 + 8 + 8 + 8 + 3920 + 10
+BUFFER_BYTES = 4 * 8 + 4 * 8 + 8  # running_mean, running_var (float32), num_batches_tracked (int64)
+
+
+@pytest.fixture(autouse=True)
+def fresh_user_modules():
+    """Each test writes its own bnnet.py / mydata.py: import them afresh."""
+    import importlib
+
+    yield
+    for name in ("bnnet", "mydata"):
+        sys.modules.pop(name, None)
+    importlib.invalidate_caches()
+
+
+def write_bnnet(folder: Path, width: int = 8) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bnnet.py").write_text(BNNET.replace("WIDTH", str(width)))
+    return folder
+
+
+def state_sha(state) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, by name
+    (a safetensors file keeps its own order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(
+            t.contiguous().view(torch.uint8).numpy().tobytes()
+            if t.dim()
+            else t.reshape(1).view(torch.uint8).numpy().tobytes()
+        )
+    return h.hexdigest()
+
+
+def kinds(state):
+    return {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+
+
+SETTINGS = {
+    "total_workers": 2,
+    "max_rounds": 3,
+    "model": "bnnet:build",
+    "model_args": {"width": 8},
+    "mode": "bbit",
+    "b_up": 4,
+    "b_down": 8,
+    "checkpoint_every": 3,
+}
+
+
+def test_bn_model_with_a_float16_parameter_is_the_same_in_the_simulator_and_on_the_cluster(
+    tmp_path, monkeypatch, fmnist_available
+):
+    root = write_bnnet(tmp_path)
+    monkeypatch.chdir(root)
+    cfg = small_config(**SETTINGS)
+    sim = simulate(cfg, write=False, progress=False)
+    module = build_model("bnnet:build", {"width": 8})
+    layout = layout_of(module)
+    assert layout.n == N_PARAMS and layout.buffer_bytes == BUFFER_BYTES
+    expected = sim.model_state(layout)
+    assert kinds(expected) == kinds(module.state_dict())
+    assert expected["gain"].dtype == torch.float16 and expected["bn.num_batches_tracked"].dtype == torch.int64
+    # every worker took one step a round, so the averaged count is exactly 3; the statistics moved
+    assert int(expected["bn.num_batches_tracked"]) == 3
+    assert float(expected["bn.running_mean"].abs().sum()) > 0
+    # bits: each upload is 4 bits a parameter plus its raw buffers; each model 8 bits a parameter plus the buffers
+    rec = sim.records[0]
+    assert rec["selcnt"] == 2
+    assert rec["bits_up_cum"] == 2 * (4 * N_PARAMS + 8 * BUFFER_BYTES)
+    assert rec["bits_down_cum"] == 2 * (8 * N_PARAMS + 8 * BUFFER_BYTES)
+
+    overrides = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in SETTINGS.items()}
+    overrides["checkpoint_dir"] = str(root / "ckpt")
+    cluster = start_cluster(root, 2, overrides, master_args=["--linger_s", "60"])
+    try:
+        cluster.wait_status(lambda st: st["state"] == "finished", timeout=240, what="the run to finish")
+        r = httpx.get(f"{cluster.url}/get_global_model", timeout=30)
+        assert r.status_code == 200 and r.headers["X-FLQ-Round"] == "3"
+        served = load_safetensors(r.content)
+    finally:
+        cluster.kill_all()
+    assert set(served) == set(module.state_dict())
+    assert kinds(served) == kinds(module.state_dict())
+    assert state_sha(served) == state_sha(expected)
+    (checkpoint,) = sorted((root / "ckpt").glob("flq_master_fashion_mnist_bbit_*.npz"))
+    _, arrays = read_archive(checkpoint)
+    saved = load_safetensors(arrays["model"].tobytes())
+    assert kinds(saved) == kinds(module.state_dict())
+    assert state_sha(saved) == state_sha(expected)
+    assert arrays["buffer_2"].dtype == np.int64 and int(arrays["buffer_2"]) == 3
+    (xlsx,) = cluster.results()
+    assert state_sha(load_safetensors(xlsx.with_suffix(".safetensors").read_bytes())) == state_sha(expected)
+    model = build_model("bnnet:build", {"width": 8})
+    model.load_state_dict(served)  # loads back into the module as it is
+
+
+def test_a_worker_whose_model_differs_is_refused_naming_the_tensor_before_any_round(tmp_path, fmnist_available):
+    root = write_bnnet(tmp_path / "master")
+    other = write_bnnet(tmp_path / "worker", width=4)  # same import path, another module
+    overrides = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in SETTINGS.items() if k != "model_args"}
+    cluster = start_cluster(root, 1, overrides, start_workers=False)
+    try:
+        cmd = [sys.executable, "-m", "flq", "worker", "--worker_id", "0", "--master_ip", "127.0.0.1"]
+        cmd += ["--master_port", str(cluster.port), "--threads", "1", "--log_dir", str(other / "logs")]
+        p = subprocess.run(cmd, cwd=other, capture_output=True, text=True, timeout=120, env=cluster.env)
+        st = cluster.status()
+    finally:
+        cluster.kill_all()
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == exit_status("refused"), p.stderr
+    assert last.startswith("flq worker 0: the master refused this worker (409, model_mismatch): "), p.stderr
+    assert "tensor 'gain' is param float16 [4] at the worker but param float16 [8] at the master" in last
+    assert st["round"] <= 1 and st["state"] == "waiting"  # no round started
+
+
+def test_layout_mismatch_names_the_first_differing_tensor():
+    a = ModelLayout((TensorSpec("w", (2, 3), "float32", True), TensorSpec("n", (), "int64", False)))
+    assert a.mismatch(a.signature()) == ""
+    assert a.mismatch([["w", "param", "float32", [3, 2]], ["n", "buffer", "int64", []]]) == (
+        "tensor 'w' is param float32 [3, 2] at the worker but param float32 [2, 3] at the master"
+    )
+    assert a.mismatch([["w", "param", "float16", [2, 3]], ["n", "buffer", "int64", []]]) == (
+        "tensor 'w' is param float16 [2, 3] at the worker but param float32 [2, 3] at the master"
+    )
+    assert a.mismatch([["w", "param", "float32", [2, 3]]]) == (
+        "tensor 'n' (buffer int64 []) of the master's model is missing at the worker"
+    )
+    extra = [["w", "param", "float32", [2, 3]], ["n", "buffer", "int64", []], ["z", "buffer", "int64", []]]
+    assert a.mismatch(extra) == "tensor 'z' of the worker's model is not in the master's"
+
+
+def test_buffers_pack_round_trip_and_average_exactly():
+    layout = ModelLayout(
+        (
+            TensorSpec("w", (3,), "float32", True),
+            TensorSpec("mean", (2,), "float32", False),
+            TensorSpec("count", (), "int64", False),
+            TensorSpec("flag", (2,), "bool", False),
+        )
+    )
+    assert layout.buffer_bytes == 8 + 8 + 2
+    a = (np.array([1.0, 2.0], np.float32), np.array(7, np.int64), np.array([True, False]))
+    b = (np.array([2.0, 5.0], np.float32), np.array(8, np.int64), np.array([True, True]))
+    raw = layout.pack_buffers(a)
+    assert len(raw) == 18 and raw[8:16] == (7).to_bytes(8, "little")
+    back = layout.unpack_buffers(raw)
+    assert all(np.array_equal(x, y) and x.dtype == y.dtype and x.shape == y.shape for x, y in zip(a, back))
+    mean = layout.average_buffers([a, b])
+    assert mean[0].tolist() == [1.5, 3.5] and mean[0].dtype == np.float32
+    assert int(mean[1]) == 7 and mean[1].dtype == np.int64  # floor of 7.5
+    assert mean[2].tolist() == [True, True]
+    bad = layout.pack_buffers((np.array([np.nan, 0], np.float32), a[1], a[2]))
+    with pytest.raises(LayoutError, match="buffer 'mean' holds NaN"):
+        layout.unpack_buffers(bad)
+    with pytest.raises(LayoutError, match="buffers take 18 bytes, got 17"):
+        layout.unpack_buffers(raw[:-1])
+
+
+def test_float16_and_bfloat16_parameters_are_rounded_like_pytorch():
+    layout = ModelLayout(
+        (
+            TensorSpec("a", (4,), "float16", True),
+            TensorSpec("b", (4,), "bfloat16", True),
+            TensorSpec("c", (1,), "float32", True),
+        )
+    )
+    x = np.array([0.1, 1 / 3, 65519.0, -2.5e-8, 0.1, 1 / 3, 1.00390625, -3e38, 0.1], np.float32)
+    got = layout.round_params(x.copy())
+    assert np.array_equal(got[:4], torch.from_numpy(x[:4]).half().float().numpy())
+    assert np.array_equal(got[4:8], torch.from_numpy(x[4:8]).bfloat16().float().numpy())
+    assert got[8] == x[8]
+    assert np.array_equal(
+        round_bfloat16(np.array([1.00390625], np.float32)), np.array([1.0], np.float32)
+    )  # tie to even
+
+
+def test_a_master_update_keeps_a_float16_parameter_in_float16(tmp_path, monkeypatch):
+    monkeypatch.chdir(write_bnnet(tmp_path))
+    theta, buffers = initial_state("bnnet:build", {"width": 8}, seed=3)
+    module = build_model("bnnet:build", {"width": 8})
+    layout = layout_of(module)
+    state = state_dict_from_flat(layout, theta, buffers)
+    assert kinds(state) == kinds(module.state_dict())
+    again, _ = initial_state("bnnet:build", {"width": 8}, seed=3)
+    assert np.array_equal(theta, again)  # the factory's own init, seeded: the same in every process
+    other, _ = initial_state("bnnet:build", {"width": 8}, seed=4)
+    assert not np.array_equal(theta, other)
+
+
+@pytest.mark.parametrize(
+    "name, args, message",
+    [
+        ("nosuchmodule:build", {}, "config key 'model.name': cannot import 'nosuchmodule'"),
+        ("bnnet:nothing", {}, "config key 'model.name': module 'bnnet' has no attribute 'nothing'"),
+        ("bnnet:build", {"depth": 3}, "config key 'model.name': bnnet:build(**{'depth': 3}) failed: TypeError"),
+        ("bnnet:torch", {}, "config key 'model.name': 'bnnet:torch' is not callable"),
+        ("bnnet:frozen", {}, "parameter 'weight' has requires_grad=False"),
+        ("bnnet:not_a_module", {}, "config key 'model.name': bnnet:not_a_module returned int, not a torch.nn.Module"),
+    ],
+)
+def test_bad_model_factories_are_one_line(tmp_path, monkeypatch, name, args, message):
+    root = write_bnnet(tmp_path)
+    with open(root / "bnnet.py", "a") as f:
+        f.write(
+            "\ndef frozen():\n    m = nn.Linear(2, 2)\n    m.weight.requires_grad_(False)\n    return m\n"
+            "\ndef not_a_module():\n    return 3\n"
+        )
+    monkeypatch.chdir(root)
+    with pytest.raises((ConfigError, LayoutError)) as exc:
+        build_model(name, args)
+    assert str(exc.value).startswith(message) or message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_config_reads_import_paths_and_keyword_arguments():
+    cfg = small_config(model="pkg.mod:build", model_args='{"width": 4}', dataset="my.data:load")
+    assert (cfg.model, cfg.model_args, cfg.dataset, cfg.dataset_tag) == (
+        "pkg.mod:build",
+        {"width": 4},
+        "my.data:load",
+        "my_data_load",
+    )
+    assert small_config(dataset="CIFAR-10").dataset == "cifar10"
+    with pytest.raises(ConfigError, match=r"config key '--model': got 'resnet', expected cnn, mlp, or package"):
+        small_config(model="resnet")
+    with pytest.raises(ConfigError, match=r"config key '--model_args': got '\[1\]'"):
+        small_config(model_args="[1]")
+    with pytest.raises(ConfigError, match=r"config key '--dataset': got 'pkg-mod:load'"):
+        small_config(dataset="pkg-mod:load")
+
+
+DATA_MODULE = """
+import numpy as np
+import torch
+
+
+def arrays(n_train=96, n_test=40, classes=3):
+    rng = np.random.default_rng(0)
+    x = rng.random((n_train + n_test, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, classes, n_train + n_test)
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def datasets(n_train=96, n_test=40):
+    (a, b), (c, d) = arrays(n_train, n_test)
+    return Pairs(a, b), Pairs(c, d)
+
+
+def wrong():
+    return [1, 2, 3]
+
+
+def mismatched():
+    (a, b), (c, d) = arrays()
+    return (a, b[:-1]), (c, d)
+"""
+
+
+def test_datasets_by_import_path_train_and_partition_by_their_labels(tmp_path, monkeypatch):
+    from flq.partition import partition
+    from flq.sources import load
+
+    (tmp_path / "mydata.py").write_text(DATA_MODULE)
+    monkeypatch.chdir(tmp_path)
+    a = load("mydata:arrays", None, {"n_train": 96})
+    b = load("mydata:datasets", None, {"n_train": 96})
+    for ds in (a, b):
+        assert ds.train_x.shape == (96, 1, 28, 28) and ds.train_x.dtype == np.float32
+        assert ds.train_y.dtype == np.int64 and ds.test_x.shape == (40, 1, 28, 28)
+        assert ds.num_classes == 3 and not ds.train_x.flags.writeable
+    assert np.array_equal(a.train_x, b.train_x) and np.array_equal(a.test_y, b.test_y)
+    parts = partition(a.train_y, 4, "non_iid", 0.1, 42, 8)
+    assert set(np.concatenate(parts).tolist()) == set(range(96)) and min(len(p) for p in parts) >= 8
+    with pytest.raises(DatasetError, match=r"^mydata:wrong returned list; expected \(train, test\)$"):
+        load("mydata:wrong", None, {})
+    with pytest.raises(DatasetError, match=r"^mydata:mismatched: train: 96 samples but labels of shape \[95\]$"):
+        load("mydata:mismatched", None, {})
+    cfg = small_config(
+        dataset="mydata:datasets", model="mlp", total_workers=3, max_rounds=2, batch_size=8, eval_every=1
+    )
+    run = simulate(cfg, write=False, progress=False)
+    assert [r["iter"] for r in run.records] == [1, 2] and 0 <= run.records[-1]["acc"] <= 1
+
+
+def test_cifar10_from_its_own_files_dirichlet_over_10_workers_trains_2_rounds_of_bbit(tmp_path, monkeypatch):
+    from flq.runtime import Runtime
+
+    write_cifar(tmp_path / "data" / "cifar-10-batches-py")
+    monkeypatch.chdir(REPO)  # examples.cifar10_resnet imports from here
+    cfg = small_config(
+        dataset="cifar10",
+        data_dir=str(tmp_path / "data"),
+        model="examples.cifar10_resnet:build",
+        model_args={"width": 4},
+        total_workers=10,
+        partition="non_iid",
+        dir_alpha=0.1,
+        batch_size=8,
+        mode="bbit",
+        max_rounds=2,
+        eval_every=1,
+        up_budget_bits=0,
+    )
+    rt = Runtime(cfg)
+    assert rt.data.train_x.shape == (200, 3, 32, 32) and rt.data.test_x.shape == (30, 3, 32, 32)
+    labels_per_worker = [len(set(rt.data.train_y[p].tolist())) for p in rt.partitions]
+    assert len(rt.partitions) == 10 and min(labels_per_worker) < 10  # Dirichlet 0.1: skewed shares
+    run = simulate(cfg, write=False, progress=False, runtime=rt)
+    assert [r["iter"] for r in run.records] == [1, 2]
+    assert all(r["selcnt"] == 10 for r in run.records)  # no budget: every worker heard
+    assert all(0 <= r["acc"] <= 1 for r in run.records)
+    state = run.model_state(rt.layout)
+    assert int(state["bn.num_batches_tracked"]) == 2
+
+
+def test_the_example_says_in_one_line_where_to_put_cifar10_when_it_is_missing(tmp_path):
+    env = {"FLQ_NO_DOWNLOAD": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"), "FLQ_DATA_DIR": str(tmp_path / "none")}
+    cmd = [sys.executable, "-m", "flq", "simulate", "--config", "examples/cifar10_resnet.json", "--rounds", "1"]
+    cmd += ["--results_dir", str(tmp_path / "results"), "--log_dir", str(tmp_path / "logs")]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env={**_env(), **env})
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and time.monotonic() - t0 < 60
+    assert len(lines) == 1 and "CIFAR-10 not found in" in lines[0] and "cifar-10-batches-py" in lines[0], p.stderr
+
+
+def test_the_example_runs_from_the_readme_command_when_the_files_are_there(tmp_path):
+    write_cifar(tmp_path / "data" / "cifar-10-batches-py")
+    env = {"FLQ_NO_DOWNLOAD": "1", "FLQ_DATA_DIR": str(tmp_path / "data")}
+    cmd = [sys.executable, "-m", "flq", "simulate", "--config", "examples/cifar10_resnet.json"]
+    cmd += ["--rounds", "2", "--batch_size", "8", "--model_args", '{"width": 4}', "--threads", "1"]
+    cmd += ["--results_dir", str(tmp_path / "results"), "--log_dir", str(tmp_path / "logs")]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**_env(), **env})
+    assert p.returncode == 0, p.stderr
+    (xlsx,) = sorted((tmp_path / "results").glob("flq_results_cifar10_bbit_*.xlsx"))
+    state = load_safetensors(xlsx.with_suffix(".safetensors").read_bytes())
+    module = build_model_from_repo({"width": 4})
+    assert kinds(state) == kinds(module.state_dict())
+
+
+def build_model_from_repo(args):
+    sys.path.insert(0, str(REPO))
+    try:
+        from examples.cifar10_resnet import build
+
+        return build(**args)
+    finally:
+        sys.path.remove(str(REPO))
+
+
+def _env():
+    import os
+
+    return dict(os.environ)
