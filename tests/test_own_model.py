@@ -423,3 +423,85 @@ def _env():
     import os
 
     return dict(os.environ)
+
+
+def test_buffers_local_stay_with_each_worker_and_cost_no_bits(tmp_path, monkeypatch, fmnist_available):
+    from flq.master import Master
+    from flq.runtime import Runtime
+    from flq.worker import Worker
+
+    monkeypatch.chdir(write_bnnet(tmp_path))
+    cfg = small_config(**{**SETTINGS, "buffers": "local", "checkpoint_every": 0})
+    rt = Runtime(cfg)
+    theta0, buffers0 = rt.initial_model()
+    master = Master(cfg, rt.layout, theta0, buffers0=buffers0)
+    workers = [
+        Worker(m, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[m], buffers0=buffers0)
+        for m in range(2)
+    ]
+    for k in range(2):
+        me = master.begin_round()
+        for w in workers:
+            master.add_offer(w.offer(k, me, master.downlink(w.worker_id)))
+        for m in master.select():
+            master.receive_upload(m, workers[m].upload(k))
+        record = master.end_round()
+    assert record["bits_up_cum"] == 2 * 2 * 4 * N_PARAMS  # no buffer bits: they never travel
+    assert all(np.array_equal(a, b) for a, b in zip(master.buffers, buffers0))  # the master's stay the initial ones
+    w0, w1 = (w.buffers for w in workers)
+    assert int(w0[2]) == int(w1[2]) == 2 and not np.array_equal(w0[0], w1[0])  # each its own statistics
+
+
+def test_a_malformed_buffer_prefix_is_refused_and_changes_nothing(tmp_path, monkeypatch, fmnist_available):
+    from flq.master import Master, MasterError
+    from flq.runtime import Runtime
+    from flq.worker import Worker
+
+    monkeypatch.chdir(write_bnnet(tmp_path))
+    cfg = small_config(**{**SETTINGS, "checkpoint_every": 0})
+    rt = Runtime(cfg)
+    theta0, buffers0 = rt.initial_model()
+    master = Master(cfg, rt.layout, theta0, buffers0=buffers0)
+    w = Worker(0, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[0], buffers0=buffers0)
+    other = Worker(1, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[1], buffers0=buffers0)
+    me = master.begin_round()
+    master.add_offer(w.offer(0, me, master.downlink(0)))
+    master.add_offer(other.offer(0, me, master.downlink(1)))
+    assert master.offers[0].cost == 4 * N_PARAMS + 8 * BUFFER_BYTES
+    master.select()
+    body = w.upload(0)
+    before = master.state_digest()
+    nan = bytearray(body)
+    nan[0:4] = np.float32("nan").tobytes()
+    for bad, why in ((bytes(nan), "buffer 'bn.running_mean' holds NaN or infinity"), (body[:50], "shorter")):
+        with pytest.raises(MasterError, match=why) as exc:
+            master.receive_upload(0, bad)
+        assert exc.value.status == 400 and master.state_digest() == before
+    assert master.receive_upload(0, body) is True
+    assert all(np.array_equal(a, b) for a, b in zip(master.received_buffers[0], w.buffers))
+
+
+def test_worker_and_master_state_keep_the_buffers_exactly(tmp_path, monkeypatch, fmnist_available):
+    from flq.checkpoint import load_checkpoint, save_checkpoint
+    from flq.master import Master
+    from flq.runtime import Runtime
+    from flq.worker import Worker
+    from flq.worker_state import read_state, save_state
+
+    monkeypatch.chdir(write_bnnet(tmp_path))
+    cfg = small_config(**{**SETTINGS, "buffers": "local", "checkpoint_every": 0})
+    rt = Runtime(cfg)
+    theta0, buffers0 = rt.initial_model()
+    w = Worker(0, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[0], buffers0=buffers0)
+    w.local_update(theta0)
+    path = save_state(tmp_path / "w.npz", w.state_dict(), {"run": "r", "n": N_PARAMS}, 0)
+    state, _ = read_state(path)
+    fresh = Worker(0, cfg, rt.model, rt.data.train_x, rt.data.train_y, rt.partitions[0], buffers0=buffers0)
+    fresh.load_state_dict(state)
+    assert [b.dtype for b in fresh.buffers] == [np.float32, np.float32, np.int64]
+    assert all(np.array_equal(a, b) for a, b in zip(fresh.buffers, w.buffers)) and int(fresh.buffers[2]) == 1
+    master = Master(cfg, rt.layout, theta0, buffers0=w.buffers)
+    ckpt = save_checkpoint(tmp_path / "m.npz", master.state_dict(), cfg.public_sections())
+    resumed = Master(cfg, rt.layout, theta0, buffers0=buffers0)
+    resumed.load_state_dict(load_checkpoint(ckpt)[0])
+    assert resumed.state_digest() == master.state_digest()
