@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import tempfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,42 @@ def small_config(**overrides):
     base = {"total_workers": 4, "max_rounds": 3, "threads": 1, "eval_every": 0}
     base.update(overrides)
     return load_config(str(PAPER_CONFIG), base)
+
+
+def isolate_data_env(tmp_path, monkeypatch) -> None:
+    """Keep a dataset test away from the real cache, environment, system
+    folders and proxies."""
+    from flq import datasets
+
+    for var in ("FLQ_DATA_DIR", "FLQ_NO_DOWNLOAD", "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setattr(datasets, "SYSTEM_DIRS", ())
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A static HTTP server on 127.0.0.1 serving tmp_path/www; logs the paths asked."""
+    root = tmp_path / "www"
+    root.mkdir()
+    requested = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}/", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -3,18 +3,16 @@ finding, downloading, loading, partitioning and per-worker batch order."""
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import json
 import os
 import struct
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import isolate_data_env
 
 from flq import datasets
 from flq import partition as partition_module
@@ -80,48 +78,10 @@ def touch_all(folder: Path, files=FILES) -> Path:
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch):
     """Keep every test away from the real cache, env, system folders, proxies."""
-    for var in (
-        "FLQ_DATA_DIR",
-        "FLQ_NO_DOWNLOAD",
-        "http_proxy",
-        "HTTP_PROXY",
-        "https_proxy",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    monkeypatch.setattr(datasets, "SYSTEM_DIRS", ())
+    isolate_data_env(tmp_path, monkeypatch)
     datasets.clear_dataset_cache()
     yield
     datasets.clear_dataset_cache()
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """A static HTTP server on 127.0.0.1 serving tmp_path/www; logs the paths asked."""
-    root = tmp_path / "www"
-    root.mkdir()
-    requested = []
-
-    class Handler(SimpleHTTPRequestHandler):
-        def do_GET(self):
-            requested.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}/", requested
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 # ---------------------------------------------------------------------------

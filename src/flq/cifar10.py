@@ -285,22 +285,7 @@ def search_dirs(data_dir: Optional[PathLike] = None) -> List[Path]:
     Each folder counts when it, or its ``cifar-10-batches-py`` sub-folder,
     holds the batches (:func:`find_cifar10_dir`). Duplicates are dropped.
     """
-    dirs: List[Path] = []
-    roots: List[Path] = []
-    if data_dir is not None and str(data_dir) != "":
-        roots.append(Path(data_dir).expanduser())
-    env = os.environ.get(datasets.ENV_DATA_DIR, "")
-    if env:
-        roots.append(Path(env).expanduser())
-    for root in roots:
-        dirs += [root] + [root / sub for sub in DIR_NAMES]
-    dirs.append(datasets.default_cache_dir(NAME))
-    dirs += [Path(d) / SYSTEM_SUBDIR for d in datasets.SYSTEM_DIRS]
-    unique: List[Path] = []
-    for d in dirs:
-        if d not in unique:
-            unique.append(d)
-    return unique
+    return datasets.ordered_dirs(data_dir, DIR_NAMES, datasets.default_cache_dir(NAME), SYSTEM_SUBDIR)
 
 
 def _has_batches(d: Path) -> bool:

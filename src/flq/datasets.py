@@ -309,8 +309,25 @@ def default_cache_dir(name: str) -> Path:
     return base / "flq" / cname
 
 
-def _with_subdirs(root: Path, info: DatasetInfo) -> List[Path]:
-    return [root] + [root / sub for sub in info.dir_names]
+def ordered_dirs(data_dir: Optional[PathLike], dir_names: Sequence[str], cache: Path, system_subdir: str) -> List[Path]:
+    """The search order every built-in dataset shares: ``data_dir`` and
+    ``data_dir/<each of dir_names>``, the same under ``$FLQ_DATA_DIR``, then
+    ``cache``, then ``<d>/<system_subdir>`` for each ``d`` in
+    :data:`SYSTEM_DIRS` (read at call time); duplicates dropped."""
+    roots: List[Path] = []
+    if data_dir is not None and str(data_dir) != "":
+        roots.append(Path(data_dir).expanduser())
+    env = os.environ.get(ENV_DATA_DIR, "")
+    if env:
+        roots.append(Path(env).expanduser())
+    dirs = [d for root in roots for d in [root] + [root / sub for sub in dir_names]]
+    dirs.append(cache)
+    dirs += [Path(d) / system_subdir for d in SYSTEM_DIRS]
+    unique: List[Path] = []
+    for d in dirs:
+        if d not in unique:
+            unique.append(d)
+    return unique
 
 
 def search_dirs(name: str, data_dir: Optional[PathLike] = None) -> List[Path]:
@@ -327,19 +344,7 @@ def search_dirs(name: str, data_dir: Optional[PathLike] = None) -> List[Path]:
     Raises :class:`DatasetError` for an unknown name. Source: docs/algorithm.md, Data.
     """
     info = DATASETS[canonical_name(name)]
-    dirs: List[Path] = []
-    if data_dir is not None and str(data_dir) != "":
-        dirs += _with_subdirs(Path(data_dir).expanduser(), info)
-    env = os.environ.get(ENV_DATA_DIR, "")
-    if env:
-        dirs += _with_subdirs(Path(env).expanduser(), info)
-    dirs.append(default_cache_dir(info.name))
-    dirs += [Path(d) / info.system_subdir for d in SYSTEM_DIRS]
-    unique: List[Path] = []
-    for d in dirs:
-        if d not in unique:
-            unique.append(d)
-    return unique
+    return ordered_dirs(data_dir, info.dir_names, default_cache_dir(info.name), info.system_subdir)
 
 
 def _has_all_files(d: Path) -> bool:
