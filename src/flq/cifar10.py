@@ -42,7 +42,6 @@ import pickle
 import shutil
 import tarfile
 import tempfile
-import urllib.error
 import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
@@ -415,21 +414,9 @@ def download_cifar10(
 
     archive = dest_dir / ARCHIVE
     if not (archive.is_file() and datasets._sha256_file(archive) == expected):
-        errors: List[str] = []
-        for base in bases:
-            url = (base if base.endswith("/") else base + "/") + ARCHIVE
-            try:
-                datasets._fetch(url, dest_dir, ARCHIVE, expected, timeout, max_bytes=MAX_ARCHIVE_BYTES)
-                break
-            except DatasetError as exc:
-                errors.append(str(exc))
-            except urllib.error.HTTPError as exc:
-                errors.append(f"{url}: HTTP {exc.code} {datasets._one_line(exc.reason)}")
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                reason = getattr(exc, "reason", None) or exc
-                errors.append(f"{url}: {datasets._one_line(reason)}")
-        else:
-            raise DatasetError(datasets._one_line(f"could not download {TITLE} {ARCHIVE}: " + "; ".join(errors)))
+        datasets.fetch_from_mirrors(
+            bases, dest_dir, ARCHIVE, expected, timeout, f"{TITLE} {ARCHIVE}", max_bytes=MAX_ARCHIVE_BYTES
+        )
     try:
         return _extract(archive, dest_dir)
     except OSError as exc:

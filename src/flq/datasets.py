@@ -464,22 +464,38 @@ def download_dataset(
         final = dest_dir / filename
         if final.is_file() and _sha256_file(final) == expected:
             continue
-        errors: List[str] = []
-        for base in bases:
-            url = (base if base.endswith("/") else base + "/") + filename
-            try:
-                _fetch(url, dest_dir, filename, expected, timeout)
-                break
-            except DatasetError as exc:
-                errors.append(str(exc))
-            except urllib.error.HTTPError as exc:
-                errors.append(f"{url}: HTTP {exc.code} {_one_line(exc.reason)}")
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                reason = getattr(exc, "reason", None) or exc
-                errors.append(f"{url}: {_one_line(reason)}")
-        else:
-            raise DatasetError(f"could not download {info.title} file {filename}: " + "; ".join(errors))
+        fetch_from_mirrors(bases, dest_dir, filename, expected, timeout, f"{info.title} file {filename}")
     return dest_dir
+
+
+def fetch_from_mirrors(
+    bases: Sequence[str],
+    dest_dir: Path,
+    filename: str,
+    expected: str,
+    timeout: float,
+    what: str,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+) -> Path:
+    """``<base>/<filename>`` from the first mirror that serves it with SHA-256
+    ``expected`` (:func:`_fetch`), into ``dest_dir``.
+
+    Raises:
+        DatasetError: no mirror did (one line: each mirror's reason, ``what`` named).
+    """
+    errors: List[str] = []
+    for base in bases:
+        url = (base if base.endswith("/") else base + "/") + filename
+        try:
+            return _fetch(url, dest_dir, filename, expected, timeout, max_bytes=max_bytes)
+        except DatasetError as exc:
+            errors.append(str(exc))
+        except urllib.error.HTTPError as exc:
+            errors.append(f"{url}: HTTP {exc.code} {_one_line(exc.reason)}")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            errors.append(f"{url}: {_one_line(reason)}")
+    raise DatasetError(_one_line(f"could not download {what}: " + "; ".join(errors)))
 
 
 # ---------------------------------------------------------------------------
