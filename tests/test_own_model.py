@@ -505,3 +505,133 @@ def test_worker_and_master_state_keep_the_buffers_exactly(tmp_path, monkeypatch,
     resumed = Master(cfg, rt.layout, theta0, buffers0=buffers0)
     resumed.load_state_dict(load_checkpoint(ckpt)[0])
     assert resumed.state_digest() == master.state_digest()
+
+
+BAD_DATA = """
+import numpy as np
+import torch
+
+
+class Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _x(n, side=28):
+    return np.zeros((n, 1, side, side), np.float32)
+
+
+def fractional():
+    return Items([(_x(1)[0], 0.5), (_x(1)[0], 1.0)]), (_x(2), np.array([0, 1]))
+
+
+def one_hot():
+    return Items([(_x(1)[0], np.eye(3)[0]), (_x(1)[0], np.eye(3)[1])]), (_x(2), np.array([0, 1]))
+
+
+def ragged():
+    return Items([(_x(1)[0], 0), (_x(1, 20)[0], 1)]), (_x(2), np.array([0, 1]))
+
+
+def only_train():
+    return _x(4), (_x(2), np.array([0, 1]))
+
+
+def many_classes():
+    return (_x(64), np.arange(64) % 20), (_x(8), np.arange(8))
+"""
+
+UNUSED = """
+from torch import nn
+
+
+class WithHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(784, 10)
+        self.aux = nn.Linear(10, 2)  # not used in forward
+
+    def forward(self, x):
+        return self.body(x.flatten(1))
+
+
+def build():
+    return WithHead()
+"""
+
+
+@pytest.mark.parametrize(
+    "loader, message",
+    [
+        ("fractional", "baddata:fractional: train: labels must be integers, got float64"),
+        ("one_hot", "baddata:one_hot: train: each item's label must be one integer, got shape [3]"),
+        ("ragged", "baddata:ragged: train: samples of different shapes ((1, 20, 20), (1, 28, 28) ...)"),
+        ("only_train", "baddata:only_train: train is one array; expected a pair (x, y) or a torch.utils.data.Dataset"),
+    ],
+)
+def test_loaders_returning_the_wrong_thing_are_one_line(tmp_path, monkeypatch, loader, message):
+    from flq.sources import load
+
+    (tmp_path / "baddata.py").write_text(BAD_DATA)
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("baddata", None)
+    with pytest.raises(DatasetError) as exc:
+        load(f"baddata:{loader}", None, {})
+    assert str(exc.value) == message
+
+
+def test_a_model_too_small_for_the_labels_is_refused_before_any_round(tmp_path, monkeypatch):
+    from flq.runtime import Runtime
+
+    (tmp_path / "baddata.py").write_text(BAD_DATA)
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("baddata", None)
+    cfg = small_config(dataset="baddata:many_classes", model="mlp", total_workers=2, batch_size=8)
+    with pytest.raises(
+        ConfigError, match=r"^config key 'model.name': the model has 10 outputs but the labels go up to 19$"
+    ):
+        _ = Runtime(cfg).data
+
+
+def test_a_parameter_the_forward_pass_does_not_use_gets_a_zero_gradient(tmp_path, monkeypatch, fmnist_available):
+    (tmp_path / "unused.py").write_text(UNUSED)
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config(model="unused:build", total_workers=2, max_rounds=2, mode="fedavg", b_down=32)
+    run = simulate(cfg, write=False, progress=False)
+    state = run.model_state(layout_of(build_model("unused:build")))
+    assert float(state["aux.weight"].abs().max()) > 0  # trained only by the L2 term's shrinking, never NaN
+    assert bool(torch.isfinite(state["aux.weight"]).all()) and len(run.records) == 2
+    sys.modules.pop("unused", None)
+
+
+def test_a_model_cli_refuses_in_one_line_with_exit_2(tmp_path):
+    write_bnnet(tmp_path)
+    with open(tmp_path / "bnnet.py", "a") as f:
+        f.write(
+            "\ndef tied():\n    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))\n"
+            "    m[1].weight = m[0].weight\n    return m\n"
+        )
+    cmd = [sys.executable, "-m", "flq", "simulate", "--model", "bnnet:tied", "--rounds", "1", "--log_dir", "logs"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_env())
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert "'1.weight' is the same tensor as another one (shared weights)" in lines[0]
+
+
+def test_a_missing_dependency_of_a_found_module_is_named(tmp_path, monkeypatch):
+    (tmp_path / "needsdep.py").write_text("import not_installed_anywhere\n\ndef build():\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ConfigError, match="importing 'needsdep' failed: it needs 'not_installed_anywhere', which is not installed"
+    ):
+        build_model("needsdep:build")
+    with pytest.raises(
+        ConfigError, match="'dataset.dataset_args': the built-in dataset fashion_mnist takes no arguments"
+    ):
+        small_config(dataset_args={"n": 3})

@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master_port", default=None, help="master port (default: the address's, else 5000)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (this device's own setting)")
     p.add_argument("--threads", default=None, help="PyTorch threads on this device (0 = all cores)")
-    p.add_argument("--data_dir", default=None, help="folder with the dataset's IDX files")
+    p.add_argument("--data_dir", default=None, help="folder with the dataset's files (this device's own)")
     p.add_argument("--log_dir", default=None, help="where the worker log goes (default logs)")
     p.add_argument("--enable_mixed_precision", default=None, help="float16 autocast on CUDA (true/false)")
     p.add_argument("--gpu_memory_limit_mb", default=None, help="cap on this process's CUDA memory")

@@ -249,6 +249,15 @@ class DatasetSection(_Section):
     dir_alpha: Annotated[float, Float] = _field(0.1, "Dirichlet concentration of non_iid", gt=0)
     batch_size: Annotated[int, Int] = _field(64, "minibatch size", ge=1)
 
+    @model_validator(mode="after")
+    def _args_need_a_loader(self) -> DatasetSection:
+        if self.dataset_args and ":" not in self.dataset:
+            raise ValueError(
+                f"config key 'dataset.dataset_args': the built-in dataset {self.dataset} takes no arguments "
+                f"(they are for a loader given as package.module:load)"
+            )
+        return self
+
 
 class ModelSection(_Section):
     """``model``: the network, the master's step size, and local training."""

@@ -320,6 +320,19 @@ def _dataset_fix(info: Any) -> str:
     return ", ".join(ways) + ", " + download
 
 
+def _check_model(cfg: Config) -> Check:
+    """The model builds here (an imported factory imports, runs and gives a module FLQ can train)."""
+    from .config import ConfigError
+    from .model import build_model, layout_of
+
+    try:
+        layout = layout_of(build_model(cfg.model, cfg.model_args))
+    except ConfigError as exc:
+        return Check("model", FAIL, str(exc), "fix model.name / model.model_args (README, Your own model and data)")
+    extra = f", {len(layout.buffers)} buffers ({layout.buffer_bytes} bytes)" if layout.buffers else ""
+    return Check("model", OK, f"{cfg.model}: {layout.n} parameters in {len(layout.params)} tensors{extra}")
+
+
 def _check_dataset(cfg: Config, data_dir: Optional[str]) -> Check:
     if cfg.dataset == "cifar10":
         from .cifar10 import BATCHES_DIR, find_cifar10_dir
@@ -511,6 +524,8 @@ def run_checks(args: argparse.Namespace) -> List[Check]:
     if data_dir is None:
         data_dir = cfg.data_dir or None
     checks.append(_check_dataset(cfg, data_dir))
+    if torch is not None:
+        checks.append(_check_model(cfg))
     cred = None
     if getattr(args, "credential", None):
         check, cred = _check_credential(args.credential, getattr(args, "worker_id", None))

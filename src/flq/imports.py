@@ -46,6 +46,10 @@ def load_callable(path: str, key: str) -> Callable[..., Any]:
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        if exc.name and not module_name.startswith(exc.name):  # found, but something it imports is not
+            raise ConfigError(
+                f"config key '{key}': importing {module_name!r} failed: it needs {exc.name!r}, which is not installed"
+            ) from None
         raise ConfigError(
             f"config key '{key}': cannot import {module_name!r} ({exc}); run from the folder that holds it, "
             f"or install it, or add its folder to PYTHONPATH"

@@ -80,8 +80,7 @@ def build_model(name: str = "cnn", args: Optional[Mapping[str, Any]] = None) -> 
     Raises:
         flq.config.ConfigError: unknown name, a factory that cannot be
             imported, fails, or returns no module; arguments a built-in
-            model does not take.
-        flq.layout.LayoutError: a module FLQ cannot train (a frozen
+            model does not take; a module FLQ cannot train (a frozen
             parameter, a parameter that is not float32/float16/bfloat16, a
             bfloat16 or complex buffer, two names for one tensor).
     """
@@ -102,7 +101,10 @@ def build_model(name: str = "cnn", args: Optional[Mapping[str, Any]] = None) -> 
         raise ConfigError(f"config key 'model.name': {name}(**{args}) failed: {type(exc).__name__}: {first}") from None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"config key 'model.name': {name} returned {type(module).__name__}, not a torch.nn.Module")
-    layout_of(module)  # refuse what FLQ cannot train now, in one line
+    try:
+        layout_of(module)  # refuse what FLQ cannot train now, in one line
+    except LayoutError as exc:
+        raise ConfigError(f"config key 'model.name': {name}: {exc}") from None
     return module
 
 
@@ -320,7 +322,7 @@ class FlatModel:
         try:
             if not self.mixed_precision:
                 loss = F.cross_entropy(self.model(x), y)
-                grads = torch.autograd.grad(loss, self.params)
+                grads = _grads(loss, self.params)
             else:
                 loss, grads = self._scaled_gradient(x, y)
         except torch.cuda.OutOfMemoryError as exc:
@@ -332,7 +334,7 @@ class FlatModel:
         for _ in range(40):
             with torch.autocast(device_type="cuda", dtype=torch.float16):
                 loss = F.cross_entropy(self.model(x), y)
-            scaled = torch.autograd.grad(loss.float() * self.loss_scale, self.params)
+            scaled = _grads(loss.float() * self.loss_scale, self.params)
             grads = [g.float() / self.loss_scale for g in scaled]
             if all(bool(torch.isfinite(g).all()) for g in grads):
                 self._clean_steps += 1
@@ -380,6 +382,38 @@ class FlatModel:
     def prepare_eval_set(self, x: np.ndarray, y: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Move a test set to the device once, in the layout :meth:`evaluate` wants."""
         return self._batch(x), torch.from_numpy(np.array(y, dtype=np.int64)).to(self.device)
+
+
+def _grads(loss: torch.Tensor, params: List[nn.Parameter]) -> List[torch.Tensor]:
+    """d loss / d params; a parameter the forward pass did not use gets zeros."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def check_outputs(model: FlatModel, x: np.ndarray, num_classes: int) -> None:
+    """Run the module on two samples (eval mode, no gradient) and raise
+    ConfigError unless it returns logits (2, C) with C >= ``num_classes``
+    (the labels are 0..num_classes-1): a model that does not fit its data
+    is stopped before any round, in one line."""
+    from .config import ConfigError
+
+    model.model.eval()
+    try:
+        with torch.no_grad():
+            out = model.model(model._batch(np.array(x[:2])))
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward on the data, in one line
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConfigError(
+            f"config key 'model.name': the model fails on samples of shape {list(x.shape[1:])}: "
+            f"{type(exc).__name__}: {first}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(x[:2]):
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"config key 'model.name': the model returns {shape} for 2 samples; expected logits [2, C]")
+    if out.shape[1] < num_classes:
+        raise ConfigError(
+            f"config key 'model.name': the model has {out.shape[1]} outputs but the labels go up to {num_classes - 1}"
+        )
 
 
 #: ``eval_precision`` -> the autocast dtype (None: plain float32).

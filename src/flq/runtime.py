@@ -15,7 +15,15 @@ import torch
 from .config import Config, ConfigError, check_paths
 from .datasets import Dataset
 from .layout import ModelLayout
-from .model import FlatModel, apply_memory_cap, build_model, initial_state, native_bf16, resolve_device
+from .model import (
+    FlatModel,
+    apply_memory_cap,
+    build_model,
+    check_outputs,
+    initial_state,
+    native_bf16,
+    resolve_device,
+)
 from .partition import partition
 
 log = logging.getLogger(__name__)
@@ -125,6 +133,7 @@ class Runtime:
         ds = load(cfg.dataset, cfg.data_dir or None, cfg.dataset_args)
         log.info("dataset %s from %s: %d train, %d test", ds.name, ds.source, len(ds.train_y), len(ds.test_y))
         check_shares(cfg, len(ds.train_y))
+        check_outputs(self.model, ds.train_x, ds.num_classes)
         return ds
 
     @cached_property

@@ -75,14 +75,24 @@ def _arrays(split: Any, what: str) -> Tuple[np.ndarray, np.ndarray]:
     """``(x float32 (N, ...), y int64 (N,))``, read-only, from a pair or a Dataset."""
     if isinstance(split, (tuple, list)) and len(split) == 2:
         x, y = split
+    elif isinstance(split, np.ndarray) or hasattr(split, "detach"):
+        raise DatasetError(f"{what} is one array; expected a pair (x, y) or a torch.utils.data.Dataset")
     elif hasattr(split, "__getitem__") and hasattr(split, "__len__"):
         items = [split[i] for i in range(len(split))]
         if not items:
             raise DatasetError(f"{what} is empty")
         if not all(isinstance(it, (tuple, list)) and len(it) >= 2 for it in items):
             raise DatasetError(f"{what}: the dataset's items must be (x, y) pairs")
-        x = np.stack([_numpy(it[0]) for it in items])
-        y = np.array([int(_numpy(it[1])) for it in items])
+        try:
+            x = np.stack([_numpy(it[0]) for it in items])
+        except ValueError:
+            shapes = sorted({tuple(_numpy(it[0]).shape) for it in items})
+            raise DatasetError(f"{what}: samples of different shapes ({shapes[0]}, {shapes[-1]} ...)") from None
+        labels = [_numpy(it[1]) for it in items]
+        if any(lab.ndim != 0 for lab in labels):
+            shape = next(list(lab.shape) for lab in labels if lab.ndim != 0)
+            raise DatasetError(f"{what}: each item's label must be one integer, got shape {shape}")
+        y = np.array(labels)
     else:
         raise DatasetError(f"{what} is {type(split).__name__}; expected (x, y) or a torch.utils.data.Dataset")
     x, y = _numpy(x), _numpy(y)
@@ -90,9 +100,10 @@ def _arrays(split: Any, what: str) -> Tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"{what} is empty")
     if y.shape != (len(x),):
         raise DatasetError(f"{what}: {len(x)} samples but labels of shape {list(y.shape)}")
-    if not np.issubdtype(y.dtype, np.integer) and not (
-        np.issubdtype(y.dtype, np.floating) and (y == np.round(y)).all()
-    ):
+    integral = np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and bool(np.isfinite(y).all()) and bool((y == np.round(y)).all())
+    )
+    if not integral:
         raise DatasetError(f"{what}: labels must be integers, got {y.dtype}")
     if y.size and y.min() < 0:
         raise DatasetError(f"{what}: label {int(y.min())} is negative; labels are 0..C-1")
