@@ -635,3 +635,23 @@ def test_a_missing_dependency_of_a_found_module_is_named(tmp_path, monkeypatch):
         ConfigError, match="'dataset.dataset_args': the built-in dataset fashion_mnist takes no arguments"
     ):
         small_config(dataset_args={"n": 3})
+
+
+def test_a_worker_with_another_training_set_is_refused(tmp_path, fmnist_available):
+    root, other = tmp_path / "master", tmp_path / "worker"
+    for folder, n in ((root, 300), (other, 200)):
+        folder.mkdir()
+        (folder / "mydata.py").write_text(DATA_MODULE.replace("n_train=96", f"n_train={n}"))
+    overrides = {"dataset": "mydata:arrays", "model": "mlp", "total_workers": 1, "batch_size": 8, "max_rounds": 2}
+    cluster = start_cluster(root, 1, overrides, start_workers=False)
+    try:
+        cmd = [sys.executable, "-m", "flq", "worker", "--worker_id", "0", "--master_ip", "127.0.0.1"]
+        cmd += ["--master_port", str(cluster.port), "--threads", "1", "--log_dir", str(other / "logs")]
+        p = subprocess.run(cmd, cwd=other, capture_output=True, text=True, timeout=120, env=cluster.env)
+        st = cluster.status()
+    finally:
+        cluster.kill_all()
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == exit_status("refused"), p.stderr
+    assert "(409, data_mismatch): worker 0's training set (200:" in last and "is not the master's (300:" in last
+    assert st["state"] == "waiting"

@@ -336,13 +336,13 @@ def test_tls_with_ca_file(tmp_path):
 def test_json_bodies_are_size_limited(server):
     c = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     before = state_hash(server.master)
-    big = b'{"worker_id": 0, "pad": "' + b"x" * 70_000 + b'"}'
+    big = b'{"worker_id": 0, "pad": "' + b"x" * 1_100_000 + b'"}'
     r = c.post("/workers/register", content=big, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "exceeds the limit" in one_line(r)
     assert refusal_code(r, server.openapi) == Code.TOO_LARGE
 
     def chunks():  # no Content-Length: the limit applies while streaming
-        for _ in range(20):
+        for _ in range(140):
             yield b" " * 8192
 
     r = c.post("/round/offer", content=chunks(), headers={"Content-Type": "application/json"})

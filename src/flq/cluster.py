@@ -144,6 +144,10 @@ class ClusterMaster:
             conditions when nothing wakes it.
         run_id: the run's id (the stamp of its checkpoint), told to workers
             by ``GET /config`` so that they can tell their saved state's run.
+        data_digest: the training labels' :func:`flq.datasets.labels_digest`;
+            a worker registering with another is refused (409
+            ``data_mismatch``): its share would not be the one the run's
+            partition gives it ('' = not checked).
     """
 
     def __init__(
@@ -156,10 +160,12 @@ class ClusterMaster:
         pause_s: float = PAUSE_S,
         poll_s: float = POLL_S,
         run_id: str = "",
+        data_digest: str = "",
     ) -> None:
         self.master = master
         self.cfg = cfg
         self.run_id = run_id
+        self.data_digest = data_digest
         self.on_round = on_round
         self.on_finish = on_finish
         self.clock = clock
@@ -288,6 +294,7 @@ class ClusterMaster:
         threads: int = 0,
         device: str = "",
         model: Optional[List[Any]] = None,
+        data: Optional[str] = None,
     ) -> Dict[str, Any]:
         """Register (or re-register) worker m.
 
@@ -307,12 +314,20 @@ class ClusterMaster:
             MasterError: unknown id (404 ``unknown_worker``); a ``model``
                 (the worker's :meth:`~flq.layout.ModelLayout.signature`)
                 that differs from the master's (409 ``model_mismatch``, the
-                first differing tensor named).
+                first differing tensor named); ``data`` (the worker's
+                training labels' digest) other than ``data_digest`` (409
+                ``data_mismatch``).
             RunFinished: the run is over.
         """
         self.master.check_worker(worker_id)
         if model is not None:
             self.master.check_model(worker_id, model)
+        if data is not None and self.data_digest and data != self.data_digest:
+            raise MasterError(
+                f"worker {worker_id}'s training set ({data}) is not the master's ({self.data_digest}): "
+                f"every process must load the same data (its share is cut from it by worker id)",
+                Code.DATA_MISMATCH,
+            )
         self._finished()
         now = self.clock()
         info = self.workers.get(worker_id)

@@ -642,6 +642,14 @@ def _load_cached(name: str, directory: str, stamp: Tuple[Tuple[int, int], ...]) 
     return Dataset(name, *arrays, d)
 
 
+def labels_digest(y: np.ndarray) -> str:
+    """``"<samples>:<16 hex digits of SHA-256>"`` of training labels (int64
+    little-endian): what a worker and the master compare, since the
+    partition is cut from the labels."""
+    data = np.ascontiguousarray(y, dtype="<i8").tobytes()
+    return f"{len(y)}:{hashlib.sha256(data).hexdigest()[:16]}"
+
+
 def clear_dataset_cache() -> None:
     """Forget every dataset loaded by :func:`load_dataset` in this process."""
     _load_cached.cache_clear()

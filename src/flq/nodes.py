@@ -130,6 +130,7 @@ def run_master(
     """
     from .checkpoint import checkpoint_path, lock_checkpoint, run_of, save_checkpoint
     from .cluster import ClusterMaster
+    from .datasets import labels_digest
     from .master import Master
     from .model import state_dict_bytes, state_dict_from_flat
     from .outputs import one_line, remove_stale_temporaries
@@ -222,6 +223,7 @@ def run_master(
         on_round=checkpoint,
         on_finish=write,
         run_id=run_of(ckpt, cfg.dataset_tag, cfg.mode) if resume is not None else run_id,
+        data_digest=labels_digest(rt.data.train_y),
     )
     verifier = None
     if cfg.credentials:

@@ -75,6 +75,12 @@ class Code(str, Enum):
         "was used already; or the challenge expired)",
     )
     MIRROR_MISMATCH = ("mirror_mismatch", 409, "the worker's mirror versions differ from the master's: resync")
+    DATA_MISMATCH = (
+        "data_mismatch",
+        409,
+        "the worker's training set (its size and labels' digest) is not the master's: its share of the "
+        "partition would differ; the worker cannot join",
+    )
     MODEL_MISMATCH = (
         "model_mismatch",
         409,

@@ -30,6 +30,7 @@ from .algorithm.lazy import is_candidate, next_clock
 from .algorithm.vector import squared_norm
 from .algorithm.width import budget_share, choose_width, width_score
 from .config import Config
+from .datasets import labels_digest
 from .layout import LayoutError
 from .loader import BatchLoader
 from .messages import Offer
@@ -111,15 +112,17 @@ class Worker:
     def describe(self) -> Dict[str, Any]:
         """What this worker computes with: ``{"threads": PyTorch intra-op
         threads, "device": "cpu" | "cuda:0" ..., "model": every tensor of its
-        model as [name, "param" | "buffer", dtype, shape]}`` (results equal
+        model as [name, "param" | "buffer", dtype, shape], "data": its
+        training set's :func:`~flq.datasets.labels_digest`}`` (results equal
         the simulator's only at the same thread count; the master refuses a
-        model that differs from its own)."""
+        model or data that differ from its own)."""
         import torch
 
         return {
             "threads": torch.get_num_threads(),
             "device": str(self.model.device),
             "model": self.layout.signature(),
+            "data": labels_digest(self.loader.y),
         }
 
     # ----- step 2 -----------------------------------------------------

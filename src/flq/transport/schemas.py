@@ -31,6 +31,12 @@ class RegisterRequest(BaseModel):
     down_version: int = Field(0, ge=0, strict=True, description="version of the worker's ref_down mirror")
     threads: int = Field(0, ge=0, le=4096, strict=True, description="PyTorch threads the worker computes with")
     device: str = Field("", max_length=64, description="the worker's compute device")
+    data: Optional[str] = Field(
+        None,
+        max_length=100,
+        description="the worker's training set as '<samples>:<labels digest>'; the master refuses another "
+        "(409 data_mismatch)",
+    )
     model: Optional[List[Tuple[str, str, str, List[int]]]] = Field(
         None,
         max_length=10_000,

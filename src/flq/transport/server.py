@@ -338,7 +338,9 @@ def create_app(
     @app.post(
         "/workers/register",
         response_model=RegisterResponse,
-        responses=refusals(*ANY_ROUTE, *BODY, *SIGNED, Code.UNKNOWN_WORKER, Code.RUN_OVER, Code.MODEL_MISMATCH),
+        responses=refusals(
+            *ANY_ROUTE, *BODY, *SIGNED, Code.UNKNOWN_WORKER, Code.RUN_OVER, Code.MODEL_MISMATCH, Code.DATA_MISMATCH
+        ),
     )
     async def register(req: RegisterRequest, request: Request) -> RegisterResponse:
         acting_as(request, req.worker_id)
@@ -351,6 +353,7 @@ def create_app(
             threads=req.threads,
             device=req.device,
             model=req.model,
+            data=req.data,
         )
         return RegisterResponse(config=cluster.cfg.public_sections(), **out)
 
