@@ -353,7 +353,7 @@ class FlatModel:
         """(accuracy in [0, 1], mean cross-entropy in nats) on (x, y).
 
         Args:
-            x: float32 tensor (N, 1, 28, 28) on this device, channels-last.
+            x: float32 tensor (N, ...) on this device (4-D images channels-last for the built-in models).
             y: int64 tensor (N,).
             batch_size: images per forward pass.
             precision: ``fp32``, or the autocast dtype of the forward pass:

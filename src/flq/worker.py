@@ -53,7 +53,7 @@ class Worker:
         worker_id: m, 0-based.
         cfg: the run configuration.
         model: a :class:`FlatModel` (may be shared by simulated workers).
-        train_x: float32 (N, 1, 28, 28) training images; train_y: int64 (N,).
+        train_x: float32 training samples (N, ...), e.g. images (N, 1, 28, 28); train_y: int64 (N,).
         indices: this worker's partition (indices into the training set).
         stopwatch: where to account seconds ("compute", "quantize").
         buffers0: the model's initial buffers (``state_dict()`` order and
