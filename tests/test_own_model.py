@@ -23,7 +23,7 @@ from test_cifar10 import write_cifar
 
 from flq.config import ConfigError
 from flq.datasets import DatasetError
-from flq.layout import LayoutError, ModelLayout, TensorSpec, round_bfloat16
+from flq.layout import LayoutError, ModelLayout, TensorSpec
 from flq.model import build_model, initial_state, layout_of, state_dict_from_flat
 from flq.outcome import exit_status
 from flq.outputs import read_archive
@@ -216,22 +216,41 @@ def test_buffers_pack_round_trip_and_average_exactly():
         layout.unpack_buffers(raw[:-1])
 
 
-def test_float16_and_bfloat16_parameters_are_rounded_like_pytorch():
-    layout = ModelLayout(
-        (
-            TensorSpec("a", (4,), "float16", True),
-            TensorSpec("b", (4,), "bfloat16", True),
-            TensorSpec("c", (1,), "float32", True),
-        )
-    )
-    x = np.array([0.1, 1 / 3, 65519.0, -2.5e-8, 0.1, 1 / 3, 1.00390625, -3e38, 0.1], np.float32)
-    got = layout.round_params(x.copy())
-    assert np.array_equal(got[:4], torch.from_numpy(x[:4]).half().float().numpy())
-    assert np.array_equal(got[4:8], torch.from_numpy(x[4:8]).bfloat16().float().numpy())
-    assert got[8] == x[8]
-    assert np.array_equal(
-        round_bfloat16(np.array([1.00390625], np.float32)), np.array([1.0], np.float32)
-    )  # tie to even
+def test_a_bfloat16_parameter_trains_in_float32_master_weights(tmp_path, monkeypatch, fmnist_available):
+    """Adam's steps (about lr = 1e-3) are below half a bfloat16 spacing near 1
+    (2^-8): rounding the global model after each step would never move it."""
+    (tmp_path / "bf16net.py").write_text(BF16NET)
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config(model="bf16net:build", total_workers=2, max_rounds=3, mode="fedavg", b_down=32)
+    run = simulate(cfg, write=False, progress=False)
+    layout = layout_of(build_model("bf16net:build"))
+    assert layout.params[0].name == "gain" and layout.params[0].dtype == "bfloat16"
+    gain = run.theta[:10]
+    assert np.abs(gain - 1).max() > 1e-3  # moved in the float32 master weights
+    state = run.model_state(layout)
+    assert state["gain"].dtype == torch.bfloat16
+    assert torch.equal(state["gain"], torch.from_numpy(gain.copy()).bfloat16())  # exported as PyTorch casts it
+    sys.modules.pop("bf16net", None)
+
+
+BF16NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(10, dtype=torch.bfloat16))
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * self.gain.float()
+
+
+def build():
+    return Net()
+"""
 
 
 def test_a_master_update_keeps_a_float16_parameter_in_float16(tmp_path, monkeypatch):

@@ -9,10 +9,11 @@ logic, the wire and the checks use it); :func:`flq.model.layout_of` makes
 one from a module.
 
 * Parameters: float32, float16 or bfloat16. Their values live in the flat
-  float32 vector ``theta`` (model order); a float16 or bfloat16 parameter's
-  entries are rounded to its dtype after every master step
-  (:meth:`ModelLayout.round_params`), so the vector always holds exactly
-  what the module holds.
+  float32 vector ``theta`` (model order), which the master steps in float32
+  ("master weights", as in mixed-precision training); the module, and every
+  export of the model, hold them cast to the parameter's dtype (PyTorch's
+  round to nearest, ties to even), so steps smaller than a float16 or
+  bfloat16 spacing still add up.
 * Buffers: any fixed-size NumPy dtype (float16/32/64, int8..int64, uint8,
   bool). With ``buffers average`` (the default) the master sends the global
   buffers raw with every downlink and each selected worker sends its buffers
@@ -155,22 +156,6 @@ class ModelLayout:
             return f"the {there}'s model lists the same tensors as the {here}'s in another order"
         return ""
 
-    # ----- parameters ----------------------------------------------------
-    def round_params(self, theta: np.ndarray) -> np.ndarray:
-        """``theta`` (float32 (n,)) with each float16/bfloat16 parameter's
-        entries rounded to nearest (ties to even) in its dtype, in place;
-        returns it. A no-op for float32-only models."""
-        off = 0
-        for t in self.params:
-            seg = theta[off : off + t.numel]
-            off += t.numel
-            if t.dtype == "float16":
-                with np.errstate(over="ignore"):
-                    seg[...] = seg.astype(np.float16).astype(np.float32)
-            elif t.dtype == "bfloat16":
-                seg[...] = round_bfloat16(seg)
-        return theta
-
     # ----- buffers -------------------------------------------------------
     def pack_buffers(self, buffers: Sequence[np.ndarray]) -> bytes:
         """The buffers' raw little-endian bytes, in order (:attr:`buffer_bytes` long)."""
@@ -244,19 +229,6 @@ class ModelLayout:
         if len(body) < size:
             raise LayoutError(f"message of {len(body)} bytes is shorter than the model's buffers ({size} bytes)")
         return body[:size], body[size:]
-
-
-def round_bfloat16(x: np.ndarray) -> np.ndarray:
-    """float32 values rounded to the nearest bfloat16 (ties to even), as
-    float32; NaN stays NaN. Same result as PyTorch's ``.to(torch.bfloat16)``."""
-    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    lsb = (bits >> 16) & 1
-    rounded = ((bits.astype(np.uint64) + 0x7FFF + lsb) & 0xFFFF0000).astype(np.uint32)
-    out = rounded.view(np.float32).copy()
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = np.nan
-    return out
 
 
 def describe_state(state: Mapping[str, Any]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:

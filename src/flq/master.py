@@ -408,7 +408,6 @@ class Master:
                 g_hat = aggregate(self.received, cfg.scale_by_selected, cfg.sel_ref, cfg.clip_global)
                 try:
                     self.adam.step(theta, g_hat)
-                    self.layout.round_params(theta)  # float16/bfloat16 parameters hold their own dtype's values
                 except FloatingPointError as exc:
                     problem = f"the aggregate of workers {uploaded}: {exc}"
             self.history.appendleft(squared_norm(theta - self.theta))

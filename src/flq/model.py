@@ -156,6 +156,10 @@ def glorot_init(model: nn.Module, seed: int) -> np.ndarray:
 def initial_state(name: str, args: Optional[Mapping[str, Any]], seed: int) -> Tuple[np.ndarray, Tuple[np.ndarray, ...]]:
     """The round-0 global model: ``(theta float32 (n,), buffers)``.
 
+    Raises:
+        flq.config.ConfigError: the model cannot be built, or its initial
+            parameters are not finite.
+
     The built-in models start Glorot-uniform from ``seed`` (as the original);
     an imported model keeps its own initialization, made with PyTorch's CPU
     generator seeded with ``seed`` while the factory runs (the global
@@ -170,8 +174,11 @@ def initial_state(name: str, args: Optional[Mapping[str, Any]], seed: int) -> Tu
             torch.manual_seed(seed)
             module = build_model(name, args)
         theta = flatten(module)
-    layout = layout_of(module)
-    return layout.round_params(theta), buffers_of(module)
+    if not np.isfinite(theta).all():
+        from .config import ConfigError
+
+        raise ConfigError(f"config key 'model.name': {name}'s initial parameters hold NaN or infinity")
+    return theta, buffers_of(module)
 
 
 def buffers_of(module: nn.Module) -> Tuple[np.ndarray, ...]:
