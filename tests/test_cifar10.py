@@ -620,3 +620,16 @@ def test_fetch_max_bytes(tmp_path):
         datasets._fetch(src.as_uri(), dest, "blob", sha, 5, max_bytes=4999)
     assert list(dest.iterdir()) == []
     assert datasets._fetch(src.as_uri(), dest, "blob", sha, 5, max_bytes=5000) == dest / "blob"
+
+
+def test_rows_repeated_by_reference_are_refused_before_they_fill_memory(tmp_path):
+    row = list(range(256)) * 12  # one 3072-value row, pickled once and referenced 5000 times
+    blob = pickle.dumps({b"data": [row] * 5000, b"labels": [0] * 5000}, protocol=2)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(blob)
+    assert len(blob) < 50_000
+    with pytest.raises(DatasetError, match="data lists 5000 rows, more than the file can hold"):
+        read_batch(path)
+    path.write_bytes(batch_bytes(*make_arrays()[TRAIN_BATCHES[0]]) + b"junk")
+    with pytest.raises(DatasetError, match="bytes after the end of the pickle"):
+        read_batch(path)

@@ -33,6 +33,23 @@ def test_prefetch_gives_the_same_batches_in_the_same_order(prefetch, workers):
     fetched.close()
 
 
+@pytest.mark.parametrize("used", [1, 9, 10, 11, 23])
+def test_a_restored_stream_goes_on_with_the_first_batch_not_used_despite_prefetching(used):
+    """9 batches a pass (300 // 32): restores inside a pass and across its end."""
+    x, y = _data()
+    ahead = BatchLoader(x, y, BatchStream(np.arange(300), 32, 7, 0), torch.device("cpu"), 3, 2)
+    for _ in range(used):
+        ahead.next()
+    state = ahead.stream_state()
+    expected = [ahead.next()[1] for _ in range(12)]
+    stream = BatchStream(np.arange(300), 32, 7, 0)
+    stream.load_state_dict(state)
+    again = BatchLoader(x, y, stream, torch.device("cpu"), 2, 1)
+    assert all(torch.equal(again.next()[1], yb) for yb in expected)
+    ahead.close()
+    again.close()
+
+
 def test_device_auto_falls_back_to_cpu_and_cuda_is_refused_without_it():
     if torch.cuda.is_available():
         assert resolve_device("auto").type == "cuda"

@@ -674,3 +674,56 @@ def test_a_worker_with_another_training_set_is_refused(tmp_path, fmnist_availabl
     assert p.returncode == exit_status("refused"), p.stderr
     assert "(409, data_mismatch): worker 0's training set (200:" in last and "is not the master's (300:" in last
     assert st["state"] == "waiting"
+
+
+def test_user_code_calling_sys_exit_is_a_config_error_not_an_exit(tmp_path, monkeypatch):
+    from flq.sources import load
+
+    (tmp_path / "quits.py").write_text(
+        "import sys\n\ndef build():\n    sys.exit(0)\n\ndef load():\n    raise SystemExit(3)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^config key 'model.name': quits:build\(\*\*\{\}\) called sys.exit\(0\)$"):
+        build_model("quits:build")
+    with pytest.raises(ConfigError, match=r"^config key 'dataset.name': quits:load called sys.exit\(3\)$"):
+        load("quits:load", None, {})
+    sys.modules.pop("quits", None)
+
+
+def test_buffers_beyond_their_bounds_and_huge_descriptions_are_refused_in_short_lines():
+    layout = ModelLayout(
+        (
+            TensorSpec("w", (3,), "float32", True),
+            TensorSpec("var", (2,), "float32", False),
+            TensorSpec("count", (), "int64", False),
+        )
+    )
+    ok = (np.ones(2, np.float32), np.array(5, np.int64))
+    big = layout.pack_buffers((np.array([1.0, -1e30], np.float32), ok[1]))
+    with pytest.raises(LayoutError, match=r"^buffer 'var' holds values of magnitude >= 1e\+18$"):
+        layout.unpack_buffers(big)
+    huge = layout.pack_buffers((ok[0], np.array(2**62, np.int64)))
+    with pytest.raises(LayoutError, match=r"^buffer 'count' holds integers beyond \+-2\^53$"):
+        layout.unpack_buffers(huge)
+    described = [
+        ["w", "param", "float32", [1] * 100_000],
+        ["var", "buffer", "float32", [2]],
+        ["count", "buffer", "int64", []],
+    ]
+    message = layout.mismatch(described)
+    assert (
+        message.startswith("tensor 'w' is param float32 [1, 1, 1") and len(message) == 300 and message.endswith("...")
+    )
+
+
+def test_a_model_without_parameters_or_with_an_empty_one_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "empty.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef nothing():\n    return nn.ReLU()\n\n"
+        "def hollow():\n    m = nn.Linear(4, 2)\n    m.extra = nn.Parameter(torch.zeros(0))\n    return m\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="empty:nothing: the model has no parameters: nothing to train"):
+        build_model("empty:nothing")
+    with pytest.raises(ConfigError, match=r"empty:hollow: parameter 'extra' has no elements \(shape \[0\]\)"):
+        build_model("empty:hollow")
+    sys.modules.pop("empty", None)

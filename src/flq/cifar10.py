@@ -188,6 +188,8 @@ def _as_pixels(data: Any, path: Path) -> np.ndarray:
             raise DatasetError(f"{path}: data holds {len(data)} bytes, not a multiple of {_ROW_BYTES}")
         return np.frombuffer(bytes(data), dtype=np.uint8).reshape(-1, _ROW_BYTES)
     if isinstance(data, list):
+        if len(data) * _ROW_BYTES > path.stat().st_size:  # rows repeated by reference: a memory bomb
+            raise DatasetError(f"{path}: data lists {len(data)} rows, more than the file can hold")
         try:
             arr = np.asarray(data) if data else np.zeros((0, _ROW_BYTES), dtype=np.uint8)
         except ValueError:
@@ -238,6 +240,8 @@ def read_batch(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
     with open(p, "rb") as fh:
         try:
             batch = _BatchUnpickler(fh, p).load()
+            if fh.read(1):
+                raise DatasetError(f"{p}: bytes after the end of the pickle")
         except DatasetError:
             raise
         except Exception as exc:  # corrupt or truncated data: any error of the unpickler

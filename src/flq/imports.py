@@ -54,6 +54,8 @@ def load_callable(path: str, key: str) -> Callable[..., Any]:
             f"config key '{key}': cannot import {module_name!r} ({exc}); run from the folder that holds it, "
             f"or install it, or add its folder to PYTHONPATH"
         ) from None
+    except SystemExit as exc:
+        raise ConfigError(f"config key '{key}': importing {module_name!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:  # noqa: BLE001 - any error while importing the user's module
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ConfigError(

@@ -34,6 +34,12 @@ import numpy as np
 
 #: Parameter dtypes the flat float32 vector can hold exactly.
 PARAM_DTYPES = ("float32", "float16", "bfloat16")
+#: Largest magnitude a float buffer may arrive with (as an update's values:
+#: beyond it a worker has diverged, or lies).
+MAX_FLOAT_BUFFER = 1e18
+#: Largest magnitude of an integer buffer: the sum of 1000 workers' stays
+#: inside int64 when the master averages them.
+MAX_INT_BUFFER = 2**53
 
 
 class LayoutError(ValueError):
@@ -133,6 +139,16 @@ class ModelLayout:
             if not (isinstance(entry, (list, tuple)) and len(entry) == 4 and isinstance(entry[0], str)):
                 return f"the {there}'s model description is malformed ({str(entry)[:60]})"
             theirs[entry[0]] = [entry[0], entry[1], entry[2], [int(s) for s in entry[3]]]
+        return _cut(self._mismatch(mine, theirs, other, here, there))
+
+    def _mismatch(
+        self,
+        mine: Dict[str, List[Any]],
+        theirs: Dict[str, List[Any]],
+        other: Sequence[Sequence[Any]],
+        here: str,
+        there: str,
+    ) -> str:
         if not self.named:  # only the parameters' sizes are known here
             sizes = [math.prod(e[3]) for e in theirs.values() if e[1] == "param"]
             if sizes != list(self.segments):
@@ -181,6 +197,10 @@ class ModelLayout:
             off += t.nbytes
             if dt.kind == "f" and not np.isfinite(a).all():
                 raise LayoutError(f"buffer {t.name!r} holds NaN or infinity")
+            if a.size and dt.kind == "f" and float(np.abs(a).max()) >= MAX_FLOAT_BUFFER:
+                raise LayoutError(f"buffer {t.name!r} holds values of magnitude >= {MAX_FLOAT_BUFFER:g}")
+            if a.size and dt.kind in "iu" and (int(a.max()) > MAX_INT_BUFFER or int(a.min()) < -MAX_INT_BUFFER):
+                raise LayoutError(f"buffer {t.name!r} holds integers beyond +-2^53")
             out.append(a)
         return tuple(out)
 
@@ -229,6 +249,11 @@ class ModelLayout:
         if len(body) < size:
             raise LayoutError(f"message of {len(body)} bytes is shorter than the model's buffers ({size} bytes)")
         return body[:size], body[size:]
+
+
+def _cut(text: str, most: int = 300) -> str:
+    """``text`` cut to ``most`` characters (a worker's description may be huge)."""
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def describe_state(state: Mapping[str, Any]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Deque, Optional, Tuple
+from typing import Any, Deque, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class BatchLoader:
         self.workers = workers if prefetch > 0 else 0
         self.pin_memory = device.type == "cuda"
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._queue: Deque[Future] = collections.deque()
+        self._queue: Deque[Tuple[Future, Any]] = collections.deque()  # (batch, the stream before it)
 
     def _load(self, idx: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         xb = torch.from_numpy(self.x[idx])  # fancy indexing copies: the tensor owns writable memory
@@ -71,12 +71,21 @@ class BatchLoader:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="flq-loader")
         while len(self._queue) < self.prefetch + 1:
-            self._queue.append(self._pool.submit(self._load, self.stream.next_indices()))
-        return self._queue.popleft().result()
+            before = self.stream.snapshot()
+            self._queue.append((self._pool.submit(self._load, self.stream.next_indices()), before))
+        return self._queue.popleft()[0].result()
+
+    def stream_state(self) -> Dict[str, Any]:
+        """The batch order's state at the first batch not yet handed out
+        (batches drawn ahead by prefetching are drawn again after a restore),
+        so prefetching never changes the order, even across a restart."""
+        if self._queue:
+            return self.stream.state_dict(self._queue[0][1])
+        return self.stream.state_dict()
 
     def reset(self) -> None:
         """Drop the batches in flight (after the stream's state was replaced)."""
-        for f in self._queue:
+        for f, _ in self._queue:
             f.cancel()
         self._queue.clear()
 

@@ -96,6 +96,8 @@ def build_model(name: str = "cnn", args: Optional[Mapping[str, Any]] = None) -> 
         raise ConfigError(f"config key 'model.name': unknown model {name!r} (cnn, mlp, or package.module:factory)")
     try:
         module = factory(**args)
+    except SystemExit as exc:
+        raise ConfigError(f"config key 'model.name': {name}(**{args}) called sys.exit({exc.code!r})") from None
     except Exception as exc:  # noqa: BLE001 - the user's factory: any failure is theirs, in one line
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ConfigError(f"config key 'model.name': {name}(**{args}) failed: {type(exc).__name__}: {first}") from None
@@ -118,7 +120,11 @@ def layout_of(module: nn.Module) -> ModelLayout:
             or a tensor the layout refuses (see :class:`~flq.layout.ModelLayout`).
     """
     params = {id(p): name for name, p in module.named_parameters()}
+    if not params:
+        raise LayoutError("the model has no parameters: nothing to train")
     for name, p in module.named_parameters():
+        if p.numel() == 0:
+            raise LayoutError(f"parameter {name!r} has no elements (shape {list(p.shape)})")
         if not p.requires_grad:
             raise LayoutError(
                 f"parameter {name!r} has requires_grad=False: FLQ trains every parameter; register a constant "

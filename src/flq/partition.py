@@ -212,8 +212,16 @@ class BatchStream:
     def __next__(self) -> np.ndarray:
         return self.next_indices()
 
-    def state_dict(self) -> Dict[str, Any]:
-        """Return the stream's state as plain Python objects.
+    def snapshot(self) -> Tuple[Dict[str, Any], Optional[np.ndarray], int]:
+        """A cheap copy of where the stream is (generator state, the current
+        permutation, which is never changed in place, and the position), for
+        :meth:`state_dict` to describe later: how a prefetching loader
+        remembers the state before the batches it drew ahead."""
+        return self._rng.bit_generator.state, self._perm, self._pos
+
+    def state_dict(self, at: Optional[Tuple[Dict[str, Any], Optional[np.ndarray], int]] = None) -> Dict[str, Any]:
+        """Return the stream's state (or the state ``at``, a
+        :meth:`snapshot`) as plain Python objects.
 
         Keys: ``bit_generator`` (``rng.bit_generator.state``), ``position``
         (int, offset in the current pass), ``permutation`` (list of int, or
@@ -222,11 +230,11 @@ class BatchStream:
         ints and strings: it survives JSON and ``torch.save``/``torch.load``
         with ``weights_only=True``.
         """
-        state = self._rng.bit_generator.state
+        state, perm, pos = at if at is not None else self.snapshot()
         return {
             "bit_generator": {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()},
-            "position": int(self._pos),
-            "permutation": None if self._perm is None else [int(i) for i in self._perm],
+            "position": int(pos),
+            "permutation": None if perm is None else [int(i) for i in perm],
             "batch_size": self.batch_size,
             "seed": self.seed,
             "worker_id": self.worker_id,

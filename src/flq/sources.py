@@ -51,6 +51,8 @@ def load(name: str, data_dir: Optional[str] = None, args: Optional[Mapping[str, 
         result = loader(**dict(args or {}))
     except (DatasetError, ConfigError):
         raise
+    except SystemExit as exc:
+        raise ConfigError(f"config key 'dataset.name': {name} called sys.exit({exc.code!r})") from None
     except Exception as exc:  # noqa: BLE001 - the user's loader: any failure is theirs, in one line
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ConfigError(
@@ -78,7 +80,11 @@ def _arrays(split: Any, what: str) -> Tuple[np.ndarray, np.ndarray]:
     elif isinstance(split, np.ndarray) or hasattr(split, "detach"):
         raise DatasetError(f"{what} is one array; expected a pair (x, y) or a torch.utils.data.Dataset")
     elif hasattr(split, "__getitem__") and hasattr(split, "__len__"):
-        items = [split[i] for i in range(len(split))]
+        try:
+            items = [split[i] for i in range(len(split))]
+        except Exception as exc:  # noqa: BLE001 - the user's Dataset: any failure is theirs, in one line
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise DatasetError(f"{what}: reading its items failed: {type(exc).__name__}: {first}") from None
         if not items:
             raise DatasetError(f"{what} is empty")
         if not all(isinstance(it, (tuple, list)) and len(it) >= 2 for it in items):
@@ -95,7 +101,10 @@ def _arrays(split: Any, what: str) -> Tuple[np.ndarray, np.ndarray]:
         y = np.array(labels)
     else:
         raise DatasetError(f"{what} is {type(split).__name__}; expected (x, y) or a torch.utils.data.Dataset")
-    x, y = _numpy(x), _numpy(y)
+    try:
+        x, y = _numpy(x), _numpy(y)
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(f"{what}: samples or labels are not arrays of one shape ({_line(exc)})") from None
     if x.ndim < 1 or len(x) == 0:
         raise DatasetError(f"{what} is empty")
     if y.shape != (len(x),):
@@ -107,13 +116,24 @@ def _arrays(split: Any, what: str) -> Tuple[np.ndarray, np.ndarray]:
         raise DatasetError(f"{what}: labels must be integers, got {y.dtype}")
     if y.size and y.min() < 0:
         raise DatasetError(f"{what}: label {int(y.min())} is negative; labels are 0..C-1")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if y.size and y.max() >= 2**31:
+        raise DatasetError(f"{what}: label {y.max()} is too large; labels are 0..C-1")
+    if np.iscomplexobj(x):
+        raise DatasetError(f"{what}: samples are complex numbers")
+    try:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(f"{what}: samples are not arrays of numbers of one shape ({_line(exc)})") from None
     if not np.isfinite(x).all():
         raise DatasetError(f"{what}: samples hold NaN or infinity")
     y = np.ascontiguousarray(y, dtype=np.int64)
     x.flags.writeable = False
     y.flags.writeable = False
     return x, y
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def _numpy(v: Any) -> np.ndarray:

@@ -327,8 +327,8 @@ class Worker:
     # ----- checkpointing and resynchronization ---------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Mirrors, residual, clock, versions and generator states (copies).
-        The batch order's state includes batches already prefetched, so a
-        worker restored from it skips those (at most ``prefetch_size``)."""
+        The batch order's state is at the first batch not yet used: a batch
+        prefetched but not used is drawn again by a restored worker."""
         return {
             "ref_up": self.ref_up.copy(),
             "ref_down": self.ref_down.copy(),
@@ -338,7 +338,7 @@ class Worker:
             "up_version": self.up_version,
             "down_version": self.down_version,
             "rng": self.rng.bit_generator.state,
-            "batches": self.batches.state_dict(),
+            "batches": self.loader.stream_state(),
             "buffers": [b.copy() for b in self.buffers],
         }
 
