@@ -256,6 +256,7 @@ def run_master(
         describe_buffers(cfg, rt.layout),
     )
     try:
+        outcome.raise_if_interrupted()  # a signal during start-up whose exception a finalizer swallowed
         asyncio.run(
             serve(
                 app,

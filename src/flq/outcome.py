@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Dict, Iterator
+from typing import Any, Dict, Iterator
 
 COMPLETED, ERROR, DIVERGED, STOPPED, QUORUM_LOST = "completed", "error", "diverged", "stopped", "quorum_lost"
 UNREACHABLE, REFUSED, SIGINT, SIGTERM = "unreachable", "refused", "sigint", "sigterm"
@@ -99,7 +99,7 @@ class Interrupted(BaseException):
         self.reason = signal_reason(signum)
 
 
-_critical = {"depth": 0, "pending": 0, "fired": 0}
+_critical = {"depth": 0, "pending": 0, "fired": 0, "nest": 0}
 
 
 @contextlib.contextmanager
@@ -114,7 +114,9 @@ def signals_interrupt() -> Iterator[None]:
         yield
         return
 
-    _critical["fired"] = 0
+    if _critical["nest"] == 0:  # a new run in this process (a nested one keeps what already fired)
+        _critical["fired"] = 0
+    _critical["nest"] += 1
 
     def handler(signum, frame):
         if _critical["fired"]:  # the run is already ending: a second signal must not cut its clean-up short
@@ -125,12 +127,27 @@ def signals_interrupt() -> Iterator[None]:
         _critical["fired"] = signum
         raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in stop_signals()}
+    previous: Dict[int, Any] = {}
     try:
+        for sig in stop_signals():
+            previous[sig] = signal.signal(sig, handler)
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        _critical["nest"] -= 1
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` again when a signal already fired but its
+    exception was swallowed: the handler runs between any two Python
+    operations, also inside a finalizer (``__del__``, a weakref callback),
+    whose exceptions Python prints and drops; later signals are ignored
+    once one fired, so without this the run went on (a simulation with a
+    SIGTERM lost this way trained for 15 minutes). The round loops call it
+    at every round."""
+    if _critical["fired"] and _critical["depth"] == 0:
+        raise Interrupted(_critical["fired"])
 
 
 @contextlib.contextmanager

@@ -159,6 +159,7 @@ def simulate(
         reason, detail = outcome.COMPLETED, ""
         try:
             while not master.finished:
+                outcome.raise_if_interrupted()  # a signal whose exception a finalizer swallowed
                 k = master.round
                 me_k = master.begin_round()  # step 1
                 for w in workers:  # steps 2-5

@@ -108,6 +108,7 @@ def run_worker(
             if ended is not None and on_round_end is not None:
                 on_round_end(worker, ended)
             ended = None
+            outcome.raise_if_interrupted()  # a signal whose exception a finalizer swallowed
             try:
                 got = client.next_round(after)
             except Refused as exc:
