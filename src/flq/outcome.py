@@ -145,7 +145,10 @@ def raise_if_interrupted() -> None:
     whose exceptions Python prints and drops; later signals are ignored
     once one fired, so without this the run went on (a simulation with a
     SIGTERM lost this way trained for 15 minutes). The round loops call it
-    at every round."""
+    at every round. Only in the main thread inside :func:`signals_interrupt`
+    (a loop run in another thread, as tests do, is not the one signalled)."""
+    if not (_critical["nest"] > 0 and threading.current_thread() is threading.main_thread()):
+        return
     if _critical["fired"] and _critical["depth"] == 0:
         raise Interrupted(_critical["fired"])
 
