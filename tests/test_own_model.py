@@ -154,10 +154,10 @@ def test_bn_model_with_a_float16_parameter_is_the_same_in_the_simulator_and_on_t
     model.load_state_dict(served)  # loads back into the module as it is
 
 
-def test_a_worker_whose_model_differs_is_refused_naming_the_tensor_before_any_round(tmp_path, fmnist_available):
-    root = write_bnnet(tmp_path / "master")
-    other = write_bnnet(tmp_path / "worker", width=4)  # same import path, another module
-    overrides = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in SETTINGS.items() if k != "model_args"}
+def worker_from_elsewhere(root: Path, other: Path, overrides):
+    """A master run from ``root`` and worker 0 run from ``other`` (its own
+    modules); returns (the worker's process, its last stderr line, the
+    master's status after), having checked that the worker exited as refused."""
     cluster = start_cluster(root, 1, overrides, start_workers=False)
     try:
         cmd = [sys.executable, "-m", "flq", "worker", "--worker_id", "0", "--master_ip", "127.0.0.1"]
@@ -166,8 +166,15 @@ def test_a_worker_whose_model_differs_is_refused_naming_the_tensor_before_any_ro
         st = cluster.status()
     finally:
         cluster.kill_all()
-    last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == exit_status("refused"), p.stderr
+    return p, p.stderr.strip().splitlines()[-1], st
+
+
+def test_a_worker_whose_model_differs_is_refused_naming_the_tensor_before_any_round(tmp_path, fmnist_available):
+    root = write_bnnet(tmp_path / "master")
+    other = write_bnnet(tmp_path / "worker", width=4)  # same import path, another module
+    overrides = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in SETTINGS.items() if k != "model_args"}
+    p, last, st = worker_from_elsewhere(root, other, overrides)
     assert last.startswith("flq worker 0: the master refused this worker (409, model_mismatch): "), p.stderr
     assert "tensor 'gain' is param float16 [4] at the worker but param float16 [8] at the master" in last
     assert st["round"] <= 1 and st["state"] == "waiting"  # no round started
@@ -662,16 +669,7 @@ def test_a_worker_with_another_training_set_is_refused(tmp_path, fmnist_availabl
         folder.mkdir()
         (folder / "mydata.py").write_text(DATA_MODULE.replace("n_train=96", f"n_train={n}"))
     overrides = {"dataset": "mydata:arrays", "model": "mlp", "total_workers": 1, "batch_size": 8, "max_rounds": 2}
-    cluster = start_cluster(root, 1, overrides, start_workers=False)
-    try:
-        cmd = [sys.executable, "-m", "flq", "worker", "--worker_id", "0", "--master_ip", "127.0.0.1"]
-        cmd += ["--master_port", str(cluster.port), "--threads", "1", "--log_dir", str(other / "logs")]
-        p = subprocess.run(cmd, cwd=other, capture_output=True, text=True, timeout=120, env=cluster.env)
-        st = cluster.status()
-    finally:
-        cluster.kill_all()
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == exit_status("refused"), p.stderr
+    p, last, st = worker_from_elsewhere(root, other, overrides)
     assert "(409, data_mismatch): worker 0's training set (200:" in last and "is not the master's (300:" in last
     assert st["state"] == "waiting"
 
