@@ -242,9 +242,14 @@ def test_signal_during_start_up_exits_143_in_one_line(fmnist_available, tmp_path
     assert p.returncode == 143, err
     assert "Traceback" not in err
     if not list((tmp_path / "results").glob("*.xlsx")):
-        assert err.strip().splitlines()[-1] == (
-            "flq simulate: SIGTERM during start-up, before any round: nothing to write"
-        )
+        lines = err.strip().splitlines()
+        # during start-up, or (on a loaded machine the signal can land there) in round 1, before it finished
+        assert lines[-1] == "flq simulate: SIGTERM during start-up, before any round: nothing to write" or lines[
+            -2:
+        ] == [
+            "flq simulate: SIGTERM after 0 rounds (exit 143)",
+            "flq simulate: no round finished, so no results were written",
+        ], err
 
 
 def test_diverging_run_stops_with_a_clear_message_and_its_results(fmnist_available, tmp_path):
