@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -254,8 +254,3 @@ class ModelLayout:
 def _cut(text: str, most: int = 300) -> str:
     """``text`` cut to ``most`` characters (a worker's description may be huge)."""
     return text if len(text) <= most else text[: most - 3] + "..."
-
-
-def describe_state(state: Mapping[str, Any]) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
-    """``{name: (dtype name, shape)}`` of a mapping of arrays or tensors (for tests and checks)."""
-    return {k: (str(v.dtype).replace("torch.", ""), tuple(v.shape)) for k, v in state.items()}
