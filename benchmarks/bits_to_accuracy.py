@@ -22,8 +22,9 @@ first evaluated round reaching each target accuracy, the mean uploads per
 round over round ranges, and the round and uplink bits at which each coded run
 first reaches the accuracy the uncoded run has at its last round. Writes the
 spreadsheets under ``--out`` and draws them into one set of figures with
-``flq plot`` (``acc_vs_uplink_bits.png``: accuracy against the cumulative
-uplink bits charged; ``acc_vs_bits.png``: against uplink + downlink bits).
+``flq plot --name bits_to_accuracy`` (``bits_to_accuracy_acc_vs_uplink_bits.png``:
+accuracy against the cumulative uplink bits charged;
+``bits_to_accuracy_acc_vs_bits.png``: against uplink + downlink bits).
 
     python benchmarks/bits_to_accuracy.py [--rounds 400] [--eval_every 10] [--jobs 3] [--threads 1]
 
@@ -154,9 +155,10 @@ def main() -> None:
 
     plots = Path(args.out) / "plots"
     cmd = [sys.executable, "-m", "flq", "plot", *[str(x) for _, x, _ in runs.values()], "--out", str(plots)]
+    cmd += ["--name", "bits_to_accuracy"]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     print(f"\nspreadsheets: {', '.join(str(x) for _, x, _ in runs.values())}")
-    print(f"plots: {plots} (acc_vs_uplink_bits.png: accuracy against cumulative uplink bits)")
+    print(f"plots: {plots} (bits_to_accuracy_acc_vs_uplink_bits.png: accuracy against cumulative uplink bits)")
     if any(math.isnan(r.curve["acc"].dropna().iloc[-1]) for r, _, _ in runs.values()):
         raise SystemExit("a run has no evaluated accuracy")
 
