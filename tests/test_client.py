@@ -132,6 +132,7 @@ def test_no_master_is_retried_then_exit_7_not_0(tmp_path):
     print(f"\n| no master, --give_up_s 3 | exit {status} after {took:.1f} s |")
 
 
+@pytest.mark.slow
 def test_tls_mismatches_end_the_worker_in_seconds(tmp_path, fmnist_available):
     """Plain HTTP against an HTTPS master, a CA file that did not sign its
     certificate, HTTPS against a plain master: each is fatal at once (before:
@@ -175,6 +176,7 @@ def test_tls_mismatches_end_the_worker_in_seconds(tmp_path, fmnist_available):
         plain.kill_all()
 
 
+@pytest.mark.slow
 def test_worker_after_the_run_is_over_exits_8_at_once(tmp_path, fmnist_available):
     """Before: 300 s of retries, then exit 0 'done after 1 rounds'."""
     cluster = start_cluster(tmp_path, 1, {**MLP, "rounds": 2}, master_args=["--linger_s", "30"])
@@ -190,6 +192,7 @@ def test_worker_after_the_run_is_over_exits_8_at_once(tmp_path, fmnist_available
         cluster.kill_all()
 
 
+@pytest.mark.slow
 def test_a_wrong_token_an_id_not_in_the_run_or_not_a_master_is_fatal(tmp_path, fmnist_available):
     cluster = start_cluster(tmp_path, 1, {**MLP, "rounds": 2, "auth_token": "right"}, start_workers=False)
     web = subprocess.Popen(
@@ -211,13 +214,14 @@ def test_a_wrong_token_an_id_not_in_the_run_or_not_a_master_is_fatal(tmp_path, f
         print(f"\n| worker after the run ended | exit {status} after {took:.1f} s |")
         assert status5 == 8 and "worker_id 5 is not in this run: it has 1 workers (0..0)" in _last_line(err5)
         assert status_web == 8, err_web  # before: a traceback and an HTML page
-        assert "with HTTP 404 and no FLQ error code: is it the FLQ master?" in _last_line(err_web)
+        assert "is not an FLQ master (GET /config answered 404 text/html: " in _last_line(err_web)
         assert len(_last_line(err_web)) < 300
     finally:
         web.kill()
         cluster.kill_all()
 
 
+@pytest.mark.slow
 def test_frozen_master_is_given_up_within_the_bound(tmp_path, fmnist_available):
     """SIGSTOP on the master: the worker's first call gets no answer; after
     its read time (20 s) and --give_up_s, counted from that call's start, the
@@ -237,6 +241,7 @@ def test_frozen_master_is_given_up_within_the_bound(tmp_path, fmnist_available):
         cluster.kill_all()
 
 
+@pytest.mark.slow
 def test_address_forms_reach_the_master_ipv4_and_ipv6(tmp_path, fmnist_available):
     """``http://IP`` with --master_port, ``IP:PORT``, a host name; bare ``::1``
     and ``[::1]:PORT`` (before: bare IPv6 crashed)."""
@@ -259,6 +264,7 @@ def test_address_forms_reach_the_master_ipv4_and_ipv6(tmp_path, fmnist_available
         v6.kill_all()
 
 
+@pytest.mark.slow
 def test_second_process_with_the_same_id_replaces_the_first(tmp_path, fmnist_available):
     """The newer process trains; the older one exits 8 within seconds saying
     so (before: exit 0 'done after 0 rounds'), and each has its own log."""

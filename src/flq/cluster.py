@@ -67,7 +67,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from . import outcome
 from .config import Config
 from .master import Master, MasterError, payload_digest
-from .messages import Offer
+from .messages import Offer, Progress
 from .outputs import one_line
 from .protocol import Code, round_number
 from .summary import log_round, round_timings
@@ -112,6 +112,8 @@ class WorkerInfo:
     left: bool = False
     threads: int = 0
     device: str = ""
+    progress: Optional[Progress] = None  # its last progress report, and when it came (by the clock)
+    progress_at: float = 0.0
 
 
 @dataclass
@@ -259,6 +261,7 @@ class ClusterMaster:
         self.waiting_since += gap
         for w in self.workers.values():
             w.last_seen += gap
+            w.progress_at += gap
         log.warning(
             "the master did not run for %.0f s (stopped, suspended or starved): its timeouts are extended by as much",
             gap,
@@ -362,6 +365,7 @@ class ClusterMaster:
                 )
         info.threads, info.device = int(threads), str(device)[:64]
         info.session = secrets.token_hex(8)
+        info.progress = None  # a new process: nothing reported yet
         resync = (up_version, down_version) != (self.master.up_version[worker_id], self.master.down_version[worker_id])
         await self._notify()
         return {
@@ -372,18 +376,30 @@ class ClusterMaster:
             "heartbeat_s": self.heartbeat_s,
         }
 
-    def heartbeat(self, worker_id: int, session: Optional[str] = None) -> Dict[str, Any]:
-        """A live worker's periodic sign of life (every ``heartbeat_s``).
+    def heartbeat(
+        self, worker_id: int, session: Optional[str] = None, progress: Optional[Progress] = None
+    ) -> Dict[str, Any]:
+        """A live worker's periodic sign of life (every ``heartbeat_s``), with
+        its ``progress`` when it reports one (kept, the last one only, for
+        ``/status`` and the "still waiting" lines: monitoring only). The
+        heartbeat is its only carrier, so reports come at most as often as
+        heartbeats.
 
         Returns:
             ``{"state", "round", "phase"}``, round 1-based (:attr:`round_number`).
 
         Raises:
-            MasterError: not registered (404 ``not_registered``), replaced (409 ``session_replaced``).
+            MasterError: a report that cannot be true (400 ``malformed``),
+                not registered (404 ``not_registered``), replaced (409
+                ``session_replaced``); nothing changed.
             RunFinished: the run is over.
         """
+        if progress is not None and progress.problem():
+            raise MasterError(f"worker {worker_id}: {progress.problem()}", Code.MALFORMED)
         self._finished()
-        self._seen(worker_id, session=session)
+        info = self._seen(worker_id, session=session)
+        if progress is not None:
+            info.progress, info.progress_at = progress, info.last_seen
         return {"state": self.state, "round": self.round_number, "phase": self.phase}
 
     async def leave(self, worker_id: int, session: Optional[str] = None) -> None:
@@ -794,16 +810,25 @@ class ClusterMaster:
                     f"{self._missing(m.offers)}"
                 )
             waiting = self.waiting_for()
+            summary, more_s = self.progress_summary(waiting)
+            hint = ""
+            if more_s > give_up - open_s:  # slow, not hung: it will not make it in time
+                hint = (
+                    f"; at this pace local training needs ~{more_s:.0f} s more: raise system.round_timeout_s "
+                    f"or system.quorum_timeout_s (or train less per round)"
+                )
             log.warning(
                 "round %d: %d of the %d offers needed (system.min_workers) after %.0f s; waiting for "
-                "worker(s) %s (%s); the run ends in %.0f s unless they offer (system.quorum_timeout_s)",
+                "worker(s) %s (%s)%s; the run ends in %.0f s unless they offer (system.quorum_timeout_s)%s",
                 k + 1,
                 len(m.offers),
                 need,
                 open_s,
                 waiting,
                 ", ".join(f"{w}: {self._describe(w)}" for w in waiting),
+                f"; {summary}" if summary else "",
                 give_up - open_s,
+                hint,
             )
             log_at = open_s + LOG_EVERY_S
         if not self._offers_closed(need):
@@ -898,10 +923,71 @@ class ClusterMaster:
         return self._round_late() or len(offered) + len(pending) < need or not pending
 
     def _describe(self, worker_id: int) -> str:
+        """One worker as a "still waiting" line shows it: its state, what it
+        last reported doing (a training's batches) and when it was last heard from."""
         info = self.workers.get(worker_id)
         if info is None:
             return "never registered"
-        return f"{self.shown_state(info)}, last seen {self.clock() - info.last_seen:.0f} s ago"
+        now = self.clock()
+        seen = f"last seen {now - info.last_seen:.0f} s ago"
+        p = info.progress
+        if p is None or not self.is_live(info):
+            return f"{self.shown_state(info)}, {seen}"
+        of_round = "" if p.round == self.master.round else f" of round {p.round + 1}"
+        if p.phase == "waiting":
+            doing = f"waiting for the model for {p.seconds:.0f} s"
+        elif p.phase == "training":
+            doing = f"training{of_round} {p.done}/{p.total} batches in {p.seconds:.0f} s"
+        else:
+            doing = f"{p.phase}{of_round} for {p.seconds:.0f} s"
+        return f"{doing}, {seen}"
+
+    def _silent(self, info: WorkerInfo) -> bool:
+        """Live, but not heard from for two heartbeats: it may be hung (or its network)."""
+        return self.is_live(info) and self.clock() - info.last_seen > 2 * self.heartbeat_s
+
+    def progress_summary(self, workers: List[int]) -> Tuple[str, float]:
+        """What ``workers`` are doing, by their progress reports, in a few
+        words (``3 training (batches 120/469, 98/469, 130/469; ~310 s more at
+        this pace), 1 silent for 40 s``; '' when none reported any), and the
+        seconds the slowest training among them still needs at its pace so
+        far (0 when unknown)."""
+        now, k = self.clock(), self.master.round
+        training: List[str] = []
+        other: Dict[str, int] = {}
+        silent: List[float] = []
+        more_s, reported = 0.0, False
+        for w in workers:
+            info = self.workers.get(w)
+            if info is None or not self.is_live(info):
+                continue
+            if self._silent(info):
+                silent.append(now - info.last_seen)
+                continue
+            p = info.progress
+            if p is None:
+                continue
+            reported = True
+            if p.phase == "training" and p.round == k:
+                training.append(f"{p.done}/{p.total}")
+                if p.done:
+                    more_s = max(more_s, p.seconds * (p.total - p.done) / p.done - (now - info.progress_at))
+            else:
+                if p.phase == "waiting":
+                    label = "waiting for the model"
+                else:
+                    label = p.phase if p.round == k else f"still in round {p.round + 1}"
+                other[label] = other.get(label, 0) + 1
+        if not reported and not silent:
+            return "", 0.0
+        parts = []
+        if training:
+            pace = f"; ~{more_s:.0f} s more at this pace" if more_s > 0 else ""
+            parts.append(f"{len(training)} training (batches {', '.join(training)}{pace})")
+        parts += [f"{n} {label}" for label, n in other.items()]
+        if silent:
+            parts.append(f"{len(silent)} silent for {max(silent):.0f} s")
+        return ", ".join(parts), max(more_s, 0.0)
 
     def waiting_for(self) -> List[int]:
         """The workers the run is waiting for now: before round 1 those not
@@ -920,6 +1006,20 @@ class ClusterMaster:
         return []
 
     # ----- monitoring -----------------------------------------------------
+    @staticmethod
+    def _progress_status(info: WorkerInfo, now: float) -> Optional[Dict[str, Any]]:
+        p = info.progress
+        if p is None:
+            return None
+        return {
+            "round": round_number(p.round),
+            "phase": p.phase,
+            "batches_done": p.done,
+            "batches_total": p.total,
+            "seconds_in_phase": round(p.seconds, 1),
+            "seconds_since_report": round(now - info.progress_at, 3),
+        }
+
     def status(self) -> Dict[str, Any]:
         """The ``GET /status`` document (JSON-able; rounds 1-based, times in
         seconds, ``last_seen`` as Unix time for people to read)."""
@@ -963,6 +1063,7 @@ class ClusterMaster:
                     "address": w.address,
                     "threads": w.threads,
                     "device": w.device,
+                    "progress": self._progress_status(w, now),
                 }
                 for w in sorted(self.workers.values(), key=lambda w: w.worker_id)
             ],

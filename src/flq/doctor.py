@@ -3,7 +3,9 @@
 The counterpart, for this PyTorch stack, of the original README's TensorFlow
 GPU check. One line per check, ``[ok]``, ``[warn]`` or ``[FAIL]``, its name
 and what was found; every FAIL is followed by a ``  fix: ...`` line.
-Checks: Python, PyTorch (version, CUDA or CPU build), NumPy, the config file
+Checks: Python, PyTorch (version, CUDA or CPU build), NumPy, on a Jetson its
+JetPack (from ``/etc/nv_tegra_release``, or ``$FLQ_NV_TEGRA_RELEASE``) and
+whether this Python's PyTorch can use its GPU, the config file
 (validated with :func:`flq.config.load_config`), the compute device that a
 run would use (:func:`flq.model.resolve_device`), on CUDA the GPU, its memory
 against ``gpu_memory_limit_mb`` and whether float16 autocast works, on CPU
@@ -47,6 +49,13 @@ MASTER_TIMEOUT_S = 3.0
 MIN_PYTHON = (3, 9)
 MIN_TORCH = (2, 0)
 MIN_NUMPY = (1, 24)
+
+#: Where a Jetson's JetPack names its L4T release (``# R35 (release), REVISION: 4.1, ...``);
+#: the environment variable :data:`ENV_TEGRA_RELEASE` names another file (tests).
+TEGRA_RELEASE = "/etc/nv_tegra_release"
+ENV_TEGRA_RELEASE = "FLQ_NV_TEGRA_RELEASE"
+#: L4T major release -> (JetPack, the Python of NVIDIA's PyTorch wheels for it).
+JETPACKS = {32: ("JetPack 4", "3.6"), 34: ("JetPack 5", "3.8"), 35: ("JetPack 5", "3.8"), 36: ("JetPack 6", "3.10")}
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 _TAGS = {OK: "[ok]", WARN: "[warn]", FAIL: "[FAIL]"}
@@ -161,6 +170,86 @@ def _check_torch() -> Tuple[Check, Any]:
             "pip install 'torch>=2.0,<3'",
         ), torch
     return Check("torch", OK, text), torch
+
+
+def l4t_release(path: Optional[str] = None) -> Optional[Tuple[int, str]]:
+    """The L4T release of this Jetson, ``(35, "R35.4.1")``, from its
+    ``/etc/nv_tegra_release`` (or ``path``, or ``$FLQ_NV_TEGRA_RELEASE``);
+    None on another machine.
+
+    Raises:
+        ValueError: the file exists but does not name a release (its first line).
+    """
+    where = Path(path or os.environ.get(ENV_TEGRA_RELEASE) or TEGRA_RELEASE)
+    try:
+        first = where.read_text(encoding="utf-8", errors="replace").splitlines()[:1]
+    except OSError:
+        return None
+    line = first[0].strip() if first else ""
+    m = re.match(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", line)
+    if not m:
+        raise ValueError(f"{where} does not name an L4T release: {line[:80]!r}")
+    return int(m.group(1)), f"R{m.group(1)}.{m.group(2)}"
+
+
+def _check_jetson(torch: Any) -> Optional[Check]:
+    """On a Jetson: its JetPack, and whether this Python and PyTorch can use
+    its GPU (None elsewhere). NVIDIA's PyTorch wheels for JetPack 5 are
+    Python 3.8 only, which FLQ-Fed does not support: there it trains on CPU."""
+    try:
+        found = l4t_release()
+    except ValueError as exc:
+        return Check("jetson", WARN, _one_line(exc), f"check {TEGRA_RELEASE} (JetPack's release file)")
+    if found is None:
+        return None
+    major, release = found
+    jetpack, wheel_python = JETPACKS.get(major, (f"L4T R{major}", ""))
+    board = f"{jetpack} (L4T {release})"
+    v = sys.version_info
+    python_ok = (v.major, v.minor) >= MIN_PYTHON
+    need = f"FLQ-Fed needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}"
+    if torch is None:
+        cuda, torch_text = False, "PyTorch is not importable"
+    elif torch.cuda.is_available():
+        cuda, torch_text = True, f"torch {torch.__version__} uses its GPU (CUDA {torch.version.cuda})"
+    elif torch.version.cuda:
+        cuda, torch_text = (
+            False,
+            f"torch {torch.__version__} is a CUDA build but sees no GPU -> this worker trains on CPU",
+        )
+    else:
+        cuda, torch_text = False, f"torch {torch.__version__} here has no CUDA -> this worker trains on CPU"
+    gpu_hint = "For the GPU use JetPack 6 (Orin boards; Python 3.10), see README 'Jetson'"
+    if major in JETPACKS and major < 36:  # JetPack 4 and 5
+        wheels = f"NVIDIA's torch wheels for it are Python {wheel_python} only and {need}"
+        if not python_ok:
+            return Check(
+                "jetson",
+                FAIL,
+                f"{board}: {wheels}; this is Python {v.major}.{v.minor}",
+                "install Python 3.9+ (e.g. Miniforge) with pip's torch (CPU: it trains, slower), or flash "
+                "JetPack 6 (Orin) for the GPU; see README 'Jetson'",
+            )
+        if cuda:
+            return Check("jetson", OK, f"{board}: {torch_text}")
+        return Check(
+            "jetson",
+            WARN,
+            f"{board}: {wheels}; {torch_text}. {gpu_hint}",
+            "training on CPU works (slower); for the GPU flash JetPack 6 (Orin) and install NVIDIA's torch wheel "
+            "for it, or build PyTorch with CUDA for this Python",
+        )
+    if cuda:
+        return Check("jetson", OK, f"{board}: {torch_text}")
+    if wheel_python and f"{v.major}.{v.minor}" != wheel_python:
+        torch_text += f" (NVIDIA's torch wheels for it are Python {wheel_python}, this is {v.major}.{v.minor})"
+    return Check(
+        "jetson",
+        WARN,
+        f"{board}: {torch_text}",
+        f"install NVIDIA's torch wheel for {jetpack} (Python {wheel_python or '3.10'}) into this Python "
+        f"(FLQ_PYTHON for the scripts), see README 'Jetson'",
+    )
 
 
 def _check_numpy() -> Check:
@@ -476,23 +565,25 @@ def _check_master(ip: str, port_arg: Any, cfg: Config, verify: Any = True, cert:
             f"master at {where} refused GET /status (HTTP {r.status_code})",
             "set FLQ_AUTH_TOKEN to the master's token",
         )
-    if r.status_code != 200:
-        return Check(
-            "master",
-            FAIL,
-            f"master at {where} answered GET /status with HTTP {r.status_code}",
-            f"check that {where} is the FLQ master ({fix})",
-        )
+    from .transport.client import not_a_master
+
     try:
         doc = r.json()
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
     except ValueError:
+        doc = None
+    if r.status_code != 200 and isinstance(doc, dict) and doc.get("code"):  # an FLQ master's refusal
         return Check(
             "master",
             FAIL,
-            f"{where} answered GET /status but not with the FLQ master's JSON",
-            f"check that {where} is the FLQ master ({fix})",
+            f"master at {where} refused GET /status ({r.status_code} {doc['code']}): {_one_line(doc.get('detail'))}",
+            "see the master's log",
+        )
+    if r.status_code != 200 or not isinstance(doc, dict) or "state" not in doc:
+        return Check(
+            "master",
+            FAIL,
+            not_a_master(base, "GET", "/status", r),
+            f"give the FLQ master's address and port ({fix})",
         )
     detail = (
         f"master at {where}: state {doc.get('state', '?')}, round {doc.get('round', '?')}, mode {doc.get('mode', '?')}"
@@ -515,6 +606,9 @@ def run_checks(args: argparse.Namespace) -> List[Check]:
     config_check, cfg = _load(args)
     checks.append(config_check)
     checks.append(_check_zstandard())
+    jetson = _check_jetson(torch)
+    if jetson is not None:
+        checks.append(jetson)
     requested = getattr(args, "device", None) or cfg.device
     if torch is not None:
         checks.extend(_check_device(torch, cfg, requested))

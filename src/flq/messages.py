@@ -42,3 +42,41 @@ class Offer:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+#: What a worker is doing, as its progress reports name it: waiting for the
+#: round's model, training (decoding the model and the local steps),
+#: quantizing its update, offering (waiting for the selection), uploading.
+PROGRESS_PHASES = ("waiting", "training", "quantizing", "offering", "uploading")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A worker's progress report (monitoring only: nothing of the round depends on it).
+
+    Attributes:
+        round: k (0-based) of the round the worker is in, or did last while
+            ``waiting``; -1 before its first.
+        phase: one of :data:`PROGRESS_PHASES`.
+        done: local training steps (batches) done in this round.
+        total: local training steps of a round (0 before the first).
+        seconds: seconds spent in ``phase`` so far.
+    """
+
+    round: int
+    phase: str
+    done: int
+    total: int
+    seconds: float
+
+    def problem(self) -> str:
+        """Why this report cannot be true, in one line ('' when it can)."""
+        if self.phase not in PROGRESS_PHASES:
+            return f"progress phase {self.phase!r} is not one of {', '.join(PROGRESS_PHASES)}"
+        if not 0 <= self.done <= self.total:
+            return f"progress of {self.done} of {self.total} batches"
+        if self.round < -1:
+            return f"progress for round index {self.round}"
+        if not 0.0 <= self.seconds < float("inf"):
+            return f"progress after {self.seconds} s"
+        return ""

@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from .config import Config
 from .datasets import labels_digest
 from .layout import LayoutError
 from .loader import BatchLoader
-from .messages import Offer
+from .messages import Offer, Progress
 from .model import FlatModel, l2_loss_and_grad
 from .partition import BatchStream
 from .streams import STREAM_UPLINK, stream_rng
@@ -44,6 +45,49 @@ log = logging.getLogger(__name__)
 
 class ProtocolError(ValueError):
     """A message that does not fit this worker's state (one-line reason)."""
+
+
+class ProgressTracker:
+    """What a worker is doing now (:class:`~flq.messages.Progress`): its
+    round, phase, and the local training steps done of the round's total.
+
+    The worker's round updates it (one attribute per batch: nothing that
+    costs); another thread reads it (:meth:`report`, :meth:`line`), e.g. to
+    tell the master with its heartbeat and to log it. Monitoring only:
+    nothing the worker computes depends on it. ``clock``: monotonic seconds.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._round, self._phase, self._total = -1, "waiting", 0
+        self._since = clock()
+        self.done = 0  #: steps done this round (written by the training loop alone)
+
+    def enter(self, phase: str, round_index: Optional[int] = None, total: Optional[int] = None) -> None:
+        """Start ``phase`` (of round ``round_index``, with ``total`` local steps, when given)."""
+        with self._lock:
+            if round_index is not None and round_index != self._round:
+                self._round, self.done = round_index, 0
+            if total is not None:
+                self._total, self.done = total, 0
+            self._phase, self._since = phase, self.clock()
+
+    def report(self) -> Progress:
+        with self._lock:
+            done = min(self.done, self._total)
+            return Progress(self._round, self._phase, done, self._total, max(0.0, self.clock() - self._since))
+
+    def line(self) -> str:
+        """One log line: ``round 7: local training 120/469 batches, 23 s``."""
+        p = self.report()
+        if p.phase == "training":
+            what = f"local training {p.done}/{p.total} batches"
+        else:
+            what = {"quantizing": "quantizing the update", "offering": "offered, waiting for the selection"}.get(
+                p.phase, p.phase
+            )
+        return f"round {p.round + 1}: {what}, {p.seconds:.0f} s"
 
 
 class Worker:
@@ -108,6 +152,8 @@ class Worker:
         self.up_version = 0
         self.down_version = 0
         self._pending: Optional[Dict[str, Any]] = None
+        #: what it is doing now (monitoring: the HTTP worker reports it to its log and to the master)
+        self.progress = ProgressTracker()
 
     def describe(self) -> Dict[str, Any]:
         """What this worker computes with: ``{"threads": PyTorch intra-op
@@ -172,12 +218,14 @@ class Worker:
     def _steps(self, w: np.ndarray) -> tuple:
         cur = w
         losses: List[float] = []
-        for _ in range(self.steps):
+        progress = self.progress
+        for step in range(self.steps):
             xb, yb = self.loader.next()
             self.model.set_flat(cur)
             g, loss = self.model.gradient(xb, yb)
             loss += l2_loss_and_grad(cur, g, self.cfg.l2)
             losses.append(loss)
+            progress.done = step + 1
             if self.steps == 1:
                 return g, loss
             cur = cur - np.float32(self.local_lr) * g
@@ -194,10 +242,12 @@ class Worker:
             downlink: the encoded model for this worker.
         """
         sw, t0 = self.stopwatch, time.perf_counter()
+        self.progress.enter("training", round_index, self.steps)
         with sw.section("quantize"):
             w = self.apply_downlink(downlink)
         with sw.section("compute"):
             g, loss = self.local_update(w)
+        self.progress.enter("quantizing")
         with sw.section("quantize"):
             offer = self._quantize_and_offer(round_index, me_k, g, loss)
         return dataclasses.replace(offer, compute_s=time.perf_counter() - t0)

@@ -8,7 +8,9 @@ at once with :class:`Fatal`: a TLS certificate that does not verify, plain
 HTTP against an HTTPS master (or the reverse), a client certificate the
 master requires or refuses, a wrong token or signature (401), an id the
 run does not have, a run that is already over, a newer process registered
-with the same id, an error inside the master (500). :class:`RunOver` is the
+with the same id, an error inside the master (500), a server that is not an
+FLQ master (an error without an FLQ code, a redirect, an answer that is not
+the API's: :func:`not_a_master` names what it answered). :class:`RunOver` is the
 master saying the run ended (410), with its reason. Every call has a bounded
 read time (20 s, or a long-poll's ``poll_s`` + 20 s): a frozen master is
 detected, not waited for. What follows a refusal depends on its code alone
@@ -39,7 +41,7 @@ import httpx
 
 from .. import outcome
 from ..credentials import HEADER_SESSION, Signer, WorkerCredential
-from ..messages import Offer
+from ..messages import Offer, Progress
 from ..protocol import Code, round_index, round_number
 
 log = logging.getLogger(__name__)
@@ -402,16 +404,14 @@ class MasterClient:
             time.sleep(min(delay * (0.8 + 0.4 * random.random()), max(0.0, first_failure + self.give_up_s - now)))
             delay = min(delay * 2, 10.0)
         self.bytes_received += len(r.content)
+        if 300 <= r.status_code < 400:  # an FLQ master never redirects: a web server, or http:// to https://
+            raise Fatal(not_a_master(self.base_url, method, url, r))
         if r.status_code < 400:
             self.answered = True
             return r
         body, detail, code_text = _refusal(r)
         if not code_text:  # every refusal of an FLQ master carries a code
-            first = (r.text.strip().splitlines() or [""])[0][:80]
-            raise Fatal(
-                f"{self.base_url} answered {method} {url} with HTTP {r.status_code} and no FLQ error "
-                f"code: is it the FLQ master? ({first!r})"
-            )
+            raise Fatal(not_a_master(self.base_url, method, url, r))
         self.answered = True
         code = Code.parse(code_text)
         if code is Code.RUN_OVER:
@@ -444,14 +444,9 @@ class MasterClient:
             Fatal: the run is already over (nothing to join).
         """
         r = self._call("GET", "/config")
-        try:
-            info = r.json()
-            info["config"]["system"]
-        except (ValueError, KeyError, TypeError):
-            raise Fatal(
-                f"{self.base_url} answered GET /config with something else than an FLQ run's "
-                f"configuration: is it the FLQ master?"
-            ) from None
+        info = self._json(r, "GET", "/config", "config", "state")
+        if not isinstance(info["config"], dict) or not isinstance(info["config"].get("system"), dict):
+            raise Fatal(not_a_master(self.base_url, "GET", "/config", r))
         if info.get("state") == "finished":
             raise Fatal(f"the run at {self.base_url} is already over: nothing to join")
         self.run_info = info
@@ -465,9 +460,8 @@ class MasterClient:
         while True:
             headers = {}
             if self.auth is not None:  # a one-time challenge: a captured registration cannot be sent again
-                challenge = self._call(
-                    "GET", "/workers/challenge", params={"worker_id": self.worker_id}, session=False
-                ).json()
+                r = self._call("GET", "/workers/challenge", params={"worker_id": self.worker_id}, session=False)
+                challenge = self._json(r, "GET", "/workers/challenge", "required")
                 if not challenge.get("required"):
                     log.warning(
                         "worker %d: the master does not check per-worker credentials: --credential is not used",
@@ -475,7 +469,8 @@ class MasterClient:
                     )
                 headers = {HEADER_SESSION: challenge.get("challenge", "")}
             try:
-                info = self._call("POST", "/workers/register", json=body, headers=headers, session=False).json()
+                r = self._call("POST", "/workers/register", json=body, headers=headers, session=False)
+                info = self._json(r, "POST", "/workers/register", "session", "resync")
                 break
             except Refused as exc:  # the challenge was used up by a lost attempt, or expired: ask again
                 tries -= 1
@@ -506,7 +501,10 @@ class MasterClient:
         )
         if r.status_code == 204:
             return None
-        return round_index(int(r.headers["X-FLQ-Round"])), float(r.headers["X-FLQ-MeK"]), r.content
+        try:
+            return round_index(int(r.headers["X-FLQ-Round"])), float(r.headers["X-FLQ-MeK"]), r.content
+        except (KeyError, ValueError):
+            raise Fatal(not_a_master(self.base_url, "GET", "/round/model", r, "no X-FLQ-Round header")) from None
 
     def offer(self, offer: Offer) -> bool:
         """``POST /round/offer`` until the selection is made (the same offer
@@ -518,7 +516,7 @@ class MasterClient:
         while True:
             r = self._call("POST", "/round/offer", params={"wait": self.poll_s}, json=body, timeout=self.poll_timeout)
             self.bytes_sent += len(r.request.content)
-            answer = r.json()
+            answer = self._json(r, "POST", "/round/offer", "selected")
             if answer.get("decided", True):
                 return bool(answer["selected"])
 
@@ -538,20 +536,30 @@ class MasterClient:
         )
         self.bytes_sent += len(payload)
 
-    def _once(self, path: str, timeout: float = 5.0) -> httpx.Response:
-        """One POST of ``{worker_id}`` on a fresh connection, not retried (heartbeat, leave)."""
+    def _once(self, path: str, timeout: float = 5.0, **fields: Any) -> httpx.Response:
+        """One POST of ``{worker_id, **fields}`` on a fresh connection, not retried (heartbeat, leave)."""
         with httpx.Client(
             base_url=self.base_url, headers=self.headers, verify=self.verify, timeout=timeout, auth=self.auth
         ) as c:
-            return c.post(path, json={"worker_id": self.worker_id}, headers={HEADER_SESSION: self.session})
+            return c.post(path, json={"worker_id": self.worker_id, **fields}, headers={HEADER_SESSION: self.session})
 
-    def heartbeat(self) -> bool:
-        """One heartbeat; False once the master says the run is over (410).
-        Anything else (a network error, a refusal while this worker
-        re-registers) is only logged: the main loop's own calls decide what
-        it means, and the next beat tries again."""
+    def heartbeat(self, progress: Optional[Progress] = None) -> bool:
+        """One heartbeat, with the worker's ``progress`` when given (its round
+        1-based on the wire; 0 before the first); False once the master says
+        the run is over (410). Anything else (a network error, a refusal
+        while this worker re-registers) is only logged: the main loop's own
+        calls decide what it means, and the next beat tries again."""
+        fields: Dict[str, Any] = {}
+        if progress is not None:
+            fields["progress"] = {
+                "round": round_number(progress.round),
+                "phase": progress.phase,
+                "done": progress.done,
+                "total": progress.total,
+                "seconds": round(progress.seconds, 1),
+            }
         try:
-            r = self._once("/workers/heartbeat")
+            r = self._once("/workers/heartbeat", **fields)
         except httpx.HTTPError as exc:
             log.debug("heartbeat failed: %s", exc)
             return True
@@ -559,6 +567,20 @@ class MasterClient:
             return True
         log.debug("heartbeat refused (%d): %s", r.status_code, r.text[:200])
         return _refusal(r)[2] != Code.RUN_OVER
+
+    def _json(self, r: httpx.Response, method: str, path: str, *keys: str) -> Dict[str, Any]:
+        """The JSON object of an answer of the master, which has ``keys``.
+
+        Raises:
+            Fatal: anything else: the server is not an FLQ master.
+        """
+        try:
+            doc = r.json()
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or any(k not in doc for k in keys):
+            raise Fatal(not_a_master(self.base_url, method, path, r))
+        return doc
 
     def leave(self) -> None:
         """Tell the master this worker exits on purpose (best effort, 5 s; a
@@ -571,6 +593,28 @@ class MasterClient:
             log.info("worker %d: told the master it leaves (%d)", self.worker_id, r.status_code)
         except httpx.HTTPError as exc:
             log.warning("worker %d: could not tell the master it leaves (%s)", self.worker_id, exc)
+
+
+def not_a_master(base_url: str, method: str, path: str, r: httpx.Response, why: str = "") -> str:
+    """The one line for an answer no FLQ master gives: ``http://H:P is not an
+    FLQ master (GET /config answered 404 text/html: <the first 80
+    characters>)``; ``why`` adds what was missing."""
+    kind = r.headers.get("content-type", "").split(";")[0].strip() or "no content type"
+    text = r.content[:4000].decode("utf-8", "replace")
+    if kind == "text/html":  # the page's text says more than its markup
+        text = re.sub(r"<!--.*?-->|<(script|style)\b.*?</\1\s*>|<[^>]*>", " ", text, flags=re.S | re.I)
+    text = " ".join(text.split())
+    shown = repr(text[:80] + ("..." if len(text) > 80 else "")) if text else "an empty body"
+    where = path.split("?")[0]
+    extra = f"; {why}" if why else ""
+    if 300 <= r.status_code < 400:  # a redirect: where to says more than its body
+        shown = f"a redirect to {r.headers.get('location', '?')}"
+    else:
+        shown = f"{kind}: {shown}"
+    return (
+        f"{base_url} is not an FLQ master ({method} {where} answered {r.status_code} {shown}{extra}); "
+        f"check --master_ip and --master_port"
+    )
 
 
 def _refusal(r: httpx.Response) -> Tuple[Dict[str, Any], str, str]:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..config import ConfigFile
 from ..protocol import Code, codes_by_status
+
+#: The largest round or step count a progress report may carry.
+MAX_COUNT = 10**9
 
 
 class ErrorResponse(BaseModel):
@@ -56,6 +59,35 @@ class RegisterResponse(BaseModel):
 
 class WorkerRequest(BaseModel):
     worker_id: int = Field(ge=0, strict=True, description="the worker's id m")
+
+
+class ProgressReport(BaseModel):
+    """What a worker is doing (monitoring only; shown in ``GET /status``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round: int = Field(
+        ge=0, le=MAX_COUNT, strict=True, description="the round it is in, or did last while waiting (1-based; 0: none)"
+    )
+    phase: Literal["waiting", "training", "quantizing", "offering", "uploading"] = Field(  # PROGRESS_PHASES
+        description="waiting (for the round's model), training, quantizing, offering (waiting for the selection), "
+        "uploading"
+    )
+    done: int = Field(ge=0, le=MAX_COUNT, strict=True, description="local training steps (batches) done this round")
+    total: int = Field(ge=0, le=MAX_COUNT, strict=True, description="local training steps of a round")
+    seconds: float = Field(ge=0, le=1e9, allow_inf_nan=False, description="seconds in this phase so far")
+
+    @model_validator(mode="after")
+    def _done_of_total(self) -> ProgressReport:
+        if self.done > self.total:
+            raise ValueError(f"done {self.done} exceeds total {self.total}")
+        return self
+
+
+class HeartbeatRequest(WorkerRequest):
+    progress: Optional[ProgressReport] = Field(
+        None, description="the worker's progress (sent with every heartbeat by workers that report it)"
+    )
 
 
 class HeartbeatResponse(BaseModel):
@@ -112,6 +144,17 @@ class ChallengeResponse(BaseModel):
     required: bool = Field(description="the master checks per-worker credentials")
 
 
+class WorkerProgress(BaseModel):
+    """A worker's last progress report, as ``GET /status`` shows it."""
+
+    round: int = Field(description="the round it was in (1-based), or did last while waiting; 0: none yet")
+    phase: str = Field(description="waiting, training, quantizing, offering or uploading")
+    batches_done: int = Field(description="local training steps (batches) done in that round")
+    batches_total: int = Field(description="local training steps of a round")
+    seconds_in_phase: float = Field(description="seconds it had been in the phase when it reported")
+    seconds_since_report: float = Field(description="seconds since the master received the report")
+
+
 class WorkerStatus(BaseModel):
     worker_id: int
     state: str = Field(
@@ -125,6 +168,9 @@ class WorkerStatus(BaseModel):
     address: str
     threads: int
     device: str
+    progress: Optional[WorkerProgress] = Field(
+        None, description="the worker's last progress report (null: none; workers before this version send none)"
+    )
 
 
 class StatusTimeouts(BaseModel):

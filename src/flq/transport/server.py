@@ -28,10 +28,12 @@ The worker protocol (binary bodies for vectors, JSON for the rest):
 - ``POST /workers/register`` ``{worker_id, up_version, down_version,
   threads, device}`` -> ``{resync, round, state, session, heartbeat_s,
   config}``.
-- ``POST /workers/heartbeat`` ``{worker_id}``: a sign of life every
-  ``heartbeat_s`` seconds (a worker not heard from for ``worker_timeout_s``
-  is absent); ``POST /workers/leave`` ``{worker_id}``: the worker exits on
-  purpose.
+- ``POST /workers/heartbeat`` ``{worker_id, progress}``: a sign of life
+  every ``heartbeat_s`` seconds (a worker not heard from for
+  ``worker_timeout_s`` is absent), with the worker's progress, optional:
+  ``{round, phase, done, total, seconds}`` (shown in ``/status``; a report
+  that cannot be true is refused, 422 or 400, and changes nothing);
+  ``POST /workers/leave`` ``{worker_id}``: the worker exits on purpose.
 - ``GET /workers/{id}/mirrors`` -> safetensors with ``ref_up``, ``ref_down``
   (versions in the metadata): the master's halves, to resynchronize.
 - ``GET /round/model?worker_id=&after=&wait=`` -> 200 with the encoded
@@ -92,7 +94,7 @@ from .. import outcome
 from ..cluster import FINISHED, ClusterMaster, RunFinished
 from ..credentials import CHALLENGE_TTL_S, Verifier
 from ..master import MasterError
-from ..messages import Offer
+from ..messages import Offer, Progress
 from ..protocol import Code, round_index, round_number
 from .middleware import SCOPE_WORKER, BearerAuth, BodyLimit, RequestCount, WorkerAuth
 from .schemas import (
@@ -102,6 +104,7 @@ from .schemas import (
     WORKER_CALL,
     ChallengeResponse,
     ConfigResponse,
+    HeartbeatRequest,
     HeartbeatResponse,
     OfferRequest,
     OfferResponse,
@@ -360,12 +363,16 @@ def create_app(
     @app.post(
         "/workers/heartbeat",
         response_model=HeartbeatResponse,
-        responses=refusals(*ANY_ROUTE, *BODY, *WORKER_CALL, Code.RUN_OVER),
-        summary="A worker's sign of life (every heartbeat_s)",
+        responses=refusals(*ANY_ROUTE, *BODY, *WORKER_CALL, Code.MALFORMED, Code.RUN_OVER),
+        summary="A worker's sign of life (every heartbeat_s), with its progress",
     )
-    async def heartbeat(req: WorkerRequest, request: Request, session: Optional[str] = SESSION) -> Dict[str, Any]:
+    async def heartbeat(req: HeartbeatRequest, request: Request, session: Optional[str] = SESSION) -> Dict[str, Any]:
         session = in_session(request, req.worker_id, session)
-        return cluster.heartbeat(req.worker_id, session)
+        progress = None
+        if req.progress is not None:
+            p = req.progress
+            progress = Progress(round_index(p.round), p.phase, p.done, p.total, p.seconds)
+        return cluster.heartbeat(req.worker_id, session, progress=progress)
 
     @app.post(
         "/workers/leave",

@@ -2,6 +2,11 @@
 model, offer, upload or skip, with a heartbeat alongside, until the master
 ends the run; and how that run ended for this worker (:class:`WorkerEnd`).
 
+The heartbeat also carries the worker's progress (its round, phase and
+local training steps done: :class:`~flq.worker.ProgressTracker`) to the
+master, and writes it to the worker's log while a phase lasts, so that a
+slow round can be told from a hung one at both ends.
+
 The calls themselves, their retries and their refusals are
 :class:`~flq.transport.client.MasterClient`'s; what a worker computes is its
 :class:`~flq.worker.Worker`'s. This module decides only what to do next.
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -21,12 +27,24 @@ from .client import Fatal, MasterClient, Refused, RunOver, Unreachable
 log = logging.getLogger("flq.transport.client")
 
 
+#: At most this many seconds between two progress lines in the worker's log
+#: while a phase (local training, an upload ...) lasts; less when the
+#: heartbeat is more frequent (the log then follows each report).
+PROGRESS_LOG_S = 15.0
+
+
 class Heartbeat:
     """A daemon thread that sends :meth:`MasterClient.heartbeat` every
-    ``client.heartbeat_s`` seconds while the worker computes or waits."""
+    ``client.heartbeat_s`` seconds while the worker computes or waits, with
+    ``progress`` (a :class:`~flq.worker.ProgressTracker`, or None) in it.
+    While the worker is in a phase other than ``waiting`` for longer than
+    ``min(heartbeat_s, PROGRESS_LOG_S)``, it also logs the progress that
+    often (``round 7: local training 120/469 batches, 23 s``): a hung
+    worker's log shows the same count with a growing time."""
 
-    def __init__(self, client: MasterClient) -> None:
+    def __init__(self, client: MasterClient, progress: Any = None) -> None:
         self.client = client
+        self.progress = progress
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{client.worker_id}", daemon=True)
 
@@ -35,9 +53,21 @@ class Heartbeat:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self.client.heartbeat_s):
+        tick = max(0.5, min(self.client.heartbeat_s, PROGRESS_LOG_S))
+        last_log = time.monotonic()
+        next_beat = last_log + self.client.heartbeat_s
+        while not self._stop.wait(max(0.0, min(tick, next_beat - time.monotonic()))):
+            report = self.progress.report() if self.progress is not None else None
+            now = time.monotonic()
+            if report is not None and report.phase != "waiting" and report.seconds >= tick:
+                if now - last_log >= 0.9 * tick:
+                    log.info("worker %d: %s", self.client.worker_id, self.progress.line())
+                    last_log = now
+            if now < next_beat:
+                continue
+            next_beat = time.monotonic() + self.client.heartbeat_s
             try:
-                if not self.client.heartbeat():
+                if not self.client.heartbeat(report):
                     return
             except Exception:  # noqa: BLE001 - a heartbeat never ends the worker
                 log.debug("heartbeat failed", exc_info=True)
@@ -102,13 +132,15 @@ def run_worker(
         describe = worker.describe() if hasattr(worker, "describe") else {}
         _register(client, worker, describe)
         joined = True
-        heartbeat = Heartbeat(client).start()
+        progress = getattr(worker, "progress", None)
+        heartbeat = Heartbeat(client, progress).start()
         last_round, after, ended = None, -1, None
         while True:
             if ended is not None and on_round_end is not None:
                 on_round_end(worker, ended)
             ended = None
             outcome.raise_if_interrupted()  # a signal whose exception a finalizer swallowed
+            _enter(progress, "waiting")
             try:
                 got = client.next_round(after)
             except Refused as exc:
@@ -126,6 +158,15 @@ def run_worker(
             last_round = after = k
             offer = worker.offer(k, me_k, payload)
             ended = k
+            if progress is not None and offer.compute_s >= PROGRESS_LOG_S:  # a long one: its end too
+                log.info(
+                    "worker %d: round %d: local training done, %d batches in %.0f s",
+                    client.worker_id,
+                    k + 1,
+                    progress.report().total,
+                    offer.compute_s,
+                )
+            _enter(progress, "offering")
             try:
                 selected = client.offer(offer)
             except Refused as exc:
@@ -144,6 +185,7 @@ def run_worker(
             if before_upload is not None and not before_upload(k):
                 log.warning("worker %d: upload of round %d dropped (test hook)", client.worker_id, k + 1)
                 continue
+            _enter(progress, "uploading")
             try:
                 client.upload(k, body, versions=(offer.up_version, offer.down_version))
             except Refused as exc:
@@ -179,6 +221,12 @@ def run_worker(
             client.bytes_sent,
             client.bytes_received,
         )
+
+
+def _enter(progress: Any, phase: str) -> None:
+    """Tell the worker's progress tracker (None: a worker without one) it is in ``phase`` now."""
+    if progress is not None:
+        progress.enter(phase)
 
 
 def _register(client: MasterClient, worker, describe: Dict[str, Any]) -> None:
