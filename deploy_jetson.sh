@@ -4,6 +4,7 @@
 #
 #   ./deploy_jetson.sh                          # the IPs below, flq_config.json, port 5000
 #   ./deploy_jetson.sh --master-ip 10.0.0.1 --worker-ips "10.0.0.2 10.0.0.3" --user nvidia
+#   ./deploy_jetson.sh --master-ip=10.0.0.1 --user=nvidia   # --flag=value works as well
 #   ./deploy_jetson.sh --dry-run                # print every command, run none
 #   ./deploy_jetson.sh --credentials creds      # per-worker keys (flq credentials --workers N --out creds [--tls])
 #   ./deploy_jetson.sh --stop                   # stop master and workers on all hosts
@@ -77,6 +78,8 @@ master, wait for http://MASTER_IP:MASTER_PORT/status, start the workers.
   --stop                stop master and workers on all hosts (POST /stop first; env STOP_GRACE s to exit, default 30)
   -h, --help            this help
 
+Each option with a value also takes it after "=": --master-ip=10.0.0.1.
+
 Environment: SSH_OPTS (extra ssh options, split on spaces), FLQ_PYTHON (the
 python to use on the hosts, e.g. a conda env's; passed on when set),
 FLQ_DEPLOY_START_CMD_MASTER / FLQ_DEPLOY_START_CMD_WORKER (for testing or custom
@@ -91,6 +94,10 @@ say() { echo "[deploy] $*"; }
 
 need_arg() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
 while [ $# -gt 0 ]; do
+  case $1 in   # --flag=value: the same as --flag value
+    --no-install=* | --no-rsync=* | --dry-run=* | --stop=* | --help=*) die "${1%%=*} takes no value (see --help)" ;;
+    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
+  esac
   case $1 in
     --master-ip)   need_arg "$@"; MASTER_IP=$2; shift 2 ;;
     --worker-ips)  need_arg "$@"; read -r -a WORKER_IPS <<< "${2//,/ }"; shift 2 ;;

@@ -84,3 +84,19 @@ def http_server(tmp_path):
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say at the end why tests were left out: skips (each reason is in the
+    short summary above, -ra) and the slow tests a quick run deselects."""
+    skipped = len(terminalreporter.stats.get("skipped", []))
+    deselected = len(terminalreporter.stats.get("deselected", []))
+    if skipped:
+        terminalreporter.write_line(
+            f"{skipped} test(s) skipped, each with its reason in the summary above; "
+            "scripts/test_deps.sh installs what most of them need",
+            yellow=True,
+        )
+    expr = config.getoption("markexpr", "") or ""
+    if deselected and expr:
+        terminalreporter.write_line(f"{deselected} test(s) deselected by -m '{expr}'")

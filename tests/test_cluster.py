@@ -21,6 +21,8 @@ from flq.model import CNN, flatten
 from flq.results import read_results
 from flq.simulate import simulate
 
+pytestmark = pytest.mark.slow  # real master and worker processes (run_tests.sh --quick leaves them out)
+
 N = 467_818
 # Entropy coding on both links (the default) and adaptive width 2..4: each of the 4 workers
 # sends the widest width whose coded size fits its share, 5e6 / 4 bits.

@@ -275,6 +275,7 @@ def _workers():
     return [Worker(m, cfg, FlatModel(CNN()), x, y, np.arange(m * 128, (m + 1) * 128)) for m in range(2)]
 
 
+@pytest.mark.slow
 def test_attacks_on_a_master_with_per_worker_credentials(secured):
     cluster, creds = secured
     attacker = Attacker(cluster.url, _operator_tls(cluster))

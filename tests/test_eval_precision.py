@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from flq.model import FlatModel, build_model, flatten
 from flq.runtime import Runtime
 
+pytestmark = pytest.mark.slow  # the whole test set, 3 models, 2 precisions (run_tests.sh --quick leaves it out)
+
 DATA = Path(__file__).resolve().parent / "data"
 ROUNDS = (1, 50, 200)
 #: |accuracy(bf16) - accuracy(fp32)| allowed: 20 of the 10,000 test images.

@@ -11,12 +11,15 @@ import subprocess
 import time
 
 import httpx
+import pytest
 from cluster_util import port_is_free, start_cluster
 from conftest import small_config
 from disk_util import disk
 
 from flq.results import read_results
 from flq.simulate import simulate
+
+pytestmark = pytest.mark.slow  # real master and worker processes (run_tests.sh --quick leaves them out)
 
 MLP = {"model": "mlp", "eval_every": 0}
 

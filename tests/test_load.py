@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -12,6 +13,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from load_workers import run  # noqa: E402
 
 
+@pytest.mark.slow
 def test_fifty_workers_twenty_rounds_no_errors(fmnist_available):
     r = run(workers=50, rounds=20, model="mlp")
     assert r["rounds_done"] == 20 and r["master_exit"] == 0

@@ -414,6 +414,7 @@ def test_lost_upload_is_detected_and_mirrors_resync(tmp_path):
         assert master.up_version[w.worker_id] == w.up_version
 
 
+@pytest.mark.slow
 def test_token_order_is_flag_then_environment_then_file(tmp_path, fmnist_available):
     """Before: with auth_token in the config file, $FLQ_AUTH_TOKEN was ignored."""
     import json as _json

@@ -321,6 +321,7 @@ def _wait_for(predicate, timeout: float, what: str):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_restarts_with_its_saved_state_and_no_resync(tmp_path, fmnist_available):
     """bbit with 2-bit uploads (a large residual), exact downlinks (the
     mirror of the downlink never moves, so the master's versions of worker 1
