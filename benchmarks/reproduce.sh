@@ -3,14 +3,18 @@
 # fedavg (b_down 32), laq8 (b_down 32), bbit (b_up 4, b_down 8), bin (b_down 8),
 # 20 workers, non-IID Dirichlet 0.1, 17e6-bit uplink budget, 800 rounds.
 #
-#   bash benchmarks/reproduce.sh                 # all four, 800 rounds
-#   ROUNDS=100 EVAL_EVERY=5 bash benchmarks/reproduce.sh
-#   MODES="bbit bin" bash benchmarks/reproduce.sh
+#   bash benchmarks/reproduce.sh                          # all four, 800 rounds, one after the other
+#   JOBS=2 THREADS=1 bash benchmarks/reproduce.sh         # two at a time, one thread each (what README's table used)
+#   ROUNDS=100 EVAL_EVERY=5 MODES="bbit bin" bash benchmarks/reproduce.sh
 #
 # EVAL_EVERY (default 10) only thins the test-set evaluation; training is the
-# same whatever it is. Writes results/reproduce/*.xlsx, the comparison plots
-# in results/reproduce/plots, and prints final accuracy, cross-entropy and
-# wall time per run.
+# same whatever it is. Writes $OUT (default results/reproduce): one spreadsheet
+# per mode, walls.txt (each run's exit status and wall seconds), then
+# benchmarks/reproduction_report.py draws the comparison figures and writes
+# results.md (the table README.md shows) there and prints the table.
+# README's copy lives in docs/reproduction: copy the spreadsheets there and run
+#   .venv/bin/python benchmarks/reproduction_report.py docs/reproduction/*.xlsx \
+#       --walls docs/reproduction/walls.txt --machine "..."
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLQ=${FLQ:-$( [ -x .venv/bin/flq ] && echo .venv/bin/flq || echo flq )}
@@ -18,36 +22,42 @@ PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 ROUNDS=${ROUNDS:-800}
 EVAL_EVERY=${EVAL_EVERY:-10}
 MODES=${MODES:-"fedavg laq8 bbit bin"}
+JOBS=${JOBS:-1}
+THREADS=${THREADS:-0}
 OUT=${OUT:-results/reproduce}
 mkdir -p "$OUT"
-summary="$OUT/summary.tsv"
-printf 'mode\tb_up\tb_down\trounds\tfinal_acc\tfinal_entropy\tmean_selected\twall_s\tresults\n' > "$summary"
+: > "$OUT/walls.txt"
 
-for mode in $MODES; do
+one() {  # one published run: its spreadsheet in $OUT, its wall time in walls.txt
+  local mode=$1 bits
   case $mode in
     fedavg|laq8) bits=(--b_down 32) ;;
     bbit)        bits=(--b_up 4 --b_down 8) ;;
     bin)         bits=(--b_down 8) ;;
-    *) echo "unknown mode $mode" >&2; exit 2 ;;
+    *) echo "unknown mode $mode" >&2; return 2 ;;
   esac
   echo "== $mode ${bits[*]}: $ROUNDS rounds"
+  local start rc=0
   start=$(date +%s)
-  "$FLQ" simulate --config configs/paper_fmnist.json --mode "$mode" "${bits[@]}" \
-      --rounds "$ROUNDS" --eval_every "$EVAL_EVERY" --results_dir "$OUT" --no-progress | tee "$OUT/$mode.out"
-  wall=$(( $(date +%s) - start ))
-  xlsx=$(sed -n 's/^results: //p' "$OUT/$mode.out")
-  "$PY" - "$xlsx" "$mode" "$wall" >> "$summary" <<'PYEOF'
-import sys
-from flq.results import read_results
-path, mode, wall = sys.argv[1], sys.argv[2], sys.argv[3]
-r = read_results(path)
-c = r.curve.dropna(subset=["acc"])
-last = c.iloc[-1]
-print(f"{mode}\t{r.config.get('flq_algorithm.b_up')}\t{r.config.get('flq_algorithm.b_down')}\t{int(last['iter'])}\t"
-      f"{last['acc']:.4f}\t{last['entropy']:.4f}\t{r.curve['selcnt'].mean():.2f}\t{wall}\t{path}")
-PYEOF
-done
+  "$FLQ" simulate --config configs/paper_fmnist.json --mode "$mode" "${bits[@]}" --rounds "$ROUNDS" \
+      --eval_every "$EVAL_EVERY" --threads "$THREADS" --results_dir "$OUT" --log_dir "$OUT/logs" --no-progress \
+      > "$OUT/$mode.out" 2>&1 || rc=$?
+  echo "$mode rc=$rc wall=$(( $(date +%s) - start ))" >> "$OUT/walls.txt"
+  tail -n 4 "$OUT/$mode.out"
+}
 
-"$FLQ" plot "$OUT"/flq_results_*.xlsx --out "$OUT/plots" >/dev/null
-column -t -s $'\t' "$summary"
-echo "plots: $OUT/plots"
+pids=()
+trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait; exit 130' INT TERM
+for mode in $MODES; do
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+  one "$mode" &
+  pids+=($!)
+done
+wait
+sheets=()  # this run's spreadsheets (an earlier run's in $OUT are left out)
+for mode in $MODES; do
+  sheet=$(sed -n 's/^results: //p' "$OUT/$mode.out")
+  [ -n "$sheet" ] && sheets+=("$sheet")
+done
+"$PY" benchmarks/reproduction_report.py "${sheets[@]}" --out "$OUT" --walls "$OUT/walls.txt" --print
+echo "figures and table: $OUT"

@@ -343,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     table = results_table(runs, walls, args.machine)
     if args.print_table:
-        sys.stdout.write(table)
+        sys.stdout.write(table if table.endswith("\n") else table + "\n")
     if not args.no_write:
         figures = write_figures(runs, args.out)
         report = args.out / "results.md"

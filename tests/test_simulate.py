@@ -4,6 +4,7 @@ spreadsheet, determinism, learning, and mirrors that never drift."""
 from __future__ import annotations
 
 import hashlib
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def test_mirrors_stay_bit_identical(fmnist_available, mode):
         assert any(np.any(w.ef != 0) for w in workers)  # error feedback is live
 
 
+@pytest.mark.slow
 def test_learns_above_chance_in_ten_rounds(fmnist_available):
     cfg = small_config(total_workers=20, max_rounds=10, mode="bbit", b_up=4, b_down=8, eval_every=1000)
     res = simulate(cfg, write=False, progress=False)
@@ -108,6 +110,7 @@ def test_learns_above_chance_in_ten_rounds(fmnist_available):
     assert all(np.isnan(r["acc"]) for r in res.records[:-1])  # eval_every 1000: only the last round
 
 
+@pytest.mark.slow
 def test_cli_simulate_writes_spreadsheet_and_log(fmnist_available, tmp_path):
     cmd = [
         sys.executable,
@@ -327,8 +330,13 @@ def test_progress_to_a_file_is_a_line_every_few_rounds(fmnist_available, tmp_pat
     assert proc.returncode == 0
     text = log_file.read_text()
     assert "\r" not in text
-    lines = [x for x in text.splitlines() if x.startswith("round ")]
+    lines = [x for x in text.splitlines() if re.match(r"round \d+/40 ", x)]
     assert [x.split()[1] for x in lines] == [f"{k}/40" for k in range(2, 41, 2)]  # every 40 // 20 rounds
+    # before round 1, what it is doing (before: nothing until round 2's line)
+    first = text.index("round 2/40")
+    for step in ("loading fashion_mnist", "splitting them among", "building ", "round 1 of 40 starts"):
+        assert -1 < text.find(step) < first, step
+    assert re.search(r"^time: 40 rounds in \d+ s", text, re.M)
 
 
 def test_settings_that_cannot_train_are_refused_or_warned_at_start(fmnist_available, tmp_path):

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -65,12 +66,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     logfile = setup_logging(cfg.log_dir, f"simulate_{cfg.mode}", cfg.log_level, args.verbose, console_level="WARNING")
     remove_stale_temporaries(Path(cfg.results_dir))
+    started = time.perf_counter()
     result = simulate(cfg, write=True, progress=not args.no_progress)
+    took = time.perf_counter() - started
     last = next((r for r in reversed(result.records) if r["acc"] == r["acc"]), None)
     if last is not None:
         print(
             f"final: round {last['iter']} test accuracy {last['acc']:.4f} "
             f"cross-entropy {last['entropy']:.4f} cumulative bits {last['cum_bits_total']:.4g}"
+        )
+    if result.records:
+        import torch
+
+        rounds_s = sum(r["round_time_s"] for r in result.records)
+        n = len(result.records)
+        print(
+            f"time: {n} rounds in {rounds_s:.0f} s ({rounds_s / n:.2f} s/round, {torch.get_num_threads()} "
+            f"thread(s)); {took:.0f} s with start-up, evaluation and writing the results"
         )
     if result.results_path is not None:
         print(f"results: {result.results_path}")
@@ -84,27 +96,38 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     elif not result.records:
         print("flq simulate: no round finished, so no results were written", file=sys.stderr)
     if args.plot and result.results_path is not None:
-        from .plots import plot_results
+        from .plots import plot_name, plot_results
 
+        # named after the run's spreadsheet (itself unique): runs never replace each other's figures
         out = Path(args.plot_dir or Path(cfg.results_dir) / "plots")
-        for p in plot_results([result.results_path], out):
+        for p in plot_results([result.results_path], out, name=plot_name([result.results_path])):
             print(f"plot: {p}")
     return result.exit_status
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_results
+    from .plots import plot_name, plot_results
+    from .results import read_results
 
     paths = [Path(p) for p in args.results]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(f"no such results file: {', '.join(missing)}")
+    if args.name is not None and not args.name.strip():
+        raise ConfigError("--name must not be empty")
+    out = Path(args.out)
+    before = set(out.iterdir()) if out.is_dir() else set()
     try:
-        written = plot_results(paths, Path(args.out))
+        runs = [read_results(p) for p in paths]
+        name = args.name if args.name is not None else plot_name(runs)
+        written = plot_results(runs, out, name=name)
     except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"cannot plot: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     for p in written:
         print(p)
+    replaced = [p for p in written if p in before]
+    if replaced:
+        print(f"flq plot: replaced {len(replaced)} earlier figure(s) named {name}_* in {out}", file=sys.stderr)
     return 0
 
 
@@ -390,7 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--plot", action="store_true", help="also write the figures of this run")
+    p.add_argument(
+        "--plot",
+        action="store_true",
+        help="also write the figures of this run, named after its spreadsheet: "
+        "PLOT_DIR/<spreadsheet stem>_acc_vs_round.png ... (so runs never replace each other's)",
+    )
     p.add_argument("--plot-dir", default=None, help="where --plot writes (default RESULTS_DIR/plots)")
     p.set_defaults(func=cmd_simulate)
 
@@ -499,9 +527,24 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_arguments(p)
     p.set_defaults(func=doctor.run)
 
-    p = sub.add_parser("plot", help="figures comparing runs from their spreadsheets")
+    p = sub.add_parser(
+        "plot",
+        help="figures comparing runs from their spreadsheets",
+        description="Draw figures comparing runs (one line per run, labelled by mode, bits and the config keys "
+        "that differ between the runs) as OUT/NAME_<figure>.png: entropy_vs_round, acc_vs_round, entropy_vs_bits, "
+        "acc_vs_bits, acc_vs_uplink_bits, selected_per_round and, per bin run, binary_uploads_<label>. "
+        "NAME defaults to the spreadsheet's stem for one run (what `flq simulate --plot` writes) and to "
+        "compare_<modes>_<hash of the spreadsheets' paths> for several, so other runs never replace these "
+        "figures; plotting the same spreadsheets again redraws the same files.",
+    )
     p.add_argument("results", nargs="+", help="flq_results_*.xlsx files")
     p.add_argument("--out", default="results/plots", help="output folder (default results/plots)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="file name prefix of the figures (default: the spreadsheet's stem for one run, "
+        "compare_<modes>_<8 hex digits> for several); a figure of the same name is replaced",
+    )
     p.set_defaults(func=cmd_plot)
 
     return parser

@@ -113,8 +113,21 @@ def simulate(
         flq.outcome.Interrupted: SIGINT/SIGTERM before the first round.
     """
     t0 = time.perf_counter()
+    say = _say if progress else _quiet
     with outcome.signals_interrupt():
+        say(f"preparing: {cfg.dataset}, model {cfg.model}, {cfg.total_workers} workers, {cfg.links}")
         rt = runtime or Runtime(cfg)
+        say(f"loading {cfg.dataset} ...")
+        ds = rt.data
+        say(
+            f"{len(ds.train_y)} training and {len(ds.test_y)} test samples from {ds.source}; "
+            f"splitting them among {cfg.total_workers} workers ({describe_partition(cfg)})"
+        )
+        shares = rt.partitions
+        say(
+            f"building {cfg.total_workers} workers (shares of {min(map(len, shares))} to {max(map(len, shares))} "
+            f"samples) around a model of {rt.model.n:,} parameters"
+        )
         master_sw, workers_sw = Stopwatch(), Stopwatch()
         theta0, buffers0 = rt.initial_model()
         master = Master(
@@ -153,6 +166,9 @@ def simulate(
             startup,
             f" ({age:.2f} s since the process started)" if age is not None else "",
         )
+        every = f"; the test set is scored every {cfg.eval_every} round(s)" if cfg.eval_every else ""
+        since = f", {age:.0f} s after the command started" if age is not None else ""
+        say(f"round 1 of {cfg.max_rounds} starts{since} ({torch.get_num_threads()} thread(s){every})")
         bar = Progress(cfg.max_rounds) if progress else None
         totals: Dict[str, float] = {}
         done, theta_done, buffers_done = 0, master.theta.copy(), master.buffers  # the last complete round's model
@@ -217,6 +233,20 @@ def simulate(
     return SimulationResult(
         records, selected, theta_done, path, totals, startup, reason, detail, not_saved, buffers=buffers_done
     )
+
+
+def _say(message: str) -> None:
+    """One line of start-up progress on stderr (``progress`` on)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    """``progress`` off: start-up steps go to the log only (it has them)."""
+
+
+def describe_partition(cfg: Config) -> str:
+    """``"non-IID, Dirichlet alpha 0.1"`` or ``"IID"``: how the training set is split."""
+    return f"non-IID, Dirichlet alpha {cfg.dir_alpha:g}" if cfg.partition == "non_iid" else "IID"
 
 
 def last_accuracy(records: List[Dict[str, Any]]) -> float:
