@@ -248,7 +248,7 @@ def _fstring_free(path: Path) -> bool:
 
 @pytest.mark.parametrize("script,start", [("flq_worker.py", "start_worker.sh"), ("flq_master.py", "start_master.sh")])
 def test_entry_scripts_say_in_one_line_which_python_lacks_what(tmp_path, script, start):
-    assert _fstring_free(REPO / script)
+    assert _fstring_free(REPO / script) and _fstring_free(REPO / "flq_entry.py")
     # the project's environment: they work as before
     status, out, err, _ = _run([sys.executable, str(REPO / script), "--help"], cwd=REPO)
     assert status == 0 and "usage: flq " in out, out + err
@@ -267,6 +267,7 @@ def test_entry_scripts_say_in_one_line_which_python_lacks_what(tmp_path, script,
     (alone / "fake" / "flq").mkdir(parents=True)
     (alone / "fake" / "flq" / "__init__.py").write_text("")
     shutil.copy(REPO / script, alone / script)
+    shutil.copy(REPO / "flq_entry.py", alone / "flq_entry.py")
     status, out, err, _ = _run([sys.executable, script, "--help"], cwd=alone, env=_env(PYTHONPATH=str(alone / "fake")))
     line = _one_line(err, f"{script}: ")
     assert status == 2 and err.count("\n") == 1, err
