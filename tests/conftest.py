@@ -100,3 +100,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     expr = config.getoption("markexpr", "") or ""
     if deselected and expr:
         terminalreporter.write_line(f"{deselected} test(s) deselected by -m '{expr}'")
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib figure saved during the test, by file name, as it was
+    when saved (to check axes, labels and ticks)."""
+    from matplotlib.figure import Figure
+
+    captured = {}
+    real_savefig = Figure.savefig
+
+    def spy(self, fname, *args, **kwargs):
+        captured[Path(fname).name] = self
+        return real_savefig(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return captured

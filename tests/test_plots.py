@@ -140,11 +140,11 @@ def test_plot_name_option_and_replaced_figures_said(tmp_path, monkeypatch, capsy
     assert flq_main(["plot", str(a), "--out", str(out), "--name", " "]) == 2
 
 
-def test_plot_results_name_prefixes_every_figure(tmp_path, monkeypatch):
+def test_plot_results_name_prefixes_every_figure(tmp_path, saved_figures):
     import matplotlib
 
     matplotlib.use("Agg")
-    captured = _captured_axes(monkeypatch)
+    captured = saved_figures
     path = workbook(tmp_path / "run.xlsx", "bin", selcnt=(3,))
     written = plot_results([path], tmp_path / "p", name="run")
     assert [p.name for p in written] == [
@@ -227,20 +227,6 @@ def test_identical_configs_get_distinct_labels(tmp_path):
 # --------------------------------------------------------------------------- #
 # integer ticks
 # --------------------------------------------------------------------------- #
-def _captured_axes(monkeypatch):
-    from matplotlib.figure import Figure
-
-    captured = {}
-    real_savefig = Figure.savefig
-
-    def spy(self, fname, *args, **kwargs):
-        captured[Path(fname).name] = self
-        return real_savefig(self, fname, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", spy)
-    return captured
-
-
 def _visible_ticks(axis, lim):
     lo, hi = sorted(lim)
     return [t for t in axis.get_majorticklocs() if lo - 1e-9 <= t <= hi + 1e-9]

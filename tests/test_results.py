@@ -435,18 +435,9 @@ def test_plot_results_accepts_loaded_runs_and_dedups_labels(tmp_path):
         _assert_png(p)
 
 
-def test_plot_results_axis_labels(tmp_path, monkeypatch):
+def test_plot_results_axis_labels(tmp_path, saved_figures):
     """Check labels/scales by capturing the figures before they are saved."""
-    from matplotlib.figure import Figure
-
-    captured = {}
-    real_savefig = Figure.savefig
-
-    def spy(self, fname, *args, **kwargs):
-        captured[Path(fname).name] = self
-        return real_savefig(self, fname, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", spy)
+    captured = saved_figures
     path = tmp_path / "bin.xlsx"
     write_results(path, "bin", make_records(), {"b_up": 4}, selected=SELECTED, num_workers=NUM_WORKERS)
     plot_results([path], tmp_path / "plots")
