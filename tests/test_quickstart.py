@@ -34,7 +34,7 @@ def test_quickstart_ends_inside_its_expected_range(tmp_path, fmnist_available):
     results, the figures, and the accuracy inside the range it states."""
     done = subprocess.run(
         ["bash", str(ROOT / "quickstart.sh"), "--results_dir", str(tmp_path / "results")]
-        + ["--log_dir", str(tmp_path / "logs"), "--no-progress"],
+        + ["--log_dir", str(tmp_path / "logs")],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -115,9 +115,8 @@ def simulate(
     t0 = time.perf_counter()
     say = _say if progress else _quiet
     with outcome.signals_interrupt():
-        say(f"preparing: {cfg.dataset}, model {cfg.model}, {cfg.total_workers} workers, {cfg.links}")
-        rt = runtime or Runtime(cfg)
-        say(f"loading {cfg.dataset} ...")
+        rt = runtime or Runtime(cfg)  # the model: a factory that fails is one line, and nothing else printed
+        say(f"loading {cfg.dataset} for {cfg.total_workers} workers, model {cfg.model}, {cfg.links} ...")
         ds = rt.data
         say(
             f"{len(ds.train_y)} training and {len(ds.test_y)} test samples from {ds.source}; "
