@@ -70,6 +70,7 @@ def measure_cluster(
     credentials: bool = False,
     mtls: bool = False,
     timeout_s: float = 3600.0,
+    port: int = 0,
 ) -> Dict[str, Any]:
     """Run a master and ``workers`` worker processes on loopback for ``rounds``
     rounds (configs/paper_fmnist.json, one PyTorch thread each) and read the
@@ -77,7 +78,8 @@ def measure_cluster(
 
     ``extra_master_args`` go to ``flq master`` after the others (so they win).
     The run must end within ``timeout_s``; every process started here is
-    ended however this returns (an error, Ctrl-C).
+    ended however this returns (an error, Ctrl-C). ``port``: the master's
+    (0 = a free one), for a caller that watches the run while it goes.
 
     Returns a dict: ``rows`` (one dict per timed round, the first round left
     out: ``total`` = the spreadsheet's ``round_time_s``, ``worker``,
@@ -91,9 +93,10 @@ def measure_cluster(
     """
     from flq.results import read_results
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     work = Path(tempfile.mkdtemp(prefix="flq_cluster_bench_"))
     py = sys.executable
     creds = work / "creds"

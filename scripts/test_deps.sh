@@ -2,7 +2,8 @@
 # Install what the test suite needs besides Python packages (scripts/bootstrap.sh
 # makes those): Debian's Fashion-MNIST (most tests), an sshd, ssh, ssh-keygen,
 # rsync and curl (tests/test_deploy.py's deployments over a real sshd), openssl
-# (the TLS tests).
+# (the TLS tests), chromium (the dashboard's browser tests, driven by playwright
+# with no browser download).
 #
 #   bash scripts/test_deps.sh [PYTHON]   # run_tests.sh does; PYTHON (with flq) finds the
 #                                        # dataset wherever flq would, else Debian's folder
@@ -24,6 +25,7 @@ ITEMS=(
   "tool:rsync|rsync|tests/test_deploy.py (ssh deployments skip)"
   "tool:curl|curl|tests/test_deploy.py (ssh deployments skip)"
   "tool:openssl|openssl|the TLS tests in tests/test_client.py and test_server.py (fail)"
+  "tool:chromium|chromium|the browser tests in tests/test_dashboard.py (fail)"
 )
 have() {
   case $1 in

@@ -64,10 +64,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .outputs import remove_stale_temporaries
     from .simulate import simulate
 
+    server = monitor = None
+    if args.serve is not None:  # the port is taken before any work: one in use is one line, at once
+        from .monitor import LocalRun, RunMonitor
+        from .nodes import listen_on
+        from .transport.dashboard import BackgroundServer, page_url, simulation_app
+
+        if args.serve_linger < 0 or args.serve_linger > 86400:
+            raise ConfigError(f"--serve_linger {args.serve_linger}: expected seconds 0..86400")
+        sock = listen_on(args.serve_host, cfg.master_port if args.serve == -1 else args.serve)
+        monitor = RunMonitor(cfg, LocalRun(cfg), "simulation")
+        server = BackgroundServer(simulation_app(monitor, monitor.source, cfg.auth_token), sock)
+        token = "?token=<auth_token>" if cfg.auth_token else ""
+        print(f"dashboard: {page_url('http', args.serve_host, 0, sock)}{token}", file=sys.stderr, flush=True)
     logfile = setup_logging(cfg.log_dir, f"simulate_{cfg.mode}", cfg.log_level, args.verbose, console_level="WARNING")
     remove_stale_temporaries(Path(cfg.results_dir))
     started = time.perf_counter()
-    result = simulate(cfg, write=True, progress=not args.no_progress)
+    try:
+        result = simulate(cfg, write=True, progress=not args.no_progress, monitor=monitor)
+    except BaseException:
+        if server is not None:
+            _linger(server, monitor, 0)
+        raise
     took = time.perf_counter() - started
     last = next((r for r in reversed(result.records) if r["acc"] == r["acc"]), None)
     if last is not None:
@@ -102,7 +120,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         out = Path(args.plot_dir or Path(cfg.results_dir) / "plots")
         for p in plot_results([result.results_path], out, name=plot_name([result.results_path])):
             print(f"plot: {p}")
+    if server is not None:
+        _linger(server, monitor, args.serve_linger)
     return result.exit_status
+
+
+def _linger(server, monitor, seconds: float) -> None:
+    """Keep the dashboard of a finished simulation up ``seconds`` more, so
+    open pages get its final state (SIGINT or SIGTERM ends the wait), then stop it."""
+    run = monitor.source
+    if run.state != "finished":  # ended by an exception before the loop's end
+        run.finish("error", "the simulation failed")
+    if seconds > 0:
+        print(f"dashboard: showing the final state for {seconds:g} s more (Ctrl-C ends it)", file=sys.stderr)
+        with outcome.signals_interrupt():
+            try:
+                time.sleep(seconds)
+            except outcome.Interrupted:
+                pass
+    server.stop()
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -420,6 +456,26 @@ def build_parser() -> argparse.ArgumentParser:
         "PLOT_DIR/<spreadsheet stem>_acc_vs_round.png ... (so runs never replace each other's)",
     )
     p.add_argument("--plot-dir", default=None, help="where --plot writes (default RESULTS_DIR/plots)")
+    p.add_argument(
+        "--serve",
+        nargs="?",
+        type=int,
+        const=-1,
+        default=None,
+        metavar="PORT",
+        help="serve the run's dashboard (GET /) and Prometheus metrics (/metrics) on PORT (default: master_port; "
+        "0 = any free port), read-only but for its Stop button",
+    )
+    p.add_argument(
+        "--serve_host", default="127.0.0.1", help="address the dashboard listens on (default 127.0.0.1: this machine)"
+    )
+    p.add_argument(
+        "--serve_linger",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="keep the dashboard up S seconds after the run ends, for its final state (default 5)",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("master", help="serve a run to workers over HTTP (port 5000)")

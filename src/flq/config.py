@@ -375,13 +375,19 @@ class JetsonOptimizationSection(_Section):
 
 
 class LoggingSection(_Section):
-    """``logging``: log level and where logs and spreadsheets go."""
+    """``logging``: log level and where logs, spreadsheets and TensorBoard scalars go."""
 
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], pydantic.BeforeValidator(_choice(str.upper))] = (
         _field("INFO", "log level", alias="level")
     )
     log_dir: Annotated[str, Str] = _field("logs", "where logs go", allowed="a folder path")
     results_dir: Annotated[str, Str] = _field("results", "where spreadsheets go", allowed="a folder path")
+    tensorboard_dir: Annotated[str, Str] = _field(
+        "",
+        "write TensorBoard scalars (accuracy, cross-entropy, loss, selected, bits) of each run into a folder of "
+        "its own here (needs pip install 'flq-fed[tensorboard]')",
+        allowed="a folder path ('' = none)",
+    )
 
 
 #: The sections of ``flq_config.json``, in file order.

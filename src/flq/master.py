@@ -142,6 +142,10 @@ class Master:
         self.wire_down_cum = 0
         self.records: List[Dict[str, Any]] = []
         self.selected_history: List[List[int]] = []
+        #: per round done: ``{"candidates": int, "selected": [[worker, cost in bits], ...]}``, the budget
+        #: selection of step 6 (selection order) with each offer's cost; ``selected_history`` says whose
+        #: upload then arrived (a selected worker's cost is what its upload was charged)
+        self.selection_history: List[Dict[str, Any]] = []
         self._warned_nothing_fits = False
         self._reset_round()
         if cfg.adaptive_width and cfg.sel_clients + (cfg.up_budget_bits == 0) > 0:
@@ -455,6 +459,12 @@ class Master:
                 self.background.submit(record, theta, buffers)  # never changed in place: no copy
             record["round_time_s"] = time.perf_counter() - self.round_started
         self.records.append(record)
+        self.selection_history.append(
+            {
+                "candidates": sum(1 for o in self.offers.values() if o.candidate),
+                "selected": [[m, int(self.offers[m].cost)] for m in self.selected],
+            }
+        )
         self.selected_history.append(uploaded)
         with self._published:
             self.theta, self.buffers, self.round = theta, buffers, self.round + 1
@@ -570,6 +580,7 @@ class Master:
             "wire_down_cum": self.wire_down_cum,
             "records": [dict(r) for r in self.records],
             "selected_history": [list(s) for s in self.selected_history],
+            "selection_history": [dict(s) for s in self.selection_history],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -595,6 +606,9 @@ class Master:
         self.wire_up_cum, self.wire_down_cum = int(state["wire_up_cum"]), int(state["wire_down_cum"])
         self.records = [dict(r) for r in state["records"]]
         self.selected_history = [list(s) for s in state["selected_history"]]
+        # a checkpoint from before the selection history: its rounds show no selection
+        empty = [{"candidates": 0, "selected": []}] * len(self.selected_history)
+        self.selection_history = [dict(s) for s in state.get("selection_history", empty)]
         self._reset_round()
 
 

@@ -133,12 +133,15 @@ def run_master(
     from .datasets import labels_digest
     from .master import Master
     from .model import state_dict_bytes, state_dict_from_flat
+    from .monitor import RunMonitor, ScalarLog
     from .outputs import one_line, remove_stale_temporaries
     from .runtime import Runtime
     from .summary import describe_buffers, save_results
     from .timing import Stopwatch
+    from .transport.dashboard import page_url
     from .transport.server import create_app, serve
 
+    scalars = ScalarLog.open(cfg, "master")  # a missing tensorboard package stops the run before any work
     rt = Runtime(cfg)
     _ = rt.data  # load (or fail on) the dataset before serving anybody
     theta0, buffers0 = rt.initial_model()
@@ -163,6 +166,11 @@ def run_master(
     written: Dict[str, Any] = {}
     lock = threading.Lock()
     cluster: Any = None
+
+    def after_round(record: Dict[str, Any]) -> None:
+        checkpoint(record)
+        if scalars is not None:
+            scalars.update(monitor)
 
     def checkpoint(record: Optional[Dict[str, Any]] = None) -> None:
         """Every checkpoint_every rounds, and (record None) once more at the end of the run."""
@@ -193,6 +201,8 @@ def run_master(
                 return
             written["reason"] = reason
             master.finish_evaluations(raise_error=False)  # every record with its accuracy (eval_overlap)
+            if scalars is not None:
+                scalars.close(monitor)
             checkpoint()  # the state at the end, so that --resume continues exactly here
             if not master.records:
                 log.warning("run ended (%s) before any round finished: no results to write", reason)
@@ -210,6 +220,7 @@ def run_master(
                 worker_threads=threads,
             )
             written["path"], written["problem"] = path, problem
+            monitor.results = str(path) if path is not None else ""
             if path is not None:
                 print(f"results: {path}", flush=True)
 
@@ -220,7 +231,7 @@ def run_master(
     cluster = ClusterMaster(
         master,
         cfg,
-        on_round=checkpoint,
+        on_round=after_round,
         on_finish=write,
         run_id=run_of(ckpt, cfg.dataset_tag, cfg.mode) if resume is not None else run_id,
         data_digest=labels_digest(rt.data.train_y),
@@ -234,6 +245,7 @@ def run_master(
             return None if info is None or info.left else info.session
 
         verifier = Verifier(load_master_secret(Path(cfg.credentials)), cfg.total_workers, current_session)
+    monitor = RunMonitor(cfg, cluster, "cluster")
     app = create_app(
         cluster,
         model_state=lambda theta, buffers: state_dict_from_flat(rt.layout, theta, buffers),
@@ -242,6 +254,7 @@ def run_master(
         auth_token=cfg.auth_token,
         status_token_free=not cfg.status_requires_token,
         verifier=verifier,
+        monitor=monitor,
     )
     log.info(
         "master listening on %s://%s:%d (%s, %d workers, %d rounds, mode %s, n=%d%s)",
@@ -255,6 +268,15 @@ def run_master(
         rt.layout.n,
         describe_buffers(cfg, rt.layout),
     )
+    scheme = "https" if certfile else "http"
+    log.info(
+        "dashboard: %s%s (Prometheus metrics at /metrics%s)",
+        page_url(scheme, cfg.master_host, cfg.master_port, sock),
+        "?token=<auth_token>" if cfg.auth_token else "",
+        ", with the bearer token" if cfg.auth_token else "",
+    )
+    if scalars is not None:
+        log.info("TensorBoard scalars: %s", scalars.path)
     try:
         outcome.raise_if_interrupted()  # a signal during start-up whose exception a finalizer swallowed
         asyncio.run(

@@ -24,6 +24,7 @@ from .evaluation import EvaluationFailed
 from .logs import FILE_ONLY
 from .master import Master
 from .model import state_dict_from_flat
+from .monitor import LocalRun, RunMonitor, ScalarLog
 from .outputs import one_line
 from .runtime import Runtime
 from .summary import describe_buffers, log_round, round_timings, save_results
@@ -86,6 +87,7 @@ def simulate(
     on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
     runtime: Optional[Runtime] = None,
     on_model: Optional[Callable[[int, np.ndarray, Tuple[np.ndarray, ...]], None]] = None,
+    monitor: Optional[RunMonitor] = None,
 ) -> SimulationResult:
     """Run ``cfg.max_rounds`` rounds of FLQ with all workers in this process.
 
@@ -106,6 +108,12 @@ def simulate(
         on_model: called after each round as ``on_model(rounds done,
             theta, buffers)`` with the global model (float32 (n,) and its
             buffers; read-only to the callee), e.g. to keep snapshots.
+        monitor: a :class:`~flq.monitor.RunMonitor` whose source is a
+            :class:`~flq.monitor.LocalRun`, for a dashboard to watch
+            (``flq simulate --serve``): the loop reports its phases and worker
+            states to it, and stops after the round in progress when it asks
+            (reason ``stopped``). With ``tensorboard_dir`` set, the scalars
+            are written as the rounds go (:class:`~flq.monitor.ScalarLog`).
 
     Raises:
         flq.datasets.DatasetNotFoundError: the dataset cannot be found or fetched.
@@ -114,6 +122,10 @@ def simulate(
     """
     t0 = time.perf_counter()
     say = _say if progress else _quiet
+    scalars = ScalarLog.open(cfg, "simulate")  # a missing tensorboard package stops here, before any work
+    if monitor is None:
+        monitor = RunMonitor(cfg, LocalRun(cfg), "simulation")
+    run: LocalRun = monitor.source
     with outcome.signals_interrupt():
         rt = runtime or Runtime(cfg)  # the model: a factory that fails is one line, and nothing else printed
         say(f"loading {cfg.dataset} for {cfg.total_workers} workers, model {cfg.model}, {cfg.links} ...")
@@ -151,6 +163,7 @@ def simulate(
             )
             for m in range(cfg.total_workers)
         ]
+        run.attach(master)
         startup = time.perf_counter() - t0
         age = process_age_s()
         log.info(
@@ -175,16 +188,28 @@ def simulate(
         try:
             while not master.finished:
                 outcome.raise_if_interrupted()  # a signal whose exception a finalizer swallowed
+                if run.stop_requested:  # the dashboard's Stop, answered between rounds like POST /stop
+                    reason, detail = outcome.STOPPED, f"stopped from the dashboard after {done} rounds"
+                    log.warning("%s", detail, extra=FILE_ONLY)
+                    break
                 k = master.round
+                run.begin_round()
                 me_k = master.begin_round()  # step 1
                 for w in workers:  # steps 2-5
+                    run.set_worker(w.worker_id, "training")
                     master.add_offer(w.offer(k, me_k, master.downlink(w.worker_id)))
+                    run.set_worker(w.worker_id, "offered")
                 chosen = set(master.select())  # step 6
+                run.set_phase("uploads")
                 for w in workers:  # steps 7-8
                     if w.worker_id in chosen:
+                        run.set_worker(w.worker_id, "uploading")
                         master.receive_upload(w.worker_id, w.upload(k))
+                        run.set_worker(w.worker_id, "uploaded")
                     else:
                         w.skip(k)
+                        run.set_worker(w.worker_id, "skipped")
+                run.set_phase("closing")
                 with outcome.critical():  # a signal waits until the round is recorded
                     try:
                         record = master.end_round()  # steps 9-10
@@ -201,6 +226,9 @@ def simulate(
                     on_round(record)
                 if on_model is not None:
                     on_model(done, theta_done, buffers_done)
+                run.end_round()
+                if scalars is not None:
+                    scalars.update(monitor)
         except outcome.Interrupted as exc:
             reason = exc.reason
             detail = f"{reason.upper()} after {done} rounds"
@@ -223,12 +251,15 @@ def simulate(
                 log.error("%s", exc, extra=FILE_ONLY)
         if master.background is not None:  # evaluated in the background: timed there, into each record
             totals["master_evaluate_s"] = sum(r.get("master_evaluate_s", 0.0) for r in master.records[:done])
+        if scalars is not None:
+            scalars.close(monitor)
     records, selected = master.records[:done], master.selected_history[:done]
     path, not_saved = None, ""
     if write and records:
         with outcome.signals_deferred():
             state = state_dict_from_flat(rt.layout, theta_done, buffers_done)
             path, not_saved = save_results(cfg, reason, detail, records, selected, state, done, device=str(rt.device))
+    run.finish(reason, detail or not_saved, str(path) if path is not None else "")
     return SimulationResult(
         records, selected, theta_done, path, totals, startup, reason, detail, not_saved, buffers=buffers_done
     )

@@ -6,11 +6,14 @@ per-worker signatures, and the request body's size and time limits. Each refusal
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import html
 import json
 import logging
 import time
 from typing import Dict
+from urllib.parse import parse_qs
 
 from ..credentials import AuthError
 from ..protocol import Code
@@ -23,20 +26,94 @@ SCOPE_BODY = "flq.body"
 BODY_TIMEOUT_S = 30.0
 
 
-class RequestCount:
-    """ASGI middleware: count the HTTP requests by ``"METHOD /path"`` (paths
-    outside ``paths`` count as ``"other"``, so the table stays bounded)
-    in ``counts``, for ``/status`` and the master's last log line."""
+class RequestMetrics:
+    """ASGI middleware, outermost: count every HTTP request by ``"METHOD
+    /path"`` in ``counts`` (for ``/status`` and the master's last log line),
+    and with a Prometheus ``registry`` observe each request's latency by
+    endpoint (``flq_http_request_duration_seconds``), the HTTP body bytes
+    each way (``flq_http_bytes_total{direction}``) and every refusal by its
+    protocol code (``flq_refusals_total{code}``, read from the JSON error
+    body). Paths outside ``paths`` count as ``"other"``, so every label set
+    stays bounded."""
 
-    def __init__(self, app, paths, counts: Dict[str, int]) -> None:
+    def __init__(self, app, paths, counts: Dict[str, int], registry=None) -> None:
         self.app, self.paths, self.counts = app, paths, counts
+        self.metrics = None
+        if registry is not None:
+            from prometheus_client import Counter, Histogram
+
+            self.metrics = (
+                Histogram(
+                    "flq_http_request_duration_seconds",
+                    "Time to answer an HTTP request (long polls included), seconds",
+                    ["endpoint"],
+                    buckets=LATENCY_BUCKETS,
+                    registry=registry,
+                ),
+                Counter("flq_http_bytes", "HTTP body bytes", ["direction"], registry=registry),
+                Counter("flq_refusals", "Requests refused, by protocol code", ["code"], registry=registry),
+            )
+
+    def _endpoint(self, scope) -> str:
+        path = scope["path"]
+        if path in self.paths:
+            return f"{scope['method']} {path}"
+        if path.startswith("/workers/") and path.endswith("/mirrors"):
+            return f"{scope['method']} /workers/{{id}}/mirrors"
+        return "other"
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            path = scope["path"]
-            key = f"{scope['method']} {path}" if path in self.paths else "other"
-            self.counts[key] = self.counts.get(key, 0) + 1
-        return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        key = self._endpoint(scope)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self.metrics is None:
+            return await self.app(scope, receive, send)
+        latency, body_bytes, refusals = self.metrics
+        started, status, error = time.perf_counter(), [0], []
+        up = down = 0
+
+        async def counted_receive():
+            nonlocal up
+            message = await receive()
+            up += len(message.get("body", b""))
+            return message
+
+        async def counted_send(message):
+            nonlocal down
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                chunk = message.get("body", b"")
+                down += len(chunk)
+                if status[0] >= 400 and sum(map(len, error)) < 4096:
+                    error.append(chunk)
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, counted_send)
+        finally:
+            latency.labels(key).observe(time.perf_counter() - started)
+            body_bytes.labels("up").inc(up)
+            body_bytes.labels("down").inc(down)
+            if status[0] >= 400:
+                refusals.labels(_refusal_code(b"".join(error), status[0])).inc()
+
+
+#: Buckets of the request-latency histogram, seconds (long polls wait up to 120 s).
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def _refusal_code(body: bytes, status: int) -> str:
+    """The protocol code of a refusal's JSON body (``http_<status>`` when it has none)."""
+    try:
+        code = json.loads(body).get("code")
+    except (ValueError, AttributeError):
+        code = None
+    return code if isinstance(code, str) and code in _CODES else f"http_{status}"
+
+
+_CODES = frozenset(str(c) for c in Code)
 
 
 class BodyLimit:
@@ -89,22 +166,110 @@ class BearerAuth:
     """ASGI middleware: without ``Authorization: Bearer <token>`` a request is
     refused with 401 ``unauthorized`` before anything reads it (``token`` '' =
     no auth; ``open_paths`` need none; with ``signed_workers`` the worker paths
-    are left to :class:`WorkerAuth`). A plain ASGI class, so a client that
-    hangs up mid-request cannot make it fail."""
+    are left to :class:`WorkerAuth`; paths under ``open_prefixes``, the
+    dashboard's static files, need none either). A plain ASGI class, so a client that
+    hangs up mid-request cannot make it fail.
 
-    def __init__(self, app, token: str, open_paths, signed_workers: bool = False) -> None:
+    A browser cannot send a bearer token, so the ``browser_paths`` (the
+    dashboard, its state, ``/metrics``, ``/status``, ``/stop``) also accept
+    the dashboard cookie: ``GET /?token=<token>`` answers 303 to ``/`` with
+    an HttpOnly, SameSite=Strict cookie holding a value derived from the
+    token (:func:`dashboard_cookie`; not the token itself, so it is no good
+    on the worker paths). A POST with the cookie must also carry the header
+    ``X-FLQ-Dashboard: 1``, which no cross-site form can send. Without
+    either, ``GET /`` answers a 401 page saying how to open it."""
+
+    def __init__(
+        self, app, token: str, open_paths, signed_workers: bool = False, browser_paths=(), open_prefixes=()
+    ) -> None:
         self.app, self.expected, self.open_paths = app, f"Bearer {token}".encode(), frozenset(open_paths)
+        self.open_prefixes = tuple(open_prefixes)  # static files: no run data in them
         self.token, self.signed_workers = token, signed_workers
+        self.browser_paths = frozenset(browser_paths)
+        self.cookie = dashboard_cookie(token).encode() if token else b""
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.token or scope["path"] in self.open_paths:
             return await self.app(scope, receive, send)
-        if self.signed_workers and is_worker_path(scope["path"]):  # WorkerAuth checks these
+        path = scope["path"]
+        if path.startswith(self.open_prefixes):
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        if self.signed_workers and is_worker_path(path):  # WorkerAuth checks these
             return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return await self.app(scope, receive, send)
+        if path in self.browser_paths:
+            if path == "/" and scope["method"] == "GET":
+                given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+                if given is not None:
+                    if hmac.compare_digest(given[-1].encode(), self.token.encode()):
+                        return await _send_login(send, self.cookie, secure=scope.get("scheme") == "https")
+                    return await _send_page(send, 401, "wrong token: open /?token=<the run's auth_token>")
+            cookie = _cookie(headers.get(b"cookie", b""), COOKIE_NAME)
+            if cookie and hmac.compare_digest(cookie, self.cookie):
+                if scope["method"] == "GET" or headers.get(b"x-flq-dashboard") == b"1":
+                    return await self.app(scope, receive, send)
+            if path == "/":
+                return await _send_page(
+                    send, 401, "this run needs its token: open /?token=<the run's auth_token> once in this browser"
+                )
         return await _send_error(send, Code.UNAUTHORIZED, "missing or wrong bearer token")
+
+
+#: The dashboard cookie's name (:class:`BearerAuth`).
+COOKIE_NAME = "flq_dashboard"
+
+
+def dashboard_cookie(token: str) -> str:
+    """The dashboard cookie's value for ``token``: HMAC-SHA-256 of a fixed
+    label under the token, hex (the cookie never holds the token itself)."""
+    return hmac.new(token.encode(), b"flq-dashboard-cookie-v1", hashlib.sha256).hexdigest()
+
+
+def _cookie(header: bytes, name: str) -> bytes:
+    """The value of cookie ``name`` in a ``Cookie`` header (b'' when absent)."""
+    for part in header.split(b";"):
+        key, _, value = part.strip().partition(b"=")
+        if key == name.encode():
+            return value
+    return b""
+
+
+async def _send_login(send, cookie: bytes, secure: bool) -> None:
+    """303 to ``/`` setting the dashboard cookie (the token leaves the address bar)."""
+    flags = b"; Path=/; HttpOnly; SameSite=Strict" + (b"; Secure" if secure else b"")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [
+                (b"location", b"/"),
+                (b"set-cookie", COOKIE_NAME.encode() + b"=" + cookie + flags),
+                (b"cache-control", b"no-store"),
+                (b"content-length", b"0"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _send_page(send, status: int, text: str) -> None:
+    """A short HTML page (the dashboard's refusals: a browser shows it)."""
+    body = (f"<!doctype html><meta charset=utf-8><title>FLQ-Fed dashboard</title><p>{html.escape(text)}</p>").encode()
+    log.warning("dashboard refused (%d): %s", status, text)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 #: The worker protocol's paths (and ``/workers/{id}/mirrors``): with per-worker

@@ -18,6 +18,8 @@ Monitoring, as the original README calls it:
   initial model.
 - ``POST /stop``: stop after the current round, write the results, tell the
   workers to exit.
+- ``GET /``: the dashboard page; ``GET /dashboard/state``: its data;
+  ``GET /metrics``: Prometheus metrics (:mod:`flq.transport.dashboard`).
 
 The worker protocol (binary bodies for vectors, JSON for the rest):
 
@@ -96,7 +98,8 @@ from ..credentials import CHALLENGE_TTL_S, Verifier
 from ..master import MasterError
 from ..messages import Offer, Progress
 from ..protocol import Code, round_index, round_number
-from .middleware import SCOPE_WORKER, BearerAuth, BodyLimit, RequestCount, WorkerAuth
+from .dashboard import BROWSER_PATHS, STATIC_PREFIX, add_dashboard
+from .middleware import SCOPE_WORKER, BearerAuth, BodyLimit, RequestMetrics, WorkerAuth
 from .schemas import (
     ANY_ROUTE,
     BODY,
@@ -142,6 +145,7 @@ def create_app(
     auth_token: str = "",
     on_shutdown: Optional[Callable[[], None]] = None,
     verifier: Optional[Verifier] = None,
+    monitor: Any = None,
 ) -> FastAPI:
     """The FastAPI application of one master.
 
@@ -156,7 +160,11 @@ def create_app(
         verifier: per-worker credentials (:class:`flq.credentials.Verifier`):
             every worker call must be signed by the worker it acts for, and
             needs no bearer token; None: the bearer token alone.
+        monitor: the run's :class:`flq.monitor.RunMonitor`: adds the
+            dashboard (``GET /``) and ``GET /metrics``
+            (:mod:`flq.transport.dashboard`); None: neither.
     """
+    from prometheus_client import CollectorRegistry
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -186,9 +194,20 @@ def create_app(
     open_paths = {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"} | (
         {"/status"} if status_token_free else set()
     )
-    app.add_middleware(BearerAuth, token=auth_token, open_paths=open_paths, signed_workers=verifier is not None)
+    app.add_middleware(
+        BearerAuth,
+        token=auth_token,
+        open_paths=open_paths,
+        signed_workers=verifier is not None,
+        browser_paths=BROWSER_PATHS,
+        open_prefixes=(STATIC_PREFIX + "/",),
+    )
     app.state.requests, routes = {}, set()  # routes: filled below, once they are declared
-    app.add_middleware(RequestCount, paths=routes, counts=app.state.requests)  # outermost: refused ones count too
+    app.state.registry = registry = CollectorRegistry()  # this app's own: several masters can share a process
+    # outermost: refused requests count too
+    app.add_middleware(RequestMetrics, paths=routes, counts=app.state.requests, registry=registry)
+    if monitor is not None:
+        add_dashboard(app, monitor, registry)
 
     def acting_as(request: Request, worker_id: int) -> None:
         """Check the id a worker call acts for: one of the run's, and (with
