@@ -177,7 +177,8 @@ def test_dashboard_in_a_browser_on_a_loopback_cluster(tmp_path, fmnist_available
     cluster = start_cluster(
         tmp_path,
         4,
-        {"eval_every": 1, "max_rounds": 80, "tensorboard_dir": str(tmp_path / "tb")},
+        # the small model: rounds of a fraction of a second, so that the page has much to follow
+        {"eval_every": 1, "max_rounds": 600, "model": "mlp", "tensorboard_dir": str(tmp_path / "tb")},
         master_args=["--linger_s", "10"],
     )
     w = Watched(browser)
@@ -201,7 +202,8 @@ def test_dashboard_in_a_browser_on_a_loopback_cluster(tmp_path, fmnist_available
 def test_dashboard_in_a_browser_on_simulate_serve(tmp_path, fmnist_available, browser):
     port = free_port()
     cmd = [sys.executable, "-m", "flq", "simulate", "--config", str(PAPER_CONFIG), "--total_workers", "4"]
-    cmd += ["--max_rounds", "80", "--eval_every", "1", "--threads", "1", "--no-progress", "--serve", str(port)]
+    cmd += ["--max_rounds", "600", "--model", "mlp", "--eval_every", "1", "--threads", "1", "--no-progress"]
+    cmd += ["--serve", str(port)]
     cmd += ["--serve_linger", "8", "--results_dir", str(tmp_path / "results"), "--log_dir", str(tmp_path / "logs")]
     out = open(tmp_path / "simulate.out", "wb")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)

@@ -172,3 +172,29 @@ def test_a_snapshot_is_never_changed_by_a_later_round():
     assert (done, after_done) == (0, 1)
     assert np.array_equal(before, kept)  # the array handed out before the round was not touched
     assert not np.array_equal(after, kept) and after is master.theta  # the round published a new model
+
+
+def test_each_round_keeps_its_selection_with_costs_for_the_dashboard():
+    """``selection_history``: per round, the candidates counted and the
+    workers selected (in selection order, best gain first) with their costs
+    in bits; ``selected_history`` says whose upload arrived. Both survive a
+    checkpoint, and a checkpoint from before the history loads with empty
+    selections, one per round done."""
+    cfg, master = _master(total_workers=4, mode="fedavg", b_down=32, up_budget_bits=0, sel_clients=2)
+    master.begin_round()
+    for m, gain in enumerate([1.0, 3.0, 2.0, 5.0]):
+        master.downlink(m)
+        master.add_offer(_offer(master, m, gain=gain, candidate=m != 3))  # worker 3 skips (lazy)
+    assert master.select() == [1, 2]
+    master.receive_upload(1, packing.encode(raw(np.full(master.n, 0.01, np.float32))))  # 2's never arrives
+    master.end_round()
+    cost = master.upload_cost
+    assert master.selection_history == [{"candidates": 3, "selected": [[1, cost], [2, cost]]}]
+    assert master.selected_history == [[1]]
+    state = master.state_dict()
+    again = _master(total_workers=4, mode="fedavg", b_down=32, up_budget_bits=0, sel_clients=2)[1]
+    again.load_state_dict(state)
+    assert again.selection_history == master.selection_history
+    del state["selection_history"]
+    again.load_state_dict(state)
+    assert again.selection_history == [{"candidates": 0, "selected": []}]

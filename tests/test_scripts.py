@@ -378,10 +378,11 @@ def test_test_deps_names_what_is_missing_and_the_tests_it_affects(tmp_path):
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
     line = lines[0]
-    for tool in ("rsync", "curl", "ssh", "openssl"):
+    for tool in ("rsync", "curl", "ssh", "openssl", "chromium"):
         assert tool in line.split("; affected:")[0], line
     assert "tests/test_deploy.py (ssh deployments skip)" in line
-    assert "apt-get install curl openssh-client openssl rsync" in line
+    assert "the browser tests in tests/test_dashboard.py (fail)" in line
+    assert "apt-get install chromium curl openssh-client openssl rsync" in line
     assert "Fashion-MNIST" not in line  # flq finds it (the tests need it)
 
 

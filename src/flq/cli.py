@@ -72,7 +72,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         if args.serve_linger < 0 or args.serve_linger > 86400:
             raise ConfigError(f"--serve_linger {args.serve_linger}: expected seconds 0..86400")
-        sock = listen_on(args.serve_host, cfg.master_port if args.serve == -1 else args.serve)
+        sock = listen_on(
+            args.serve_host,
+            cfg.master_port if args.serve == -1 else args.serve,
+            "--serve PORT",
+            "master or dashboard",
+            "--serve_host",
+        )
         monitor = RunMonitor(cfg, LocalRun(cfg), "simulation")
         server = BackgroundServer(simulation_app(monitor, monitor.source, cfg.auth_token), sock)
         token = "?token=<auth_token>" if cfg.auth_token else ""

@@ -36,10 +36,15 @@ def check_resumable(saved: Dict[str, Any], cfg: Config) -> None:
             )
 
 
-def listen_on(host: str, port: int):
+def listen_on(
+    host: str, port: int, flag: str = "--port", who: str = "master", host_flag: str = "config key 'system.master_host'"
+):
     """A socket bound to ``host:port`` and listening, for the master to serve
     on later: taken before the data loads, so a second master on the same
     port is refused at once, not after its start-up.
+
+    ``host_flag``, ``flag`` and ``who`` name the options that chose the
+    address and the port, and what else may hold it, for the error's one line.
 
     Raises:
         ConfigError: the address cannot be resolved or listened on (in use ...).
@@ -49,7 +54,7 @@ def listen_on(host: str, port: int):
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise ConfigError(f"config key 'system.master_host': cannot resolve {host!r} ({exc})") from None
+        raise ConfigError(f"{host_flag}: cannot resolve {host!r} ({exc})") from None
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -59,7 +64,7 @@ def listen_on(host: str, port: int):
     except OSError as exc:
         sock.close()
         raise ConfigError(
-            f"cannot listen on {host}:{port} ({exc.strerror or exc}); another master running? choose another --port"
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); another {who} running? choose another {flag}"
         ) from None
     return sock
 
