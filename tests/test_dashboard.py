@@ -164,6 +164,7 @@ def check_against_results(scrape: dict, xlsx: Path) -> None:
     curve = read_results(xlsx).curve
     last = curve.iloc[-1]
     assert scrape[("flq_rounds_total", ())] == len(curve)
+    assert scrape[("flq_round", ())] == len(curve)  # once over: the last round done, stopped or not
     assert scrape[("flq_uplink_bits_total", ())] == last["bits_up_cum"]
     assert scrape[("flq_downlink_bits_total", ())] == last["bits_down_cum"]
     assert scrape[("flq_wire_bytes_total", (("direction", "up"),))] == last["wire_bytes_up_cum"]
@@ -326,7 +327,11 @@ def test_dashboard_and_metrics_need_the_token(guarded):
         assert c.post("/workers/register", json={"worker_id": 0}).status_code == 401
         assert c.post("/stop").status_code == 401
         assert not guarded.cluster.stop_requested
-        assert c.post("/stop", headers={"X-FLQ-Dashboard": "1"}).status_code == 200
+        # another site's page cannot stop the run, whatever it holds (a form post carries its Origin)
+        evil = c.post("/stop", headers={"X-FLQ-Dashboard": "1", "Origin": "http://evil.example", **bearer})
+        assert evil.status_code == 403 and evil.json()["code"] == "cross_origin"
+        assert not guarded.cluster.stop_requested
+        assert c.post("/stop", headers={"X-FLQ-Dashboard": "1", "Origin": url}).status_code == 200
     assert guarded.cluster.stop_requested
     refused = metrics(url, headers=bearer)
     assert refused[("flq_refusals_total", (("code", "unauthorized"),))] == 6  # the JSON refusals above
@@ -393,6 +398,15 @@ def test_metrics_follow_a_simulation_and_equal_its_spreadsheet(tmp_path, fmnist_
         result = simulate(cfg, progress=False, on_round=scrape, monitor=monitor)
         scrapes.append(metrics(url))
         final = httpx.get(f"{url}/dashboard/state", params={"rounds_since": 5}, timeout=10).json()
+        # refusals as the master's, counted by code
+        lost = httpx.get(f"{url}/no/such/page", timeout=10)
+        assert lost.status_code == 404 and lost.json()["code"] == "not_found"
+        bad = httpx.get(f"{url}/dashboard/state", params={"rounds_since": -1}, timeout=10)
+        assert bad.status_code == 422 and bad.json()["code"] == "invalid_request"
+        assert httpx.post(f"{url}/stop", headers={"Origin": "http://evil.example"}).json()["code"] == "cross_origin"
+        refused = metrics(url)
+        for code in ("not_found", "invalid_request", "cross_origin"):
+            assert refused[("flq_refusals_total", (("code", code),))] == 1, code
     finally:
         server.stop()
     assert len(scrapes) == 6

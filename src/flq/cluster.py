@@ -212,9 +212,11 @@ class ClusterMaster:
     @property
     def round_number(self) -> int:
         """The round shown to users and workers (1-based): the one in
-        progress, or the next to open; the last one once all are done."""
+        progress, or the next to open; the last one done once the run is
+        over (all rounds done, or stopped after some)."""
         m = self.master
-        return round_number(m.round) if not m.finished else m.round
+        over = m.finished or (self.state == FINISHED and m.round > 0)
+        return m.round if over else round_number(m.round)
 
     async def _notified_before(self, deadline: float) -> bool:
         """Inside ``async with self.cond``: wait for a notification until the

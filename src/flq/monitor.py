@@ -115,7 +115,7 @@ class LocalRun:
             "round": min(done + (1 if self.state != "finished" else 0), cfg.max_rounds) or 1,
             "rounds_done": done,
             "round_open_s": round(time.monotonic() - self.round_opened_at, 3) if in_round else None,
-            "live_workers": cfg.total_workers if m is not None else 0,
+            "live_workers": cfg.total_workers if m is not None and self.state != "finished" else 0,
             "max_rounds": cfg.max_rounds,
             "mode": cfg.mode,
             "total_workers": cfg.total_workers,
@@ -123,7 +123,7 @@ class LocalRun:
                 {
                     "worker_id": w,
                     "state": state,
-                    "seconds_since_seen": 0.0,
+                    "seconds_since_seen": None,  # in this process: never unheard
                     "rounds_offered": done + (state in ("offered", "uploading", "uploaded", "skipped")),
                     "address": "in-process",
                     "progress": None,

@@ -60,6 +60,12 @@ class Code(str, Enum):
     )
     NO_SESSION = ("no_session", 401, "a worker call without the X-FLQ-Session header its registration returned")
     WRONG_WORKER = ("wrong_worker", 403, "the call acts for a worker id other than the one that signed it")
+    CROSS_ORIGIN = (
+        "cross_origin",
+        403,
+        "a browser's POST sent by a page of another site (its Origin header is not this server): refused, so "
+        "no other site can stop the run",
+    )
     UNKNOWN_WORKER = ("unknown_worker", 404, "the worker id is not one of this run's ids")
     NOT_REGISTERED = ("not_registered", 404, "the worker is not registered (or has left): register again")
     NOT_FOUND = ("not_found", 404, "no such path")

@@ -129,6 +129,9 @@ def simulate(
     with outcome.signals_interrupt():
         rt = runtime or Runtime(cfg)  # the model: a factory that fails is one line, and nothing else printed
         say(f"loading {cfg.dataset} for {cfg.total_workers} workers, model {cfg.model}, {cfg.links} ...")
+        if scalars is not None:
+            say(f"TensorBoard scalars: {scalars.path}")
+            log.info("TensorBoard scalars: %s", scalars.path)
         ds = rt.data
         say(
             f"{len(ds.train_y)} training and {len(ds.test_y)} test samples from {ds.source}; "
@@ -189,7 +192,7 @@ def simulate(
             while not master.finished:
                 outcome.raise_if_interrupted()  # a signal whose exception a finalizer swallowed
                 if run.stop_requested:  # the dashboard's Stop, answered between rounds like POST /stop
-                    reason, detail = outcome.STOPPED, f"stopped from the dashboard after {done} rounds"
+                    reason, detail = outcome.STOPPED, f"stopped by POST /stop (the dashboard) after {done} rounds"
                     log.warning("%s", detail, extra=FILE_ONLY)
                     break
                 k = master.round

@@ -106,9 +106,10 @@ def simulation_app(monitor: Any, run: Any, auth_token: str = "") -> FastAPI:
     """
     from prometheus_client import CollectorRegistry
 
-    from .middleware import BearerAuth, RequestMetrics
+    from .middleware import BearerAuth, RequestMetrics, SameOrigin, add_error_handlers
 
     app = FastAPI(title="FLQ-Fed simulation", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    add_error_handlers(app)  # refusals as the master's: {detail, code}
     registry = CollectorRegistry()
     add_dashboard(app, monitor, registry)
 
@@ -127,6 +128,7 @@ def simulation_app(monitor: Any, run: Any, auth_token: str = "") -> FastAPI:
     app.add_middleware(
         BearerAuth, token=auth_token, open_paths=(), browser_paths=BROWSER_PATHS, open_prefixes=(STATIC_PREFIX + "/",)
     )
+    app.add_middleware(SameOrigin)
     app.add_middleware(RequestMetrics, paths=routes, counts=app.state.requests, registry=registry)
     return app
 

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from typing import Dict
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from ..credentials import AuthError
 from ..protocol import Code
@@ -162,6 +162,68 @@ class BodyLimit:
         return await self.app({**scope, SCOPE_BODY: body}, replay, send)
 
 
+class SameOrigin:
+    """ASGI middleware: refuse a POST whose ``Origin`` header names another
+    site than this server's ``Host`` (403 ``cross_origin``), so that no page
+    of another site open in the operator's browser can stop the run through
+    a form or a script, token or not. Programs (workers, curl) send no
+    ``Origin`` and are not affected."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        origin = headers.get(b"origin")
+        if origin is not None and urlsplit(origin.decode("latin-1")).netloc.encode() != headers.get(b"host", b""):
+            return await _send_error(
+                send, Code.CROSS_ORIGIN, f"a POST from a page of {origin.decode('latin-1')[:100]!r} is refused"
+            )
+        return await self.app(scope, receive, send)
+
+
+def error_response(code: Code, detail: str, **extra):
+    """A refusal as the routes answer it: the JSON body ``{"detail", "code", **extra}``, the code's status."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": detail, "code": code, **extra}, status_code=code.status)
+
+
+def add_error_handlers(app) -> None:
+    """Answer FastAPI's own refusals in the protocol's JSON error
+    (``{"detail", "code"}``): a request that does not match the API (422
+    ``invalid_request``), no such path (404 ``not_found``) or method (405
+    ``method_not_allowed``), an error inside the server (500 ``internal``)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    error = error_response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        detail = f"{where}: {first.get('msg', 'invalid')}".replace("\n", " ")
+        log.warning("%s %s refused (422): %s", request.method, request.url.path, detail)
+        return error(Code.INVALID_REQUEST, detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):  # no such path, or method
+        code = {404: Code.NOT_FOUND, 405: Code.METHOD_NOT_ALLOWED}.get(exc.status_code, Code.INVALID_REQUEST)
+        return error(code, f"{request.method} {request.url.path}: {exc.detail}".replace("\n", " "))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):  # logged by uvicorn with its traceback
+        return error(
+            Code.INTERNAL,
+            f"{request.method} {request.url.path} failed inside the master: {type(exc).__name__}: {exc}".replace(
+                "\n", " "
+            )[:500],
+        )
+
+
 class BearerAuth:
     """ASGI middleware: without ``Authorization: Bearer <token>`` a request is
     refused with 401 ``unauthorized`` before anything reads it (``token`` '' =
@@ -210,6 +272,9 @@ class BearerAuth:
             if cookie and hmac.compare_digest(cookie, self.cookie):
                 if scope["method"] == "GET" or headers.get(b"x-flq-dashboard") == b"1":
                     return await self.app(scope, receive, send)
+                return await _send_error(
+                    send, Code.UNAUTHORIZED, "a POST with the dashboard cookie needs the header X-FLQ-Dashboard: 1"
+                )
             if path == "/":
                 return await _send_page(
                     send, 401, "this run needs its token: open /?token=<the run's auth_token> once in this browser"

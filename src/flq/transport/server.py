@@ -88,9 +88,7 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 from fastapi import FastAPI, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import Response
 
 from .. import outcome
 from ..cluster import FINISHED, ClusterMaster, RunFinished
@@ -99,7 +97,16 @@ from ..master import MasterError
 from ..messages import Offer, Progress
 from ..protocol import Code, round_index, round_number
 from .dashboard import BROWSER_PATHS, STATIC_PREFIX, add_dashboard
-from .middleware import SCOPE_WORKER, BearerAuth, BodyLimit, RequestMetrics, WorkerAuth
+from .middleware import (
+    SCOPE_WORKER,
+    BearerAuth,
+    BodyLimit,
+    RequestMetrics,
+    SameOrigin,
+    WorkerAuth,
+    add_error_handlers,
+    error_response,
+)
 from .schemas import (
     ANY_ROUTE,
     BODY,
@@ -131,10 +138,6 @@ SESSION = Header(None, alias="X-FLQ-Session", max_length=64)
 MAX_JSON_BODY = 1024 * 1024
 #: Longest long-poll a worker may ask for (``wait``), seconds.
 MAX_WAIT_S = 120.0
-
-
-def _error(code: Code, detail: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"detail": detail, "code": code, **extra}, status_code=code.status)
 
 
 def create_app(
@@ -202,6 +205,7 @@ def create_app(
         browser_paths=BROWSER_PATHS,
         open_prefixes=(STATIC_PREFIX + "/",),
     )
+    app.add_middleware(SameOrigin)  # before the token: another site's page is refused whatever it holds
     app.state.requests, routes = {}, set()  # routes: filled below, once they are declared
     app.state.registry = registry = CollectorRegistry()  # this app's own: several masters can share a process
     # outermost: refused requests count too
@@ -240,33 +244,13 @@ def create_app(
     @app.exception_handler(MasterError)
     async def _master_error(request: Request, exc: MasterError):
         log.warning("%s %s refused (%d %s): %s", request.method, request.url.path, exc.status, exc.code, exc)
-        return _error(exc.code, str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(x) for x in first.get("loc", ()))
-        detail = f"{where}: {first.get('msg', 'invalid')}".replace("\n", " ")
-        log.warning("%s %s refused (422): %s", request.method, request.url.path, detail)
-        return _error(Code.INVALID_REQUEST, detail)
+        return error_response(exc.code, str(exc))
 
     @app.exception_handler(RunFinished)
     async def _finished(request: Request, exc: RunFinished):
-        return _error(Code.RUN_OVER, f"the run is over ({exc.reason}): exit", reason=exc.reason)
+        return error_response(Code.RUN_OVER, f"the run is over ({exc.reason}): exit", reason=exc.reason)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):  # no such path, or method
-        code = {404: Code.NOT_FOUND, 405: Code.METHOD_NOT_ALLOWED}.get(exc.status_code, Code.INVALID_REQUEST)
-        return _error(code, f"{request.method} {request.url.path}: {exc.detail}".replace("\n", " "))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):  # logged by uvicorn with its traceback
-        return _error(
-            Code.INTERNAL,
-            f"{request.method} {request.url.path} failed inside the master: {type(exc).__name__}: {exc}".replace(
-                "\n", " "
-            )[:500],
-        )
+    add_error_handlers(app)
 
     def _account(up: int = 0, down: int = 0) -> None:
         cluster.master.add_wire_bytes(up=up, down=down)
@@ -321,7 +305,7 @@ def create_app(
     @app.post(
         "/stop",
         response_model=StopResponse,
-        responses=refusals(*ANY_ROUTE, Code.TIMEOUT, Code.TOO_LARGE),
+        responses=refusals(*ANY_ROUTE, Code.TIMEOUT, Code.TOO_LARGE, Code.CROSS_ORIGIN),
         summary="Stop after the current round",
     )
     async def stop() -> StopResponse:

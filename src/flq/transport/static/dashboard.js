@@ -18,7 +18,7 @@
   function bits(b) {
     if (b === null || b === undefined) return "–";
     const units = [["Gbit", 1e9], ["Mbit", 1e6], ["kbit", 1e3]];
-    for (const [u, s] of units) if (Math.abs(b) >= s) return (b / s).toFixed(b / s >= 100 ? 0 : 2) + " " + u;
+    for (const [u, s] of units) if (Math.abs(b) >= s) return (b / s).toPrecision(3) + " " + u;
     return b + " bit";
   }
   function bitsShort(b) {  // axis ticks: short, so that they never overlap
@@ -154,12 +154,12 @@
       "phase " + st.phase + (st.round_open_s !== null && st.round_open_s !== undefined ? ", open " + num(st.round_open_s, 1) + " s" : ""));
     const last = page.evals.length ? page.evals[page.evals.length - 1] : null;
     setText($("acc"), last ? num(last.acc, 4) : null);
-    setText($("acc-round"), last ? "round " + last.iter : "");
+    $("acc-round").textContent = last ? "round " + last.iter : "";
     setText($("ce"), last ? num(last.entropy, 4) : null);
     setText($("bits-up"), bits(st.bits ? st.bits.up_cum : 0));
     setText($("bits-down"), "downlink " + bits(st.bits ? st.bits.down_cum : 0));
     setText($("live"), st.live_workers + " / " + run.total_workers);
-    setText($("waiting"), st.waiting_for && st.waiting_for.length ? "waiting for " + st.waiting_for.join(", ") : "");
+    $("waiting").textContent = st.waiting_for && st.waiting_for.length ? "waiting for " + st.waiting_for.join(", ") : "";
     $("stop").disabled = finished || st.stop_requested;
     const res = $("results");
     res.hidden = !doc.results;
