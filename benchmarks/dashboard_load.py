@@ -1,5 +1,4 @@
-"""What open dashboards cost the rounds: the real cluster's round time with
-0 and with N pages watching it.
+"""The real cluster's round time with no dashboard open and with N open.
 
 Runs benchmarks/cluster_round.py's loopback cluster (master + 4 worker
 processes, configs/paper_fmnist.json, one thread each) twice per pass: once
@@ -106,9 +105,9 @@ def one_run(rounds: int, pages: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--pages", type=int, default=10)
-    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=12, help="rounds per run, the first not timed (default 12)")
+    ap.add_argument("--pages", type=int, default=10, help="dashboards open in the watched runs (default 10)")
+    ap.add_argument("--passes", type=int, default=2, help="pairs of runs, alone then watched (default 2)")
     args = ap.parse_args()
     alone, watched = [], []
     for i in range(args.passes):

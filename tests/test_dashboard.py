@@ -236,6 +236,58 @@ def test_dashboard_in_a_browser_on_simulate_serve(tmp_path, fmnist_available, br
             proc.wait()
 
 
+def _serve(tmp_path: Path, rounds: int, linger_s: int) -> subprocess.Popen:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "flq", "simulate", "--config", str(PAPER_CONFIG), "--total_workers", "4"]
+    cmd += ["--max_rounds", str(rounds), "--model", "mlp", "--eval_every", "0", "--threads", "1"]
+    cmd += ["--serve", "0", "--serve_linger", str(linger_s), "--results_dir", str(tmp_path / "results")]
+    cmd += ["--log_dir", str(tmp_path / "logs")]
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _read_until(proc: subprocess.Popen, text: str, timeout_s: float = 120) -> str:
+    """The process's output up to the line with ``text`` (killed if that takes over ``timeout_s``)."""
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if text in line:
+                break
+    finally:
+        timer.cancel()
+    assert text in "".join(seen), "".join(seen)
+    return "".join(seen)
+
+
+@pytest.mark.slow
+def test_a_signal_ends_the_dashboards_linger_at_once_and_a_signalled_run_does_not_linger(tmp_path):
+    import signal
+
+    done = _serve(tmp_path / "done", 3, 600)  # all rounds done: the page's final state stays up ...
+    try:
+        _read_until(done, "showing the final state for 600 s more")
+        started = time.monotonic()
+        done.send_signal(signal.SIGTERM)  # ... until a signal: the wait ends, the status stays the run's
+        assert done.wait(timeout=20) == 0 and time.monotonic() - started < 15
+    finally:
+        done.kill()
+        done.wait()
+    cut = _serve(tmp_path / "cut", 5000, 600)
+    try:
+        _read_until(cut, "round 1 of 5000 starts")
+        time.sleep(1)
+        started = time.monotonic()
+        cut.send_signal(signal.SIGINT)
+        out, _ = cut.communicate(timeout=30)
+        assert cut.returncode == 130 and time.monotonic() - started < 20, out
+        assert "showing the final state" not in out and "results: " in out
+    finally:
+        cut.kill()
+        cut.wait()
+
+
 def check_tensorboard(folder: Path, xlsx: Path) -> None:
     """The run's scalars, read back by TensorBoard's own reader, equal the spreadsheet's."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -311,6 +363,7 @@ def test_dashboard_and_metrics_need_the_token(guarded):
         assert httpx.get(url + path).status_code == 401, path
         assert httpx.get(url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
         assert httpx.get(url + path, headers=bearer).status_code == 200, path
+        assert httpx.get(url + path, headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200  # any case
     assert "?token=" in httpx.get(url + "/").text  # the 401 page says how to open it
     assert httpx.get(url + "/?token=wrong").status_code == 401
     assert httpx.get(url + "/dashboard/static/dashboard.js").status_code == 200  # no run data: open
@@ -330,10 +383,19 @@ def test_dashboard_and_metrics_need_the_token(guarded):
         # another site's page cannot stop the run, whatever it holds (a form post carries its Origin)
         evil = c.post("/stop", headers={"X-FLQ-Dashboard": "1", "Origin": "http://evil.example", **bearer})
         assert evil.status_code == 403 and evil.json()["code"] == "cross_origin"
+        # nor a page served under a name an attacker's DNS points here (DNS rebinding): same origin, strange host
+        rebound = f"evil.example:{guarded.port}"
+        evil = c.post("/stop", headers={"X-FLQ-Dashboard": "1", "Origin": f"http://{rebound}", "Host": rebound})
+        assert evil.status_code == 403 and evil.json()["code"] == "cross_origin"
         assert not guarded.cluster.stop_requested
         assert c.post("/stop", headers={"X-FLQ-Dashboard": "1", "Origin": url}).status_code == 200
     assert guarded.cluster.stop_requested
+    for _ in range(20):  # made-up methods: counted, but under one label, so /metrics cannot be made to grow
+        httpx.request("XABC", f"{url}/status")
     refused = metrics(url, headers=bearer)
+    assert not [k for k in refused if "XABC" in str(k)]
+    assert refused[("flq_http_request_duration_seconds_count", (("endpoint", "other"),))] >= 20
+    assert refused[("flq_refusals_total", (("code", "method_not_allowed"),))] == 20
     assert refused[("flq_refusals_total", (("code", "unauthorized"),))] == 6  # the JSON refusals above
     assert refused[("flq_refusals_total", (("code", "http_401"),))] == 4  # the page's: HTML
 
@@ -448,6 +510,58 @@ def test_the_sample_grafana_dashboard_asks_for_metrics_that_exist(guarded):
     board = (REPO / "docs" / "grafana_dashboard.json").read_text()
     asked = set(re.findall(r"\bflq_[a-z_]+", board))
     assert len(asked) >= 10 and asked <= names, asked - names
+
+
+def test_a_scalar_log_that_cannot_write_stops_alone_and_the_run_goes_on(tmp_path, caplog, monkeypatch):
+    from flq.monitor import LocalRun, RunMonitor, ScalarLog
+    from flq.simulate import simulate
+
+    cfg = small_config(model="mlp", max_rounds=4, eval_every=1, tensorboard_dir=str(tmp_path / "tb"))
+    monitor = RunMonitor(cfg, LocalRun(cfg), "simulation")
+    opened = ScalarLog.open
+
+    def failing(cfg, role):  # a full disk, or the folder removed, from round 2 on
+        log = opened(cfg, role)
+        add = log.writer.add_scalar
+
+        def add_scalar(tag, value, step):
+            if step >= 2:
+                raise OSError(28, "No space left on device")
+            add(tag, value, step)
+
+        log.writer.add_scalar = add_scalar
+        return log
+
+    monkeypatch.setattr(ScalarLog, "open", staticmethod(failing))
+    result = simulate(cfg, write=False, progress=False, monitor=monitor)
+    assert result.reason == "completed" and len(result.records) == 4
+    assert "stop after 1 rounds (OSError: [Errno 28] No space left on device); the run goes on" in caplog.text
+
+
+def test_a_long_history_comes_in_bounded_answers(monkeypatch):
+    from flq import monitor as monitor_module
+    from flq.monitor import LocalRun, RunMonitor
+    from flq.simulate import simulate
+
+    monkeypatch.setattr(monitor_module, "MAX_ROWS", 2)
+    cfg = small_config(model="mlp", max_rounds=5, eval_every=1)
+    mon = RunMonitor(cfg, LocalRun(cfg), "simulation")
+    simulate(cfg, write=False, progress=False, monitor=mon)
+    parts, have = [], 0
+    while have < 5:
+        doc = mon.document(rounds_since=have, evals_since=have)
+        assert len(doc["rounds"]) <= 2 and len(doc["evaluations"]) <= 2 and doc["rounds_total"] == 5
+        parts.append([r["iter"] for r in doc["rounds"]])
+        have += len(doc["rounds"])
+    assert parts == [[1, 2], [3, 4], [5]]
+
+
+def test_a_token_with_plus_and_slash_opens_the_page():
+    from flq.transport.middleware import _query_value
+
+    assert _query_value(b"token=ab+cd/ef==", "token") == "ab+cd/ef=="  # pasted as it is
+    assert _query_value(b"x=1&token=ab%2Bcd%2Fef%3D%3D", "token") == "ab+cd/ef=="  # or encoded
+    assert _query_value(b"tokens=1", "token") is None
 
 
 def test_a_missing_tensorboard_is_one_line_before_any_work(tmp_path, monkeypatch):

@@ -70,8 +70,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from .nodes import listen_on
         from .transport.dashboard import BackgroundServer, page_url, simulation_app
 
-        if args.serve_linger < 0 or args.serve_linger > 86400:
+        if not 0 <= args.serve_linger <= 86400:  # NaN too
             raise ConfigError(f"--serve_linger {args.serve_linger}: expected seconds 0..86400")
+        if args.serve != -1 and not 0 <= args.serve <= 65535:
+            raise ConfigError(f"--serve {args.serve}: expected a port 0..65535 (0 = any free one)")
         sock = listen_on(
             args.serve_host,
             cfg.master_port if args.serve == -1 else args.serve,
@@ -83,6 +85,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         server = BackgroundServer(simulation_app(monitor, monitor.source, cfg.auth_token), sock)
         token = "?token=<auth_token>" if cfg.auth_token else ""
         print(f"dashboard: {page_url('http', args.serve_host, 0, sock)}{token}", file=sys.stderr, flush=True)
+        if not cfg.auth_token and args.serve_host not in ("127.0.0.1", "::1", "localhost"):
+            print(
+                f"flq simulate: warning: the dashboard listens on {args.serve_host} with no auth_token: anyone who "
+                "can reach the port sees the run and can stop it",
+                file=sys.stderr,
+                flush=True,
+            )
     logfile = setup_logging(cfg.log_dir, f"simulate_{cfg.mode}", cfg.log_level, args.verbose, console_level="WARNING")
     remove_stale_temporaries(Path(cfg.results_dir))
     started = time.perf_counter()
@@ -126,24 +135,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         out = Path(args.plot_dir or Path(cfg.results_dir) / "plots")
         for p in plot_results([result.results_path], out, name=plot_name([result.results_path])):
             print(f"plot: {p}")
-    if server is not None:
-        _linger(server, monitor, args.serve_linger)
+    if server is not None:  # a run ended by a signal was asked to end now: no wait
+        _linger(server, monitor, 0 if result.reason in (outcome.SIGINT, outcome.SIGTERM) else args.serve_linger)
     return result.exit_status
 
 
 def _linger(server, monitor, seconds: float) -> None:
     """Keep the dashboard of a finished simulation up ``seconds`` more, so
-    open pages get its final state (SIGINT or SIGTERM ends the wait), then stop it."""
+    open pages get its final state, then stop it. The first SIGINT or
+    SIGTERM ends the wait at once (the exit status stays the run's: nothing
+    is lost by cutting it short)."""
+    import signal
+    import threading
+
     run = monitor.source
     if run.state != "finished":  # ended by an exception before the loop's end
         run.finish("error", "the simulation failed")
-    if seconds > 0:
-        print(f"dashboard: showing the final state for {seconds:g} s more (Ctrl-C ends it)", file=sys.stderr)
-        with outcome.signals_interrupt():
-            try:
-                time.sleep(seconds)
-            except outcome.Interrupted:
-                pass
+    if seconds > 0 and threading.current_thread() is threading.main_thread():
+        ended = threading.Event()
+        previous = {sig: signal.signal(sig, lambda signum, frame: ended.set()) for sig in outcome.stop_signals()}
+        try:
+            print(f"dashboard: showing the final state for {seconds:g} s more (Ctrl-C ends it)", file=sys.stderr)
+            sys.stdout.flush()
+            ended.wait(seconds)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     server.stop()
 
 

@@ -26,6 +26,9 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from .config import Config
 
+#: Most rounds (and evaluations) one answer carries: a long run's history comes in a few answers, each
+#: of bounded cost (the page asks again at once while it is short of ``rounds_total``).
+MAX_ROWS = 500
 #: Rounds shown in the dashboard's budget table.
 BUDGET_ROUNDS = 12
 #: Buckets of the round-duration histogram, seconds.
@@ -225,8 +228,9 @@ class RunMonitor:
         """The dashboard's state: ``GET /dashboard/state``.
 
         Args:
-            rounds_since: rounds the page already has (their rows are left out).
-            evals_since: evaluations the page already has.
+            rounds_since: rounds the page already has (their rows are left
+                out; at most :data:`MAX_ROWS` follow).
+            evals_since: evaluations the page already has (likewise).
             config: include the run's configuration (a page asks once).
 
         Returns:
@@ -246,7 +250,7 @@ class RunMonitor:
         records = list(m.records) if m is not None else []
         rounds_since = max(0, min(rounds_since, len(records)))
         with self._lock:
-            evals = self.evaluations[max(0, evals_since) :]
+            evals = self.evaluations[max(0, evals_since) : max(0, evals_since) + MAX_ROWS]
             evals_total = len(self.evaluations)
             workers = []
             for w in status.get("workers", []):
@@ -299,7 +303,7 @@ class RunMonitor:
             },
             "status": _clean(status),
             "workers": workers,
-            "rounds": [_round_row(r) for r in records[rounds_since:]],
+            "rounds": [_round_row(r) for r in records[rounds_since : rounds_since + MAX_ROWS]],
             "rounds_total": len(records),
             "evaluations": evals,
             "evaluations_total": evals_total,
@@ -421,6 +425,7 @@ class ScalarLog:
 
         self.path = folder
         self.writer = SummaryWriter(log_dir=str(folder))
+        self.failed = ""  # why writing stopped ('' = it did not)
         self._rounds = 0
         self._evals = 0
 
@@ -459,7 +464,23 @@ class ScalarLog:
         return cls(folder)
 
     def update(self, monitor: RunMonitor) -> None:
-        """Write what the run recorded since the last call."""
+        """Write what the run recorded since the last call. A failure to
+        write (a full disk, the folder removed) is logged once and the
+        scalars stop there: they never cost the run its rounds."""
+        if self.failed:
+            return
+        try:
+            self._write(monitor)
+        except Exception as exc:  # noqa: BLE001 - the run goes on without its scalars
+            self.failed = f"{type(exc).__name__}: {exc}"
+            logging.getLogger(__name__).error(
+                "TensorBoard scalars in %s stop after %d rounds (%s); the run goes on",
+                self.path,
+                self._rounds,
+                self.failed,
+            )
+
+    def _write(self, monitor: RunMonitor) -> None:
         monitor.refresh()
         m = monitor.source.master
         if m is None:
@@ -489,8 +510,8 @@ class ScalarLog:
     def close(self, monitor: RunMonitor) -> None:
         """Write the rest and close the event file (errors are logged: the
         scalars never cost the run its results)."""
+        self.update(monitor)
         try:
-            self.update(monitor)
             self.writer.close()
         except Exception as exc:  # noqa: BLE001
             logging.getLogger(__name__).error("TensorBoard scalars in %s not all written: %s", self.path, exc)

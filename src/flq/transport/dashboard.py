@@ -119,9 +119,11 @@ def simulation_app(monitor: Any, run: Any, auth_token: str = "") -> FastAPI:
 
     @app.post("/stop", summary="Stop after the round in progress")
     async def stop() -> JSONResponse:
-        run.request_stop()
+        over = run.state == "finished"
+        if not over:
+            run.request_stop()
         st = run.status()
-        return JSONResponse({"stopping": True, "round": st["round"], "state": st["state"]})
+        return JSONResponse({"stopping": not over, "round": st["round"], "state": st["state"]})
 
     app.state.requests = {}
     routes = {r.path for r in app.routes if "{" not in getattr(r, "path", "{")}

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from typing import Dict
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..credentials import AuthError
 from ..protocol import Code
@@ -56,6 +56,8 @@ class RequestMetrics:
 
     def _endpoint(self, scope) -> str:
         path = scope["path"]
+        if scope["method"] not in HTTP_METHODS:  # a made-up method must not make a label of its own
+            return "other"
         if path in self.paths:
             return f"{scope['method']} {path}"
         if path.startswith("/workers/") and path.endswith("/mirrors"):
@@ -100,6 +102,8 @@ class RequestMetrics:
                 refusals.labels(_refusal_code(b"".join(error), status[0])).inc()
 
 
+#: The methods a request is counted under; any other is ``"other"``.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 #: Buckets of the request-latency histogram, seconds (long polls wait up to 120 s).
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -163,25 +167,58 @@ class BodyLimit:
 
 
 class SameOrigin:
-    """ASGI middleware: refuse a POST whose ``Origin`` header names another
-    site than this server's ``Host`` (403 ``cross_origin``), so that no page
-    of another site open in the operator's browser can stop the run through
-    a form or a script, token or not. Programs (workers, curl) send no
+    """ASGI middleware: refuse a browser's POST (one with an ``Origin``
+    header) sent by a page of another site than this server (403
+    ``cross_origin``), so that no other site open in the operator's browser
+    can stop the run through a form or a script, token or not. The page must
+    also have been opened under an IP address, ``localhost`` or one of
+    ``names`` (this machine's names), never under a name an attacker's DNS
+    could point here (DNS rebinding). Programs (workers, curl) send no
     ``Origin`` and are not affected."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, names=()) -> None:
         self.app = app
+        self.names = frozenset(n.lower() for n in (*names, *machine_names()) if n)
+
+    def _known_host(self, host: str) -> bool:
+        import ipaddress
+
+        name = (urlsplit(f"//{host}").hostname or "").lower()
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name == "localhost" or name in self.names
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         origin = headers.get(b"origin")
-        if origin is not None and urlsplit(origin.decode("latin-1")).netloc.encode() != headers.get(b"host", b""):
+        if origin is None:
+            return await self.app(scope, receive, send)
+        host = headers.get(b"host", b"").decode("latin-1")
+        shown = origin.decode("latin-1")[:100]
+        if urlsplit(shown).netloc != host:
+            return await _send_error(send, Code.CROSS_ORIGIN, f"a POST from a page of {shown!r} is refused")
+        if not self._known_host(host):
             return await _send_error(
-                send, Code.CROSS_ORIGIN, f"a POST from a page of {origin.decode('latin-1')[:100]!r} is refused"
+                send,
+                Code.CROSS_ORIGIN,
+                f"a POST from a page opened as {host[:100]!r} is refused: open the dashboard by IP address, "
+                "localhost or this machine's name",
             )
         return await self.app(scope, receive, send)
+
+
+def machine_names() -> tuple:
+    """This machine's host names (short and fully qualified)."""
+    import socket
+
+    try:
+        return (socket.gethostname(), socket.getfqdn())
+    except OSError:
+        return ()
 
 
 def error_response(code: Code, detail: str, **extra):
@@ -259,13 +296,14 @@ class BearerAuth:
         if self.signed_workers and is_worker_path(path):  # WorkerAuth checks these
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+        scheme, _, given_token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given_token, self.token.encode()):
             return await self.app(scope, receive, send)
         if path in self.browser_paths:
             if path == "/" and scope["method"] == "GET":
-                given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token")
+                given = _query_value(scope.get("query_string", b""), "token")
                 if given is not None:
-                    if hmac.compare_digest(given[-1].encode(), self.token.encode()):
+                    if hmac.compare_digest(given.encode(), self.token.encode()):
                         return await _send_login(send, self.cookie, secure=scope.get("scheme") == "https")
                     return await _send_page(send, 401, "wrong token: open /?token=<the run's auth_token>")
             cookie = _cookie(headers.get(b"cookie", b""), COOKIE_NAME)
@@ -290,6 +328,17 @@ def dashboard_cookie(token: str) -> str:
     """The dashboard cookie's value for ``token``: HMAC-SHA-256 of a fixed
     label under the token, hex (the cookie never holds the token itself)."""
     return hmac.new(token.encode(), b"flq-dashboard-cookie-v1", hashlib.sha256).hexdigest()
+
+
+def _query_value(query: bytes, name: str):
+    """The last value of ``name`` in a query string, percent-decoded but with
+    ``+`` kept (a pasted token often holds one); None when absent."""
+    found = None
+    for part in query.decode("latin-1").split("&"):
+        key, eq, value = part.partition("=")
+        if eq and unquote(key) == name:
+            found = unquote(value)
+    return found
 
 
 def _cookie(header: bytes, name: str) -> bytes:

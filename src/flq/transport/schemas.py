@@ -122,7 +122,7 @@ class OfferResponse(BaseModel):
 
 
 class StopResponse(BaseModel):
-    stopping: bool
+    stopping: bool = Field(description="true: the run stops after the current round; false: it is already over")
     round: int = Field(description="the round in progress, or the next (1-based); the last once the run is over")
     state: str
 

@@ -205,7 +205,8 @@ def create_app(
         browser_paths=BROWSER_PATHS,
         open_prefixes=(STATIC_PREFIX + "/",),
     )
-    app.add_middleware(SameOrigin)  # before the token: another site's page is refused whatever it holds
+    # before the token: another site's page is refused whatever it holds
+    app.add_middleware(SameOrigin, names=(cluster.cfg.master_host,))
     app.state.requests, routes = {}, set()  # routes: filled below, once they are declared
     app.state.registry = registry = CollectorRegistry()  # this app's own: several masters can share a process
     # outermost: refused requests count too
@@ -309,9 +310,11 @@ def create_app(
         summary="Stop after the current round",
     )
     async def stop() -> StopResponse:
-        cluster.request_stop(outcome.STOPPED)
-        await cluster.wake()
-        return StopResponse(stopping=True, round=cluster.round_number, state=cluster.state)
+        over = cluster.state == FINISHED
+        if not over:
+            cluster.request_stop(outcome.STOPPED)
+            await cluster.wake()
+        return StopResponse(stopping=not over, round=cluster.round_number, state=cluster.state)
 
     # ----- worker protocol ------------------------------------------------
     @app.get(

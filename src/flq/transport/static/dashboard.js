@@ -7,10 +7,13 @@
   const $ = (id) => document.getElementById(id);
   const page = { rounds: [], evals: [], finalPolls: 0, gone: false, doc: null, config: false, charts: {} };
 
+  // control and bidirectional-override characters (a worker's strings) would scramble a row: shown as U+FFFD
+  const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/g;
+  function clean(value) { return String(value).replace(UNSAFE, "\ufffd"); }
   function setText(el, value) { el.textContent = value === null || value === undefined || value === "" ? "–" : String(value); }
   function cell(row, value, cls) {
     const td = document.createElement("td");
-    td.textContent = value === null || value === undefined || value === "" ? "–" : String(value);
+    td.textContent = value === null || value === undefined || value === "" ? "–" : clean(value);
     if (cls) td.className = cls;
     row.appendChild(td);
     return td;
@@ -183,7 +186,9 @@
       }
       if (!r.ok) throw new Error("HTTP " + r.status);
       const doc = await r.json();
-      if (!apply(doc)) { wait = 0; }
+      if (!apply(doc) || page.rounds.length < doc.rounds_total || page.evals.length < doc.evaluations_total) {
+        wait = 0; // more to fetch (a long run's history comes in parts)
+      }
       page.gone = false;
       banner("");
       if (doc.status.state === "finished") {
