@@ -123,6 +123,48 @@ class Cluster:
         return (self.root / f"{name}.out").read_text(errors="replace")
 
 
+class InProcessMaster:
+    """A master's app on a loopback socket in this process, its round loop
+    waiting for workers (no data loaded): the HTTP API under test.
+    ``ssl``: (certfile, keyfile) to serve HTTPS; ``dashboard``: with the
+    dashboard and ``/metrics`` (a :class:`flq.monitor.RunMonitor`)."""
+
+    def __init__(self, cfg, ssl: Optional[Tuple[str, str]] = None, dashboard: bool = False) -> None:
+        import uvicorn
+
+        from flq.cluster import ClusterMaster
+        from flq.master import Master
+        from flq.model import build_model, glorot_init, layout_of, state_dict_from_flat
+        from flq.monitor import RunMonitor
+        from flq.transport.server import create_app
+
+        model = build_model(cfg.model)
+        self.master = Master(cfg, tuple(p.numel() for p in model.parameters()), glorot_init(model, cfg.seed))
+        self.cluster = ClusterMaster(self.master, cfg)
+        app = create_app(
+            self.cluster,
+            lambda t, b: state_dict_from_flat(layout_of(model), t, b),
+            self.master.max_upload_bytes,
+            auth_token=cfg.auth_token,
+            monitor=RunMonitor(cfg, self.cluster, "cluster") if dashboard else None,
+        )
+        self.openapi = app.openapi()
+        self.port = free_port()
+        kw = dict(ssl_certfile=ssl[0], ssl_keyfile=ssl[1]) if ssl else {}
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", **kw))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        self.url = f"{'https' if ssl else 'http'}://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
 def start_cluster(
     root: Path,
     workers: int,

@@ -22,8 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
-from cluster_util import free_port, start_cluster
+from cluster_util import InProcessMaster, free_port, start_cluster
 from conftest import PAPER_CONFIG, REPO, small_config
 
 from flq.transport.dashboard import STATIC
@@ -313,46 +312,10 @@ def check_tensorboard(folder: Path, xlsx: Path) -> None:
 
 
 # ----- auth and escaping --------------------------------------------------------
-class InProcessMaster:
-    """A master app (dashboard included) on a loopback socket, its round loop
-    waiting for workers: what a page, a scraper and an intruder see."""
-
-    def __init__(self, cfg) -> None:
-        from flq.cluster import ClusterMaster
-        from flq.master import Master
-        from flq.model import build_model, glorot_init, layout_of, state_dict_from_flat
-        from flq.monitor import RunMonitor
-        from flq.transport.server import create_app
-
-        model = build_model(cfg.model)
-        self.master = Master(cfg, tuple(p.numel() for p in model.parameters()), glorot_init(model, cfg.seed))
-        self.cluster = ClusterMaster(self.master, cfg)
-        app = create_app(
-            self.cluster,
-            lambda t, b: state_dict_from_flat(layout_of(model), t, b),
-            self.master.max_upload_bytes,
-            auth_token=cfg.auth_token,
-            monitor=RunMonitor(cfg, self.cluster, "cluster"),
-        )
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture
 def guarded():
     cfg = small_config(total_workers=4, max_rounds=5, auth_token=TOKEN, model="mlp", start_timeout_s=600)
-    s = InProcessMaster(cfg)
+    s = InProcessMaster(cfg, dashboard=True)
     yield s
     s.stop()
 

@@ -8,24 +8,22 @@ import json
 import re
 import ssl
 import struct
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
-from cluster_util import free_port, self_signed
+from cluster_util import InProcessMaster as Server
+from cluster_util import self_signed
 from conftest import PAPER_CONFIG
 
 from flq.algorithm import packing
 from flq.cluster import ClusterMaster
 from flq.config import load_config
 from flq.master import Master
-from flq.model import CNN, FlatModel, build_model, glorot_init, layout_of, state_dict_from_flat
+from flq.model import CNN, FlatModel, build_model
 from flq.protocol import Code
-from flq.transport.server import create_app
 from flq.worker import Worker
 
 TOKEN = "s3cret-token"
@@ -34,35 +32,6 @@ N = 467_818
 
 def state_hash(master: Master, wire: bool = True) -> str:
     return master.state_digest(wire)
-
-
-class Server:
-    def __init__(self, cfg, ssl=None):
-        model = build_model(cfg.model)
-        self.master = Master(cfg, tuple(p.numel() for p in model.parameters()), glorot_init(model, cfg.seed))
-        self.cluster = ClusterMaster(self.master, cfg)
-        app = create_app(
-            self.cluster,
-            lambda t, b: state_dict_from_flat(layout_of(model), t, b),
-            self.master.max_upload_bytes,
-            auth_token=cfg.auth_token,
-        )
-        self.openapi = app.openapi()
-        self.port = free_port()
-        kw = dict(ssl_certfile=ssl[0], ssl_keyfile=ssl[1]) if ssl else {}
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", **kw))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        scheme = "https" if ssl else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture()
