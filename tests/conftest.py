@@ -6,6 +6,7 @@ import atexit
 import functools
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +17,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "configs" / "paper_fmnist.json"
+
+# A suite started with SIGINT ignored (`cmd &` in a script, nohup) would pass
+# that on to every process it starts, and flq keeps ignoring Ctrl-C then, as
+# POSIX programs do (flq.outcome): the tests that send SIGINT need it heard.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The same arithmetic in every test process (and in the worker processes tests start).
 torch.set_num_threads(1)
