@@ -115,7 +115,7 @@ if ! "$py" -c 'import torch' >/dev/null 2>&1; then
 fi
 stale=0   # our own .venv: reinstall when pyproject.toml changed since the last install
 [ -z "${FLQ_PYTHON:-}" ] && [ "$root/pyproject.toml" -nt "$root/.venv/.flq-installed" ] && stale=1
-if [ $stale = 1 ] || ! "$py" -c 'import flq, fastapi, openpyxl, matplotlib, safetensors, prometheus_client, tensorboard, playwright, pytest, pytest_timeout, xdist, ruff, mypy' >/dev/null 2>&1; then
+if [ $stale = 1 ] || ! "$py" -c 'import flq, fastapi, openpyxl, matplotlib, safetensors, prometheus_client, tensorboard, playwright, ray, psutil, pytest, pytest_timeout, xdist, ruff, mypy' >/dev/null 2>&1; then
   say "installing flq-fed and its dependencies"
   "$py" -m pip install -q -e "$root[test]" >&2
   [ -z "${FLQ_PYTHON:-}" ] && touch "$root/.venv/.flq-installed"

@@ -64,6 +64,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .outputs import remove_stale_temporaries
     from .simulate import simulate
 
+    ray_options = None
+    if args.backend == "ray":  # a missing Ray is one line, before any work
+        from .ray_backend import check_options, require_ray
+
+        require_ray()
+        check_options(args.ray_actors, args.ray_threads, args.ray_timeout)
+        ray_options = {
+            "address": args.ray_address,
+            "actors": args.ray_actors,
+            "threads": args.ray_threads,
+            "timeout_s": args.ray_timeout,
+        }
+    elif args.ray_address:
+        raise ConfigError("--ray_address needs --backend ray")
     server = monitor = None
     if args.serve is not None:  # the port is taken before any work: one in use is one line, at once
         from .monitor import LocalRun, RunMonitor
@@ -96,7 +110,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     remove_stale_temporaries(Path(cfg.results_dir))
     started = time.perf_counter()
     try:
-        result = simulate(cfg, write=True, progress=not args.no_progress, monitor=monitor)
+        result = simulate(
+            cfg,
+            write=True,
+            progress=not args.no_progress,
+            monitor=monitor,
+            backend=args.backend,
+            ray_options=ray_options,
+        )
     except BaseException:
         if server is not None:
             _linger(server, monitor, 0)
@@ -188,6 +209,26 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if replaced:
         print(f"flq plot: replaced {len(replaced)} earlier figure(s) named {name}_* in {out}", file=sys.stderr)
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    path = Path(args.sweep)
+    if not path.is_file():
+        raise ConfigError(f"no such sweep file: {path}")
+    if args.parallel < 0 or args.threads < 0:
+        raise ConfigError(f"--parallel {args.parallel} --threads {args.threads}: expected counts >= 0")
+    _, _, status = run_sweep(
+        path,
+        Path(args.out) if args.out else None,
+        args.backend,
+        args.parallel,
+        args.threads,
+        args.ray_address,
+        say=lambda line: print(line, flush=True),
+    )
+    return status
 
 
 def auth_token_source(flag: Optional[str], file_value: str) -> tuple:
@@ -499,6 +540,41 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="keep the dashboard up S seconds after the run ends, for its final state (default 5)",
     )
+    g = p.add_argument_group("where the workers run (README: Backends)")
+    g.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local: every worker in this process (default); ray: the workers in a pool of Ray actors, "
+        "bit-identical to local at the same thread count (pip install 'flq-fed[ray]')",
+    )
+    g.add_argument(
+        "--ray_address",
+        default=None,
+        metavar="ADDR",
+        help="an existing Ray cluster (host:port of `ray start --head`, or auto); default: start one here for the run",
+    )
+    g.add_argument(
+        "--ray_actors",
+        type=int,
+        default=0,
+        metavar="N",
+        help="actors (default 0: one per T CPUs of the cluster)",
+    )
+    g.add_argument(
+        "--ray_threads",
+        type=int,
+        default=0,
+        metavar="T",
+        help="PyTorch threads per actor (default 0: --threads when set, else 1); bit for bit local --threads T",
+    )
+    g.add_argument(
+        "--ray_timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="the longest a round's phase waits for the actors, then the run ends (error), rounds kept (default 600)",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("master", help="serve a run to workers over HTTP (port 5000)")
@@ -601,6 +677,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_credentials)
 
     from . import doctor
+
+    p = sub.add_parser(
+        "sweep",
+        help="a grid of simulations (modes x bits x seeds ...), each in a process of its own, then a summary",
+        description="Run every combination of a sweep file's grid as its own `flq simulate` (a Ray task, or a "
+        "local pool of processes), each in OUT/<run>/ with its spreadsheet, log and model; runs done before "
+        "are skipped; a failed run is reported and the others go on. Then OUT/summary.csv, OUT/summary.xlsx "
+        "and the comparison figures OUT/plots/sweep_*.png. Exit 0 when every run completed, 1 when any failed. "
+        "The file's format: README, Sweeps.",
+    )
+    p.add_argument("sweep", metavar="SWEEP.json", help="the sweep file")
+    p.add_argument("--out", default=None, help="output folder (default: the file's 'out', else results/sweep_<stem>)")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "ray", "local"),
+        default="auto",
+        help="ray: a Ray task per run; local: a pool of processes here; auto (default): ray when installed",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        help="local: runs at a time (default 0: CPUs / --threads, one with --threads 0)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="PyTorch threads of each run unless the sweep sets threads (default 1; 0 = all cores)",
+    )
+    p.add_argument("--ray_address", default=None, metavar="ADDR", help="an existing Ray cluster (default: start one)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("doctor", help="check Python, PyTorch, CUDA, the device, the dataset, the config and the master")
     doctor.add_arguments(p)

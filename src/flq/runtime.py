@@ -7,7 +7,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from functools import cached_property
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -101,6 +101,9 @@ class Runtime:
         cfg: the configuration.
         evaluates: this process evaluates the global model (the simulator,
             the master; not a worker): ``eval_precision`` is checked.
+        data, partitions: the dataset and the workers' shares when another
+            process has loaded and checked them already (a Ray actor of
+            :mod:`flq.ray_backend`); by default loaded on first use.
 
     Raises:
         flq.datasets.DatasetNotFoundError: the dataset is missing and cannot be fetched.
@@ -108,9 +111,20 @@ class Runtime:
         ConfigError: ``eval_precision`` fp16 without CUDA (when ``evaluates``).
     """
 
-    def __init__(self, cfg: Config, evaluates: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        evaluates: bool = True,
+        data: Optional[Dataset] = None,
+        partitions: Optional[List[np.ndarray]] = None,
+    ) -> None:
         self.cfg = cfg
-        check_paths(cfg)
+        if data is not None:  # fills the cached properties below
+            self.__dict__["data"] = data
+        else:
+            check_paths(cfg)
+        if partitions is not None:
+            self.__dict__["partitions"] = partitions
         keep_freed_memory()
         set_threads(cfg.threads)
         self.device = resolve_device(cfg.device)

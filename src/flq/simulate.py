@@ -1,4 +1,6 @@
-"""All workers in one process: the FLQ round of docs/algorithm.md, step by step.
+"""A simulation: the FLQ round of docs/algorithm.md, step by step, with the
+master in this process and the workers in a pool (:mod:`flq.pool`): in this
+process too, or in Ray actors (:mod:`flq.ray_backend`).
 
 The simulator drives the same :class:`~flq.master.Master` and
 :class:`~flq.worker.Worker` objects as the real cluster, passing the actual
@@ -26,10 +28,10 @@ from .master import Master
 from .model import state_dict_from_flat
 from .monitor import LocalRun, RunMonitor, ScalarLog
 from .outputs import one_line
+from .pool import open_pool
 from .runtime import Runtime
 from .summary import describe_buffers, log_round, round_timings, save_results
 from .timing import Stopwatch, process_age_s
-from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,10 @@ def simulate(
     runtime: Optional[Runtime] = None,
     on_model: Optional[Callable[[int, np.ndarray, Tuple[np.ndarray, ...]], None]] = None,
     monitor: Optional[RunMonitor] = None,
+    backend: str = "local",
+    ray_options: Optional[Dict[str, Any]] = None,
 ) -> SimulationResult:
-    """Run ``cfg.max_rounds`` rounds of FLQ with all workers in this process.
+    """Run ``cfg.max_rounds`` rounds of FLQ, the master in this process, the workers in ``backend``.
 
     However the round loop ends (all rounds done, SIGINT, SIGTERM, a
     diverging model, an error), the rounds done so far are kept: returned,
@@ -114,11 +118,18 @@ def simulate(
             states to it, and stops after the round in progress when it asks
             (reason ``stopped``). With ``tensorboard_dir`` set, the scalars
             are written as the rounds go (:class:`~flq.monitor.ScalarLog`).
+        backend: where the workers live (:mod:`flq.pool`): ``local`` (this
+            process, one after the other) or ``ray`` (a pool of Ray actors,
+            :mod:`flq.ray_backend`; bit-identical to ``local`` at the same
+            thread count).
+        ray_options: for ``ray``: ``address``, ``actors``, ``threads``, ``timeout_s``.
 
     Raises:
         flq.datasets.DatasetNotFoundError: the dataset cannot be found or fetched.
         flq.config.ConfigError: settings that do not fit the data.
         flq.outcome.Interrupted: SIGINT/SIGTERM before the first round.
+        TimeoutError: (``ray``) the actors did not answer a phase in ``timeout_s``;
+            like any error in the loop, it ends the run with the rounds done kept.
     """
     t0 = time.perf_counter()
     say = _say if progress else _quiet
@@ -142,7 +153,7 @@ def simulate(
             f"building {cfg.total_workers} workers (shares of {min(map(len, shares))} to {max(map(len, shares))} "
             f"samples) around a model of {rt.model.n:,} parameters"
         )
-        master_sw, workers_sw = Stopwatch(), Stopwatch()
+        master_sw = Stopwatch()
         theta0, buffers0 = rt.initial_model()
         master = Master(
             cfg,
@@ -153,19 +164,9 @@ def simulate(
             overlap=cfg.eval_overlap,
             buffers0=buffers0,
         )
-        workers = [
-            Worker(
-                m,
-                cfg,
-                rt.model,
-                rt.data.train_x,
-                rt.data.train_y,
-                rt.partitions[m],
-                stopwatch=workers_sw,
-                buffers0=buffers0,
-            )
-            for m in range(cfg.total_workers)
-        ]
+        pool = open_pool(cfg, rt, buffers0, backend, ray_options)
+        if pool.backend == "ray":
+            say(f"the workers live in {pool.describe()}")
         run.attach(master)
         startup = time.perf_counter() - t0
         age = process_age_s()
@@ -198,27 +199,19 @@ def simulate(
                 k = master.round
                 run.begin_round()
                 me_k = master.begin_round()  # step 1
-                for w in workers:  # steps 2-5
-                    run.set_worker(w.worker_id, "training")
-                    master.add_offer(w.offer(k, me_k, master.downlink(w.worker_id)))
-                    run.set_worker(w.worker_id, "offered")
-                chosen = set(master.select())  # step 6
+                for offer in pool.offers(k, me_k, master.downlink, run.set_worker):  # steps 2-5
+                    master.add_offer(offer)
+                chosen = master.select()  # step 6
                 run.set_phase("uploads")
-                for w in workers:  # steps 7-8
-                    if w.worker_id in chosen:
-                        run.set_worker(w.worker_id, "uploading")
-                        master.receive_upload(w.worker_id, w.upload(k))
-                        run.set_worker(w.worker_id, "uploaded")
-                    else:
-                        w.skip(k)
-                        run.set_worker(w.worker_id, "skipped")
+                for m, payload in pool.uploads(k, chosen, run.set_worker):  # steps 7-8
+                    master.receive_upload(m, payload)
                 run.set_phase("closing")
                 with outcome.critical():  # a signal waits until the round is recorded
                     try:
                         record = master.end_round()  # steps 9-10
                     finally:
                         done, theta_done, buffers_done = len(master.records), master.theta.copy(), master.buffers
-                split = round_timings(master_sw, workers_sw)
+                split = round_timings(master_sw, pool.timings())
                 record.update(split)
                 for name, sec in split.items():
                     totals[name] = totals.get(name, 0.0) + sec
@@ -245,6 +238,7 @@ def simulate(
         finally:
             if bar is not None:
                 bar.close()
+            pool.close()  # Ray: the actors go (and a local Ray cluster started for the run)
         with outcome.signals_deferred():  # the evaluations still running in the background (eval_overlap)
             try:
                 master.finish_evaluations()

@@ -33,13 +33,14 @@ from .timing import Stopwatch
 log = logging.getLogger(__name__)
 
 
-def round_timings(master: Stopwatch, workers: Optional[Stopwatch] = None) -> Dict[str, float]:
-    """The round's timing columns: the seconds ``master`` (and ``workers``, when
-    given) measured since the last call, per section, as ``master_<section>_s``
-    (``workers_<section>_s``). Both stopwatches start again from zero."""
+def round_timings(master: Stopwatch, workers: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+    """The round's timing columns: the seconds ``master`` measured since the
+    last call, per section, as ``master_<section>_s`` (the stopwatch starts
+    again from zero), and with ``workers`` (seconds per section the workers
+    spent, e.g. :meth:`flq.pool.WorkerPool.timings`) ``workers_<section>_s``."""
     out = {f"master_{name}_s": sec for name, sec in master.take().items()}
     if workers is not None:
-        out.update({f"workers_{name}_s": sec for name, sec in workers.take().items()})
+        out.update({f"workers_{name}_s": sec for name, sec in workers.items()})
     return out
 
 

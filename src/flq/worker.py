@@ -104,6 +104,12 @@ class Worker:
             dtypes; default: the module's own now). With ``buffers local``
             they are this worker's own from then on; with ``average`` every
             downlink brings the global ones.
+        prefetch: prepare batches ahead on loader threads as the config says
+            (``prefetch_size``, ``num_parallel_calls``); False loads them on
+            demand, for the many workers of a simulation that share a process
+            and run one after the other (ahead-loaded batches would wait a
+            whole round, up to ``prefetch_size + 1`` batches a worker). The
+            batches are the same either way.
     """
 
     def __init__(
@@ -116,6 +122,7 @@ class Worker:
         indices: np.ndarray,
         stopwatch: Optional[Stopwatch] = None,
         buffers0: Optional[Sequence[np.ndarray]] = None,
+        prefetch: bool = True,
     ) -> None:
         self.worker_id = worker_id
         self.stopwatch = stopwatch or NullStopwatch()
@@ -127,8 +134,8 @@ class Worker:
             train_y,
             self.batches,
             model.device,
-            cfg.prefetch_size,
-            cfg.num_parallel_calls,
+            cfg.prefetch_size if prefetch else 0,
+            cfg.num_parallel_calls if prefetch else 0,
             channels_last=model.channels_last,
         )
         self.steps = cfg.steps_per_round(len(indices))

@@ -1,0 +1,272 @@
+"""A simulation's workers in a pool of Ray actors (``flq simulate --backend ray``).
+
+The master stays in the driver (:mod:`flq.simulate`); the workers are split
+into contiguous slices, one per actor. An actor is created once per run and
+holds its slice for every round: the :class:`~flq.worker.Worker` objects
+with their mirrors, error feedback and generator states, one model module,
+and one copy of the training set shared by all of them (put into Ray's
+object store once by the driver: actors on one node map the same memory).
+
+Per round the driver makes two calls on every actor, concurrently: the
+round's encoded downlinks in, the offers out (steps 2-5); then the selected
+ids in, the encoded uploads out (steps 7-8). The bytes are those the HTTP
+cluster sends, and each actor computes with ``threads`` PyTorch threads, so
+the run equals ``--backend local --threads <threads>`` bit for bit.
+
+Ray is optional: ``pip install 'flq-fed[ray]'``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .config import Config, ConfigError
+from .messages import Offer
+from .pool import StateCallback, _quiet, build_workers
+from .runtime import Runtime, set_threads
+from .timing import Stopwatch
+
+log = logging.getLogger(__name__)
+
+#: One line for a missing Ray.
+INSTALL_HINT = "--backend ray needs Ray, which is not installed here: pip install 'flq-fed[ray]'"
+#: How long one phase of a round waits for the actors by default (seconds).
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def require_ray() -> Any:
+    """The ``ray`` module.
+
+    Raises:
+        flq.config.ConfigError: Ray is not installed (one line: how to install it).
+    """
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(INSTALL_HINT) from None
+    return ray
+
+
+class WorkerHost:
+    """The body of one Ray actor: workers ``worker_ids`` of the run.
+
+    Args:
+        cfg: the run's configuration.
+        shared: ``(dataset, partitions)`` from the object store (zero-copy
+            on the node: read-only arrays, never written).
+        worker_ids: the slice of workers this actor hosts.
+        buffers0: the global model's initial buffers.
+        threads: PyTorch intra-op threads of this actor.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        shared: Tuple[Any, List[np.ndarray]],
+        worker_ids: Sequence[int],
+        buffers0: Sequence[np.ndarray],
+        threads: int,
+    ) -> None:
+        dataset, partitions = shared
+        rt = Runtime(cfg, evaluates=False, data=dataset, partitions=partitions)
+        set_threads(threads)
+        self.stopwatch = Stopwatch()
+        self.workers = build_workers(cfg, rt, worker_ids, buffers0, self.stopwatch)
+
+    def where(self) -> Dict[str, Any]:
+        """``{"node_id", "pid", "threads", "workers"}`` of this actor."""
+        import os
+
+        import ray
+        import torch
+
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "threads": torch.get_num_threads(),
+            "workers": [w.worker_id for w in self.workers],
+        }
+
+    def offers(self, round_index: int, me_k: float, downlinks: List[bytes]) -> Tuple[List[Offer], Dict[str, float]]:
+        """Steps 2-5 for this slice; ``downlinks`` in the slice's order."""
+        out = [w.offer(round_index, me_k, d) for w, d in zip(self.workers, downlinks)]
+        return out, self.stopwatch.take()
+
+    def uploads(self, round_index: int, chosen: List[int]) -> Tuple[List[Tuple[int, bytes]], Dict[str, float]]:
+        """Steps 7-8 for this slice: the chosen upload, the others skip."""
+        picked, out = set(chosen), []
+        for w in self.workers:
+            if w.worker_id in picked:
+                out.append((w.worker_id, w.upload(round_index)))
+            else:
+                w.skip(round_index)
+        return out, self.stopwatch.take()
+
+
+def check_options(actors: int = 0, threads: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Raise :class:`~flq.config.ConfigError` (one line) for a negative actor
+    or thread count or a timeout that is not a positive number of seconds."""
+    if actors < 0 or threads < 0 or not timeout_s > 0:  # NaN too
+        raise ConfigError(
+            f"--ray_actors {actors} --ray_threads {threads} --ray_timeout {timeout_s:g}: "
+            "expected counts >= 0 (0 = automatic) and seconds > 0"
+        )
+
+
+def plan_actors(total_workers: int, cpus: float, threads: int, actors: int = 0) -> Tuple[int, int]:
+    """``(actors, threads per actor)``: by default one actor per ``threads``
+    CPUs of the cluster (``threads`` 0 means 1), never more actors than
+    workers, at least one."""
+    threads = threads or 1
+    if actors == 0:
+        actors = int(cpus // threads)
+    return max(1, min(actors, total_workers)), threads
+
+
+def reservation(actors: int, threads: int, cpus: float) -> float:
+    """CPUs each actor reserves: its ``threads``, or, when ``actors x threads``
+    is more than the cluster's ``cpus`` (an explicit ``--ray_actors``), an
+    equal share of them (with a warning: the actors then share cores, and
+    Ray would otherwise wait for ever to place the ones that do not fit)."""
+    if actors * threads <= cpus:
+        return float(threads)
+    share = cpus / actors
+    share = share if share <= 1 else float(int(share))  # Ray: fractions only below one CPU
+    log.warning(
+        "%d Ray actors x %d thread(s) is more than the cluster's %g CPUs: each reserves %.3g CPU and they share cores",
+        actors,
+        threads,
+        cpus,
+        share,
+    )
+    return share
+
+
+class RayPool:
+    """The workers in Ray actors (see the module's docstring).
+
+    Args:
+        cfg, rt, buffers0: as :class:`~flq.pool.LocalPool` (``rt`` holds the
+            data and partitions the driver loaded).
+        address: an existing Ray cluster (``ray://`` or ``host:port`` or
+            ``auto``); None or '' starts a local one for the run.
+        actors: how many actors (0: one per ``threads`` CPUs of the cluster).
+        threads: PyTorch threads per actor (0: ``cfg.threads`` when set, else 1).
+        timeout_s: the longest one phase of a round waits for the actors.
+
+    Raises:
+        flq.config.ConfigError: Ray is missing, or a bad count.
+        TimeoutError: (from :meth:`offers` / :meth:`uploads`) the actors did not answer in ``timeout_s``.
+    """
+
+    backend = "ray"
+
+    def __init__(
+        self,
+        cfg: Config,
+        rt: Runtime,
+        buffers0: Optional[Sequence[np.ndarray]] = None,
+        address: Optional[str] = None,
+        actors: int = 0,
+        threads: int = 0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        ray = require_ray()
+        self.ray = ray
+        check_options(actors, threads, timeout_s)
+        self.timeout_s = timeout_s
+        self.started = False
+        self.actors: List[Any] = []
+        self._totals: Dict[str, float] = {}
+        if not ray.is_initialized():
+            ray.init(address=address or None, logging_level=logging.WARNING, configure_logging=True)
+            self.started = not address
+        try:
+            cpus = ray.cluster_resources().get("CPU", 1.0)
+            n_actors, self.threads = plan_actors(cfg.total_workers, cpus, threads or cfg.threads, actors)
+            slices = [s.tolist() for s in np.array_split(np.arange(cfg.total_workers), n_actors)]
+            self.slices = [s for s in slices if s]
+            shared = ray.put((rt.data, rt.partitions))
+            init = buffers0 if buffers0 is not None else rt.model.get_buffers()
+            reserve = reservation(n_actors, self.threads, cpus)
+            host = ray.remote(WorkerHost).options(num_cpus=reserve, scheduling_strategy="SPREAD", max_restarts=0)
+            self.actors = [host.remote(cfg, shared, ids, init, self.threads) for ids in self.slices]
+            self.placement = self._get([a.where.remote() for a in self.actors], "start")
+        except BaseException:
+            self.close()
+            raise
+        log.info("ray: %s", self.describe())
+
+    def describe(self) -> str:
+        """``"4 Ray actors x 1 thread(s) on 2 node(s), 5-5 workers each"``."""
+        nodes = len({p["node_id"] for p in self.placement})
+        sizes = sorted(map(len, self.slices))
+        return (
+            f"{len(self.actors)} Ray actor(s) x {self.threads} thread(s) on {nodes} node(s), "
+            f"{sizes[0]}-{sizes[-1]} workers each"
+        )
+
+    def _get(self, refs: List[Any], phase: str) -> List[Any]:
+        ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            raise TimeoutError(
+                f"{len(pending)} of {len(refs)} Ray actors did not answer ({phase}) within {self.timeout_s:g} s "
+                "(--ray_timeout)"
+            )
+        return self.ray.get(refs)
+
+    def offers(
+        self, round_index: int, me_k: float, downlink: Callable[[int], bytes], on_state: StateCallback = _quiet
+    ) -> List[Offer]:
+        calls = []
+        for actor, ids in zip(self.actors, self.slices):
+            payloads = [downlink(m) for m in ids]  # in worker order, as the local pool asks
+            for m in ids:
+                on_state(m, "training")
+            calls.append(actor.offers.remote(round_index, me_k, payloads))
+        out: List[Offer] = []
+        for offers, secs in self._get(calls, f"offers of round {round_index + 1}"):
+            out.extend(offers)
+            self._add(secs)
+        for o in out:
+            on_state(o.worker_id, "offered")
+        return out
+
+    def uploads(
+        self, round_index: int, chosen: Iterable[int], on_state: StateCallback = _quiet
+    ) -> List[Tuple[int, bytes]]:
+        picked = set(chosen)
+        calls = [
+            actor.uploads.remote(round_index, [m for m in ids if m in picked])
+            for actor, ids in zip(self.actors, self.slices)
+        ]
+        out: List[Tuple[int, bytes]] = []
+        for ups, secs in self._get(calls, f"uploads of round {round_index + 1}"):
+            out.extend(ups)
+            self._add(secs)
+        for ids in self.slices:
+            for m in ids:
+                on_state(m, "uploaded" if m in picked else "skipped")
+        return sorted(out)
+
+    def _add(self, secs: Dict[str, float]) -> None:
+        for name, s in secs.items():
+            self._totals[name] = self._totals.get(name, 0.0) + s
+
+    def timings(self) -> Dict[str, float]:
+        out, self._totals = self._totals, {}
+        return out
+
+    def close(self) -> None:
+        for a in self.actors:
+            try:
+                self.ray.kill(a)
+            except Exception:  # noqa: BLE001 - an actor already gone
+                pass
+        self.actors = []
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()
+            self.started = False
