@@ -12,11 +12,14 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from flq.results import read_results
@@ -118,6 +121,15 @@ def test_bad_ray_options_stop_before_work(tmp_path):
     assert "--ray_actors -1" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     done = flq(*small_run(tmp_path / "out", "--ray_address", "127.0.0.1:1"), cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and "--ray_address needs --backend ray" in done.stderr
+    # nothing listening there: one line in seconds (Ray itself would retry for minutes, deaf to Ctrl-C)
+    port = _free_port()
+    done = flq(*small_run(tmp_path / "out", "--backend", "ray", "--ray_address", f"127.0.0.1:{port}"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"flq: error: no Ray cluster answers at 127.0.0.1:{port} within 5 s (Connection refused); start one with "
+        "`ray start --head --port PORT`, or leave out --ray_address for a local one"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 #: The nodes of the cluster and the node of each WorkerHost actor (alive or, after the run, dead), as JSON.
@@ -212,3 +224,51 @@ def test_sweep_on_ray_tasks(tmp_path, fmnist_available):
     assert list((tmp_path / "out" / "plots").glob("sweep_acc_vs_round.png"))
     again = flq("sweep", str(sweep), "--backend", "ray", cwd=tmp_path, timeout=300)
     assert again.returncode == 0 and "(2 done before)" in again.stdout
+    assert "Ray tasks" in again.stdout and not list((tmp_path / "out").glob("*/pid"))
+
+
+@pytest.mark.slow
+def test_a_stopped_ray_sweep_stops_its_runs_and_keeps_what_they_did(tmp_path, fmnist_available):
+    """SIGINT to `flq sweep` on Ray: every run in progress gets SIGTERM (through
+    OUT/.stop), writes its rounds and exits 143; the sweep writes its summary
+    (runs failed, 'exit 143', their spreadsheets named) and exits 130."""
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(
+        json.dumps(
+            {
+                "config": str(PAPER),
+                "set": {"model": "mlp", "total_workers": 4, "max_rounds": 100000, "eval_every": 0},
+                "grid": {"seed": [1, 2]},
+                "out": "out",
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flq", "sweep", str(sweep), "--backend", "ray"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        outputs = [tmp_path / "out" / f"seed={k}" / "output.txt" for k in (1, 2)]
+        while not all(p.exists() and "round 1 of 100000 starts" in p.read_text(errors="replace") for p in outputs):
+            assert time.monotonic() < deadline, "the runs never started"
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        time.sleep(2)  # some rounds done
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout
+    assert took < 60, took
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert list(summary["status"]) == ["failed", "failed"] and list(summary["detail"]) == ["exit 143", "exit 143"]
+    for sheet, rounds in zip(summary["results"], summary["rounds"]):
+        assert rounds >= 1 and read_results(sheet).curve["iter"].iloc[-1] == rounds
+    assert not (tmp_path / "out" / ".stop").exists()

@@ -18,7 +18,7 @@ import pytest
 
 from flq.config import ConfigError
 from flq.results import read_results
-from flq.sweep import read_sweep
+from flq.sweep import _finished, config_digest, read_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "configs" / "paper_fmnist.json"
@@ -54,6 +54,27 @@ def test_grid_product_names_and_overrides(tmp_path):
     assert (r.cfg.mode, r.cfg.b_down, r.cfg.seed, r.cfg.max_rounds, r.cfg.threads) == ("bin", 8, 1, 7, 1)
     assert Path(r.cfg.results_dir) == out / r.name and Path(r.cfg.log_dir) == out / r.name
     assert runs[0].cfg.b_up == 4
+
+
+def test_a_run_is_done_only_for_the_config_it_ran_with(tmp_path):
+    """done.json names the spreadsheet and the config's digest: a sweep whose
+    settings changed runs again; a missing spreadsheet or a corrupt done.json too."""
+    spec = dict(config=str(PAPER), set={"max_rounds": 5}, grid={"mode": ["bbit"]}, out="o")
+    (run,) = read_sweep(write_sweep(tmp_path, **spec))[1]
+    run.folder.mkdir(parents=True)
+    sheet = run.folder / "flq_results_x.xlsx"
+    sheet.write_bytes(b"x")
+    run.done_file.write_text(
+        json.dumps({"results": str(sheet), "wall_s": 3.0, "config_sha256": config_digest(run.cfg)})
+    )
+    assert _finished(run) and run.results == sheet and run.wall_s == 3.0
+    spec["set"] = {"max_rounds": 6}
+    (changed,) = read_sweep(write_sweep(tmp_path, **spec))[1]
+    assert changed.folder == run.folder and not _finished(changed)
+    run.done_file.write_text("{not json")
+    assert not _finished(run)
+    run.done_file.write_text(json.dumps({"results": str(sheet)}))  # no digest: an older or hand-made file
+    assert not _finished(run)
 
 
 @pytest.mark.parametrize(

@@ -66,10 +66,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     ray_options = None
     if args.backend == "ray":  # a missing Ray is one line, before any work
-        from .ray_backend import check_options, require_ray
+        from .ray_backend import check_address, check_options, require_ray
 
         require_ray()
         check_options(args.ray_actors, args.ray_threads, args.ray_timeout)
+        check_address(args.ray_address)  # nothing there: one line in seconds, not Ray's minutes of retries
         ray_options = {
             "address": args.ray_address,
             "actors": args.ray_actors,
@@ -130,12 +131,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             f"cross-entropy {last['entropy']:.4f} cumulative bits {last['cum_bits_total']:.4g}"
         )
     if result.records:
-        import torch
-
         rounds_s = sum(r["round_time_s"] for r in result.records)
         n = len(result.records)
         print(
-            f"time: {n} rounds in {rounds_s:.0f} s ({rounds_s / n:.2f} s/round, {torch.get_num_threads()} "
+            f"time: {n} rounds in {rounds_s:.0f} s ({rounds_s / n:.2f} s/round, {result.threads} "
             f"thread(s)); {took:.0f} s with start-up, evaluation and writing the results"
         )
     if result.results_path is not None:
@@ -685,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
         "local pool of processes), each in OUT/<run>/ with its spreadsheet, log and model; runs done before "
         "are skipped; a failed run is reported and the others go on. Then OUT/summary.csv, OUT/summary.xlsx "
         "and the comparison figures OUT/plots/sweep_*.png. Exit 0 when every run completed, 1 when any failed. "
-        "The file's format: README, Sweeps.",
+        "The file's format: README, Backends: one process or Ray, and sweeps.",
     )
     p.add_argument("sweep", metavar="SWEEP.json", help="the sweep file")
     p.add_argument("--out", default=None, help="output folder (default: the file's 'out', else results/sweep_<stem>)")

@@ -65,6 +65,10 @@ class WorkerPool(Protocol):
         """Where the workers are, in a few words."""
         ...
 
+    def threads(self) -> int:
+        """PyTorch threads each worker computes with (results equal only at the same count)."""
+        ...
+
     def close(self) -> None:
         """Release the pool's resources (Ray actors); idempotent."""
         ...
@@ -134,6 +138,11 @@ class LocalPool:
 
     def describe(self) -> str:
         return f"this process ({len(self.workers)} workers, one after the other)"
+
+    def threads(self) -> int:
+        import torch
+
+        return torch.get_num_threads()
 
     def close(self) -> None:
         pass

@@ -106,6 +106,35 @@ class WorkerHost:
         return out, self.stopwatch.take()
 
 
+def check_address(address: Optional[str], timeout_s: float = 5.0) -> None:
+    """Fail fast on a Ray cluster that cannot be reached: ``host:port`` (or
+    ``ray://host:port``) must accept a TCP connection within ``timeout_s``
+    (Ray's own connection retries last minutes and ignore Ctrl-C). ``auto``
+    and '' are left to Ray.
+
+    Raises:
+        flq.config.ConfigError: a malformed address (one line).
+        ConnectionError: nothing answers there (one line).
+    """
+    import socket
+
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(
+            f"--ray_address {address!r}: expected host:port (of `ray start --head`), ray://host:port or auto"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(
+            f"no Ray cluster answers at {address} within {timeout_s:g} s ({exc.strerror or exc}); "
+            "start one with `ray start --head --port PORT`, or leave out --ray_address for a local one"
+        ) from None
+
+
 def check_options(actors: int = 0, threads: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Raise :class:`~flq.config.ConfigError` (one line) for a negative actor
     or thread count or a timeout that is not a positive number of seconds."""
@@ -182,18 +211,19 @@ class RayPool:
         self.actors: List[Any] = []
         self._totals: Dict[str, float] = {}
         if not ray.is_initialized():
+            check_address(address)
             ray.init(address=address or None, logging_level=logging.WARNING, configure_logging=True)
             self.started = not address
         try:
             cpus = ray.cluster_resources().get("CPU", 1.0)
-            n_actors, self.threads = plan_actors(cfg.total_workers, cpus, threads or cfg.threads, actors)
+            n_actors, self.actor_threads = plan_actors(cfg.total_workers, cpus, threads or cfg.threads, actors)
             slices = [s.tolist() for s in np.array_split(np.arange(cfg.total_workers), n_actors)]
             self.slices = [s for s in slices if s]
             shared = ray.put((rt.data, rt.partitions))
             init = buffers0 if buffers0 is not None else rt.model.get_buffers()
-            reserve = reservation(n_actors, self.threads, cpus)
+            reserve = reservation(n_actors, self.actor_threads, cpus)
             host = ray.remote(WorkerHost).options(num_cpus=reserve, scheduling_strategy="SPREAD", max_restarts=0)
-            self.actors = [host.remote(cfg, shared, ids, init, self.threads) for ids in self.slices]
+            self.actors = [host.remote(cfg, shared, ids, init, self.actor_threads) for ids in self.slices]
             self.placement = self._get([a.where.remote() for a in self.actors], "start")
         except BaseException:
             self.close()
@@ -205,9 +235,12 @@ class RayPool:
         nodes = len({p["node_id"] for p in self.placement})
         sizes = sorted(map(len, self.slices))
         return (
-            f"{len(self.actors)} Ray actor(s) x {self.threads} thread(s) on {nodes} node(s), "
+            f"{len(self.actors)} Ray actor(s) x {self.actor_threads} thread(s) on {nodes} node(s), "
             f"{sizes[0]}-{sizes[-1]} workers each"
         )
+
+    def threads(self) -> int:
+        return self.actor_threads
 
     def _get(self, refs: List[Any], phase: str) -> List[Any]:
         ready, pending = self.ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 
 from . import outcome
 from .config import Config
@@ -45,6 +44,7 @@ class SimulationResult:
         selected: per round, the worker ids whose upload was aggregated.
         theta: the global model's parameters after the last round done, float32 (n,).
         buffers: its buffers (arrays in ``state_dict()`` order and dtypes).
+        threads: PyTorch threads each worker computed with (with Ray, the actors' count).
         results_path: the spreadsheet written, or None.
         timings: the records' timing columns (:mod:`flq.summary`) summed
             over rounds: "master_quantize_s", "master_aggregate_s",
@@ -68,6 +68,7 @@ class SimulationResult:
     detail: str = ""
     not_saved: str = ""
     buffers: Tuple[np.ndarray, ...] = ()
+    threads: int = 0
 
     def model_state(self, layout: Any) -> Dict[str, Any]:
         """The final global model as a state dict of ``layout``
@@ -178,13 +179,13 @@ def simulate(
             describe_buffers(cfg, rt.layout),
             cfg.links,
             cfg.max_rounds,
-            torch.get_num_threads(),
+            pool.threads(),
             startup,
             f" ({age:.2f} s since the process started)" if age is not None else "",
         )
         every = f"; the test set is scored every {cfg.eval_every} round(s)" if cfg.eval_every else ""
         since = f", {age:.0f} s after the command started" if age is not None else ""
-        say(f"round 1 of {cfg.max_rounds} starts{since} ({torch.get_num_threads()} thread(s){every})")
+        say(f"round 1 of {cfg.max_rounds} starts{since} ({pool.threads()} thread(s){every})")
         bar = Progress(cfg.max_rounds) if progress else None
         totals: Dict[str, float] = {}
         done, theta_done, buffers_done = 0, master.theta.copy(), master.buffers  # the last complete round's model
@@ -255,10 +256,27 @@ def simulate(
     if write and records:
         with outcome.signals_deferred():
             state = state_dict_from_flat(rt.layout, theta_done, buffers_done)
-            path, not_saved = save_results(cfg, reason, detail, records, selected, state, done, device=str(rt.device))
+            extra = {"backend": pool.backend}
+            if (
+                pool.backend != "local"
+            ):  # the workers' own thread count (the spreadsheet's runtime.threads is this process's)
+                extra["worker_threads"] = pool.threads()
+            path, not_saved = save_results(
+                cfg, reason, detail, records, selected, state, done, device=str(rt.device), **extra
+            )
     run.finish(reason, detail or not_saved, str(path) if path is not None else "")
     return SimulationResult(
-        records, selected, theta_done, path, totals, startup, reason, detail, not_saved, buffers=buffers_done
+        records,
+        selected,
+        theta_done,
+        path,
+        totals,
+        startup,
+        reason,
+        detail,
+        not_saved,
+        buffers=buffers_done,
+        threads=pool.threads(),
     )
 
 

@@ -25,8 +25,11 @@ in ``OUT/<run name>/`` with its config, console output, log, spreadsheet and
 model; on Ray a task per run (``num_cpus`` = its threads; ``OUT`` must be on
 a filesystem all nodes share), else a local pool of processes. A run that
 fails (any non-zero exit, a killed process) is reported and the others go
-on. A run is done when ``OUT/<name>/done.json`` names its spreadsheet, and
-a second ``flq sweep`` of the same file skips it. At the end:
+on. A run is done when ``OUT/<name>/done.json`` names its spreadsheet and
+the digest of the config it ran with; a second ``flq sweep`` skips it while
+its config is the same (a changed one runs again). A stopped sweep (SIGINT,
+SIGTERM) writes ``OUT/.stop``, which makes every run in progress, on any
+node, get SIGTERM and write what it did. At the end:
 ``OUT/summary.csv`` and ``summary.xlsx`` (final accuracy, cross-entropy,
 cumulative uplink and total bits, rounds, wall seconds, status per run) and
 the comparison figures of :func:`flq.plots.plot_results` in ``OUT/plots``.
@@ -158,14 +161,23 @@ def read_sweep(path: Path, out: Optional[Path] = None, threads: int = 1) -> Tupl
     return Path(out), runs
 
 
+def config_digest(cfg: Config) -> str:
+    """SHA-256 of a run's whole config: a run is done only for the config it ran with."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.to_sections(), sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _finished(run: Run) -> bool:
-    """Whether ``run`` completed before (its done.json names a spreadsheet that exists)."""
+    """Whether ``run`` completed before with the same config (its done.json
+    names a spreadsheet that exists and the config's digest)."""
     try:
         done = json.loads(run.done_file.read_text())
         sheet = Path(done["results"])
+        same = done["config_sha256"] == config_digest(run.cfg)
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if not sheet.is_file():
+    if not sheet.is_file() or not same:
         return False
     run.results, run.wall_s = sheet, float(done.get("wall_s", float("nan")))
     return True
@@ -185,25 +197,39 @@ def command(run: Run) -> List[str]:
     ]
 
 
-def execute(cmd: Sequence[str], folder: str, on_start: Any = None) -> Tuple[int, float, str]:
-    """Run ``cmd`` with its output in ``folder/output.txt``; ``(exit status,
-    wall seconds, results path or '')``. A process killed by signal N has status -N."""
+def execute(cmd: Sequence[str], folder: str, stop_file: str = "", on_start: Any = None) -> Tuple[int, float, str]:
+    """Run ``cmd`` with its output in ``folder/output.txt`` and its pid in
+    ``folder/pid`` while it runs; ``(exit status, wall seconds, results path
+    or '')``. A process killed by signal N has status -N. When ``stop_file``
+    appears (the sweep was stopped; a shared filesystem carries it to every
+    node) the run gets SIGTERM, writes what it did and exits; SIGKILL after
+    :data:`STOP_GRACE_S`."""
     t0 = time.perf_counter()
-    out = Path(folder) / "output.txt"
+    out, pid = Path(folder) / "output.txt", Path(folder) / "pid"
     with open(out, "wb") as f:
         proc = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        (Path(folder) / "pid").write_text(f"{proc.pid}\n")
+        pid.write_text(f"{proc.pid}\n")
         if on_start is not None:
             on_start(proc)
         try:
-            rc = proc.wait()
-        except BaseException:  # the task was cancelled (Ray sends KeyboardInterrupt): the run stops too
-            proc.terminate()
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
+            while True:
+                try:
+                    rc = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stop_file and os.path.exists(stop_file):
+                        proc.terminate()
+                        try:
+                            rc = proc.wait(STOP_GRACE_S)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+                            rc = proc.wait()
+                        break
+        finally:
+            if proc.poll() is None:  # this call itself was interrupted
                 proc.kill()
-            raise
+                proc.wait()
+            pid.unlink(missing_ok=True)
     wall = time.perf_counter() - t0
     results = ""
     try:
@@ -227,7 +253,8 @@ def _describe_exit(rc: int) -> str:
 class _Local:
     """Runs in a local pool of ``parallel`` processes."""
 
-    def __init__(self, parallel: int) -> None:
+    def __init__(self, parallel: int, stop_file: str) -> None:
+        self.stop_file = stop_file
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
         self.procs: Dict[int, subprocess.Popen] = {}
         self.lock = threading.Lock()
@@ -243,7 +270,7 @@ class _Local:
         def go() -> Tuple[int, float, str]:
             if self.stopping:
                 return -int(signal.SIGTERM), 0.0, ""
-            return execute(command(run), str(run.folder), self._started)
+            return execute(command(run), str(run.folder), self.stop_file, self._started)
 
         return self.pool.submit(go)
 
@@ -266,21 +293,21 @@ class _Local:
 class _Ray:
     """Runs as Ray tasks (one CPU per thread of the run; no retries: a failed run is reported)."""
 
-    def __init__(self, address: Optional[str]) -> None:
-        from .ray_backend import require_ray
+    def __init__(self, address: Optional[str], stop_file: str) -> None:
+        from .ray_backend import check_address, require_ray
 
         self.ray = require_ray()
+        self.stop_file = stop_file
         self.started = False
         if not self.ray.is_initialized():
+            check_address(address)
             self.ray.init(address=address or None, logging_level=logging.WARNING)
             self.started = not address
         self.task = self.ray.remote(max_retries=0)(execute)
-        self.refs: List[Any] = []
 
     def submit(self, run: Run) -> Any:
-        ref = self.task.options(num_cpus=max(1, run.cfg.threads)).remote(command(run), str(run.folder.resolve()))
-        self.refs.append(ref)
-        return ref
+        cpus = max(1, run.cfg.threads)
+        return self.task.options(num_cpus=cpus).remote(command(run), str(run.folder), self.stop_file)
 
     def result(self, handle: Any) -> Tuple[int, float, str]:
         try:
@@ -289,11 +316,7 @@ class _Ray:
             return 1, float("nan"), f"!{type(exc).__name__}"
 
     def stop(self) -> None:
-        for ref in self.refs:
-            try:
-                self.ray.cancel(ref)  # SIGINT to the task: its flq simulate gets it too (same process group)
-            except Exception:  # noqa: BLE001 - already finished
-                pass
+        pass  # the stop file reaches the tasks, which stop their runs
 
     def close(self) -> None:
         if self.started and self.ray.is_initialized():
@@ -383,16 +406,23 @@ def run_sweep(
         todo.append(run)
     if parallel <= 0:
         parallel = max(1, (os.cpu_count() or 1) // threads) if threads > 0 else 1
-    where = "Ray tasks" if kind == "ray" else f"{parallel} local process(es) at a time"
-    say(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done before), {where}, into {out_dir}")
-    engine: Any = _Ray(ray_address) if kind == "ray" else _Local(parallel)
+    where = "Ray tasks" if kind == "ray" else f"at most {parallel} at a time in local processes"
+    runs_word = "run" if len(runs) == 1 else "runs"
+    say(f"sweep: {len(runs)} {runs_word} ({len(runs) - len(todo)} done before), {where}, into {out_dir}")
+    stop_file = out_dir / ".stop"
+    stop_file.unlink(missing_ok=True)
+    engine: Any = None
+    if todo:
+        engine = _Ray(ray_address, str(stop_file)) if kind == "ray" else _Local(parallel, str(stop_file))
     stopped: List[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
         if not stopped:
             say(f"sweep: {signal.Signals(signum).name}: stopping the runs in progress (they write what they did)")
         stopped.append(signum)
-        engine.stop()
+        stop_file.write_text(f"{signal.Signals(signum).name}\n")
+        if engine is not None:
+            engine.stop()
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -406,7 +436,8 @@ def run_sweep(
                 run.status, run.detail = FAILED, f"task failed: {results[1:]}"
             elif rc == 0 and results:
                 run.status, run.results = DONE, Path(results)
-                run.done_file.write_text(json.dumps({"results": results, "wall_s": wall}) + "\n")
+                done = {"results": results, "wall_s": wall, "config_sha256": config_digest(run.cfg)}
+                run.done_file.write_text(json.dumps(done) + "\n")
             else:
                 run.status, run.detail = FAILED, _describe_exit(rc)
                 run.results = Path(results) if results else None  # what a stopped run kept
@@ -414,7 +445,9 @@ def run_sweep(
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        engine.close()
+        if engine is not None:
+            engine.close()
+        stop_file.unlink(missing_ok=True)
     rows = [summarize(r) for r in runs]
     write_summary(out_dir, rows)
     say(format_summary(rows))
