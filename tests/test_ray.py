@@ -143,6 +143,34 @@ print(json.dumps({"nodes": nodes, "actors": actors}))
 """
 
 
+@pytest.mark.slow
+def test_sigterm_to_a_ray_run_keeps_its_rounds_and_exits_143(tmp_path, fmnist_available):
+    """Ray installs its own SIGTERM handler (exit at once); flq's stays: the
+    rounds done are written and the status says SIGTERM."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flq", *small_run(tmp_path / "out", "--backend", "ray", "--rounds", "100000")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        logs = tmp_path / "out" / "logs"
+        while not any("round 3:" in p.read_text(errors="replace") for p in logs.glob("*.log")):
+            assert time.monotonic() < deadline and proc.poll() is None, "no rounds"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "SIGTERM after" in stderr
+    (xlsx,) = (tmp_path / "out").glob("flq_results_*.xlsx")
+    assert read_results(xlsx).curve["iter"].iloc[-1] >= 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -225,6 +253,11 @@ def test_sweep_on_ray_tasks(tmp_path, fmnist_available):
     again = flq("sweep", str(sweep), "--backend", "ray", cwd=tmp_path, timeout=300)
     assert again.returncode == 0 and "(2 done before)" in again.stdout
     assert "Ray tasks" in again.stdout and not list((tmp_path / "out").glob("*/pid"))
+    # a run that needs more CPUs than any node has: one line, nothing run (Ray would queue it for ever)
+    big = flq("sweep", str(sweep), "--backend", "ray", "--threads", "64", "--out", "big", cwd=tmp_path, timeout=300)
+    assert big.returncode == 2, big.stdout[-2000:] + big.stderr[-2000:]
+    assert "needs 64 CPUs (its threads) and the Ray cluster's largest node has" in big.stderr
+    assert not list((tmp_path / "big").glob("*/output.txt"))
 
 
 @pytest.mark.slow

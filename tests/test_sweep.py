@@ -85,6 +85,10 @@ def test_a_run_is_done_only_for_the_config_it_ran_with(tmp_path):
         ({"grid": {"b_up": [4]}, "sett": {}}, "unknown sweep key 'sett'"),
         ({"grid": {"v": [{"mode": "bbit"}, {"name": "mode=bbit", "mode": "bin"}]}}, "two runs are named"),
         ({"set": {"no_such_key": 1}}, "unknown setting 'no_such_key'"),
+        ({"grid": {"v": [{"name": "..", "mode": "bbit"}]}}, r"may not be named '\.\.'"),
+        ({"grid": {"v": [{"name": "summary.csv", "mode": "bbit"}]}}, "may not be named 'summary.csv'"),
+        ({"grid": {"mode": [None]}}, "null is not a value"),
+        ({"grid": {"mode": ["bbit"]}, "out": 5}, "'out' must be a folder name"),
     ],
 )
 def test_bad_sweep_files_are_one_line(tmp_path, spec, message):

@@ -106,6 +106,32 @@ class WorkerHost:
         return out, self.stopwatch.take()
 
 
+def init_ray(ray: Any, address: Optional[str]) -> bool:
+    """Connect to the cluster at ``address``, or start a local one for this
+    process when it is None or '' (``address="local"``: never a cluster that
+    ``RAY_ADDRESS`` or an earlier ``ray start`` names). Ray's own SIGINT and
+    SIGTERM handlers (which exit at once) are replaced by the ones this
+    process had, so a signal still ends a run with its rounds written.
+    Returns whether a local cluster was started (to shut down after).
+
+    Raises:
+        flq.config.ConfigError, ConnectionError: see :func:`check_address`.
+    """
+    import signal
+    import threading
+
+    check_address(address)
+    main = threading.current_thread() is threading.main_thread()
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        ray.init(address=address or "local", logging_level=logging.WARNING, configure_logging=True)
+    finally:
+        for s, handler in before.items():
+            if handler is not None:
+                signal.signal(s, handler)
+    return not address
+
+
 def check_address(address: Optional[str], timeout_s: float = 5.0) -> None:
     """Fail fast on a Ray cluster that cannot be reached: ``host:port`` (or
     ``ray://host:port``) must accept a TCP connection within ``timeout_s``
@@ -136,12 +162,15 @@ def check_address(address: Optional[str], timeout_s: float = 5.0) -> None:
 
 
 def check_options(actors: int = 0, threads: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Raise :class:`~flq.config.ConfigError` (one line) for a negative actor
-    or thread count or a timeout that is not a positive number of seconds."""
-    if actors < 0 or threads < 0 or not timeout_s > 0:  # NaN too
+    """Raise :class:`~flq.config.ConfigError` (one line) for an actor count
+    below 0, a thread count outside 0..1024 (as ``threads``), or a timeout
+    outside (0, a week] seconds."""
+    from .config import WEEK_S
+
+    if actors < 0 or not 0 <= threads <= 1024 or not 0 < timeout_s <= WEEK_S:  # NaN too
         raise ConfigError(
-            f"--ray_actors {actors} --ray_threads {threads} --ray_timeout {timeout_s:g}: "
-            "expected counts >= 0 (0 = automatic) and seconds > 0"
+            f"--ray_actors {actors} --ray_threads {threads} --ray_timeout {timeout_s:g}: expected actors >= 0 "
+            f"and threads 0..1024 (0 = automatic), seconds > 0 and at most a week ({WEEK_S:g})"
         )
 
 
@@ -211,9 +240,7 @@ class RayPool:
         self.actors: List[Any] = []
         self._totals: Dict[str, float] = {}
         if not ray.is_initialized():
-            check_address(address)
-            ray.init(address=address or None, logging_level=logging.WARNING, configure_logging=True)
-            self.started = not address
+            self.started = init_ray(ray, address)
         try:
             cpus = ray.cluster_resources().get("CPU", 1.0)
             n_actors, self.actor_threads = plan_actors(cfg.total_workers, cpus, threads or cfg.threads, actors)

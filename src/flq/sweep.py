@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 #: Keys of a sweep file.
 SWEEP_KEYS = ("config", "set", "grid", "out", "_comment")
+#: Names a run's folder may not have: the sweep's own files in OUT.
+RESERVED = ("summary.csv", "summary.xlsx", "plots")
 #: Run statuses in the summary.
 DONE, SKIPPED, FAILED, NOT_RUN = "completed", "skipped (done before)", "failed", "not run"
 #: How long a cancelled Ray task waits for its run to write what it did, after SIGTERM (seconds).
@@ -132,6 +134,8 @@ def read_sweep(path: Path, out: Optional[Path] = None, threads: int = 1) -> Tupl
             raise ConfigError(f"{path}: grid axis {axis!r} must be a non-empty list")
         choices = []
         for v in values:
+            if v is None or isinstance(v, list) or (isinstance(v, dict) and not v):
+                raise ConfigError(f"{path}: grid axis {axis!r}: {json.dumps(v)} is not a value or an object of keys")
             if isinstance(v, dict):
                 v = dict(v)
                 label = str(v.pop("name", "")) or ",".join(f"{k}={_label(x)}" for k, x in v.items())
@@ -139,6 +143,8 @@ def read_sweep(path: Path, out: Optional[Path] = None, threads: int = 1) -> Tupl
             else:
                 choices.append((f"{axis}={_label(v)}", {axis: v}))
         axes.append(choices)
+    if spec.get("out") is not None and not isinstance(spec["out"], str):
+        raise ConfigError(f"{path}: 'out' must be a folder name")
     if out is None:
         out = (path.parent / spec["out"]).resolve() if spec.get("out") else Path("results") / f"sweep_{path.stem}"
     out = Path(out).resolve()  # the runs (and Ray's workers) may start elsewhere
@@ -149,6 +155,8 @@ def read_sweep(path: Path, out: Optional[Path] = None, threads: int = 1) -> Tupl
         for _, o in combo:
             overrides.update(o)
         name = _safe("__".join(label for label, _ in combo) or "run")
+        if name.startswith(".") or name in RESERVED:
+            raise ConfigError(f"{path}: a run may not be named {name!r} (reserved or hidden); give it another 'name'")
         if any(r.name == name for r in runs):
             raise ConfigError(f"{path}: two runs are named {name!r}; give the grid's objects distinct 'name's")
         folder = Path(out) / name
@@ -179,7 +187,11 @@ def _finished(run: Run) -> bool:
         return False
     if not sheet.is_file() or not same:
         return False
-    run.results, run.wall_s = sheet, float(done.get("wall_s", float("nan")))
+    try:
+        run.wall_s = float(done.get("wall_s", float("nan")))
+    except (TypeError, ValueError):
+        run.wall_s = float("nan")
+    run.results = sheet
     return True
 
 
@@ -197,15 +209,20 @@ def command(run: Run) -> List[str]:
     ]
 
 
-def execute(cmd: Sequence[str], folder: str, stop_file: str = "", on_start: Any = None) -> Tuple[int, float, str]:
+def execute(
+    cmd: Sequence[str], folder: str, stop_file: str = "", on_start: Any = None
+) -> Tuple[Optional[int], float, str]:
     """Run ``cmd`` with its output in ``folder/output.txt`` and its pid in
     ``folder/pid`` while it runs; ``(exit status, wall seconds, results path
-    or '')``. A process killed by signal N has status -N. When ``stop_file``
+    or '')``. A process killed by signal N has status -N; the status is None
+    when the sweep was stopped before the run began (it never started). When ``stop_file``
     appears (the sweep was stopped; a shared filesystem carries it to every
     node) the run gets SIGTERM, writes what it did and exits; SIGKILL after
     :data:`STOP_GRACE_S`."""
     t0 = time.perf_counter()
     out, pid = Path(folder) / "output.txt", Path(folder) / "pid"
+    if stop_file and os.path.exists(stop_file):  # stopped before this run began: it never starts
+        return None, float("nan"), ""
     with open(out, "wb") as f:
         proc = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         pid.write_text(f"{proc.pid}\n")
@@ -230,15 +247,29 @@ def execute(cmd: Sequence[str], folder: str, stop_file: str = "", on_start: Any 
                 proc.kill()
                 proc.wait()
             pid.unlink(missing_ok=True)
-    wall = time.perf_counter() - t0
+    return rc, time.perf_counter() - t0, results_of(folder)
+
+
+def results_of(folder: str) -> str:
+    """The spreadsheet a run's output names (its ``results:`` line), or ''."""
     results = ""
     try:
-        for line in out.read_text(errors="replace").splitlines():
+        for line in (Path(folder) / "output.txt").read_text(errors="replace").splitlines():
             if line.startswith("results: "):
                 results = line[len("results: ") :].strip()
     except OSError:
         pass
-    return rc, wall, results
+    return results
+
+
+def _from_files(run: Run, note: str) -> Tuple[Optional[int], float, str, str]:
+    """What a run left on disk when its task can no longer answer (Ray went
+    away): its spreadsheet, if it wrote one, and its exit line."""
+    if not (run.folder / "output.txt").exists():
+        return None, float("nan"), "", ""
+    text = (run.folder / "output.txt").read_text(errors="replace")
+    found = re.findall(r"^flq simulate: .*\(exit (\d+)\)$", text, re.M)
+    return int(found[-1]) if found else 1, float("nan"), results_of(str(run.folder)), note
 
 
 def _describe_exit(rc: int) -> str:
@@ -267,15 +298,16 @@ class _Local:
                 proc.terminate()
 
     def submit(self, run: Run) -> Any:
-        def go() -> Tuple[int, float, str]:
+        def go() -> Tuple[Optional[int], float, str]:
             if self.stopping:
-                return -int(signal.SIGTERM), 0.0, ""
+                return None, float("nan"), ""
             return execute(command(run), str(run.folder), self.stop_file, self._started)
 
         return self.pool.submit(go)
 
-    def result(self, handle: Any) -> Tuple[int, float, str]:
-        return handle.result()
+    def result(self, run: Run, handle: Any) -> Tuple[Optional[int], float, str, str]:
+        """``(exit status or None when never started, wall s, results path, note)``."""
+        return (*handle.result(), "")
 
     def stop(self) -> None:
         """First call: SIGTERM to the runs in progress (they write what they
@@ -291,36 +323,77 @@ class _Local:
 
 
 class _Ray:
-    """Runs as Ray tasks (one CPU per thread of the run; no retries: a failed run is reported)."""
+    """Runs as Ray tasks (one CPU per thread of the run; no retries: a failed run is reported).
 
-    def __init__(self, address: Optional[str], stop_file: str) -> None:
-        from .ray_backend import check_address, require_ray
+    Raises:
+        flq.config.ConfigError: a run needs more CPUs than any node of the cluster has.
+    """
+
+    def __init__(self, address: Optional[str], stop_file: str, runs: Sequence[Run]) -> None:
+        from .ray_backend import init_ray, require_ray
 
         self.ray = require_ray()
         self.stop_file = stop_file
         self.started = False
+        self.stopping = False
+        self.cancelled = False
         if not self.ray.is_initialized():
-            check_address(address)
-            self.ray.init(address=address or None, logging_level=logging.WARNING)
-            self.started = not address
+            self.started = init_ray(self.ray, address)
+        largest = max((n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n.get("Alive")), default=0)
+        need = max(max(1, r.cfg.threads) for r in runs)
+        if need > largest:
+            self.close()
+            raise ConfigError(
+                f"a run of this sweep needs {need} CPUs (its threads) and the Ray cluster's largest node has "
+                f"{largest:g}: fewer --threads, or a bigger node"
+            )
         self.task = self.ray.remote(max_retries=0)(execute)
+        self.submitted: List[Tuple[Run, Any]] = []
 
     def submit(self, run: Run) -> Any:
         cpus = max(1, run.cfg.threads)
-        return self.task.options(num_cpus=cpus).remote(command(run), str(run.folder), self.stop_file)
+        ref = self.task.options(num_cpus=cpus).remote(command(run), str(run.folder), self.stop_file)
+        self.submitted.append((run, ref))
+        return ref
 
-    def result(self, handle: Any) -> Tuple[int, float, str]:
-        try:
-            return self.ray.get(handle)
-        except Exception as exc:  # noqa: BLE001 - the task's process died: the run failed
-            return 1, float("nan"), f"!{type(exc).__name__}"
+    def _cancel_queued(self) -> None:
+        """Stopped: the runs not yet started never start (those running stop through the stop file)."""
+        self.cancelled = True
+        for run, ref in self.submitted:
+            if not (run.folder / "output.txt").exists():
+                try:
+                    self.ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - finished, or Ray is gone
+                    pass
+
+    def result(self, run: Run, handle: Any) -> Tuple[Optional[int], float, str, str]:
+        """As :meth:`_Local.result`; after a stop, waits at most
+        :data:`STOP_GRACE_S` more, then reads what the run left on disk
+        (Ray itself may be gone: a SIGTERM to the process group ends its daemons)."""
+        since: Optional[float] = None
+        while True:
+            if self.stopping:
+                if not self.cancelled:
+                    self._cancel_queued()
+                since = since if since is not None else time.monotonic()
+                if time.monotonic() - since > STOP_GRACE_S + 5:
+                    return _from_files(run, "stopped; Ray did not answer")
+            try:
+                ready, _ = self.ray.wait([handle], timeout=1.0)
+                if ready:
+                    return (*self.ray.get(handle), "")
+            except Exception as exc:  # noqa: BLE001 - cancelled, the task's process died, or Ray is gone
+                return _from_files(run, f"task failed: {type(exc).__name__}")
 
     def stop(self) -> None:
-        pass  # the stop file reaches the tasks, which stop their runs
+        self.stopping = True  # the stop file reaches the running tasks; result() cancels the queued ones
 
     def close(self) -> None:
         if self.started and self.ray.is_initialized():
-            self.ray.shutdown()
+            try:
+                self.ray.shutdown()
+            except Exception:  # noqa: BLE001 - its daemons already gone
+                pass
 
 
 def choose_backend(backend: str) -> str:
@@ -357,7 +430,7 @@ def summarize(run: Run) -> Dict[str, Any]:
 
         try:
             curve = read_results(run.results).curve
-        except (ValueError, KeyError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: the row says so, the summary goes on
             row["detail"] = (row["detail"] + "; " if row["detail"] else "") + f"unreadable spreadsheet: {exc}"
             return row
         scored = curve[curve["acc"].notna()]
@@ -413,7 +486,7 @@ def run_sweep(
     stop_file.unlink(missing_ok=True)
     engine: Any = None
     if todo:
-        engine = _Ray(ray_address, str(stop_file)) if kind == "ray" else _Local(parallel, str(stop_file))
+        engine = _Ray(ray_address, str(stop_file), todo) if kind == "ray" else _Local(parallel, str(stop_file))
     stopped: List[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -430,10 +503,13 @@ def run_sweep(
     try:
         handles = [(run, engine.submit(run)) for run in todo]
         for run, handle in handles:
-            rc, wall, results = engine.result(handle)
+            rc, wall, results, note = engine.result(run, handle)
             run.wall_s = wall
-            if results.startswith("!"):  # the Ray task itself failed
-                run.status, run.detail = FAILED, f"task failed: {results[1:]}"
+            if rc is None:
+                run.status, run.detail = NOT_RUN, "the sweep was stopped before it started"
+            elif note:  # the Ray task failed or could not answer: what the run left
+                run.status, run.detail = FAILED, note
+                run.results = Path(results) if results else None
             elif rc == 0 and results:
                 run.status, run.results = DONE, Path(results)
                 done = {"results": results, "wall_s": wall, "config_sha256": config_digest(run.cfg)}
