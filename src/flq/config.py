@@ -38,6 +38,8 @@ from .algorithm import compressors
 MODES = tuple(compressors.UPLINK)
 #: The longest wait any timeout may be set to (seconds).
 WEEK_S = 7 * 24 * 3600.0
+#: The most PyTorch threads a process may be given (``threads``, ``--ray_threads``).
+MAX_THREADS = 1024
 
 
 class ConfigError(ValueError):
@@ -165,7 +167,7 @@ class SystemSection(_Section):
     max_rounds: Annotated[int, Int] = _field(800, "rounds to train", ge=1)
     seed: Annotated[int, Int] = _field(42, "seed of partition, init and all draws", ge=0, le=2**32 - 1)
     device: Annotated[Literal["auto", "cpu", "cuda"], Choice] = _field("auto", "compute device")
-    threads: Annotated[int, Int] = _field(0, "intra-op threads for PyTorch", note="0 = all cores", ge=0, le=1024)
+    threads: Annotated[int, Int] = _field(0, "intra-op threads for PyTorch", note="0 = all cores", ge=0, le=MAX_THREADS)
     eval_every: Annotated[int, Int] = _field(
         1,
         "evaluate the global model every N rounds (and the last)",

@@ -74,40 +74,45 @@ class WorkerPool(Protocol):
         ...
 
 
-def build_workers(
-    cfg: Config,
-    rt: Runtime,
-    worker_ids: Sequence[int],
-    buffers0: Optional[Sequence[np.ndarray]],
-    stopwatch: Stopwatch,
-) -> List[Worker]:
-    """Workers ``worker_ids`` around ``rt``'s one model and one copy of its
-    training set (each worker keeps only its share's indices), loading their
-    batches on demand (no prefetch threads or batches held per worker)."""
-    return [
-        Worker(
-            m,
-            cfg,
-            rt.model,
-            rt.data.train_x,
-            rt.data.train_y,
-            rt.partitions[m],
-            stopwatch=stopwatch,
-            buffers0=buffers0,
-            prefetch=False,
-        )
-        for m in worker_ids
-    ]
-
-
 class LocalPool:
-    """Every worker in this process, run one after the other (``--backend local``)."""
+    """Workers in this process, run one after the other (``--backend local``;
+    each Ray actor of :mod:`flq.ray_backend` holds one for its slice).
+
+    They share ``rt``'s one model and one copy of its training set (each
+    keeps only its share's indices) and load their batches on demand (no
+    prefetch threads or batches held per worker).
+
+    Args:
+        cfg, rt: the run's configuration and runtime (data, partitions, model).
+        buffers0: the global model's initial buffers.
+        worker_ids: the workers it holds (default: all of ``cfg.total_workers``).
+    """
 
     backend = "local"
 
-    def __init__(self, cfg: Config, rt: Runtime, buffers0: Optional[Sequence[np.ndarray]] = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        rt: Runtime,
+        buffers0: Optional[Sequence[np.ndarray]] = None,
+        worker_ids: Optional[Sequence[int]] = None,
+    ) -> None:
         self.stopwatch = Stopwatch()
-        self.workers = build_workers(cfg, rt, range(cfg.total_workers), buffers0, self.stopwatch)
+        ids = range(cfg.total_workers) if worker_ids is None else worker_ids
+        self.workers = [
+            Worker(
+                m,
+                cfg,
+                rt.model,
+                rt.data.train_x,
+                rt.data.train_y,
+                rt.partitions[m],
+                stopwatch=self.stopwatch,
+                buffers0=buffers0,
+                prefetch=False,
+            )
+            for m in ids
+        ]
 
     def offers(
         self, round_index: int, me_k: float, downlink: Callable[[int], bytes], on_state: StateCallback = _quiet

@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import Config, ConfigError
 from .messages import Offer
-from .pool import StateCallback, _quiet, build_workers
+from .pool import LocalPool, StateCallback, _quiet
 from .runtime import Runtime, set_threads
 from .timing import Stopwatch
 
@@ -73,37 +73,22 @@ class WorkerHost:
         dataset, partitions = shared
         rt = Runtime(cfg, evaluates=False, data=dataset, partitions=partitions)
         set_threads(threads)
-        self.stopwatch = Stopwatch()
-        self.workers = build_workers(cfg, rt, worker_ids, buffers0, self.stopwatch)
+        self.pool = LocalPool(cfg, rt, buffers0, worker_ids)
 
-    def where(self) -> Dict[str, Any]:
-        """``{"node_id", "pid", "threads", "workers"}`` of this actor."""
-        import os
-
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
         import ray
-        import torch
 
-        return {
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(),
-            "threads": torch.get_num_threads(),
-            "workers": [w.worker_id for w in self.workers],
-        }
+        return ray.get_runtime_context().get_node_id()
 
     def offers(self, round_index: int, me_k: float, downlinks: List[bytes]) -> Tuple[List[Offer], Dict[str, float]]:
-        """Steps 2-5 for this slice; ``downlinks`` in the slice's order."""
-        out = [w.offer(round_index, me_k, d) for w, d in zip(self.workers, downlinks)]
-        return out, self.stopwatch.take()
+        """Steps 2-5 for this slice (``downlinks`` in the slice's order), and the seconds they took."""
+        by_id = {w.worker_id: d for w, d in zip(self.pool.workers, downlinks)}
+        return self.pool.offers(round_index, me_k, by_id.__getitem__), self.pool.timings()
 
     def uploads(self, round_index: int, chosen: List[int]) -> Tuple[List[Tuple[int, bytes]], Dict[str, float]]:
-        """Steps 7-8 for this slice: the chosen upload, the others skip."""
-        picked, out = set(chosen), []
-        for w in self.workers:
-            if w.worker_id in picked:
-                out.append((w.worker_id, w.upload(round_index)))
-            else:
-                w.skip(round_index)
-        return out, self.stopwatch.take()
+        """Steps 7-8 for this slice: the chosen upload, the others skip; and the seconds they took."""
+        return self.pool.uploads(round_index, chosen), self.pool.timings()
 
 
 def init_ray(ray: Any, address: Optional[str]) -> bool:
@@ -163,14 +148,14 @@ def check_address(address: Optional[str], timeout_s: float = 5.0) -> None:
 
 def check_options(actors: int = 0, threads: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Raise :class:`~flq.config.ConfigError` (one line) for an actor count
-    below 0, a thread count outside 0..1024 (as ``threads``), or a timeout
-    outside (0, a week] seconds."""
-    from .config import WEEK_S
+    below 0, a thread count outside 0.. :data:`~flq.config.MAX_THREADS` (as
+    ``threads``), or a timeout outside (0, a week] seconds."""
+    from .config import MAX_THREADS, WEEK_S
 
-    if actors < 0 or not 0 <= threads <= 1024 or not 0 < timeout_s <= WEEK_S:  # NaN too
+    if actors < 0 or not 0 <= threads <= MAX_THREADS or not 0 < timeout_s <= WEEK_S:  # NaN too
         raise ConfigError(
             f"--ray_actors {actors} --ray_threads {threads} --ray_timeout {timeout_s:g}: expected actors >= 0 "
-            f"and threads 0..1024 (0 = automatic), seconds > 0 and at most a week ({WEEK_S:g})"
+            f"and threads 0..{MAX_THREADS} (0 = automatic), seconds > 0 and at most a week ({WEEK_S:g})"
         )
 
 
@@ -238,7 +223,7 @@ class RayPool:
         self.timeout_s = timeout_s
         self.started = False
         self.actors: List[Any] = []
-        self._totals: Dict[str, float] = {}
+        self.stopwatch = Stopwatch()  # the actors' seconds, summed
         if not ray.is_initialized():
             self.started = init_ray(ray, address)
         try:
@@ -251,7 +236,7 @@ class RayPool:
             reserve = reservation(n_actors, self.actor_threads, cpus)
             host = ray.remote(WorkerHost).options(num_cpus=reserve, scheduling_strategy="SPREAD", max_restarts=0)
             self.actors = [host.remote(cfg, shared, ids, init, self.actor_threads) for ids in self.slices]
-            self.placement = self._get([a.where.remote() for a in self.actors], "start")
+            self.nodes = self._get([a.node_id.remote() for a in self.actors], "start")
         except BaseException:
             self.close()
             raise
@@ -259,7 +244,7 @@ class RayPool:
 
     def describe(self) -> str:
         """``"4 Ray actors x 1 thread(s) on 2 node(s), 5-5 workers each"``."""
-        nodes = len({p["node_id"] for p in self.placement})
+        nodes = len(set(self.nodes))
         sizes = sorted(map(len, self.slices))
         return (
             f"{len(self.actors)} Ray actor(s) x {self.actor_threads} thread(s) on {nodes} node(s), "
@@ -290,7 +275,7 @@ class RayPool:
         out: List[Offer] = []
         for offers, secs in self._get(calls, f"offers of round {round_index + 1}"):
             out.extend(offers)
-            self._add(secs)
+            self.stopwatch.add(secs)
         for o in out:
             on_state(o.worker_id, "offered")
         return out
@@ -306,19 +291,14 @@ class RayPool:
         out: List[Tuple[int, bytes]] = []
         for ups, secs in self._get(calls, f"uploads of round {round_index + 1}"):
             out.extend(ups)
-            self._add(secs)
+            self.stopwatch.add(secs)
         for ids in self.slices:
             for m in ids:
                 on_state(m, "uploaded" if m in picked else "skipped")
         return sorted(out)
 
-    def _add(self, secs: Dict[str, float]) -> None:
-        for name, s in secs.items():
-            self._totals[name] = self._totals.get(name, 0.0) + s
-
     def timings(self) -> Dict[str, float]:
-        out, self._totals = self._totals, {}
-        return out
+        return self.stopwatch.take()
 
     def close(self) -> None:
         for a in self.actors:

@@ -159,14 +159,14 @@ def read_sweep(path: Path, out: Optional[Path] = None, threads: int = 1) -> Tupl
             raise ConfigError(f"{path}: a run may not be named {name!r} (reserved or hidden); give it another 'name'")
         if any(r.name == name for r in runs):
             raise ConfigError(f"{path}: two runs are named {name!r}; give the grid's objects distinct 'name's")
-        folder = Path(out) / name
+        folder = out / name
         try:
             cfg = load_config(base_path, overrides)
         except ConfigError as exc:
             raise ConfigError(f"{path}: run {name}: {exc}") from None
         cfg = cfg.replace(results_dir=str(folder), log_dir=str(folder), checkpoint_dir=str(folder / "checkpoints"))
         runs.append(Run(name, overrides, cfg, folder))
-    return Path(out), runs
+    return out, runs
 
 
 def config_digest(cfg: Config) -> str:

@@ -22,6 +22,11 @@ class Stopwatch:
         finally:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
 
+    def add(self, seconds: Dict[str, float]) -> None:
+        """Add seconds per section measured elsewhere (another process's :meth:`take`)."""
+        for name, sec in seconds.items():
+            self.totals[name] = self.totals.get(name, 0.0) + sec
+
     def take(self) -> Dict[str, float]:
         """Return the totals so far and start again from zero."""
         out, self.totals = self.totals, {}
